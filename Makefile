@@ -1,0 +1,51 @@
+# offline-exhook: `make run` starts the service on the shipped config (SQLite, no server needed);
+# `make test` sets everything up, starts MariaDB and Redis if they are not running, and runs all checks.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= config.hocon
+PROTOS  := protos/v2/exhook.proto protos/v3/exhook.proto
+PB_STAMP := exhook/pb/.generated
+
+.PHONY: run test venv proto lint typecheck pytest services bench clean
+
+run: $(PB_STAMP)
+	$(BIN)/offline-exhook --config $(CONFIG)
+
+test: $(PB_STAMP) services lint typecheck pytest
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,fast]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The generated modules live under exhook/pb/v2 and exhook/pb/v3 (two files called
+# exhook.proto would clash in protobuf's descriptor pool otherwise).
+$(PB_STAMP): $(VENV)/.installed $(PROTOS)
+	mkdir -p exhook/pb
+	$(BIN)/python -m grpc_tools.protoc -Iexhook/pb=protos \
+	    --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $@
+
+proto: $(PB_STAMP)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check exhook storage tests bench
+
+typecheck: $(PB_STAMP)
+	$(BIN)/mypy exhook storage
+
+pytest: $(PB_STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+services:
+	./scripts/start-services.sh
+
+bench: $(PB_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) exhook/pb build *.egg-info

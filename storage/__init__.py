@@ -1,0 +1,1 @@
+"""Message and subscription stores behind one interface (see ``storage.base``)."""

@@ -1,0 +1,109 @@
+"""The one interface every backend implements.
+
+Hook logic only ever talks to a ``Store``; it never knows which backend is behind it.
+All methods raise ``StoreError`` (or a subclass) on backend failure; callers retry.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+
+from storage.model import PendingReplay, StoredMessage, Subscription, WriteOp
+
+
+class StoreError(Exception):
+    """A backend operation failed (connection lost, timeout, server error)."""
+
+
+class StoreConfigError(StoreError):
+    """The backend is reachable but unusable as configured (missing table, ACL,
+    bad credentials). Raised by ``open`` with one line naming the cause."""
+
+
+# How long replay bookkeeping lives in the store. A connection's replay marks
+# outlive any realistic connection gap; tombstones and the v2 pending-replay
+# registry only need to outlive one replay round trip.
+REPLAY_MARK_TTL_S = 24 * 3600
+TOMBSTONE_TTL_S = 600
+PENDING_REPLAY_TTL_S = 600
+
+
+class Store(abc.ABC):
+    """Persistent messages, subscriptions and replay bookkeeping."""
+
+    name: str = "store"
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create or verify schema, check permissions."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Buffered writes are flushed by the caller first."""
+
+    # -- the ordered write path (group commit) --------------------------------
+    @abc.abstractmethod
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        """Apply ``ops`` in order, in as few round trips as the backend allows.
+
+        Returns once every op is durable. On failure nothing may be reported as
+        written: the caller retries the whole batch, so every op is idempotent.
+        """
+
+    # -- subscriptions --------------------------------------------------------
+    @abc.abstractmethod
+    async def save_subscription(self, clientid: str, topic: str, qos: int) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_subscription(self, clientid: str, topic: str) -> None: ...
+
+    @abc.abstractmethod
+    async def subscriptions(self, clientid: str) -> list[Subscription]: ...
+
+    # -- replay reads ----------------------------------------------------------
+    @abc.abstractmethod
+    async def stored_topics(self, pattern_prefix: str) -> list[str]:
+        """Distinct topics with stored messages whose name starts with
+        ``pattern_prefix`` (the part of a wildcard filter before its first
+        wildcard). Cost grows with the number of such topics, not messages."""
+
+    @abc.abstractmethod
+    async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
+        """Position of the newest stored message per topic (topics with none are
+        left out)."""
+
+    @abc.abstractmethod
+    def read_messages(
+        self, ranges: dict[str, tuple[float | None, float]], page_size: int
+    ) -> AsyncIterator[list[StoredMessage]]:
+        """Stored, unexpired messages of each topic with ``low < position <= high``
+        (``low`` None = from the start), merged across topics in position order,
+        yielded in pages of at most ``page_size``."""
+
+    # -- replay bookkeeping (shared by all instances through the store) --------
+    @abc.abstractmethod
+    async def claim_replay(
+        self, connection: str, highs: dict[str, float]
+    ) -> dict[str, float | None]:
+        """Atomically raise this connection's replay mark of each topic to
+        ``highs[topic]``; return the previous marks (None = never replayed).
+        The caller replays only ``(previous, high]``, so two racing replays of one
+        filter for one connection never deliver a message twice."""
+
+    @abc.abstractmethod
+    async def reset_replay_marks(self, connection: str) -> None:
+        """Forget a connection's marks (a new connection replays again)."""
+
+    @abc.abstractmethod
+    async def register_pending_replays(self, items: Sequence[PendingReplay]) -> None:
+        """Remember replays about to be published (for v2 brokers)."""
+
+    @abc.abstractmethod
+    async def take_pending_replay(self, topic: str, digest: str) -> str | None:
+        """Pop the original id of a pending replay with this topic and payload
+        digest, or None if this publish is not one of ours."""
+
+    async def ping(self) -> None:
+        """Cheap liveness check (used after failures to decide recovery)."""
+        await self.latest_positions([])
