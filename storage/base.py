@@ -104,6 +104,11 @@ class Store(abc.ABC):
         """Pop the original id of a pending replay with this topic and payload
         digest, or None if this publish is not one of ours."""
 
+    async def purge_expired(self, limit: int) -> int:
+        """Delete at most ``limit`` messages older than ``message_ttl``; return how
+        many were deleted. Backends whose data expires by itself return 0."""
+        return 0
+
     async def ping(self) -> None:
         """Cheap liveness check (used after failures to decide recovery)."""
         await self.latest_positions([])
