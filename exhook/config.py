@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,8 @@ def _duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: 
     value = _get(tree, key, default)
     if isinstance(value, bool):
         raise ConfigError(f"{where}{key}: expected a duration, got {value!r}")
+    if isinstance(value, timedelta):  # pyhocon reads unquoted 500ms / 2s itself
+        value = f"{round(value.total_seconds() * 1000)}ms"
     match = _DURATION.match(str(value))
     if not match:
         raise ConfigError(f"{where}{key}: expected a duration like 500, \"500ms\" or \"2s\", got {value!r}")
@@ -215,6 +218,8 @@ def parse_host_port(text: str, default_port: int, field_name: str) -> HostPort:
             raise ConfigError(f"{field_name}: bad host:port {text!r}")
     elif raw.count(":") == 1:
         host, port_text = raw.split(":")
+        if not port_text:
+            raise ConfigError(f"{field_name}: bad host:port {text!r} (missing port)")
     elif ":" in raw:
         raise ConfigError(f"{field_name}: bad host:port {text!r} (write IPv6 as [addr]:port)")
     else:
@@ -283,6 +288,37 @@ def _ssl(tree: ConfigTree, where: str) -> SslOptions:
         if bool(opts.certfile) != bool(opts.keyfile):
             raise ConfigError(f"{at}certfile: certfile and keyfile must be given together")
     return opts
+
+
+_COMMON_FIELDS = {"enable", "topics", "batch_size", "batch_time", "message_ttl"}
+_SSL_FIELDS = {"enable", "verify", "cacertfile", "certfile", "keyfile", "server_name_indication"}
+_KNOWN_FIELDS: dict[str, set[str]] = {
+    "": {"exhook", "redis", "mysql", "sqlite"},
+    "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "log_level",
+                "max_pending_writes", "emqx"},
+    "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "ssl"},
+    "redis.": _COMMON_FIELDS | {"servers", "redis_type", "sentinel", "pool_size", "username", "password",
+                                "database", "message_key_prefix", "subscription_key_prefix", "ssl"},
+    "mysql.": _COMMON_FIELDS | {"server", "pool_size", "username", "password", "database",
+                                "init_default_schema", "ssl", *SQL_TEMPLATE_FIELDS},
+    "sqlite.": _COMMON_FIELDS | {"path"},
+}
+
+
+def _reject_unknown(tree: ConfigTree, where: str) -> None:
+    """A misspelt field would otherwise be silently ignored."""
+    for key, value in tree.items():
+        known = _KNOWN_FIELDS.get(where, set())
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown field (expected one of {', '.join(sorted(known))})")
+        if isinstance(value, ConfigTree):
+            sub = f"{where}{key}."
+            if key == "ssl":
+                for ssl_key in value:
+                    if ssl_key not in _SSL_FIELDS:
+                        raise ConfigError(f"{sub}{ssl_key}: unknown field")
+            elif sub in _KNOWN_FIELDS:
+                _reject_unknown(value, sub)
 
 
 def _common(tree: ConfigTree, where: str, ttl_default: int) -> dict[str, Any]:
@@ -404,6 +440,7 @@ _BACKENDS: dict[str, Callable[[ConfigTree], BackendConfig]] = {
 
 
 def parse_config(tree: ConfigTree) -> Config:
+    _reject_unknown(tree, "")
     enabled = []
     for name in _BACKENDS:
         sub = _subtree(tree, name, "")

@@ -1,0 +1,3 @@
+from exhook.main import main
+
+main()

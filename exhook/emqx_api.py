@@ -1,0 +1,123 @@
+"""Client of EMQX's REST API: publish/bulk for replays, subscribe/bulk for restores."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from exhook.config import EmqxApiConfig
+from exhook.tls import client_ssl_context
+
+log = logging.getLogger(__name__)
+
+REPLAY_PROPERTY = "offline-exhook-replay"
+NO_MATCHING_SUBSCRIBERS = 16
+
+
+class EmqxApiError(Exception):
+    """The REST call failed: unreachable, refused, or an error status."""
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(slots=True, frozen=True)
+class ReplayItem:
+    """One message to publish again: ``origin`` is the stored message's id."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    origin: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "payload": base64.b64encode(self.payload).decode("ascii"),
+            "payload_encoding": "base64",
+            "qos": self.qos,
+            # Never retain: a replay must not overwrite the broker's retained message.
+            "retain": False,
+            "properties": {"user_properties": {REPLAY_PROPERTY: self.origin}},
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class BulkResult:
+    status: int
+    delivered: int
+    unmatched: int
+
+
+class EmqxApi:
+    def __init__(self, cfg: EmqxApiConfig) -> None:
+        self._cfg = cfg
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | bool = client_ssl_context(cfg.ssl) if cfg.ssl.enable else False
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            base_url=self._cfg.url,
+            auth=aiohttp.BasicAuth(self._cfg.api_key, self._cfg.api_secret),
+            timeout=aiohttp.ClientTimeout(total=self._cfg.request_timeout_ms / 1000),
+            connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
+        if not items:
+            raise ValueError("publish_bulk needs at least one item (EMQX mishandles an empty array)")
+        status, body = await self._post("/api/v5/publish/bulk", [item.to_json() for item in items])
+        if status not in (200, 202, 503):
+            raise EmqxApiError(f"publish/bulk answered {status}: {_short(body)}", status, status >= 500)
+        results = body if isinstance(body, list) else []
+        unmatched = sum(
+            1 for r in results if isinstance(r, dict) and r.get("reason_code") == NO_MATCHING_SUBSCRIBERS
+        )
+        delivered = sum(1 for r in results if isinstance(r, dict) and "id" in r)
+        return BulkResult(status, delivered, unmatched)
+
+    async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        """Subscribe a connected client on its behalf. False if it is not connected."""
+        body = [{"topic": topic, "qos": qos} for topic, qos in subscriptions]
+        status, answer = await self._post(f"/api/v5/clients/{quote(clientid, safe='')}/subscribe/bulk", body)
+        if status == 404:
+            return False
+        if status != 200:
+            raise EmqxApiError(f"subscribe/bulk answered {status}: {_short(answer)}", status, status >= 500)
+        return True
+
+    async def _post(self, path: str, body: Any) -> tuple[int, Any]:
+        if self._session is None:
+            raise EmqxApiError("EMQX API client is not started")
+        try:
+            async with self._session.post(path, json=body) as resp:
+                try:
+                    answer = await resp.json(content_type=None)
+                except ValueError:
+                    answer = await resp.text()
+                if resp.status == 401:
+                    raise EmqxApiError("EMQX API refused the API key (401): check exhook.emqx.api_key/api_secret",
+                                       401, retryable=False)
+                return resp.status, answer
+        except aiohttp.ClientError as exc:
+            raise EmqxApiError(f"EMQX API unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise EmqxApiError(f"EMQX API timed out at {self._cfg.url}") from exc
+
+
+def _short(body: Any) -> str:
+    text = str(body)
+    return text if len(text) < 200 else text[:200] + "..."

@@ -1,0 +1,212 @@
+"""What the service does on each hook, independent of the proto package and the
+backend.
+
+``message_publish`` is the only hook whose answer the broker waits for and uses:
+it returns once the message is durably stored, or at the publish deadline. Every
+other hook also blocks its client in EMQX, so those return at once and hand their
+work to the client's ordered background queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from exhook.client_queue import ClientQueues
+from exhook.metrics import Metrics
+from exhook.replay import BrokerFlags, Replayer, payload_digest
+from exhook.retry import retrying
+from exhook.topics import TopicError, TopicSet, real_filter
+from exhook.writer import OrderedWriter, WriterClosed
+from storage.base import Store
+from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+
+log = logging.getLogger(__name__)
+
+HTTP_API = "http_api"
+HOOKS_CLIENT = ("client.connected", "session.subscribed", "session.unsubscribed", "session.resumed")
+HOOKS_MESSAGE = ("message.publish", "message.acked")
+# session.resumed is followed by client.connected within the same connect; an entry
+# older than this belongs to a connect that failed in between.
+_RESUMED_TTL_S = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class ClientRef:
+    clientid: str
+    node: str = ""
+    peerhost: str = ""
+    peerport: int = 0
+
+    @property
+    def connection(self) -> str:
+        """Identifies this network connection of the client (a reconnect gets a new
+        peer port), so replay bookkeeping is per connection."""
+        return f"{self.clientid}|{self.node}|{self.peerhost}|{self.peerport}"
+
+
+class HookLogic:
+    def __init__(
+        self,
+        tracked: TopicSet,
+        store: Store,
+        writer: OrderedWriter,
+        replayer: Replayer,
+        queues: ClientQueues,
+        metrics: Metrics,
+        flags: BrokerFlags,
+        publish_deadline_ms: int,
+    ) -> None:
+        self.tracked = tracked
+        self.flags = flags
+        self._store = store
+        self._writer = writer
+        self._replayer = replayer
+        self._queues = queues
+        self._metrics = metrics
+        self._deadline = publish_deadline_ms / 1000
+        self._resumed: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Hooks to register. No tracked topics means nothing to do: registering
+        ``message.*`` with an empty list would make the broker send every message."""
+        if not self.tracked:
+            return []
+        specs: list[tuple[str, tuple[str, ...]]] = [(name, ()) for name in HOOKS_CLIENT]
+        specs += [(name, self.tracked.filters) for name in HOOKS_MESSAGE]
+        return specs
+
+    # -- message.publish ---------------------------------------------------------
+    async def message_publish(
+        self,
+        msgid: str,
+        sender: str,
+        topic: str,
+        qos: int,
+        payload: bytes,
+        timestamp: int,
+        replay_of: str | None,
+    ) -> None:
+        if qos == 0 or topic.startswith("$SYS/") or not self.tracked.match(topic):
+            return
+        started = time.monotonic()
+        if sender == HTTP_API:
+            if replay_of is None and self.flags.v2_seen:
+                replay_of = await self._take_pending(topic, payload)
+            if replay_of is not None:
+                self._metrics.replays_recognised += 1
+                if replay_of != msgid:
+                    self._submit_background(RekeyMessage(replay_of, msgid, topic))
+                return
+        message = StoredMessage(msgid, sender, topic, qos, False, payload, timestamp)
+        await self._save(message, started)
+
+    async def _take_pending(self, topic: str, payload: bytes) -> str | None:
+        try:
+            return await asyncio.wait_for(
+                self._store.take_pending_replay(topic, payload_digest(payload)), self._deadline / 2
+            )
+        except Exception as exc:  # store down: storing the replay again only costs a duplicate
+            log.warning("cannot check the pending-replay registry (%s); storing %s", exc, topic)
+            return None
+
+    async def _save(self, message: StoredMessage, started: float) -> None:
+        op = SaveMessage(message)
+        try:
+            fut = self._writer.submit_nowait(op)
+            if fut is None:
+                fut = await asyncio.wait_for(self._writer.submit(op), self._remaining(started))
+        except (TimeoutError, WriterClosed):
+            self._metrics.publish_not_stored += 1
+            self._log_deadline("write buffer full: message %s on %s NOT stored", message)
+            return
+        if not fut.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self._remaining(started))
+            except TimeoutError:
+                # The op stays queued and is written when the store catches up.
+                self._metrics.publish_deadline_exceeded += 1
+                self._log_deadline("store slower than publish_deadline: answered %s on %s before it "
+                                   "was durable", message)
+                return
+        self._metrics.messages_stored += 1
+
+    def _remaining(self, started: float) -> float:
+        return max(0.0, self._deadline - (time.monotonic() - started))
+
+    def _log_deadline(self, text: str, message: StoredMessage) -> None:
+        count = self._metrics.publish_deadline_exceeded + self._metrics.publish_not_stored
+        if count == 1 or count % 1000 == 0:
+            log.warning(text + " (%d so far)", message.msgid, message.topic, count)
+
+    # -- message.acked -----------------------------------------------------------
+    def message_acked(self, msgid: str, sender: str, topic: str) -> None:
+        if not self.tracked.match(topic):
+            return
+        self._metrics.acks_queued += 1
+        self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API))
+
+    def _submit_background(self, op: WriteOp) -> None:
+        """Queue a write nobody waits for. When the buffer is full, wait for room in
+        a task of our own (bounded like the buffer itself)."""
+        try:
+            if self._writer.submit_nowait(op) is not None:
+                return
+        except WriterClosed:
+            self._metrics.acks_dropped += 1
+            return
+        if len(self._background) >= 10_000:
+            self._metrics.acks_dropped += 1
+            log.error("write buffer and overflow full: dropping %s", op)
+            return
+        task = asyncio.create_task(self._submit_later(op))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _submit_later(self, op: WriteOp) -> None:
+        try:
+            await self._writer.submit(op)
+        except WriterClosed:
+            self._metrics.acks_dropped += 1
+
+    # -- client and session hooks --------------------------------------------------
+    def session_resumed(self, client: ClientRef) -> None:
+        now = time.monotonic()
+        self._resumed[client.clientid] = now
+        if len(self._resumed) > 10_000:
+            self._resumed = {k: t for k, t in self._resumed.items() if now - t < _RESUMED_TTL_S}
+
+    def client_connected(self, client: ClientRef) -> None:
+        resumed_at = self._resumed.pop(client.clientid, None)
+        if resumed_at is not None and time.monotonic() - resumed_at < _RESUMED_TTL_S:
+            # The broker kept this session's subscriptions and queued its messages;
+            # re-subscribing would replay duplicates of what it delivers itself.
+            return
+        self._queues.submit(client.clientid, "restore subscriptions",
+                            lambda: self._replayer.restore(client.clientid, client.connection))
+
+    def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+        self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
+
+    async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+        await retrying("save subscription", lambda: self._store.save_subscription(client.clientid, topic, qos))
+        try:
+            real = real_filter(topic)
+        except TopicError as exc:
+            log.warning("client %s: not replaying %s: %s", client.clientid, topic, exc)
+            return
+        if self.tracked.overlaps(real):
+            await self._replayer.replay(client.clientid, client.connection, topic)
+
+    def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
+        self._queues.submit(client.clientid, f"unsubscribe {topic}",
+                            lambda: retrying("delete subscription",
+                                             lambda: self._store.delete_subscription(client.clientid, topic)))
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

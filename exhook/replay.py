@@ -1,0 +1,154 @@
+"""Replays stored messages to a subscriber through EMQX's REST API, and restores a
+client's subscriptions.
+
+A replay reads the store in pages while the previous batch is being published, so
+memory stays flat however many messages are stored; batches go out one after the
+other, so the subscriber sees them in stored (arrival) order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+from exhook.emqx_api import EmqxApi, ReplayItem
+from exhook.metrics import Metrics
+from exhook.retry import retrying
+from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
+from storage.base import Store
+from storage.model import PendingReplay, StoredMessage
+
+log = logging.getLogger(__name__)
+
+
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+class BrokerFlags:
+    """What the service learned about the broker from its calls."""
+
+    __slots__ = ("v2_seen",)
+
+    def __init__(self) -> None:
+        # A v2 broker hides user properties from message.publish, so replays must
+        # also be registered in the store to be recognised when they come back.
+        self.v2_seen = False
+
+
+class Replayer:
+    def __init__(
+        self,
+        store: Store,
+        api: EmqxApi,
+        metrics: Metrics,
+        tracked: TopicSet,
+        flags: BrokerFlags,
+        batch_size: int,
+        page_size: int = 500,
+    ) -> None:
+        self._store = store
+        self._api = api
+        self._metrics = metrics
+        self._tracked = tracked
+        self._flags = flags
+        self._batch_size = batch_size
+        self._page_size = max(page_size, batch_size)
+
+    async def restore(self, clientid: str, connection: str) -> None:
+        """Re-subscribe a client that connected without a session to its stored
+        subscriptions; the broker then fires ``session.subscribed`` for each."""
+        await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
+        subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
+        if not subs:
+            return
+        pairs = [(s.topic, s.qos) for s in subs]
+        found = await retrying("subscribe/bulk", lambda: self._api.subscribe_bulk(clientid, pairs))
+        self._metrics.restores += 1
+        if not found:
+            log.info("restore: client %s left before its %d subscriptions were restored", clientid, len(pairs))
+
+    async def replay(self, clientid: str, connection: str, flt: str) -> int:
+        """Publish every stored message matching ``flt`` that this connection has
+        not been given yet. Returns how many were published."""
+        ranges = await self._claim(connection, real_filter(flt))
+        if not ranges:
+            return 0
+        published = 0
+        pages = self._store.read_messages(ranges, self._page_size)
+        async for batch in _prefetched_batches(pages, self._batch_size):
+            delivered_to_nobody = await self._publish(batch)
+            published += len(batch)
+            self._metrics.replayed_messages += len(batch)
+            if delivered_to_nobody:
+                log.info("replay to %s stopped: no subscriber matched (client gone)", clientid)
+                break
+        if published:
+            log.debug("replayed %d messages on %s to %s", published, flt, clientid)
+        return published
+
+    async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
+        if is_wildcard(real):
+            found = await retrying("list stored topics",
+                                   lambda: self._store.stored_topics(literal_prefix(real)))
+            topics = [t for t in found if matches(real, t)]
+        else:
+            topics = [real]
+        topics = [t for t in topics if self._tracked.match(t)]
+        if not topics:
+            return {}
+        highs = await retrying("read latest positions", lambda: self._store.latest_positions(topics))
+        if not highs:
+            return {}
+        previous = await retrying("claim replay", lambda: self._store.claim_replay(connection, highs))
+        ranges: dict[str, tuple[float | None, float]] = {}
+        for topic, high in highs.items():
+            low = previous.get(topic)
+            if low is None or low < high:
+                ranges[topic] = (low, high)
+        return ranges
+
+    async def _publish(self, batch: list[StoredMessage]) -> bool:
+        """Publish one batch; True if the broker routed none of it to anyone."""
+        if self._flags.v2_seen:
+            pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
+            await retrying("register pending replays", lambda: self._store.register_pending_replays(pending))
+        items = [ReplayItem(m.topic, m.payload, m.qos, m.msgid) for m in batch]
+        try:
+            result = await retrying("publish/bulk", lambda: self._api.publish_bulk(items))
+        except Exception:
+            self._metrics.replay_failures += 1
+            raise
+        return result.unmatched == len(batch)
+
+
+async def _prefetched_batches(
+    pages: AsyncIterator[list[StoredMessage]], batch_size: int
+) -> AsyncIterator[list[StoredMessage]]:
+    """Re-cut store pages into publish batches, reading the next page while the
+    caller publishes the current one."""
+    ahead: asyncio.Queue[list[StoredMessage] | None] = asyncio.Queue(maxsize=1)
+
+    async def read() -> None:
+        try:
+            async for page in pages:
+                if page:
+                    await ahead.put(page)
+        finally:
+            await ahead.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (page := await ahead.get()) is not None:
+            for start in range(0, len(page), batch_size):
+                yield page[start : start + batch_size]
+        await reader  # surfaces a read error
+    finally:
+        if not reader.done():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        aclose = getattr(pages, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,142 @@
+"""Assembles the service: store, writer, REST client, hook logic, gRPC server;
+starts it and stops it gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from exhook.client_queue import ClientQueues
+from exhook.config import Config
+from exhook.emqx_api import EmqxApi
+from exhook.hooks import HookLogic
+from exhook.metrics import Metrics
+from exhook.replay import BrokerFlags, Replayer
+from exhook.servicer import add_servicers
+from exhook.topics import TopicSet
+from exhook.writer import OrderedWriter
+from storage.base import Store, StoreConfigError, StoreError
+from storage.factory import create_store
+from storage.gated import GatedStore
+
+log = logging.getLogger(__name__)
+
+_OPEN_RETRY_MAX_S = 5.0
+_PURGE_EVERY_S = 60.0
+_PURGE_CHUNK = 1000
+_SHUTDOWN_GRACE_S = 5.0
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Service:
+    config: Config
+    store: Store | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    port: int = 0
+    _gate: GatedStore | None = None
+    _server: grpc.aio.Server | None = None
+    _writer: OrderedWriter | None = None
+    _api: EmqxApi | None = None
+    _queues: ClientQueues | None = None
+    _logic: HookLogic | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        cfg = self.config
+        backend = cfg.backend
+        gate = self._gate = GatedStore(self.store or create_store(backend))
+        await self._open_store_or_retry(gate)
+        tracked = TopicSet(backend.topics)
+        flags = BrokerFlags()
+        self._writer = OrderedWriter(gate, self.metrics, backend.batch_size, backend.batch_time_ms,
+                                     cfg.service.max_pending_writes)
+        self._writer.start()
+        self._api = EmqxApi(cfg.service.emqx)
+        await self._api.start()
+        self._queues = ClientQueues(self.metrics)
+        replayer = Replayer(gate, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
+        self._logic = HookLogic(tracked, gate, self._writer, replayer, self._queues, self.metrics, flags,
+                                cfg.service.publish_deadline_ms)
+        self._server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ])
+        add_servicers(self._server, self._logic)
+        listen = cfg.service.listen
+        self.port = self._server.add_insecure_port(f"{listen}")
+        if self.port == 0:
+            raise OSError(f"exhook.listen: cannot listen on {listen}")
+        await self._server.start()
+        self._tasks.append(asyncio.create_task(self._purge_loop(gate), name="purge-expired"))
+        if not tracked:
+            log.warning("%s.topics is empty: the backend is inactive and no hooks are registered",
+                        gate.name)
+        log.info("listening on %s:%d (exhook v2 and v3), backend %s, topics %s",
+                 listen.host, self.port, gate.name, ", ".join(tracked.filters) or "-")
+
+    async def _open_store_or_retry(self, gate: GatedStore) -> None:
+        """Open the store; if it is unreachable, keep trying in the background (the
+        service must answer the broker meanwhile). A misconfiguration is fatal."""
+        try:
+            await gate.open()
+            return
+        except StoreConfigError:
+            raise
+        except StoreError as exc:
+            log.error("%s unreachable at start-up, retrying in the background: %s", gate.name, exc)
+        self._tasks.append(asyncio.create_task(self._open_loop(gate), name="open-store"))
+
+    async def _open_loop(self, gate: GatedStore) -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await gate.open()
+            except StoreConfigError as exc:
+                log.critical("%s", exc)
+                raise
+            except StoreError as exc:
+                delay = min(delay * 2, _OPEN_RETRY_MAX_S)
+                log.debug("%s still unreachable: %s", gate.name, exc)
+                continue
+            log.warning("%s is reachable now", gate.name)
+            return
+
+    async def _purge_loop(self, gate: GatedStore) -> None:
+        while True:
+            await asyncio.sleep(_PURGE_EVERY_S)
+            try:
+                purged = _PURGE_CHUNK
+                while purged >= _PURGE_CHUNK:  # bounded chunks keep each statement short
+                    purged = await gate.purge_expired(_PURGE_CHUNK)
+            except StoreError as exc:
+                log.debug("purge of expired messages skipped: %s", exc)
+
+    async def idle(self) -> None:
+        """Wait until background work is done (tests)."""
+        if self._queues is not None:
+            await self._queues.idle()
+
+    async def stop(self) -> None:
+        """Stop accepting calls, finish in-flight hooks, replays and writes, close."""
+        if self._server is not None:
+            await self._server.stop(_SHUTDOWN_GRACE_S)
+        if self._queues is not None:
+            await self._queues.close(_SHUTDOWN_GRACE_S)
+        if self._logic is not None:
+            await self._logic.close()
+        if self._writer is not None:
+            await self._writer.close(_SHUTDOWN_GRACE_S)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._api is not None:
+            await self._api.close()
+        if self._gate is not None:
+            await self._gate.close()
+        log.info("stopped; counters: %s", self.metrics.snapshot())

@@ -1,0 +1,151 @@
+"""The ordered group-commit writer.
+
+Every write of a process (message saves, ack deletes, re-keys) goes through one
+FIFO queue drained by one task: each round trip to the store carries whatever is
+queued, up to ``batch_size`` ops, in arrival order. So concurrent
+``message.publish`` calls share a round trip, and a delete can never overtake the
+insert it deletes. A failed batch is retried (ops are idempotent) until the store
+comes back; callers stop waiting at their own deadline, the op stays queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from exhook.metrics import Metrics
+from storage.base import Store
+from storage.model import WriteOp
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START_S = 0.05
+_BACKOFF_MAX_S = 2.0
+
+
+class WriterClosed(Exception):
+    """The writer is shutting down and takes no more ops."""
+
+
+class OrderedWriter:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        batch_size: int,
+        batch_time_ms: int,
+        max_pending: int,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._batch_time = batch_time_ms / 1000
+        self._max_pending = max(max_pending, batch_size)
+        self._queue: deque[tuple[WriteOp, asyncio.Future[None]]] = deque()
+        self._has_work = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._failing_since: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ordered-writer")
+
+    def submit_nowait(self, op: WriteOp) -> asyncio.Future[None] | None:
+        """Queue ``op``; return a future resolved once it is durable, or None when
+        the buffer is full (the caller waits with ``submit`` or gives up)."""
+        if self._closing:
+            raise WriterClosed
+        if len(self._queue) >= self._max_pending:
+            self._space.clear()
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, fut))
+        self._has_work.set()
+        return fut
+
+    async def submit(self, op: WriteOp) -> asyncio.Future[None]:
+        """Queue ``op``, waiting for buffer space (backpressure)."""
+        while True:
+            fut = self.submit_nowait(op)
+            if fut is not None:
+                return fut
+            await self._space.wait()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+            batch = self._take_batch()
+            await self._write_until_done(batch)
+
+    def _take_batch(self) -> list[tuple[WriteOp, asyncio.Future[None]]]:
+        # Natural group commit: take what is queued now. Waiting for more would only
+        # add latency, because nothing else is being written meanwhile; ops that
+        # arrive during this round trip form the next batch.
+        take = min(self._batch_size, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(take)]
+        if len(self._queue) < self._max_pending:
+            self._space.set()
+        return batch
+
+    async def _write_until_done(self, batch: list[tuple[WriteOp, asyncio.Future[None]]]) -> None:
+        ops = [op for op, _ in batch]
+        backoff = _BACKOFF_START_S
+        while True:
+            try:
+                await self._store.write(ops)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down or failing: keep the batch, retry
+                self._note_failure(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            break
+        if self._failing_since is not None:
+            log.warning("store %s is writable again after %.1f s", self._store.name,
+                        time.monotonic() - self._failing_since)
+            self._failing_since = None
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _note_failure(self, exc: Exception) -> None:
+        self._metrics.store_failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error("store %s write failed, retrying: %s", self._store.name, _one_line(exc))
+        elif self._metrics.store_failures % 50 == 0:
+            log.error("store %s still failing (%d failures, %d ops pending): %s", self._store.name,
+                      self._metrics.store_failures, len(self._queue), _one_line(exc))
+
+    async def close(self, timeout: float) -> None:
+        """Stop taking ops and flush what is queued, for at most ``timeout`` s."""
+        self._closing = True
+        self._has_work.set()
+        self._space.set()  # wakes submitters waiting for room: they now get WriterClosed
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            log.error("shutdown: %d writes could not be flushed in %.0f s", len(self._queue), timeout)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,23 @@
+"""Config.backend -> the Store that implements it (imported lazily, so a backend's
+driver is only loaded when it is used)."""
+
+from __future__ import annotations
+
+from exhook.config import BackendConfig, MysqlConfig, RedisConfig, SqliteConfig
+from storage.base import Store
+
+
+def create_store(cfg: BackendConfig) -> Store:
+    if isinstance(cfg, RedisConfig):
+        from storage.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
+
+        return RedisStore(cfg)
+    if isinstance(cfg, MysqlConfig):
+        from storage.mysql_store import MysqlStore  # type: ignore[import-not-found,unused-ignore]
+
+        return MysqlStore(cfg)
+    if isinstance(cfg, SqliteConfig):
+        from storage.sqlite_store import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+
+        return SqliteStore(cfg)
+    raise TypeError(f"unknown backend config {type(cfg).__name__}")
