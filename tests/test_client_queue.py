@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import asyncio
+
+from exhook.client_queue import ClientQueues
+from exhook.metrics import Metrics
+
+
+async def test_jobs_of_one_client_run_in_order_others_concurrently() -> None:
+    queues = ClientQueues(Metrics(), max_running=8)
+    log: list[str] = []
+    release = asyncio.Event()
+
+    def job(name: str, wait: bool = False):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            if wait:
+                await release.wait()
+            log.append(name)
+        return run
+
+    queues.submit("a", "1", job("a1", wait=True))
+    queues.submit("a", "2", job("a2"))
+    queues.submit("b", "1", job("b1"))
+    await asyncio.sleep(0.01)
+    assert log == ["b1"]  # b is not held up by a's slow job; a2 waits behind a1
+    release.set()
+    await queues.idle()
+    assert log == ["b1", "a1", "a2"]
+
+
+async def test_a_failing_job_does_not_stop_the_client_queue() -> None:
+    queues = ClientQueues(Metrics())
+    done: list[int] = []
+
+    async def boom() -> None:
+        raise RuntimeError("x")
+
+    async def ok() -> None:
+        done.append(1)
+
+    queues.submit("c", "boom", boom)
+    queues.submit("c", "ok", ok)
+    await queues.idle()
+    assert done == [1]
+
+
+async def test_bounded_per_client_and_closed_queue_refuses() -> None:
+    metrics = Metrics()
+    queues = ClientQueues(metrics, max_per_client=2)
+    hold = asyncio.Event()
+
+    async def wait() -> None:
+        await hold.wait()
+
+    assert queues.submit("c", "1", wait)
+    assert queues.submit("c", "2", wait)
+    assert not queues.submit("c", "3", wait)
+    assert metrics.jobs_dropped == 1
+    hold.set()
+    await queues.close(1)
+    assert not queues.submit("c", "4", wait)
+
+
+async def test_close_cancels_work_that_does_not_finish() -> None:
+    queues = ClientQueues(Metrics())
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    queues.submit("c", "forever", forever)
+    await asyncio.sleep(0)
+    await queues.close(0.05)
+    assert cancelled.is_set()

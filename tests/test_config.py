@@ -1,0 +1,118 @@
+"""Config parsing: every documented error is one line naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exhook.config import (
+    ConfigError,
+    MysqlConfig,
+    RedisConfig,
+    SqliteConfig,
+    load_config,
+    load_config_string,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('redis { enable = true, redis_type = "clustr" }', "redis.redis_type"),
+        ('redis { enable = true, topics = ["a/#/b"] }', "redis.topics"),
+        ('redis { enable = true, topics = ["a/b+"] }', "redis.topics"),
+        ('redis { enable = true, servers = "localhost:99999" }', "redis.servers"),
+        ('redis { enable = true, servers = "a:1,b:2" }', "redis.servers"),
+        ('redis { enable = true, redis_type = sentinel, servers = "a:1" }', "redis.sentinel"),
+        ('mysql { enable = true, server = "db:" }', "mysql.server"),
+        ('mysql { enable = true, server = "db:x" }', "mysql.server"),
+        ('mysql { enable = true, pool_size = 0 }', "mysql.pool_size"),
+        ('mysql { enable = true, delete_message_sql = "delete from t where a = ${nope}" }',
+         "mysql.delete_message_sql"),
+        ('redis { enable = true }\nmysql { enable = true }', "redis.enable / mysql.enable"),
+        ("exhook { log_level = info }", "no backend is enabled"),
+        ('sqlite { enable = true, pathh = "x" }', "sqlite.pathh"),
+        ('sqlite { enable = true, batch_time = "soon" }', "sqlite.batch_time"),
+        ('sqlite { enable = true }\nexhook { listen = "0.0.0.0:70000" }', "exhook.listen"),
+        ('sqlite { enable = true }\nexhook { log_level = loud }', "exhook.log_level"),
+        ('sqlite { enable = true }\nexhook { emqx { api_url = "localhost" } }', "exhook.emqx.api_url"),
+        ('redis { enable = true, ssl { enable = true, cacertfile = "/nonexistent/ca.pem" } }',
+         "redis.ssl.cacertfile"),
+        ('redis { enable = true, ssl { verfy = true } }', "redis.ssl.verfy"),
+    ],
+)
+def test_config_errors_name_the_field(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config_string(text)
+    message = str(err.value)
+    assert field in message
+    assert "\n" not in message
+
+
+def test_shipped_config_enables_sqlite() -> None:
+    cfg = load_config(ROOT / "config.hocon")
+    assert isinstance(cfg.backend, SqliteConfig)
+    assert cfg.backend.topics == ("offline/#",)
+    assert cfg.service.publish_deadline_ms == 500
+    assert cfg.service.listen.port == 9000
+
+
+def test_plugin_fields_and_defaults() -> None:
+    cfg = load_config_string(
+        """
+        redis {
+          enable = true, servers = "r1:26379, r2:26379", redis_type = sentinel, sentinel = mymaster
+          pool_size = 3, username = u, password = p, database = 2, topics = ["t/#", "x/+/y"]
+          message_key_prefix = "a:msg", subscription_key_prefix = "a:sub", message_ttl = 60
+          batch_size = 50, batch_time = 20
+          ssl { enable = true, verify = verify_none, server_name_indication = "redis.local" }
+        }
+        """
+    )
+    r = cfg.backend
+    assert isinstance(r, RedisConfig)
+    assert [str(s) for s in r.servers] == ["r1:26379", "r2:26379"]
+    assert (r.redis_type, r.sentinel, r.pool_size, r.database) == ("sentinel", "mymaster", 3, 2)
+    assert (r.username, r.password, r.message_ttl, r.batch_size, r.batch_time_ms) == ("u", "p", 60, 50, 20)
+    assert r.topics == ("t/#", "x/+/y")
+    assert r.ssl.enable and not r.ssl.verify and r.ssl.server_name_indication == "redis.local"
+    assert "password='p'" not in repr(r)
+
+
+def test_mysql_defaults_are_the_plugin_templates() -> None:
+    cfg = load_config_string("mysql { enable = true, topics = [\"t/#\"] }")
+    m = cfg.backend
+    assert isinstance(m, MysqlConfig)
+    assert "${flags.retain}" in m.sql["insert_message_sql"]
+    assert m.sql["select_subscriptions_sql"] == "select topic, qos from mqtt_sub where clientid = ${clientid}"
+    assert (m.batch_size, m.batch_time_ms, m.message_ttl, m.init_default_schema) == (1, 100, 0, False)
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMQX_API_SECRET", "s3cret")
+    monkeypatch.setenv("OFFLINE_EXHOOK_LISTEN", "127.0.0.1:9911")
+    cfg = load_config(ROOT / "config.hocon")
+    assert cfg.service.emqx.api_secret == "s3cret"
+    assert str(cfg.service.listen) == "127.0.0.1:9911"
+    assert "s3cret" not in repr(cfg)
+
+
+def test_durations_accept_units() -> None:
+    cfg = load_config_string('sqlite { enable = true, batch_time = "2s" }\nexhook { publish_deadline = 250ms }')
+    assert cfg.backend.batch_time_ms == 2000
+    assert cfg.service.publish_deadline_ms == 250
+
+
+def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.hocon"
+    bad.write_text('redis { enable = true, redis_type = "nope" }\n')
+    proc = subprocess.run([sys.executable, "-m", "exhook", "--config", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis.redis_type" in lines[0]
