@@ -118,9 +118,11 @@ class Service:
                 log.debug("purge of expired messages skipped: %s", exc)
 
     async def idle(self) -> None:
-        """Wait until background work is done (tests)."""
+        """Wait until background jobs are done and every queued write is durable."""
         if self._queues is not None:
             await self._queues.idle()
+        if self._writer is not None:
+            await self._writer.drained()
 
     async def stop(self) -> None:
         """Stop accepting calls, finish in-flight hooks, replays and writes, close."""

@@ -50,10 +50,18 @@ class OrderedWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._failing_since: float | None = None
+        self._in_flight = False
+        self._idle = asyncio.Event()
 
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    async def drained(self) -> None:
+        """Wait until every op queued so far has been written (tests, benchmarks)."""
+        while self._queue or self._in_flight:
+            self._idle.clear()
+            await self._idle.wait()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ordered-writer")
@@ -82,13 +90,18 @@ class OrderedWriter:
     async def _run(self) -> None:
         while True:
             if not self._queue:
+                self._idle.set()
                 if self._closing:
                     return
                 self._has_work.clear()
                 await self._has_work.wait()
                 continue
             batch = self._take_batch()
-            await self._write_until_done(batch)
+            self._in_flight = True
+            try:
+                await self._write_until_done(batch)
+            finally:
+                self._in_flight = False
 
     def _take_batch(self) -> list[tuple[WriteOp, asyncio.Future[None]]]:
         # Natural group commit: take what is queued now. Waiting for more would only
