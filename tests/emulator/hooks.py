@@ -1,0 +1,259 @@
+"""The broker's side of ExHook: a pool of gRPC channels, the loaded HookSpecs, the call log.
+
+Mirrors ``emqx_exhook_server`` / ``emqx_exhook`` (EMQX 5.x):
+
+* ``OnProviderLoaded`` answers a list of ``HookSpec``; an unknown hook name makes loading fail.
+* a hook is called only when it was named; a ``message.*`` hook only for messages whose topic matches one of
+  the spec's ``topics`` (``[]`` = every topic); ``$SYS/`` messages never reach the server.
+* every request carries ``meta`` (``RequestMeta``); the pool channel is chosen by a key: the clientid of
+  ``clientinfo``/``conninfo``, else the message's ``from`` (EMQX hashes with ``erlang:phash2``; crc32 here).
+* each call has the ``request_timeout`` deadline; on timeout or error the call is abandoned and EMQX's
+  ``failed_action`` decides for the folded hooks (``client.authenticate``, ``client.authorize``,
+  ``message.publish``): ``deny`` stops the chain with a deny result (for ``message.publish``: the message is
+  published unchanged), ``ignore`` goes on as if the server had answered IGNORE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+import zlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from .topics import match
+
+MESSAGE_HOOKS = ("message.publish", "message.delivered", "message.acked", "message.dropped")
+AVAILABLE_HOOKS = (
+    "client.connect",
+    "client.connack",
+    "client.connected",
+    "client.disconnected",
+    "client.authenticate",
+    "client.authorize",
+    "client.subscribe",
+    "client.unsubscribe",
+    "session.created",
+    "session.subscribed",
+    "session.unsubscribed",
+    "session.resumed",
+    "session.discarded",
+    "session.takenover",
+    "session.terminated",
+    *MESSAGE_HOOKS,
+)
+RPC_OF_HOOK = {h: "On" + "".join(p.capitalize() for p in h.split(".")) for h in AVAILABLE_HOOKS}
+FOLDED_HOOKS = ("client.authenticate", "client.authorize", "message.publish")
+
+
+class HookLoadError(RuntimeError):
+    """OnProviderLoaded failed or answered an unknown hook name."""
+
+
+@dataclass
+class HookCall:
+    """One gRPC call the broker made (or abandoned)."""
+
+    hook: str
+    rpc: str
+    key: str
+    channel: int
+    request: Any
+    started: float
+    finished: float | None = None
+    status: str = "pending"  # "ok" | "timeout" | "error"
+    response: Any = None
+    error: str | None = None
+    answer: str | None = None  # message.publish: how the answer was applied (see broker)
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+
+@dataclass
+class HookStats:
+    calls: int = 0
+    ok: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def pb_modules(version: str) -> tuple[ModuleType, ModuleType]:
+    if version not in ("v2", "v3"):
+        raise ValueError(f"version must be 'v2' or 'v3', not {version!r}")
+    pb = importlib.import_module(f"exhook.pb.{version}.exhook_pb2")
+    pb_grpc = importlib.import_module(f"exhook.pb.{version}.exhook_pb2_grpc")
+    return pb, pb_grpc
+
+
+class ExHookClient:
+    def __init__(
+        self,
+        target: str,
+        version: str,
+        *,
+        pool_size: int,
+        request_timeout: float,
+        failed_action: str,
+        node: str,
+        emqx_version: str,
+        cluster_name: str,
+    ) -> None:
+        if failed_action not in ("deny", "ignore"):
+            raise ValueError("failed_action must be 'deny' or 'ignore'")
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        self.target = target
+        self.version = version
+        self.pb, self._pb_grpc = pb_modules(version)
+        self.pool_size = pool_size
+        self.request_timeout = request_timeout
+        self.failed_action = failed_action
+        self.node = node
+        self.emqx_version = emqx_version
+        self.cluster_name = cluster_name
+        self.started_at = time.time()
+        self.hookspec: dict[str, list[str]] = {}
+        self.loaded = False
+        self.calls: list[HookCall] = []
+        self.stats: dict[str, HookStats] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[Any] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def meta(self) -> Any:
+        return self.pb.RequestMeta(
+            node=self.node, version=self.emqx_version, sysdescr="EMQX", cluster_name=self.cluster_name
+        )
+
+    def _open_channels(self) -> None:
+        for i in range(self.pool_size):
+            # a local subchannel pool gives each pool member its own HTTP/2 connection, as EMQX's pool has
+            ch = grpc.aio.insecure_channel(
+                self.target,
+                options=[("grpc.use_local_subchannel_pool", 1), ("grpc.emqx_emulator_channel", i)],
+            )
+            self._channels.append(ch)
+            self._stubs.append(self._pb_grpc.HookProviderStub(ch))
+
+    async def load(self, timeout: float) -> dict[str, list[str]]:
+        """Open the pool and call OnProviderLoaded (waiting up to ``timeout`` for the server to come up)."""
+        if not self._channels:
+            self._open_channels()
+        pb = self.pb
+        now = time.time()
+        broker = pb.BrokerInfo(
+            version=self.emqx_version,
+            sysdescr="EMQX",
+            uptime=int((now - self.started_at) * 1000),
+            datetime=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+        )
+        req = pb.ProviderLoadedRequest(broker=broker, meta=self.meta())
+        call = self._record("provider.loaded", "OnProviderLoaded", "", 0, req)
+        try:
+            resp = await self._stubs[0].OnProviderLoaded(req, timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            self._finish(call, "error", error=f"{exc.code().name}: {exc.details()}")
+            raise HookLoadError(f"OnProviderLoaded failed: {exc.code().name} {exc.details()}") from exc
+        self._finish(call, "ok", response=resp)
+        spec: dict[str, list[str]] = {}
+        for hs in resp.hooks:
+            if not hs.name:
+                continue
+            if hs.name not in AVAILABLE_HOOKS:
+                raise HookLoadError(f"unknown_hookpoint {hs.name!r}")
+            spec[hs.name] = list(hs.topics) if hs.name in MESSAGE_HOOKS else []
+        self.hookspec = spec
+        self.loaded = True
+        return spec
+
+    async def unload(self) -> None:
+        if self.loaded and self._stubs:
+            req = self.pb.ProviderUnloadedRequest(meta=self.meta())
+            call = self._record("provider.unloaded", "OnProviderUnloaded", "", 0, req)
+            try:
+                resp = await self._stubs[0].OnProviderUnloaded(req, timeout=min(1.0, self.request_timeout))
+                self._finish(call, "ok", response=resp)
+            except grpc.aio.AioRpcError as exc:
+                self._finish(call, "error", error=exc.code().name)
+        self.loaded = False
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+    # ------------------------------------------------------------------ calls
+    def registered(self, hook: str) -> bool:
+        return self.loaded and hook in self.hookspec
+
+    def wants(self, hook: str, topic: str | None = None) -> bool:
+        """Would EMQX call ``hook`` (for a message on ``topic``)?"""
+        if not self.registered(hook):
+            return False
+        if hook in MESSAGE_HOOKS:
+            assert topic is not None
+            if topic.startswith("$SYS/"):
+                return False
+            topics = self.hookspec[hook]
+            return not topics or any(match(topic, f) for f in topics)
+        return True
+
+    def channel_index(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % self.pool_size
+
+    def _record(self, hook: str, rpc: str, key: str, channel: int, request: Any) -> HookCall:
+        call = HookCall(hook=hook, rpc=rpc, key=key, channel=channel, request=request, started=time.monotonic())
+        self.calls.append(call)
+        self.stats.setdefault(hook, HookStats()).calls += 1
+        return call
+
+    def _finish(self, call: HookCall, status: str, *, response: Any = None, error: str | None = None) -> None:
+        call.finished = time.monotonic()
+        call.status = status
+        call.response = response
+        call.error = error
+        st = self.stats.setdefault(call.hook, HookStats())
+        if status == "ok":
+            st.ok += 1
+        elif status == "timeout":
+            st.timeouts += 1
+        else:
+            st.errors += 1
+        assert call.latency is not None
+        st.latencies.append(call.latency)
+
+    async def call(self, hook: str, request: Any, key: str) -> tuple[Any | None, HookCall]:
+        """Make one blocking unary call (the caller awaits it inside its own process).
+
+        Returns ``(response, call)``; ``response`` is None on timeout or error.
+        """
+        request.meta.CopyFrom(self.meta())
+        idx = self.channel_index(key)
+        rpc = RPC_OF_HOOK[hook]
+        call = self._record(hook, rpc, key, idx, request)
+        method = getattr(self._stubs[idx], rpc)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            resp = await method(request, timeout=self.request_timeout)
+        except grpc.aio.AioRpcError as exc:
+            status = "timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "error"
+            self._finish(call, status, error=f"{exc.code().name}: {exc.details()}")
+            return None, call
+        except asyncio.CancelledError:
+            self._finish(call, "error", error="cancelled")
+            raise
+        finally:
+            self.in_flight -= 1
+        self._finish(call, "ok", response=resp)
+        return resp, call
