@@ -10,7 +10,8 @@ Usage::
 
     emu = EmqxEmulator(target="127.0.0.1:PORT", version="v3", api_key="k", api_secret="s",
                        pool_size=8, request_timeout=5.0, failed_action="deny", net_delay=0.002)
-    await emu.start()                     # REST up (emu.rest_url = "http://127.0.0.1:N/api/v5"),
+    await emu.start()                     # REST up (emu.rest_url = "http://127.0.0.1:N/api/v5";
+                                          # N = rest_port, or a free port when rest_port=0),
                                           # gRPC pool open, OnProviderLoaded answered (emu.hooks.hookspec)
     c = emu.client("c1", clean_start=True, session_expiry=0, username=None,
                    net_delay=None, auto_ack=True, proto_ver=5)
@@ -23,9 +24,10 @@ Usage::
     await emu.settle()                    # wait until no process, link or hook call is busy
     await emu.stop()                      # (also: async with EmqxEmulator(...) as emu)
 
-``EmqxEmulator(target, version="v3", *, api_key="key", api_secret="secret", api_role="administrator", pool_size=8,
-request_timeout=5.0, failed_action="deny", net_delay=0.002, node="emqx@127.0.0.1", emqx_version=None,
-cluster_name="emqxcl", max_inflight=32, max_mqueue_len=1000, mqueue_store_qos0=True, unload_on_stop=True)``
+``EmqxEmulator(target, version="v3", *, api_key="key", api_secret="secret", api_role="administrator",
+rest_port=0, pool_size=8, request_timeout=5.0, failed_action="deny", net_delay=0.002, node="emqx@127.0.0.1",
+emqx_version=None, cluster_name="emqxcl", max_inflight=32, max_mqueue_len=1000, mqueue_store_qos0=True,
+unload_on_stop=True)``
 
 ``emu.client(clientid, *, clean_start=True, session_expiry=0, username=None, net_delay=None, auto_ack=True,
 proto_ver=5, keepalive=60, connect_user_props=None) -> EmuClient``. One ``EmuClient`` may connect again after

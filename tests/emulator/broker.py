@@ -1030,6 +1030,7 @@ class EmqxEmulator:
         api_key: str = "key",
         api_secret: str = "secret",
         api_role: str = "administrator",
+        rest_port: int = 0,
         pool_size: int = 8,
         request_timeout: float = 5.0,
         failed_action: str = "deny",
@@ -1052,6 +1053,7 @@ class EmqxEmulator:
         self.api_key = api_key
         self.api_secret = api_secret
         self.api_role = api_role
+        self.rest_port = rest_port
         self.hooks = ExHookClient(
             target,
             version,
@@ -1084,7 +1086,7 @@ class EmqxEmulator:
         from .rest import RestApi
 
         self._rest = RestApi(self, self.api_key, self.api_secret, self.api_role)
-        self.rest_url = await self._rest.start()
+        self.rest_url = await self._rest.start(self.rest_port)
         try:
             await self.hooks.load(load_timeout)
         except BaseException:

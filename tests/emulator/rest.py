@@ -19,9 +19,10 @@ Read from ``emqx_mgmt_api_publish.erl``, ``emqx_mgmt_api_clients.erl``, ``emqx_m
   (an Erlang map: sorted by key), the other properties under their MQTT names.
 * ``POST /clients/{clientid}/subscribe`` ``{topic, qos, nl, rap, rh}`` and ``/subscribe/bulk`` (array): 404
   ``{"code": "CLIENTID_NOT_FOUND", "message": "Client ID not found"}`` when there is no channel process for
-  the clientid; otherwise a ``{subscribe, ...}`` message is sent to the channel process (one per item) and the
-  API answers 200 at once (``{topic, qos, nl, rap, rh, node, clientid}``, a list for bulk). The channel applies
-  it after whatever it is busy with and fires ``session.subscribed``.
+  the clientid (an offline persistent session still has one in EMQX, so it is found); otherwise a
+  ``{subscribe, ...}`` message is sent to the channel process (one per item) and the API answers 200 at once
+  (``{topic, qos, nl, rap, rh, node, clientid}``, a list for bulk). The channel applies it after whatever it
+  is busy with and fires ``session.subscribed``.
 * ``/unsubscribe``, ``/unsubscribe/bulk`` (204), ``GET /clients/{clientid}`` and ``.../subscriptions``.
 """
 
@@ -201,7 +202,7 @@ class RestApi:
         self.active = 0
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
         r = app.router
         r.add_post("/api/v5/publish", self._publish)
@@ -214,7 +215,7 @@ class RestApi:
         r.add_get("/api/v5/clients/{clientid}/subscriptions", self._client_subscriptions)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         return f"http://{host}:{port}/api/v5"
