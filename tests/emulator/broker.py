@@ -890,7 +890,7 @@ class EmuClient:
         self.publish_results.append((msg_id, rc))
         if msg_id is None:
             raise PermissionError(f"publish to {topic!r} refused, reason code {rc:#x}")
-        return msg_id
+        return str(msg_id)
 
     async def disconnect(self, reason: str = "normal", timeout: float = 10.0) -> None:
         """DISCONNECT; returns once the broker has processed it (``client.disconnected`` answered)."""

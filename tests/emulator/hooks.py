@@ -188,7 +188,7 @@ class ExHookClient:
 
     async def close(self) -> None:
         for ch in self._channels:
-            await ch.close()
+            await ch.close(None)
         self._channels.clear()
         self._stubs.clear()
 

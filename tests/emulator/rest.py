@@ -33,6 +33,7 @@ import binascii
 import functools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ PROPERTY_NAMES = {
     "correlation_data": "Correlation-Data",
     "content_type": "Content-Type",
 }
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENTID_NOT_FOUND = {"code": "CLIENTID_NOT_FOUND", "message": "Client ID not found"}
 
 
@@ -205,14 +207,15 @@ class RestApi:
     async def start(self, port: int = 0) -> str:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024 * 1024)
         r = app.router
-        r.add_post("/api/v5/publish", self._publish)
-        r.add_post("/api/v5/publish/bulk", self._publish_bulk)
-        r.add_post("/api/v5/clients/{clientid}/subscribe", self._subscribe)
-        r.add_post("/api/v5/clients/{clientid}/subscribe/bulk", self._subscribe_bulk)
-        r.add_post("/api/v5/clients/{clientid}/unsubscribe", self._unsubscribe)
-        r.add_post("/api/v5/clients/{clientid}/unsubscribe/bulk", self._unsubscribe_bulk)
-        r.add_get("/api/v5/clients/{clientid}", self._client_info)
-        r.add_get("/api/v5/clients/{clientid}/subscriptions", self._client_subscriptions)
+        h = self._handler
+        r.add_post("/api/v5/publish", h(self._publish))
+        r.add_post("/api/v5/publish/bulk", h(self._publish_bulk))
+        r.add_post("/api/v5/clients/{clientid}/subscribe", h(self._subscribe))
+        r.add_post("/api/v5/clients/{clientid}/subscribe/bulk", h(self._subscribe_bulk))
+        r.add_post("/api/v5/clients/{clientid}/unsubscribe", h(self._unsubscribe))
+        r.add_post("/api/v5/clients/{clientid}/unsubscribe/bulk", h(self._unsubscribe_bulk))
+        r.add_get("/api/v5/clients/{clientid}", h(self._client_info))
+        r.add_get("/api/v5/clients/{clientid}/subscriptions", h(self._client_subscriptions))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -236,8 +239,26 @@ class RestApi:
             return False
         return key == self.api_key and secret == self.api_secret
 
+    @staticmethod
+    def _json(status: int, out: Any) -> web.Response:
+        return web.Response(status=status) if out is None else web.json_response(out, status=status)
+
+    def _handler(self, fn: Callable[[web.Request, Any], Awaitable[tuple[int, Any]]]) -> Handler:
+        """Adapt ``fn(request, parsed_body) -> (status, json)`` to an aiohttp handler."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            rec: RestRequest = request["emu_rec"]
+            try:
+                status, out = await fn(request, rec.body)
+            except _Reply as reply:
+                status, out = reply.status, reply.body
+            rec.status, rec.response = status, out
+            return self._json(status, out)
+
+        return handle
+
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         raw = await request.read()
         path = request.path.removeprefix("/api/v5")
         body: Any = None
@@ -248,23 +269,23 @@ class RestApi:
                 body = raw
         rec = RestRequest(request.method, path, body, raw, self._authorized(request), time.monotonic())
         self.requests.append(rec)
+        request["emu_rec"] = rec
         self.active += 1
         try:
+            failure: tuple[int, Any] | None = None
             if not rec.authorized:
-                status, out = 401, {"code": "BAD_API_KEY_OR_SECRET", "message": "Check api_key/api_secret"}
+                failure = 401, {"code": "BAD_API_KEY_OR_SECRET", "message": "Check api_key/api_secret"}
             elif self.api_role == "publisher" and not path.startswith("/publish"):
-                status, out = 403, {"code": "UNAUTHORIZED_ROLE", "message": "Not allowed for the publisher role"}
+                failure = 403, {"code": "UNAUTHORIZED_ROLE", "message": "Not allowed for the publisher role"}
             elif raw and isinstance(body, bytes):
-                status, out = 400, {"code": "BAD_REQUEST", "message": "invalid JSON body"}
-            else:
-                try:
-                    status, out = await handler(request, body)
-                except _Reply as reply:
-                    status, out = reply.status, reply.body
-            rec.status, rec.response = status, out
-            if out is None:
-                return web.Response(status=status)
-            return web.json_response(out, status=status)
+                failure = 400, {"code": "BAD_REQUEST", "message": "invalid JSON body"}
+            if failure is not None:
+                rec.status, rec.response = failure
+                return self._json(*failure)
+            resp = await handler(request)
+            if rec.status is None:
+                rec.status = resp.status
+            return resp
         finally:
             rec.finished = time.monotonic()
             self.active -= 1
