@@ -77,6 +77,9 @@ class RestRequest:
         return None if self.finished is None else self.finished - self.started
 
 
+_REC = web.RequestKey("emu_rec", RestRequest)
+
+
 class _Reply(Exception):
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(status)
@@ -247,7 +250,7 @@ class RestApi:
         """Adapt ``fn(request, parsed_body) -> (status, json)`` to an aiohttp handler."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            rec: RestRequest = request["emu_rec"]
+            rec = request[_REC]
             try:
                 status, out = await fn(request, rec.body)
             except _Reply as reply:
@@ -269,7 +272,7 @@ class RestApi:
                 body = raw
         rec = RestRequest(request.method, path, body, raw, self._authorized(request), time.monotonic())
         self.requests.append(rec)
-        request["emu_rec"] = rec
+        request[_REC] = rec
         self.active += 1
         try:
             failure: tuple[int, Any] | None = None
