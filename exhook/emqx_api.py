@@ -66,7 +66,7 @@ class EmqxApi:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             base_url=self._cfg.url,
-            auth=aiohttp.BasicAuth(self._cfg.api_key, self._cfg.api_secret),
+            headers={"Authorization": _basic_auth(self._cfg.api_key, self._cfg.api_secret)},
             timeout=aiohttp.ClientTimeout(total=self._cfg.request_timeout_ms / 1000),
             connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl),
         )
@@ -116,6 +116,11 @@ class EmqxApi:
             raise EmqxApiError(f"EMQX API unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
             raise EmqxApiError(f"EMQX API timed out at {self._cfg.url}") from exc
+
+
+def _basic_auth(key: str, secret: str) -> str:
+    token = base64.b64encode(f"{key}:{secret}".encode()).decode("ascii")
+    return f"Basic {token}"
 
 
 def _short(body: Any) -> str:

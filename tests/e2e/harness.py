@@ -1,0 +1,104 @@
+"""Runs the real service in-process against the EMQX emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+
+from exhook.config import Config, HostPort, load_config_string
+from exhook.server import Service
+from tests.e2e.backends import BackendUnderTest
+from tests.emulator import EmqxEmulator, EmuClient
+
+API_KEY = "offline-exhook"
+API_SECRET = "e2e-secret"
+TOPICS = ["t/#", "w/#", "s/#", "o/#", "x/+/y"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Harness:
+    backend: BackendUnderTest
+    version: str
+    message_ttl: int = 0
+    batch_size: int = 10
+    publish_deadline: str = "500ms"
+    extra_hocon: str = ""
+    rest_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    services: list[Service] = field(default_factory=list)
+    emu: EmqxEmulator | None = None
+
+    def config(self, port: int | None = None) -> Config:
+        text = "\n".join([
+            self.backend.hocon(TOPICS, self.message_ttl, self.batch_size),
+            "exhook {",
+            f'  publish_deadline = {self.publish_deadline}, replay_batch_size = 7, log_level = debug',
+            f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
+            f'api_secret = "{API_SECRET}", request_timeout = 5s }}',
+            "}",
+            self.extra_hocon,
+        ])
+        cfg = load_config_string(text)
+        listen = HostPort("127.0.0.1", self.grpc_port if port is None else port)
+        return dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, listen=listen, workers=1))
+
+    @property
+    def service(self) -> Service:
+        return self.services[0]
+
+    async def start_service(self, port: int | None = None) -> Service:
+        service = Service(self.config(port))
+        await service.start()
+        self.services.append(service)
+        return service
+
+    async def start(self) -> None:
+        await self.backend.setup()
+        await self.start_service()
+        self.emu = EmqxEmulator(f"127.0.0.1:{self.grpc_port}", self.version, api_key=API_KEY,
+                                api_secret=API_SECRET, rest_port=self.rest_port, pool_size=4)
+        await self.emu.start()
+
+    async def restart_service(self) -> Service:
+        """Stop the running instance and start a fresh one on the same port (all its
+        memory is gone; only the store remains)."""
+        old = self.services.pop(0)
+        await old.stop()
+        return await self.start_service()
+
+    def client(self, clientid: str, **kwargs: object) -> EmuClient:
+        assert self.emu is not None
+        return self.emu.client(clientid, **kwargs)  # type: ignore[arg-type]
+
+    async def settle(self, rounds: int = 3) -> None:
+        """Wait until broker and service are quiet: replays trigger publishes, which
+        trigger deliveries, acks and writes, so go round until nothing moves."""
+        assert self.emu is not None
+        for _ in range(rounds):
+            await self.emu.settle()
+            for service in self.services:
+                await service.idle()
+            await asyncio.sleep(0.02)
+        await self.emu.settle()
+        for service in self.services:
+            await service.idle()
+
+    async def stop(self) -> None:
+        if self.emu is not None:
+            await self.emu.stop()
+        for service in self.services:
+            await service.stop()
+        await self.backend.teardown()
+
+    def bulk_items(self) -> list[dict[str, object]]:
+        """Every item the service published through publish/bulk, in order."""
+        assert self.emu is not None
+        return [item for body in self.emu.rest_bodies("/publish/bulk") for item in body]
