@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 

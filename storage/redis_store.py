@@ -105,6 +105,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import hiredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
@@ -257,6 +258,20 @@ class _SentinelConnection(_HiredisPack, SentinelManagedConnection):
     pass
 
 
+class _FirstArgKey(AsyncCommandsParser):
+    """Cluster routing without ``COMMAND``: redis-py's cluster client learns where
+    every command has its keys from ``COMMAND`` (one more command to grant), but
+    every keyed command this store sends has exactly its routing key first (EVAL
+    is routed by redis-py itself, PING/CLUSTER/SCAN go to nodes, not slots)."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node
+
+    async def get_keys(self, *args: Any) -> tuple[Any, ...] | None:
+        return (args[1],) if len(args) >= 2 else None
+
+
 class _Tls:
     __slots__ = ("context", "server_hostname")
 
@@ -366,30 +381,25 @@ class RedisStore(Store):
     def _servers_text(self) -> str:
         return ",".join(str(s) for s in self.cfg.servers)
 
-    def _build_single(self, tls: _Tls | None) -> Redis:
-        server = self.cfg.servers[0]
+    def _node_client(self, host: str, port: int, tls: _Tls | None, *, db: int = 0, max_connections: int = 4,
+                     with_auth: bool = True) -> Redis:
         kwargs = self._base_kwargs()
-        kwargs.update(host=server.host, port=server.port, db=self.cfg.database,
-                      max_connections=self.cfg.pool_size)
+        if not with_auth:
+            kwargs.update(username=None, password=None)
+        kwargs.update(host=host, port=port, db=db, max_connections=max_connections)
         if tls is not None:
             kwargs.update(connection_class=_TlsConnection, ox_tls=tls)
         else:
             kwargs["connection_class"] = _FastConnection
         return Redis.from_pool(ConnectionPool(**kwargs))
 
+    def _build_single(self, tls: _Tls | None) -> Redis:
+        server = self.cfg.servers[0]
+        return self._node_client(server.host, server.port, tls, db=self.cfg.database,
+                                 max_connections=self.cfg.pool_size)
+
     def _sentinel_clients(self, tls: _Tls | None, with_auth: bool) -> list[Redis]:
-        clients = []
-        for server in self.cfg.servers:
-            kwargs = self._base_kwargs()
-            if not with_auth:
-                kwargs.update(username=None, password=None)
-            kwargs.update(host=server.host, port=server.port, max_connections=4)
-            if tls is not None:
-                kwargs.update(connection_class=_TlsConnection, ox_tls=tls)
-            else:
-                kwargs["connection_class"] = _FastConnection
-            clients.append(Redis.from_pool(ConnectionPool(**kwargs)))
-        return clients
+        return [self._node_client(s.host, s.port, tls, with_auth=with_auth) for s in self.cfg.servers]
 
     async def _sentinels_need_auth(self, tls: _Tls | None) -> bool:
         """Sentinels usually run without a password (the plugin 2.0.0 sends none);
@@ -430,6 +440,7 @@ class RedisStore(Store):
         kwargs.pop("retry")
         nodes = [ClusterNode(s.host, s.port) for s in self.cfg.servers]
         client = RedisCluster(startup_nodes=nodes, max_connections=self.cfg.pool_size, **kwargs)
+        client.commands_parser = _FirstArgKey()
         # RedisCluster takes no connection class: set ours (hiredis packing; for TLS our
         # context with CA, client certificate, verify and the SNI name) in the
         # connection_kwargs dict that every node, also those learnt later, is built from.
@@ -474,6 +485,9 @@ class RedisStore(Store):
             raise StoreConfigError(f"redis ({where}): {text}") from None
         except _ERRORS as exc:
             await self.close()
+            if self._cluster and isinstance(exc, RedisClusterException):
+                # redis-py reports a refused CLUSTER SLOTS as "cluster mode is not enabled"
+                await self._diagnose_cluster(tls, who, where)
             raise StoreError(f"redis ({where}): cannot connect: {type(exc).__name__}: {exc}") from None
         try:
             await self._check_permissions(who, where)
@@ -482,6 +496,29 @@ class RedisStore(Store):
             raise
         log.info("redis store open: %s, %s, message_ttl %d s, key prefixes %r / %r",
                  where, who, self._ttl, cfg.message_key_prefix, cfg.subscription_key_prefix)
+
+    async def _diagnose_cluster(self, tls: _Tls | None, who: str, where: str) -> None:
+        """Ask the configured nodes for CLUSTER SLOTS directly; raise StoreConfigError
+        with the reason if one of them answers why the cluster cannot be used."""
+        for server in self.cfg.servers:
+            client = self._node_client(server.host, server.port, tls)
+            try:
+                async with asyncio.timeout(_OP_TIMEOUT_S):
+                    await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            except NoPermissionError:
+                raise StoreConfigError(
+                    f"redis ({where}): {who} may not run CLUSTER SLOTS (the commands the service needs "
+                    "are in docs/redis-acl.md)") from None
+            except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+                raise StoreConfigError(f"redis ({where}): authentication failed for {who}: {exc}") from None
+            except ResponseError as exc:
+                if "cluster" in str(exc).lower():
+                    raise StoreConfigError(
+                        f"redis ({where}): {server} is not a cluster node ({exc}); check redis_type") from None
+            except _ERRORS:
+                continue
+            finally:
+                await client.aclose()
 
     async def _check_permissions(self, who: str, where: str) -> None:
         """Run every command the service uses on throwaway keys of each key family."""

@@ -66,7 +66,7 @@ async def test_clean_session_reconnect_restores_subscription_and_messages(h: Har
 
 
 async def test_200_messages_replay_complete_in_order_without_duplicates(h: Harness) -> None:
-    sent = [(f"t/order", f"m{i:03d}".encode()) for i in range(200)]
+    sent = [("t/order", f"m{i:03d}".encode()) for i in range(200)]
     await publish_all(h, sent)
     sub = h.client("orderly")
     await sub.connect()
