@@ -1,0 +1,130 @@
+"""The store goes away: message.publish is still answered within its deadline,
+failures are counted, and the service recovers when the store returns."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.e2e.backends import RedisBackend
+from tests.e2e.harness import Harness, free_port
+
+DEADLINE_S = 0.3
+# generous slack for a loaded CI machine; a hang would be the emulator's 5 s timeout
+SLACK_S = 1.0
+
+
+class RedisProcess:
+    """A redis-server this test owns, so it can kill it and start it again on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisProcess]:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisProcess(Path(tmp))
+        try:
+            yield server
+        finally:
+            server.kill()
+
+
+class PrivateRedisBackend(RedisBackend):
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.port = port
+        self.client = aioredis.Redis(host="127.0.0.1", port=port)
+
+    def hocon(self, topics: list[str], message_ttl: int, batch_size: int) -> str:
+        return super().hocon(topics, message_ttl, batch_size).replace("127.0.0.1:6379", f"127.0.0.1:{self.port}")
+
+    async def teardown(self) -> None:
+        await self.client.aclose()
+
+
+def publish_latencies(h: Harness) -> list[float]:
+    assert h.emu is not None
+    return [c.latency for c in h.emu.calls_of("message.publish") if c.latency is not None]
+
+
+@pytest.mark.parametrize("version", ["v3", "v2"])
+async def test_redis_down_at_start_up_then_back(redis_process: RedisProcess, version: str) -> None:
+    h = Harness(PrivateRedisBackend(redis_process.port), version, publish_deadline=f"{int(DEADLINE_S * 1000)}ms")
+    await h.start()  # Redis is not running: the service starts anyway
+    try:
+        pub = h.client("pub")
+        await pub.connect()
+        for i in range(3):
+            await pub.publish("t/outage", f"early{i}".encode(), qos=1)
+        assert max(publish_latencies(h)) < DEADLINE_S + SLACK_S
+        assert h.service.metrics.publish_deadline_exceeded == 3
+
+        redis_process.start()
+        await pub.publish("t/outage", b"after", qos=1)
+        await h.settle()
+        # the early messages stayed queued and were written once Redis came back
+        assert await h.backend.count_messages() == 4
+        sub = h.client("sub")
+        await sub.connect()
+        await sub.subscribe("t/outage", qos=1)
+        await sub.wait_for_deliveries(4, timeout=10)
+        assert [d.payload for d in sub.deliveries] == [b"early0", b"early1", b"early2", b"after"]
+    finally:
+        await h.stop()
+
+
+async def test_redis_down_mid_run_then_back(redis_process: RedisProcess) -> None:
+    redis_process.start()
+    h = Harness(PrivateRedisBackend(redis_process.port), "v3", publish_deadline=f"{int(DEADLINE_S * 1000)}ms")
+    await h.start()
+    try:
+        pub = h.client("pub")
+        await pub.connect()
+        await pub.publish("t/mid", b"before", qos=1)
+        assert h.service.metrics.messages_stored == 1
+
+        redis_process.kill()
+        started = time.monotonic()
+        for i in range(4):
+            await pub.publish("t/mid", f"during{i}".encode(), qos=1)
+        assert time.monotonic() - started < 4 * (DEADLINE_S + SLACK_S)
+        assert max(publish_latencies(h)) < DEADLINE_S + SLACK_S
+        assert h.service.metrics.publish_deadline_exceeded >= 4
+        assert h.service.metrics.store_failures >= 1
+
+        redis_process.start()  # an empty Redis: what was queued gets written now
+        await h.settle()
+        assert await h.backend.count_messages() == 4
+        await pub.publish("t/mid", b"recovered", qos=1)
+        await h.settle()
+        assert await h.backend.count_messages() == 5
+    finally:
+        await h.stop()
