@@ -9,6 +9,7 @@ script-free topic clean-up are exercised; real clusters are in test_redis_modes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import secrets
@@ -110,7 +111,7 @@ async def make_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterat
         store = RedisStore(cfg)
         await store.open()
         if request.param == "cluster-phases":
-            store._cluster = True  # noqa: SLF001 - exercise the cluster write phases
+            store._cluster = True  # exercise the cluster write phases
         stores.append(store)
         return store
 
@@ -278,7 +279,7 @@ async def test_merge_across_topics_and_ranges(store: RedisStore) -> None:
         got = await read_all(store, dict.fromkeys(topics, EVERYTHING), page_size)
         assert [m.msgid for m in got] == [m.msgid for m in expected]
         assert [m.payload for m in got] == [m.payload for m in expected]
-        assert all(a.position < b.position for a, b in zip(got, got[1:], strict=False))
+        assert all(a.position < b.position for a, b in itertools.pairwise(got))
 
     got = await read_all(store, dict.fromkeys(topics, EVERYTHING))
     highs = await store.latest_positions([*topics, "m/none"])
@@ -351,7 +352,7 @@ async def test_topic_leaves_index_when_empty(store: RedisStore, admin: aioredis.
     assert await store.stored_topics("gone/") == ["gone/2"]
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # a topic with messages is never dropped by a clean-up
-    await store._cleanup_topics([b"gone/2"])  # noqa: SLF001
+    await store._cleanup_topics([b"gone/2"])
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # and comes back with its next message
     await store.write(save(smsg(guid(now_us() + 5), "gone/1")))
@@ -367,7 +368,7 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
     await store.write([DeleteMessage(m.msgid, topic)])
     newer = smsg(guid(now_us() + 10), topic)
     injected = False
-    real_run, real_one = store._run, store._one  # noqa: SLF001
+    real_run, real_one = store._run, store._one
 
     async def publish_once() -> None:
         nonlocal injected
@@ -387,11 +388,11 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
             await publish_once()
         return res
 
-    store._run, store._one = run, one  # type: ignore[method-assign]  # noqa: SLF001
+    store._run, store._one = run, one  # type: ignore[method-assign]
     try:
-        await store._cleanup_topics([topic.encode()])  # noqa: SLF001
+        await store._cleanup_topics([topic.encode()])
     finally:
-        store._run, store._one = real_run, real_one  # type: ignore[method-assign]  # noqa: SLF001
+        store._run, store._one = real_run, real_one  # type: ignore[method-assign]
     assert injected
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [topic.encode()]
     assert await store.stored_topics("race/") == [topic]
@@ -534,7 +535,7 @@ async def test_concurrent_claims_replay_once(make_store: StoreFactory) -> None:
         if low < i:
             covered.append((low, float(i)))
     covered.sort()
-    for (_, h1), (l2, _) in zip(covered, covered[1:], strict=False):
+    for (_, h1), (l2, _) in itertools.pairwise(covered):
         assert h1 <= l2  # no overlap
 
 
@@ -741,15 +742,24 @@ async def test_runtime_failure_is_a_store_error(store: RedisStore) -> None:
 async def test_a_batch_of_saves_is_one_round_trip(make_store: StoreFactory) -> None:
     store = await make_store()
     calls: list[str] = []
-    real = store._run  # noqa: SLF001
+    real = store._run
 
     async def counting(cmds: Any, what: str) -> list[Any]:
         calls.append(what)
         return await real(cmds, what)
 
-    store._run = counting  # type: ignore[method-assign]  # noqa: SLF001
+    store._run = counting  # type: ignore[method-assign]
     base = now_us()
     await store.write(save(*(smsg(guid(base + i), f"rt/{i % 5}") for i in range(100))))
     await store.write([DeleteMessage(guid(base + i), f"rt/{i % 5}", replay_ack=True) for i in range(50)])
-    expected = 6 if store._cluster else 2  # noqa: SLF001 - cluster: hashes, indexes, topics per batch
+    expected = 6 if store._cluster else 2  # cluster: hashes, indexes, topics per batch
     assert len(calls) == expected, calls
+
+
+async def test_an_invalid_message_id_does_not_block_the_batch(store: RedisStore) -> None:
+    good = smsg(guid(now_us()), "inv/t")
+    bad = StoredMessage(msgid="not-a-guid", sender="s", topic="inv/t", qos=1, retain=False, payload=b"x",
+                        timestamp=0)
+    await store.write([SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
+                       RekeyMessage("zz", good.msgid, "inv/t")])
+    assert [m.msgid for m in await read_all(store, {"inv/t": EVERYTHING})] == [good.msgid]
