@@ -24,6 +24,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="override exhook.workers (processes sharing the port)")
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument("--rebuild-topic-index", action="store_true",
+                        help="Redis only: index the topics of a store written by the Erlang plugin "
+                             "(needed once for wildcard replays after a migration), then exit")
     return parser.parse_args(argv)
 
 
@@ -58,6 +61,23 @@ async def serve(cfg: Config) -> int:
     await stop.wait()
     log.info("shutting down: finishing in-flight writes and replays")
     await service.stop()
+    return 0
+
+
+async def _rebuild_topic_index(cfg: Config) -> int:
+    from storage.factory import create_store
+
+    store = create_store(cfg.backend)
+    rebuild = getattr(store, "rebuild_topic_index", None)
+    if rebuild is None:
+        print("offline-exhook: --rebuild-topic-index applies to the redis backend only", file=sys.stderr)
+        return 2
+    await store.open()
+    try:
+        found = await rebuild()
+    finally:
+        await store.close()
+    print(f"offline-exhook: indexed {found} topic(s) with stored messages")
     return 0
 
 
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.workers is not None:
         cfg = replace(cfg, service=replace(cfg.service, workers=max(1, args.workers)))
+    if args.rebuild_topic_index:
+        sys.exit(asyncio.run(_rebuild_topic_index(cfg)))
     if args.check_config:
         print(f"offline-exhook: {args.config} is valid ({type(cfg.backend).__name__})")
         return
