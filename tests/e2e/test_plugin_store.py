@@ -3,6 +3,7 @@ replayed by the service, and acknowledged messages leave no keys behind."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -60,8 +61,9 @@ async def test_wildcard_replay_of_a_plugin_store_after_rebuilding_the_topic_inde
         await write_like_the_plugin(backend, "t/legacy/a", ["000614A2B7C8D9E0F440000012340001"])
         config = tmp_path / "migrate.hocon"
         config.write_text(backend.hocon(["t/#"], 7200, 1) + "\n")
-        proc = subprocess.run([sys.executable, "-m", "exhook", "--config", str(config), "--rebuild-topic-index"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        command = [sys.executable, "-m", "exhook", "--config", str(config), "--rebuild-topic-index"]
+        proc = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, text=True,
+                                       timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "1 topic" in proc.stdout
         sub = h.client("wild")
