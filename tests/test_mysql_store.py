@@ -383,6 +383,21 @@ async def test_values_a_column_cannot_hold(
         await store.save_subscription("c", "t/" + "x" * 200, 1)
 
 
+async def test_other_insert_shapes_use_executemany_in_one_transaction(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sql = {"insert_message_sql": "insert into mqtt_msg set msgid = ${id}, sender = ${from}, topic = ${topic}, "
+                                 "qos = ${qos}, retain = ${flags.retain}, payload = ${payload}, "
+                                 "arrived = FROM_UNIXTIME(${timestamp}/1000)"}
+    store = await make_store(sql=sql)
+    statements = spy_statements(monkeypatch)
+    msgs = [msg("set/t", bytes([i]) * i) for i in range(5)]
+    await store.write([SaveMessage(m) for m in msgs])
+    assert len([s for s in statements if s.startswith("insert into mqtt_msg set")]) == 5
+    assert [(m.msgid, m.payload) for m in await read_topic(store, "set/t")] == [(m.msgid, m.payload) for m in msgs]
+    assert await store.stored_topics("set/") == ["set/t"]  # table and topic column: the defaults
+
+
 async def test_read_merges_topics_in_position_order_with_ranges(make_store: MakeStore) -> None:
     store = await make_store()
     rnd = random.Random(7)
@@ -706,6 +721,13 @@ async def test_tls_verify_off(make_store: MakeStore, tls_server: tuple[MariaDbSe
     store = await make_store(**tls_config(server, verify=False, cacertfile=str(certs.other_ca),
                                           server_name_indication="wrong-name"))
     await store.ping()
+    # "disable" (the plugin's schema default): no SNI, no name check, the chain is still verified
+    no_sni = await make_store(**tls_config(server, verify=True, cacertfile=str(certs.ca),
+                                           server_name_indication="disable"))
+    await no_sni.ping()
+    with pytest.raises(StoreError):
+        await make_store(**tls_config(server, verify=True, cacertfile=str(certs.other_ca),
+                                      server_name_indication="disable"))
 
 
 async def test_pool_recovers_when_mariadb_restarts(
