@@ -107,7 +107,22 @@ and ``ZREM``s atomically. Cluster (keys on different nodes, no script): ``ZREM``
 the topic, then ``EXISTS`` its zset again and re-add the topic if a publish came in
 between; a concurrent wildcard discovery may miss that topic for that one round
 trip, but it is never lost. Topics stored by the Erlang plugin itself are not in
-the index: run ``rebuild_topic_index()`` once after a migration.
+the index: run ``rebuild_topic_index()`` once after a migration (exact-topic
+replays read a plugin-written store without it).
+
+Reads. ``read_messages`` keeps one cursor per topic (``ZRANGE key (low high BYSCORE
+LIMIT 0 n WITHSCORES``, n = page_size shared over the topics, at least 4), merges
+the cursors' heads in a heap by (score, GUID) and loads each page's hashes with one
+pipelined HGETALL round trip: memory stays at about two pages however many
+messages match. A page that ends inside a run of equal scores is re-read from that
+score, so ties come out complete and in GUID order. Expired members (score <= now
+- ttl) are not read; members whose hash is gone are skipped and ZREMed.
+
+Limits. A position comes from the broker's clock: a message whose write reaches
+Redis after a replay claim of a later position (e.g. stuck in a retried batch) is
+not replayed again on that same connection (it stays stored for the next one). A
+re-key racing an ack of the *old* id may leave the moved copy stored (replayed once
+more later, never lost).
 """
 
 from __future__ import annotations
