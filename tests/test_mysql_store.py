@@ -668,8 +668,8 @@ async def test_tls_requested_but_server_has_none(make_store: MakeStore) -> None:
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MariaDbServer, Certs]]:
-    if not tools_available():
-        pytest.skip("openssl / mariadbd / mariadb-install-db not available")
+    # scripts/start-services.sh installs these; a missing one must fail, not hide the TLS tests
+    assert tools_available(), "openssl / mariadbd / mariadb-install-db not available"
     base = tmp_path_factory.mktemp("mariadb-tls")
     certs = make_certs(base / "certs")
     server = MariaDbServer(base / "server", certs, require_tls=True)

@@ -3,6 +3,7 @@ failures are counted, and the service recovers when the store returns."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import tempfile
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e.backends import RedisBackend
+from tests.e2e.backends import MysqlBackend, RedisBackend
 from tests.e2e.harness import Harness, free_port
+from tests.mysql_tls import MariaDbServer
 
 DEADLINE_S = 0.3
 # generous slack for a loaded CI machine; a hang would be the emulator's 5 s timeout
@@ -127,5 +129,71 @@ async def test_redis_down_mid_run_then_back(redis_process: RedisProcess) -> None
         await pub.publish("t/mid", b"recovered", qos=1)
         await h.settle()
         assert await h.backend.count_messages() == 5
+    finally:
+        await h.stop()
+
+
+class PrivateMysqlBackend(MysqlBackend):
+    def __init__(self, server: MariaDbServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def hocon(self, topics: list[str], message_ttl: int, batch_size: int) -> str:
+        return super().hocon(topics, message_ttl, batch_size).replace("127.0.0.1:3306",
+                                                                       f"127.0.0.1:{self.server.port}")
+
+    async def _query(self, sql: str, database: str | None = None) -> int:
+        def run() -> int:
+            conn = self.server.connect(database)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql)
+                    row = cur.fetchone()
+                    conn.commit()
+                    return int(row[0]) if row else 0
+            finally:
+                conn.close()
+        return await asyncio.to_thread(run)
+
+
+@pytest.fixture(scope="module")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDbServer]:
+    server = MariaDbServer(tmp_path_factory.mktemp("mariadb-outage"), None)
+    server.install()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_mariadb_stopped_mid_run_then_back(mariadb: MariaDbServer) -> None:
+    h = Harness(PrivateMysqlBackend(mariadb), "v3", batch_size=10,
+                publish_deadline=f"{int(DEADLINE_S * 1000)}ms")
+    await h.start()
+    try:
+        pub = h.client("pub")
+        await pub.connect()
+        await pub.publish("t/db", b"before", qos=1)
+        assert h.service.metrics.messages_stored == 1
+
+        await asyncio.to_thread(mariadb.stop)
+        for i in range(4):
+            await pub.publish("t/db", f"during{i}".encode(), qos=1)
+        assert max(publish_latencies(h)) < DEADLINE_S + SLACK_S
+        assert h.service.metrics.publish_deadline_exceeded >= 4
+        assert h.service.metrics.store_failures >= 1
+
+        await asyncio.to_thread(mariadb.start)
+        await h.settle()
+        await pub.publish("t/db", b"recovered", qos=1)
+        await h.settle()
+        assert await h.backend.count_messages() == 6
+        sub = h.client("sub")
+        await sub.connect()
+        await sub.subscribe("t/db", qos=1)
+        await sub.wait_for_deliveries(6, timeout=15)
+        assert [d.payload for d in sub.deliveries] == [
+            b"before", b"during0", b"during1", b"during2", b"during3", b"recovered"]
     finally:
         await h.stop()
