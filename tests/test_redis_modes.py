@@ -6,6 +6,7 @@ Every topology comes from tests/redis_fixtures.py; each test uses its own key pr
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import secrets
@@ -379,5 +380,41 @@ async def test_acl_user_sentinel(redis_factory: RedisTopologies) -> None:
     store = await opened(_acl_cfg(topology, "ox"))
     try:
         await exercise(store)
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_cluster_writes_and_reads_during_a_reshard(redis_factory: RedisTopologies) -> None:
+    """Slots (and our keys) move between primaries while the store keeps writing: MOVED/ASK
+    redirections are followed, nothing is lost, the order is kept."""
+    topology = redis_factory.cluster()
+    cfg = store_config(topology.config())
+    topics = _spread_topics(topology, cfg.message_key_prefix)
+    store = await opened(cfg)
+    try:
+        primaries = topology.primaries()
+        reshard = asyncio.create_task(topology.reshard(2000, primaries[0], primaries[1], pipeline=20))
+        written: list[StoredMessage] = []
+        base = now_us()
+        i = 0
+        while not reshard.done() or i < 400:
+            batch = [smsg(guid(base + i + k, i + k), topics[(i + k) % 3]) for k in range(20)]
+            for attempt in range(50):
+                try:
+                    await store.write([SaveMessage(m) for m in batch])
+                    break
+                except StoreError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.05)
+            written += batch
+            i += 20
+            if i % 200 == 0:  # ack a few while slots move
+                acked, written = written[:5], written[5:]
+                await store.write([DeleteMessage(m.msgid, m.topic) for m in acked])
+        await reshard
+        got = await read_all(store, dict.fromkeys(topics, EVERYTHING), 100)
+        assert [m.msgid for m in got] == [m.msgid for m in written]
     finally:
         await store.close()

@@ -763,3 +763,18 @@ async def test_an_invalid_message_id_does_not_block_the_batch(store: RedisStore)
     await store.write([SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
                        RekeyMessage("zz", good.msgid, "inv/t")])
     assert [m.msgid for m in await read_all(store, {"inv/t": EVERYTHING})] == [good.msgid]
+
+
+async def test_more_concurrent_calls_than_pool_size(make_store: StoreFactory) -> None:
+    store = await make_store(pool_size=2)
+    base = now_us()
+    await store.write(save(*(smsg(guid(base + i), f"pool/{i % 4}") for i in range(40))))
+
+    async def reader(i: int) -> int:
+        if i % 3 == 0:
+            await store.claim_replay(f"c{i}", {"pool/0": 1.0})
+        got = await read_all(store, {f"pool/{i % 4}": EVERYTHING}, 3)
+        return len(got)
+
+    counts = await asyncio.gather(*(reader(i) for i in range(60)))
+    assert counts == [10] * 60
