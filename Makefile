@@ -33,7 +33,7 @@ $(PB_STAMP): $(VENV)/.installed $(PROTOS)
 proto: $(PB_STAMP)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check exhook storage tests bench
+	$(BIN)/ruff check exhook storage tests $(wildcard bench)
 
 typecheck: $(PB_STAMP)
 	$(BIN)/mypy exhook storage
