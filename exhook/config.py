@@ -83,6 +83,8 @@ class RedisConfig(BackendCommon):
     database: int = 0
     message_key_prefix: str = "mqtt:msg"
     subscription_key_prefix: str = "mqtt:sub"
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
     ssl: SslOptions = SslOptions()
 
 
@@ -298,7 +300,8 @@ _KNOWN_FIELDS: dict[str, set[str]] = {
                 "max_pending_writes", "emqx"},
     "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "ssl"},
     "redis.": _COMMON_FIELDS | {"servers", "redis_type", "sentinel", "pool_size", "username", "password",
-                                "database", "message_key_prefix", "subscription_key_prefix", "ssl"},
+                                "database", "message_key_prefix", "subscription_key_prefix", "ssl",
+                                "wait_replicas", "wait_timeout"},
     "mysql.": _COMMON_FIELDS | {"server", "pool_size", "username", "password", "database",
                                 "init_default_schema", "ssl", *SQL_TEMPLATE_FIELDS},
     "sqlite.": _COMMON_FIELDS | {"path"},
@@ -359,6 +362,8 @@ def _parse_redis(tree: ConfigTree) -> RedisConfig:
         database=_int(tree, "database", 0, where),
         message_key_prefix=msg_prefix,
         subscription_key_prefix=sub_prefix,
+        wait_replicas=_int(tree, "wait_replicas", 0, where, maximum=16),
+        wait_timeout_ms=_duration_ms(tree, "wait_timeout", 1000, where, minimum=1),
         ssl=_ssl(tree, where),
     )
 

@@ -394,6 +394,13 @@ class RedisStore(Store):
         self._client: Redis | RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._purge_from = b"-"
+        # WAIT for replicas on the write pipeline (single/sentinel): a message is then
+        # answered as stored only once a replica has it, so a failover keeps it.
+        self._wait: Cmd | None = (
+            ("WAIT", cfg.wait_replicas, cfg.wait_timeout_ms)
+            if cfg.wait_replicas > 0 and not self._cluster else None
+        )
+        self._wait_short = 0
 
     # -- connection -------------------------------------------------------------
     def _base_kwargs(self) -> dict[str, Any]:
@@ -583,6 +590,8 @@ class RedisStore(Store):
         ]
         if not self._cluster:
             probes.append(("EVAL", ("EVAL", _REMOVE_TOPIC_LUA, 2, mz, xz, b"t")))
+        if self._wait is not None:
+            probes.append(("WAIT", ("WAIT", 0, 1)))
         probes.append(("ZREM", ("ZREM", xz, b"t")))
         for key in (mh, mz, sh, xs, xl, xh, xz):
             probes.append(("DEL", ("DEL", key)))
@@ -754,7 +763,11 @@ class RedisStore(Store):
                 await self._run(index, "write (indexes)")
             post_res = await self._run(post, "write (topics, tombstones)") if post else []
         else:
-            post_res = (await self._run(hashes + index + post, "write"))[len(hashes) + len(index):]
+            tail = [self._wait] if self._wait is not None else []
+            res = await self._run(hashes + index + post + tail, "write")
+            if tail:
+                self._note_replicas(int(res.pop()))
+            post_res = res[len(hashes) + len(index):]
         if targets:
             found = post_res[len(post_res) - len(targets):]
             fix: list[Cmd] = []
@@ -763,6 +776,17 @@ class RedisStore(Store):
                     fix += [("DEL", mp + new), ("ZREM", idx, new)]
             if fix:
                 await self._run(fix, "write (acked replays)")
+
+    def _note_replicas(self, acked: int) -> None:
+        """Fewer replicas than asked confirmed the write within wait_timeout (none
+        connected, e.g. right after a failover): the write stands, the guarantee is
+        weaker for it, and the log says so."""
+        if acked >= self.cfg.wait_replicas:
+            return
+        self._wait_short += 1
+        if self._wait_short == 1 or self._wait_short % 1000 == 0:
+            log.warning("redis: only %d of %d replicas confirmed a write within %d ms (%d such writes so far)",
+                        acked, self.cfg.wait_replicas, self.cfg.wait_timeout_ms, self._wait_short)
 
     # -- subscriptions -------------------------------------------------------------------
     async def save_subscription(self, clientid: str, topic: str, qos: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiomysql
 import redis.asyncio as aioredis
@@ -39,41 +40,59 @@ class BackendUnderTest:
 
 
 class RedisBackend(BackendUnderTest):
+    """The machine's Redis on 6379, or a topology started by the fixtures
+    (``tests/redis_servers.py``): sentinel or cluster."""
+
     name = "redis"
 
-    def __init__(self) -> None:
+    def __init__(self, topology: Any = None) -> None:
+        self.topology = topology
         self.ns = f"oxe2e{secrets.token_hex(4)}"
         self.msg_prefix = f"{self.ns}:msg"
         self.sub_prefix = f"{self.ns}:sub"
         self.client = aioredis.Redis.from_url(REDIS_URL)
 
+    def _block(self) -> str:
+        if self.topology is None:
+            return 'servers = "127.0.0.1:6379"'
+        cfg = self.topology.config()
+        return f'servers = "{cfg["servers"]}", redis_type = {cfg["redis_type"]}, sentinel = "{cfg["sentinel"]}"'
+
     def hocon(self, topics: list[str], message_ttl: int, batch_size: int) -> str:
-        return (f'redis {{ enable = true, servers = "127.0.0.1:6379", topics = {_topics(topics)}, '
+        return (f"redis {{ enable = true, {self._block()}, topics = {_topics(topics)}, "
                 f'message_key_prefix = "{self.msg_prefix}", subscription_key_prefix = "{self.sub_prefix}", '
                 f"message_ttl = {message_ttl or 7200}, batch_size = {batch_size} }}")
 
+    def _nodes(self) -> list[aioredis.Redis]:
+        """A plain client per data-holding node (every primary of a cluster)."""
+        kind = getattr(self.topology, "redis_type", "single")
+        if kind == "cluster":
+            return [aioredis.Redis(host=n.host, port=n.port) for n in self.topology.primaries()]
+        if kind == "sentinel":
+            host, port = self.topology.master_address()
+            return [aioredis.Redis(host=host, port=port)]
+        return [self.client]
+
+    async def _scan(self, pattern: str) -> list[tuple[aioredis.Redis, bytes]]:
+        found = []
+        for node in self._nodes():
+            found += [(node, k) async for k in node.scan_iter(match=pattern, count=1000)]
+        return found
+
     async def layout_keys(self) -> list[bytes]:
         """Keys of the plugin's layout (what its own cleanup test looks at)."""
-        keys = [k async for k in self.client.scan_iter(match=f"{self.msg_prefix}:*", count=1000)]
-        keys += [k async for k in self.client.scan_iter(match=f"{self.sub_prefix}:*", count=1000)]
-        return keys
+        found = await self._scan(f"{self.msg_prefix}:*") + await self._scan(f"{self.sub_prefix}:*")
+        return [key for _, key in found]
 
     async def count_messages(self) -> int:
-        n = 0
-        async for key in self.client.scan_iter(match=f"{self.msg_prefix}:*", count=1000):
-            if await self.client.type(key) == b"hash":
-                n += 1
-        return n
+        return sum([await node.type(key) == b"hash" for node, key in await self._scan(f"{self.msg_prefix}:*")])
 
     async def count_subscriptions(self) -> int:
-        n = 0
-        async for key in self.client.scan_iter(match=f"{self.sub_prefix}:*", count=1000):
-            n += await self.client.hlen(key)
-        return n
+        return sum([await node.hlen(key) for node, key in await self._scan(f"{self.sub_prefix}:*")])
 
     async def teardown(self) -> None:
-        async for key in self.client.scan_iter(match=f"{self.ns}*", count=1000):
-            await self.client.delete(key)
+        for node, key in await self._scan(f"{self.ns}*"):
+            await node.delete(key)
         await self.client.aclose()
 
 
@@ -132,9 +151,9 @@ class SqliteBackend(BackendUnderTest):
         return self._count("mqtt_sub")
 
 
-def make_backend(name: str, tmp_path: Path) -> BackendUnderTest:
-    if name == "redis":
-        return RedisBackend()
+def make_backend(name: str, tmp_path: Path, topology: Any = None) -> BackendUnderTest:
+    if name.startswith("redis"):
+        return RedisBackend(topology)
     if name == "mysql":
         return MysqlBackend()
     return SqliteBackend(tmp_path)

@@ -8,7 +8,8 @@ import pytest
 from tests.e2e.backends import make_backend
 from tests.e2e.harness import Harness
 
-BACKENDS = ["redis", "mysql", "sqlite"]
+BACKENDS = ["redis", "redis-sentinel", "redis-cluster", "mysql", "sqlite"]
+TOPOLOGY_FIXTURES = {"redis-sentinel": "redis_sentinel", "redis-cluster": "redis_cluster"}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -22,11 +23,15 @@ def version(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_harness(backend_name: str, version: str, tmp_path: Path) -> AsyncIterator[object]:
+async def make_harness(backend_name: str, version: str, tmp_path: Path,
+                       request: pytest.FixtureRequest) -> AsyncIterator[object]:
     made: list[Harness] = []
+    fixture = TOPOLOGY_FIXTURES.get(backend_name)
+    topology = request.getfixturevalue(fixture) if fixture else None
 
     async def make(**kwargs: object) -> Harness:
-        h = Harness(make_backend(backend_name, tmp_path), version, **kwargs)  # type: ignore[arg-type]
+        backend = make_backend(backend_name, tmp_path, topology)
+        h = Harness(backend, version, **kwargs)  # type: ignore[arg-type]
         made.append(h)
         await h.start()
         return h
