@@ -45,8 +45,9 @@ class RedisBackend(BackendUnderTest):
 
     name = "redis"
 
-    def __init__(self, topology: Any = None) -> None:
+    def __init__(self, topology: Any = None, extra: str = "") -> None:
         self.topology = topology
+        self.extra = extra
         self.ns = f"oxe2e{secrets.token_hex(4)}"
         self.msg_prefix = f"{self.ns}:msg"
         self.sub_prefix = f"{self.ns}:sub"
@@ -61,7 +62,7 @@ class RedisBackend(BackendUnderTest):
     def hocon(self, topics: list[str], message_ttl: int, batch_size: int) -> str:
         return (f"redis {{ enable = true, {self._block()}, topics = {_topics(topics)}, "
                 f'message_key_prefix = "{self.msg_prefix}", subscription_key_prefix = "{self.sub_prefix}", '
-                f"message_ttl = {message_ttl or 7200}, batch_size = {batch_size} }}")
+                f"message_ttl = {message_ttl or 7200}, batch_size = {batch_size} {self.extra} }}")
 
     def _nodes(self) -> list[aioredis.Redis]:
         """A plain client per data-holding node (every primary of a cluster)."""

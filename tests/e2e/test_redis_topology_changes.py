@@ -1,0 +1,82 @@
+"""Redis changes under the service while publishers are busy: a sentinel failover
+(the master is SIGKILLed) and a cluster slot migration. Every message the service
+answered as stored must be in the store afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.e2e.backends import RedisBackend
+from tests.e2e.harness import Harness
+
+PUBLISHERS = 4
+
+
+async def publish_load(h: Harness, stop: asyncio.Event, counts: list[int]) -> None:
+    async def one(k: int) -> None:
+        pub = h.client(f"load{k}")
+        await pub.connect()
+        while not stop.is_set():
+            await pub.publish(f"t/load/{k}", f"{k}:{counts[k]}".encode(), qos=1)
+            counts[k] += 1
+        await pub.disconnect()
+
+    await asyncio.gather(*(one(k) for k in range(PUBLISHERS)))
+
+
+async def run_load_around(h: Harness, change: object, settle_messages: int = 200) -> int:
+    stop = asyncio.Event()
+    counts = [0] * PUBLISHERS
+    load = asyncio.create_task(publish_load(h, stop, counts))
+    while sum(counts) < settle_messages:
+        await asyncio.sleep(0.01)
+    await change()  # type: ignore[operator]
+    before = sum(counts)
+    while sum(counts) < before + settle_messages:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await load
+    await h.settle()
+    return sum(counts)
+
+
+async def test_sentinel_failover_under_load_keeps_every_stored_message(redis_factory) -> None:  # type: ignore[no-untyped-def]
+    sentinels = redis_factory.sentinel()
+    backend = RedisBackend(sentinels, extra=", wait_replicas = 1, wait_timeout = 500ms")
+    # every publish waits until its write is durable (on a replica too), so an answered
+    # publish is a stored one; the failover takes seconds, hence the long deadlines
+    h = Harness(backend, "v3", batch_size=50, publish_deadline="20s", request_timeout=30.0)
+    await h.start()
+    try:
+        async def failover() -> None:
+            old = await asyncio.to_thread(sentinels.kill_master)
+            await sentinels.wait_failover(old=old)
+
+        total = await run_load_around(h, failover)
+        metrics = h.service.metrics
+        assert metrics.publish_deadline_exceeded == 0 and metrics.publish_not_stored == 0
+        assert metrics.store_failures >= 1  # the service did see the master go
+        assert await backend.count_messages() == total
+    finally:
+        await h.stop()
+
+
+async def test_cluster_reshard_under_load_loses_nothing(redis_cluster) -> None:  # type: ignore[no-untyped-def]
+    backend = RedisBackend(redis_cluster)
+    h = Harness(backend, "v3", batch_size=50, publish_deadline="20s", request_timeout=30.0)
+    await h.start()
+    try:
+        async def reshard() -> None:
+            primaries = await asyncio.to_thread(redis_cluster.primaries)
+            await redis_cluster.reshard(1500, primaries[0], primaries[1])
+
+        total = await run_load_around(h, reshard)
+        assert h.service.metrics.publish_not_stored == 0
+        assert await backend.count_messages() == total
+        sub = h.client("after-reshard")
+        await sub.connect()
+        await sub.subscribe("t/load/#", qos=1)
+        await sub.wait_for_deliveries(total, timeout=60)
+        assert len({d.payload for d in sub.deliveries}) == total
+    finally:
+        await h.stop()
