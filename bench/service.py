@@ -1,0 +1,371 @@
+"""The service under test as a subprocess (``python -m exhook --config FILE --workers N``)
+and its backends: a fresh namespace per run (Redis key prefix, MariaDB database,
+SQLite file in a temp dir), a way to count the stored messages, and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import CHANNEL_OPTIONS, HOST, LOADED, META, cpu_seconds, free_port, rss_bytes
+from exhook.pb.v3 import exhook_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("redis", "mysql", "sqlite")
+REDIS_ADDR = (HOST, 6379)
+MYSQL_ADDR = (HOST, 3306)
+
+
+def missing_backend(name: str) -> str | None:
+    """Why the service cannot run on ``name`` (None = it can)."""
+    module = f"storage.{name}_store"
+    if importlib.util.find_spec(module) is None:
+        return f"storage/{name}_store.py does not exist (yet)"
+    try:
+        __import__(module)
+    except Exception as exc:
+        return f"{module} does not import: {type(exc).__name__}: {exc}"
+    return None
+
+
+class Backend:
+    name = ""
+
+    def __init__(self, tag: str, workdir: Path) -> None:
+        self.tag = tag
+        self.workdir = workdir
+
+    async def setup(self) -> None: ...
+
+    def hocon(self, batch_size: int, batch_time_ms: int) -> str:
+        raise NotImplementedError
+
+    async def count(self) -> int | None:
+        """Stored messages right now (None: cannot tell)."""
+        return None
+
+    async def cleanup(self) -> None: ...
+
+
+class RedisBackend(Backend):
+    name = "redis"
+
+    def __init__(self, tag: str, workdir: Path, topics: list[str]) -> None:
+        super().__init__(tag, workdir)
+        self.prefix = f"bench:{tag}"
+        self.topics = topics
+
+    def _client(self) -> Any:
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis(host=REDIS_ADDR[0], port=REDIS_ADDR[1])
+
+    async def setup(self) -> None:
+        client = self._client()
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    def hocon(self, batch_size: int, batch_time_ms: int) -> str:
+        return f"""redis {{
+  enable = true
+  servers = "{REDIS_ADDR[0]}:{REDIS_ADDR[1]}"
+  redis_type = single
+  topics = ["bench/#"]
+  message_key_prefix = "{self.prefix}:msg"
+  subscription_key_prefix = "{self.prefix}:sub"
+  message_ttl = 7200
+  batch_size = {batch_size}
+  batch_time = {batch_time_ms}
+}}"""
+
+    async def count(self) -> int | None:
+        # the plugin's layout: one sorted set per topic, {message_key_prefix}:{topic}
+        client = self._client()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for topic in self.topics:
+                pipe.zcard(f"{self.prefix}:msg:{topic}")
+            return int(sum(await pipe.execute()))
+        except Exception:
+            return None
+        finally:
+            await client.aclose()
+
+    async def cleanup(self) -> None:
+        client = self._client()
+        try:
+            batch = []
+            async for key in client.scan_iter(match=f"{self.prefix}:*", count=5000):
+                batch.append(key)
+                if len(batch) >= 5000:
+                    await client.unlink(*batch)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+        finally:
+            await client.aclose()
+
+
+class MysqlBackend(Backend):
+    name = "mysql"
+
+    def __init__(self, tag: str, workdir: Path) -> None:
+        super().__init__(tag, workdir)
+        self.database = f"bench_{tag}"
+
+    def _connect(self, database: str | None = None) -> Any:
+        import pymysql
+
+        return pymysql.connect(host=MYSQL_ADDR[0], port=MYSQL_ADDR[1], user="root", password="",
+                               database=database, autocommit=True)
+
+    def _sql(self, sql: str, database: str | None = None) -> list[Any]:
+        conn = self._connect(database)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    async def setup(self) -> None:
+        await asyncio.to_thread(self._sql, f"CREATE DATABASE `{self.database}`")
+
+    def hocon(self, batch_size: int, batch_time_ms: int) -> str:
+        return f"""mysql {{
+  enable = true
+  server = "{MYSQL_ADDR[0]}:{MYSQL_ADDR[1]}"
+  username = "root"
+  password = ""
+  database = "{self.database}"
+  init_default_schema = true
+  topics = ["bench/#"]
+  batch_size = {batch_size}
+  batch_time = {batch_time_ms}
+}}"""
+
+    async def count(self) -> int | None:
+        try:
+            rows = await asyncio.to_thread(self._sql, "SELECT COUNT(*) FROM mqtt_msg", self.database)
+            return int(rows[0][0])
+        except Exception:
+            return None
+
+    async def cleanup(self) -> None:
+        await asyncio.to_thread(self._sql, f"DROP DATABASE IF EXISTS `{self.database}`")
+
+
+def sqlite_message_table(path: str) -> str | None:
+    """The table of stored messages in the service's SQLite file: the one with a
+    payload column (the sqlite store names its own tables)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in sorted(tables, key=lambda t: (t != "mqtt_msg", t)):
+            cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+            if "payload" in cols:
+                return str(table)
+        return None
+    finally:
+        conn.close()
+
+
+class SqliteBackend(Backend):
+    name = "sqlite"
+
+    @property
+    def path(self) -> str:
+        return str(self.workdir / "offline.sqlite3")
+
+    def hocon(self, batch_size: int, batch_time_ms: int) -> str:
+        return f"""sqlite {{
+  enable = true
+  path = "{self.path}"
+  topics = ["bench/#"]
+  batch_size = {batch_size}
+  batch_time = {batch_time_ms}
+}}"""
+
+    def _count(self) -> int | None:
+        table = sqlite_message_table(self.path)
+        if table is None:
+            return None
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0])
+        finally:
+            conn.close()
+
+    async def count(self) -> int | None:
+        try:
+            return await asyncio.to_thread(self._count)
+        except Exception:
+            return None
+
+
+def make_backend(name: str, tag: str, workdir: Path, topics: list[str]) -> Backend:
+    if name == "redis":
+        return RedisBackend(tag, workdir, topics)
+    if name == "mysql":
+        return MysqlBackend(tag, workdir)
+    return SqliteBackend(tag, workdir)
+
+
+class ServiceProc:
+    """``python -m exhook`` in its own session (so the whole tree can be stopped)."""
+
+    def __init__(self, backend: Backend, workers: int, batch_size: int, batch_time_ms: int, api_port: int,
+                 workdir: Path) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.workdir = workdir
+        self.config_path = workdir / f"{backend.name}.hocon"
+        self.log_path = workdir / f"{backend.name}.log"
+        self.config_path.write_text(f"""exhook {{
+  listen = "{HOST}:{self.port}"
+  workers = {workers}
+  log_level = info
+  emqx {{
+    api_url = "http://{HOST}:{api_port}"
+    api_key = "bench"
+    api_secret = "bench"
+  }}
+}}
+{backend.hocon(batch_size, batch_time_ms)}
+""")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "exhook", "--config", str(self.config_path), "--workers", str(self.workers)],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until ``OnProviderLoaded`` answers on every worker's port (one call per
+        connection; with several workers the kernel spreads the connections)."""
+        deadline = time.monotonic() + timeout
+        request = pb.ProviderLoadedRequest(broker=pb.BrokerInfo(version="5.10.4", sysdescr="EMQX"), meta=META)
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited at start-up:\n{self.log_tail()}")
+            try:
+                async with grpc.aio.insecure_channel(f"{HOST}:{self.port}", options=CHANNEL_OPTIONS) as ch:
+                    call = ch.unary_unary(LOADED, request_serializer=pb.ProviderLoadedRequest.SerializeToString,
+                                          response_deserializer=pb.LoadedResponse.FromString)
+                    answer = await call(request, timeout=2)
+                    if answer.hooks and len(self.children()) >= (self.workers if self.workers > 1 else 0):
+                        await asyncio.sleep(0.5 if self.workers > 1 else 0)
+                        return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"the service did not answer OnProviderLoaded within {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            await asyncio.sleep(0.2)
+
+    def children(self) -> list[int]:
+        from bench.common import process_tree
+
+        return process_tree(self.pid)[1:]
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def counters(self) -> dict[str, int]:
+        """The ``stopped; counters: {...}`` lines the service logs at shutdown, summed
+        over its workers."""
+        total: dict[str, int] = {}
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return total
+        for match in re.finditer(r"stopped; counters: (\{.*\})", text):
+            with contextlib.suppress(ValueError):
+                for key, value in json.loads(match.group(1).replace("'", '"')).items():
+                    total[key] = total.get(key, 0) + int(value)
+        return total
+
+    def log_lines(self, pattern: str) -> list[str]:
+        try:
+            return [line for line in self.log_path.read_text(errors="replace").splitlines() if pattern in line]
+        except OSError:
+            return []
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (graceful: flushes writes), then SIGKILL of its process group."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only its workers
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+class NoopProc(ServiceProc):
+    """The no-op server, started and measured like the service."""
+
+    def __init__(self, workers: int, workdir: Path) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.workdir = workdir
+        self.log_path = workdir / "noop.log"
+        self.proc = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="offline-exhook-bench-"))
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
