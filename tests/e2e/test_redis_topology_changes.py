@@ -12,13 +12,15 @@ from tests.e2e.harness import Harness
 PUBLISHERS = 4
 
 
-async def publish_load(h: Harness, stop: asyncio.Event, counts: list[int]) -> None:
+async def publish_load(h: Harness, stop: asyncio.Event, counts: list[int], progress: asyncio.Condition) -> None:
     async def one(k: int) -> None:
         pub = h.client(f"load{k}")
         await pub.connect()
         while not stop.is_set():
             await pub.publish(f"t/load/{k}", f"{k}:{counts[k]}".encode(), qos=1)
             counts[k] += 1
+            async with progress:
+                progress.notify_all()
         await pub.disconnect()
 
     await asyncio.gather(*(one(k) for k in range(PUBLISHERS)))
@@ -27,13 +29,14 @@ async def publish_load(h: Harness, stop: asyncio.Event, counts: list[int]) -> No
 async def run_load_around(h: Harness, change: object, settle_messages: int = 200) -> int:
     stop = asyncio.Event()
     counts = [0] * PUBLISHERS
-    load = asyncio.create_task(publish_load(h, stop, counts))
-    while sum(counts) < settle_messages:
-        await asyncio.sleep(0.01)
+    progress = asyncio.Condition()
+    load = asyncio.create_task(publish_load(h, stop, counts, progress))
+    async with progress:
+        await progress.wait_for(lambda: sum(counts) >= settle_messages)
     await change()  # type: ignore[operator]
     before = sum(counts)
-    while sum(counts) < before + settle_messages:
-        await asyncio.sleep(0.01)
+    async with progress:
+        await progress.wait_for(lambda: sum(counts) >= before + settle_messages)
     stop.set()
     await load
     await h.settle()
