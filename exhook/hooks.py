@@ -125,7 +125,10 @@ class HookLogic:
             return
         if not fut.done():
             try:
-                await asyncio.wait_for(asyncio.shield(fut), self._remaining(started))
+                # Cancelling this waiter at the deadline leaves the op queued: the writer
+                # writes it anyway and skips resolving a future that is already done.
+                async with asyncio.timeout(self._remaining(started)):
+                    await fut
             except TimeoutError:
                 # The op stays queued and is written when the store catches up.
                 self._metrics.publish_deadline_exceeded += 1
