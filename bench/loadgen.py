@@ -293,8 +293,9 @@ class LoadGen:
     def __enter__(self) -> LoadGen:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # after a failure or cancellation the workers may be mid-phase: do not wait for them
+        self.close(wait=1.0 if exc_type is not None else 5.0)
 
     async def ready(self) -> None:
         answers = await asyncio.gather(*(asyncio.to_thread(self._recv, c, 60) for c in self._conns))
@@ -352,14 +353,14 @@ class LoadGen:
             conn.send({"op": "forget"})
         await asyncio.gather(*(asyncio.to_thread(self._recv, c, 30) for c in self._conns))
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
         for conn in self._conns:
             try:
                 conn.send({"op": "stop"})
             except (OSError, ValueError):
                 pass
         for proc in self._procs:
-            proc.join(5)
+            proc.join(wait)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)

@@ -142,6 +142,7 @@ class TargetResult:
     publish_cpu_us: float | None = None
     publish_cpu_share: float | None = None
     foreign_cores: float | None = None
+    backend_per_msg: dict[str, float] = field(default_factory=dict)
     stored_after_publish: int | None = None
     ack: PhaseResult | None = None
     ack_cpu_us: float | None = None
@@ -231,10 +232,14 @@ class Bench:
                           lg: LoadGen) -> None:
         a = self.args
         say(f"{res.name}: publish, {a.concurrency} in flight, {a.warmup:.0f} s warm-up + {a.duration:.0f} s")
+        stats0 = await backend.server_stats() if backend is not None else {}
         cpu0, busy0, own0 = proc.cpu(), busy_seconds(), _own_cpu()
         with RssSampler(proc) as sampler:
             pub = await lg.publish(a.duration, a.warmup)
         cpu = proc.cpu() - cpu0
+        if backend is not None:
+            stats1 = await backend.server_stats()
+            res.backend_per_msg = {k: (stats1[k] - v) / max(pub.total, 1) for k, v in stats0.items() if k in stats1}
         foreign = busy_seconds() - busy0 - cpu - pub.gen_cpu_s - (_own_cpu() - own0)
         res.foreign_cores = max(0.0, foreign / (a.duration + a.warmup + 0.3))
         res.publish = pub
@@ -294,7 +299,6 @@ class Bench:
 
     # -- the service -----------------------------------------------------------------------
     async def run_backend(self, name: str) -> None:
-        a = self.args
         reason = missing_backend(name)
         if reason is not None:
             self.skipped.append(f"{name}: {reason}")
@@ -308,6 +312,14 @@ class Bench:
             self.skipped.append(f"{name}: backend server unreachable: {type(exc).__name__}: {exc}")
             say(f"SKIP {name}: {exc}")
             return
+        try:
+            await self._measure_backend(name, backend)
+        finally:  # also on Ctrl-C / SIGTERM: drop the benchmark's keys / database
+            with contextlib.suppress(Exception):
+                await backend.cleanup()
+
+    async def _measure_backend(self, name: str, backend: Backend) -> None:
+        a = self.args
         res = TargetResult(name)
         self.results.append(res)
         proc = ServiceProc(backend, a.workers, a.batch_size, a.batch_time, self.standin.port, self.dir)
@@ -345,8 +357,6 @@ class Bench:
             except Exception as exc:
                 res.raw_error = f"{type(exc).__name__}: {exc}"
                 say(f"{name}: raw ceiling failed: {res.raw_error}")
-        with contextlib.suppress(Exception):
-            await backend.cleanup()
 
     async def raw(self, backend: Backend) -> rawmod.RawResult:
         a = self.args
@@ -582,6 +592,12 @@ class Bench:
                 notes.append(f"other processes {res.foreign_cores:.2f} cores")
             if res.stored_after_publish is not None:
                 notes.append(f"stored {res.stored_after_publish:,} of {pub.total:,} answered")
+            if res.backend_per_msg:
+                per = res.backend_per_msg
+                text = ", ".join(f"{v:.2f} {k}" for k, v in per.items())
+                trips = per.get("round trips") or per.get("commits")
+                notes.append(f"backend server per message: {text}"
+                             + (f" (≈ {1 / trips:.0f} messages per write batch)" if trips else ""))
             if pub.errors:
                 notes.append(f"{pub.errors} errors ({pub.error_sample[:80]})")
             if res.busy_warning:

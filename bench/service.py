@@ -61,6 +61,11 @@ class Backend:
 
     async def cleanup(self) -> None: ...
 
+    async def server_stats(self) -> dict[str, int]:
+        """Server-wide counters to tell round trips and statements per message
+        (shared with anything else using the same server: a diagnostic)."""
+        return {}
+
 
 class RedisBackend(Backend):
     name = "redis"
@@ -105,6 +110,17 @@ class RedisBackend(Backend):
             return int(sum(await pipe.execute()))
         except Exception:
             return None
+        finally:
+            await client.aclose()
+
+    async def server_stats(self) -> dict[str, int]:
+        client = self._client()
+        try:
+            info = await client.info("stats")
+            return {"round trips": int(info.get("total_reads_processed", 0)),
+                    "commands": int(info.get("total_commands_processed", 0))}
+        except Exception:
+            return {}
         finally:
             await client.aclose()
 
@@ -167,6 +183,15 @@ class MysqlBackend(Backend):
             return int(rows[0][0])
         except Exception:
             return None
+
+    async def server_stats(self) -> dict[str, int]:
+        try:
+            rows = await asyncio.to_thread(
+                self._sql, "SHOW GLOBAL STATUS WHERE Variable_name IN ('Com_commit', 'Questions', 'Com_insert')")
+        except Exception:
+            return {}
+        names = {"Com_commit": "commits", "Questions": "statements", "Com_insert": "inserts"}
+        return {names[str(k)]: int(v) for k, v in rows if str(k) in names}
 
     async def cleanup(self) -> None:
         await asyncio.to_thread(self._sql, f"DROP DATABASE IF EXISTS `{self.database}`")
