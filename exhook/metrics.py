@@ -14,6 +14,8 @@ class Metrics:
     acks_queued: int = 0
     acks_dropped: int = 0
     store_failures: int = 0
+    store_round_trips: int = 0
+    store_ops: int = 0
     replayed_messages: int = 0
     replay_failures: int = 0
     restores: int = 0

@@ -110,3 +110,30 @@ async def test_close_flushes_queued_ops_then_refuses_new_ones() -> None:
     assert sum(len(b) for b in store.batches) == 5
     with pytest.raises(WriterClosed):
         writer.submit_nowait(save(6))
+
+
+async def test_ops_arriving_while_lingering_join_the_batch() -> None:
+    store = RecordingStore()
+    writer = OrderedWriter(cast(Store, store), Metrics(), 10, 50, 100)
+    writer.start()
+    await asyncio.sleep(0)  # the writer now waits for work
+    futs = [writer.submit_nowait(save(0))]  # wakes the writer first...
+    loop = asyncio.get_running_loop()
+    # ...then calls the server already received run their handlers on the next loop turns
+    for i in range(1, 4):
+        loop.call_soon(lambda i=i: futs.append(writer.submit_nowait(save(i))))
+    await asyncio.sleep(0.05)
+    await asyncio.gather(*cast(list[Any], futs))
+    assert [len(b) for b in store.batches] == [4]
+    await writer.close(1)
+
+
+async def test_an_idle_writer_does_not_wait_for_batch_time() -> None:
+    store = RecordingStore()
+    writer = OrderedWriter(cast(Store, store), Metrics(), 100, 60_000, 100)
+    writer.start()
+    fut = writer.submit_nowait(save(1))
+    assert fut is not None
+    await asyncio.wait_for(fut, 5)  # a minute-long batch_time is not waited for
+    assert store.batches == [[save(1)]]
+    await writer.close(1)
