@@ -62,6 +62,9 @@ class EmqxApi:
         self._cfg = cfg
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool = client_ssl_context(cfg.ssl) if cfg.ssl.enable else False
+        # SNI and the name the certificate is checked against, when it is not the URL's host
+        sni = cfg.ssl.server_name_indication
+        self._sni: str | None = sni if cfg.ssl.enable and sni and sni != "disable" else None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -103,7 +106,7 @@ class EmqxApi:
         if self._session is None:
             raise EmqxApiError("EMQX API client is not started")
         try:
-            async with self._session.post(path, json=body) as resp:
+            async with self._session.post(path, json=body, server_hostname=self._sni) as resp:
                 try:
                     answer = await resp.json(content_type=None)
                 except ValueError:
