@@ -68,8 +68,8 @@ async def plain() -> AsyncIterator[tuple[FakeEmqx, int]]:
     await runner.cleanup()
 
 
-async def client(url: str, key: str = KEY, ssl_opts: SslOptions = SslOptions()) -> EmqxApi:
-    api = EmqxApi(EmqxApiConfig(url=url, api_key=key, api_secret=SECRET, ssl=ssl_opts))
+async def client(url: str, key: str = KEY, ssl_opts: SslOptions | None = None) -> EmqxApi:
+    api = EmqxApi(EmqxApiConfig(url=url, api_key=key, api_secret=SECRET, ssl=ssl_opts or SslOptions()))
     await api.start()
     return api
 
@@ -158,6 +158,6 @@ async def test_tls_to_the_api(tls: TlsMaterial, ca: str, verify: bool, sni: str,
 def test_certificate_files_are_checked(tmp_path: Path) -> None:
     from exhook.config import ConfigError, load_config_string
 
-    with pytest.raises(ConfigError, match="exhook.emqx.ssl.certfile"):
+    with pytest.raises(ConfigError, match=r"exhook\.emqx\.ssl\.certfile"):
         load_config_string('sqlite { enable = true }\n'
                            f'exhook {{ emqx {{ ssl {{ enable = true, certfile = "{tmp_path}/missing.pem" }} }} }}')
