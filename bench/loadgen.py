@@ -53,6 +53,7 @@ class GenConfig:
     payload_size: int = 300
     topics: int = 100
     run_tag: int = 0
+    cpus: tuple[int, ...] = ()  # CPU affinity of the generator processes (empty: any)
 
 
 @dataclass(slots=True)
@@ -262,6 +263,8 @@ def _cpu() -> float:
 
 
 def worker_entry(index: int, cfg: GenConfig, conn: Connection) -> None:
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
     worker = _Worker(index, cfg)
     try:
         import uvloop

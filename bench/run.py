@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--payload", type=int, default=300, help="payload bytes")
     p.add_argument("--topics", type=int, default=100, help="distinct topics bench/t/<n>")
     p.add_argument("--workers", type=int, default=1, help="server processes (service --workers, no-op too)")
+    p.add_argument("--pin", choices=("auto", "on", "off"), default="auto",
+                   help="CPU affinity: the server on the first --server-cpus CPUs, the load generators and "
+                        "this process on the others (auto: on with at least 2 CPUs); the database servers "
+                        "are not pinned")
+    p.add_argument("--server-cpus", type=int, default=1, help="CPUs given to the server when pinned")
     p.add_argument("--batch-size", type=int, default=100, help="service batch_size")
     p.add_argument("--batch-time", type=int, default=10, help="service batch_time (ms)")
     p.add_argument("--replay", type=int, default=10_000, help="messages replayed to a new subscriber (0: skip)")
@@ -96,6 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(other processes < 0.2 cores); 0: do not wait")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin == "on" or (args.pin == "auto" and len(cpus) >= 2)
+    if pin and len(cpus) > args.server_cpus >= 1:
+        args.server_cpu_set = tuple(cpus[:args.server_cpus])
+        args.gen_cpu_set = tuple(cpus[args.server_cpus:])
+    else:
+        args.server_cpu_set = args.gen_cpu_set = ()
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"unknown backend {b!r} (expected {', '.join(BACKENDS)})")
@@ -225,7 +237,8 @@ class Bench:
     def gen_config(self, port: int) -> GenConfig:
         a = self.args
         return GenConfig(port=port, procs=a.procs, channels=a.channels, concurrency=a.concurrency,
-                         payload_size=a.payload, topics=a.topics, run_tag=random.randrange(1 << 16))
+                         payload_size=a.payload, topics=a.topics, run_tag=random.randrange(1 << 16),
+                         cpus=a.gen_cpu_set)
 
     # -- publish + ack -------------------------------------------------------------------
     async def load_phases(self, res: TargetResult, proc: ServiceProc, backend: Backend | None,
@@ -269,7 +282,7 @@ class Bench:
     # -- no-op -----------------------------------------------------------------------------
     async def run_noop(self) -> None:
         res = TargetResult("no-op")
-        proc = NoopProc(self.args.workers, self.dir)
+        proc = NoopProc(self.args.workers, self.dir, self.args.server_cpu_set)
         try:
             res.busy_warning = await wait_idle(self.args.wait_idle)
             proc.start()
@@ -322,7 +335,8 @@ class Bench:
         a = self.args
         res = TargetResult(name)
         self.results.append(res)
-        proc = ServiceProc(backend, a.workers, a.batch_size, a.batch_time, self.standin.port, self.dir)
+        proc = ServiceProc(backend, a.workers, a.batch_size, a.batch_time, self.standin.port, self.dir,
+                           a.server_cpu_set)
         try:
             res.busy_warning = await wait_idle(a.wait_idle)
             say(f"{name}: starting the service (workers {a.workers}, batch_size {a.batch_size})")
@@ -558,7 +572,10 @@ class Bench:
         a = self.args
         settings = (f"{a.concurrency} calls in flight over {a.channels} gRPC connections from {a.procs} "
                     f"load-generator processes; {a.payload}-byte payloads, QoS 1, {a.topics} topics; "
-                    f"{a.warmup:.0f} s warm-up + {a.duration:.0f} s per publish phase; server workers {a.workers}; "
+                    f"{a.warmup:.0f} s warm-up + {a.duration:.0f} s per publish phase; server workers {a.workers}"
+                    + (f" pinned to CPU {','.join(map(str, a.server_cpu_set))}, load generators and stand-in to CPU "
+                       f"{','.join(map(str, a.gen_cpu_set))} (databases unpinned); " if a.server_cpu_set else "; ")
+                    +
                     f"service batch_size {a.batch_size}, batch_time {a.batch_time} ms; replay {a.replay:,} messages")
         rep = Report(command=command, date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                      machine=f"{machine()}; load average {self.load_before} before the run, {loadavg()} after "
@@ -751,6 +768,8 @@ def left_text(value: int | None) -> str:
 
 
 async def amain(args: argparse.Namespace, command: str) -> int:
+    if args.gen_cpu_set:
+        os.sched_setaffinity(0, args.gen_cpu_set)  # the stand-in and samplers stay off the server's CPU
     bench = Bench(args)
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()

@@ -256,8 +256,11 @@ def make_backend(name: str, tag: str, workdir: Path, topics: list[str]) -> Backe
 class ServiceProc:
     """``python -m exhook`` in its own session (so the whole tree can be stopped)."""
 
+    cpus: tuple[int, ...] = ()
+
     def __init__(self, backend: Backend, workers: int, batch_size: int, batch_time_ms: int, api_port: int,
-                 workdir: Path) -> None:
+                 workdir: Path, cpus: tuple[int, ...] = ()) -> None:
+        self.cpus = cpus
         self.port = free_port()
         self.workers = workers
         self.workdir = workdir
@@ -277,6 +280,11 @@ class ServiceProc:
 """)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _pin(self) -> None:
+        """In the child before exec: its CPU affinity (its workers inherit it)."""
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -288,7 +296,7 @@ class ServiceProc:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "exhook", "--config", str(self.config_path), "--workers", str(self.workers)],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._pin)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until ``OnProviderLoaded`` answers on every worker's port (one call per
@@ -372,7 +380,8 @@ class ServiceProc:
 class NoopProc(ServiceProc):
     """The no-op server, started and measured like the service."""
 
-    def __init__(self, workers: int, workdir: Path) -> None:
+    def __init__(self, workers: int, workdir: Path, cpus: tuple[int, ...] = ()) -> None:
+        self.cpus = cpus
         self.port = free_port()
         self.workers = workers
         self.workdir = workdir
@@ -385,7 +394,7 @@ class NoopProc(ServiceProc):
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._pin)
 
 
 def workdir() -> Path:
