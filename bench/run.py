@@ -614,7 +614,7 @@ class Bench:
                 text = ", ".join(f"{v:.2f} {k}" for k, v in per.items())
                 trips = per.get("round trips") or per.get("commits")
                 notes.append(f"backend server per message: {text}"
-                             + (f" (≈ {1 / trips:.0f} messages per write batch)" if trips else ""))
+                             + (f" (≈ {1 / trips:.1f} messages per write batch)" if trips else ""))
             if pub.errors:
                 notes.append(f"{pub.errors} errors ({pub.error_sample[:80]})")
             if res.busy_warning:
@@ -687,6 +687,10 @@ class Bench:
                                                    "jobs_dropped") and v}
         if bad and rows:
             rows[0].notes += "; service counters: " + ", ".join(f"{k} {v:,}" for k, v in bad.items())
+        if c.get("store_round_trips") and rows:
+            rows[0].notes += (f"; writer over the whole run: {c.get('store_ops', 0):,} ops in "
+                              f"{c['store_round_trips']:,} store round trips "
+                              f"(≈ {c.get('store_ops', 0) / c['store_round_trips']:.1f} per round trip)")
         return rows
 
     def _verdicts(self, noop: TargetResult | None) -> list[str]:
