@@ -99,10 +99,10 @@ class OrderedWriter:
                 await self._has_work.wait()
                 continue
             batch = self._take_batch()
-            if len(batch) < self._batch_size and self._batch_time > 0:
-                await self._linger(batch)
-            self._in_flight = True
+            self._in_flight = True  # from here on, also while the batch lingers
             try:
+                if len(batch) < self._batch_size and self._batch_time > 0:
+                    await self._linger(batch)
                 await self._write_until_done(batch)
             finally:
                 self._in_flight = False

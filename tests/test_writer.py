@@ -137,3 +137,15 @@ async def test_an_idle_writer_does_not_wait_for_batch_time() -> None:
     await asyncio.wait_for(fut, 5)  # a minute-long batch_time is not waited for
     assert store.batches == [[save(1)]]
     await writer.close(1)
+
+
+async def test_drained_waits_for_a_lingering_batch() -> None:
+    store = RecordingStore()
+    writer = OrderedWriter(cast(Store, store), Metrics(), 10, 50, 100)
+    writer.start()
+    await asyncio.sleep(0)
+    writer.submit_nowait(save(1))
+    await asyncio.sleep(0)  # the writer took the op and lingers for more
+    await writer.drained()
+    assert store.batches == [[save(1)]]
+    await writer.close(1)

@@ -29,6 +29,7 @@ class Harness:
     version: str
     message_ttl: int = 0
     batch_size: int = 10
+    batch_time_ms: int = 5
     publish_deadline: str = "500ms"
     extra_hocon: str = ""
     request_timeout: float = 5.0
@@ -40,6 +41,8 @@ class Harness:
     def config(self, port: int | None = None) -> Config:
         text = "\n".join([
             self.backend.hocon(TOPICS, self.message_ttl, self.batch_size),
+            # HOCON merges this into the backend's block
+            f"{self.backend.name} {{ batch_time = {self.batch_time_ms} }}",
             "exhook {",
             f'  publish_deadline = {self.publish_deadline}, replay_batch_size = 7, log_level = debug',
             f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
