@@ -155,6 +155,7 @@ class TargetResult:
     publish_cpu_share: float | None = None
     foreign_cores: float | None = None
     backend_per_msg: dict[str, float] = field(default_factory=dict)
+    backend_per_ack: dict[str, float] = field(default_factory=dict)
     stored_after_publish: int | None = None
     ack: PhaseResult | None = None
     ack_cpu_us: float | None = None
@@ -266,6 +267,7 @@ class Bench:
             await asyncio.sleep(0.5)
             res.stored_after_publish = await backend.count()
         say(f"{res.name}: acknowledging {pub.recorded_ids:,} messages")
+        stats0 = await backend.server_stats() if backend is not None else {}
         cpu0 = proc.cpu()
         ack = await lg.ack(max_seconds=a.ack_max_seconds)
         res.ack_cpu_us = (proc.cpu() - cpu0) / max(ack.total, 1) * 1e6
@@ -275,6 +277,8 @@ class Bench:
             res.left_after_drain = left
             if reached:
                 res.drain_s = time.monotonic() - lg.started_at
+            stats1 = await backend.server_stats()
+            res.backend_per_ack = {k: (stats1[k] - v) / max(ack.total, 1) for k, v in stats0.items() if k in stats1}
         res.rss_ack = proc.rss()
         say(f"{res.name}: acks {ack.rate:,.0f}/s, p99 {ack.latency.p99:.2f} ms; store empty after "
             f"{'-' if res.drain_s is None else f'{res.drain_s:.1f} s'} (left {left_text(res.left_after_drain)})")
@@ -610,11 +614,7 @@ class Bench:
             if res.stored_after_publish is not None:
                 notes.append(f"stored {res.stored_after_publish:,} of {pub.total:,} answered")
             if res.backend_per_msg:
-                per = res.backend_per_msg
-                text = ", ".join(f"{v:.2f} {k}" for k, v in per.items())
-                trips = per.get("round trips") or per.get("commits")
-                notes.append(f"backend server per message: {text}"
-                             + (f" (≈ {1 / trips:.1f} messages per write batch)" if trips else ""))
+                notes.append(_per_text("message", res.backend_per_msg))
             if pub.errors:
                 notes.append(f"{pub.errors} errors ({pub.error_sample[:80]})")
             if res.busy_warning:
@@ -633,6 +633,8 @@ class Bench:
                     notes.append(f"store NOT empty: {left_text(res.left_after_drain)} left")
             if ack.errors:
                 notes.append(f"{ack.errors} errors")
+            if res.backend_per_ack:
+                notes.append(_per_text("ack", res.backend_per_ack))
             rows.append(Row(t, "OnMessageAcked", ack.rate, _ratio(ack.rate, ack_ceiling), ack.latency.p50,
                             ack.latency.p99, ack.latency.p999, res.ack_cpu_us, f"{mb(res.rss_ack)}", "; ".join(notes)))
         if res.probe is not None:
@@ -759,6 +761,12 @@ async def wait_idle(limit: float) -> str:
         if time.monotonic() >= deadline:
             return f"machine still busy ({busy:.1f} cores used by other processes) after waiting {limit:.0f} s"
         say(f"waiting for the machine to be idle: other processes use {busy:.1f} cores")
+
+
+def _per_text(what: str, per: dict[str, float]) -> str:
+    text = ", ".join(f"{v:.2f} {k}" for k, v in per.items())
+    trips = per.get("round trips") or per.get("commits")
+    return f"backend server per {what}: {text}" + (f" (≈ {1 / trips:.1f} {what}s per write batch)" if trips else "")
 
 
 def _ratio(value: float | None, ceiling: float | None) -> float | None:
