@@ -22,7 +22,7 @@ as the plugin 2.0.0 calls it:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from exhook.config import SQL_PLACEHOLDERS
@@ -154,12 +154,13 @@ def _split_table(table: str) -> tuple[str | None, str]:
     return None, unquote_ident(parts[0])
 
 
-def _split_top_level(text: str) -> list[str] | None:
-    """Split at commas outside parentheses and quotes; None if unbalanced."""
-    parts: list[str] = []
+def _unquoted(text: str) -> Iterator[tuple[int, str, int]]:
+    """Yield ``(index, char, depth)`` for every character outside quotes (``'``,
+    ``"``, backticks; doubled quotes and backslash escapes honoured), with the
+    parenthesis depth after it. Ends with ``(len(text), "", depth)``, or with
+    ``(i, "", -1)`` at an unbalanced ``)`` or an unterminated quote."""
     depth = 0
     quote: str | None = None
-    start = 0
     i = 0
     while i < len(text):
         ch = text[i]
@@ -174,19 +175,28 @@ def _split_top_level(text: str) -> list[str] | None:
                 quote = None
         elif ch in "'\"`":
             quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
+        else:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
             if depth < 0:
-                return None
-        elif ch == "," and depth == 0:
+                yield i, "", -1
+                return
+            yield i, ch, depth
+        i += 1
+    yield len(text), "", -1 if quote else depth
+
+
+def _split_top_level(text: str) -> list[str] | None:
+    """Split at commas outside parentheses and quotes; None if unbalanced."""
+    parts: list[str] = []
+    start = 0
+    for i, ch, depth in _unquoted(text):
+        if ch == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
-        i += 1
-    if quote or depth:
-        return None
-    parts.append(text[start:])
+        elif ch == "":
+            if depth != 0:
+                return None
+            parts.append(text[start:])
     return parts
 
 
@@ -251,29 +261,9 @@ def parse_insert(template: SqlTemplate) -> PlainInsert | None:
 
 def _closing_paren(text: str) -> int:
     """Index of the parenthesis closing ``text[0]`` (quote-aware), or -1."""
-    depth = 0
-    quote: str | None = None
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\" and quote != "`":
-                i += 2
-                continue
-            if ch == quote:
-                if i + 1 < len(text) and text[i + 1] == quote:
-                    i += 2
-                    continue
-                quote = None
-        elif ch in "'\"`":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
+    for i, ch, depth in _unquoted(text):
+        if ch == ")" and depth == 0:
+            return i
     return -1
 
 
