@@ -39,7 +39,7 @@ class WireTimer:
     def start(self) -> None:
         exe = shutil.which("tcpdump")
         if exe is None:
-            self.error = "tcpdump not installed"
+            self.error = "tcpdump not installed: apt-get install tcpdump"
             return
         with open(self._file, "wb") as out:
             self._proc = subprocess.Popen(
