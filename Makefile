@@ -44,7 +44,9 @@ pytest: $(PB_STAMP)
 services:
 	./scripts/start-services.sh
 
-bench: $(PB_STAMP)
+# tcpdump times the service's answers on the wire (the bench falls back to client round trips without it)
+bench: $(PB_STAMP) services
+	command -v tcpdump >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
