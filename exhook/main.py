@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -103,10 +104,17 @@ def _run_workers(cfg: Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = []
-    for proc in procs:
-        proc.join()
-        codes.append(proc.exitcode or 0)
+    running = list(procs)
+    while running:
+        multiprocessing.connection.wait([proc.sentinel for proc in running])
+        for proc in [p for p in running if not p.is_alive()]:
+            running.remove(proc)
+            if proc.exitcode and running:
+                # half a service would take calls on some connections only: stop it all
+                log.critical("%s exited with %s; stopping the other workers", proc.name, proc.exitcode)
+                forward(signal.SIGTERM, None)
+    # a worker killed by a signal has a negative exit code: report it as a shell would (128 + signal)
+    codes = [128 - code if code < 0 else code for code in (proc.exitcode or 0 for proc in procs)]
     return max(codes)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,17 +30,41 @@ def write_config(tmp_path: Path, port: int, workers: int) -> Path:
     return cfg
 
 
-def wait_for_lines(proc: subprocess.Popen[str], needle: str, count: int, timeout: float = 30) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert proc.stderr is not None
-    while time.monotonic() < deadline and sum(needle in line for line in seen) < count:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-    assert sum(needle in line for line in seen) >= count, "".join(seen)
-    return seen
+class StderrLines:
+    """Reads a child's stderr in a thread, so a test waits with a deadline instead of
+    blocking on a line that never comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, needle: str, count: int, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while sum(needle in line for line in self.seen) < count:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+        text = "".join(self.seen)
+        assert sum(needle in line for line in self.seen) >= count, text
+        return text
+
+    def rest(self, timeout: float = 30) -> str:
+        """Everything up to the end of the stream (the process has exited)."""
+        deadline = time.monotonic() + timeout
+        while (line := self.lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
 
 
 def publish_one(port: int) -> int:
@@ -55,14 +82,14 @@ def test_service_logs_listen_address_and_backend_and_stops_on_sigterm(tmp_path: 
     proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 1))],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        lines = wait_for_lines(proc, "listening on", 1)
-        started = "".join(lines)
+        stderr = StderrLines(proc)
+        started = stderr.wait_for("listening on", 1)
         assert f"127.0.0.1:{port}" in started and "backend sqlite" in started
         assert "very-secret-value" not in started
         assert publish_one(port) == 6
         proc.send_signal(signal.SIGTERM)
-        out = proc.stderr.read() if proc.stderr else ""
         assert proc.wait(timeout=30) == 0
+        out = stderr.rest()
         assert "stopped" in out and "'messages_stored': 1" in out
     finally:
         proc.kill()
@@ -73,10 +100,42 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 2))],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        lines = wait_for_lines(proc, "listening on", 2)
-        assert any("[worker 0]" in line for line in lines) and any("[worker 1]" in line for line in lines)
+        started = StderrLines(proc).wait_for("listening on", 2)
+        assert "[worker 0]" in started and "[worker 1]" in started
         assert publish_one(port) == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_workers_that_cannot_start_stop_the_service(tmp_path: Path) -> None:
+    # an unusable SQLite path makes the workers fail at start-up: the service exits, it does not linger
+    cfg = tmp_path / "broken.hocon"
+    cfg.write_text(f'exhook {{ listen = "127.0.0.1:{free_port()}", workers = 2 }}\n'
+                   f'sqlite {{ enable = true, path = "/proc/self/no/such/db.sqlite3", topics = ["t/#"] }}\n')
+    proc = subprocess.run([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "sqlite" in proc.stderr.lower()
+
+
+def test_a_worker_that_dies_stops_the_others(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 2))],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("listening on", 2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        # the workers, not multiprocessing's resource tracker
+        workers = [int(pid) for pid in children
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0
+        assert "stopping the other workers" in stderr.rest()
+        assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+                   for pid in workers)
     finally:
         proc.kill()
