@@ -62,10 +62,6 @@ class ClientQueues:
             if not jobs:
                 self._jobs.pop(clientid, None)
 
-    @property
-    def busy_clients(self) -> int:
-        return len(self._tasks)
-
     async def idle(self) -> None:
         """Wait until no job is queued or running (tests, shutdown)."""
         while self._tasks:

@@ -55,10 +55,6 @@ class OrderedWriter:
         self._in_flight = False
         self._idle = asyncio.Event()
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
     async def drained(self) -> None:
         """Wait until every op queued so far has been written (tests, benchmarks)."""
         while self._queue or self._in_flight:
