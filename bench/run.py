@@ -60,6 +60,10 @@ from bench.standin import StandIn
 from bench.wire import WireTimer
 from exhook.pb.v3 import exhook_pb2 as pb
 
+# counters that should stay at zero in a healthy run (shown in the table when they moved)
+_TROUBLE_COUNTERS = ("publish_deadline_answers_total", "writes_dropped_total", "store_failures_total",
+                     "replay_failures_total", "client_jobs_dropped_total")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -171,7 +175,7 @@ class TargetResult:
     replay: ReplayResult | None = None
     raw: rawmod.RawResult | None = None
     raw_error: str = ""
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
     big: dict[str, Any] = field(default_factory=dict)
     profile: list[str] = field(default_factory=list)
     error: str = ""
@@ -362,9 +366,9 @@ class Bench:
             say(f"{name} failed: {res.error}")
         finally:
             await self.standin.disconnect()
-            proc.stop()
             res.counters = proc.counters()
-            errors = proc.log_lines(" ERROR ") + proc.log_lines(" CRITICAL ")
+            proc.stop()
+            errors = proc.log_lines("level=error") + proc.log_lines("level=critical")
             if errors:
                 say(f"{name}: the service logged {len(errors)} errors, first: {errors[0][:300]}")
         if a.raw_seconds > 0:
@@ -684,15 +688,13 @@ class Bench:
         elif res.raw_error:
             rows.append(Row(f"raw {res.name}", "ceiling", notes=f"failed: {res.raw_error}"))
         c = res.counters
-        bad = {k: v for k, v in c.items() if k in ("publish_deadline_exceeded", "publish_not_stored",
-                                                   "acks_dropped", "store_failures", "replay_failures",
-                                                   "jobs_dropped") and v}
+        bad = {k: v for k, v in c.items() if k.startswith(_TROUBLE_COUNTERS) and v}
         if bad and rows:
-            rows[0].notes += "; service counters: " + ", ".join(f"{k} {v:,}" for k, v in bad.items())
-        if c.get("store_round_trips") and rows:
-            rows[0].notes += (f"; writer over the whole run: {c.get('store_ops', 0):,} ops in "
-                              f"{c['store_round_trips']:,} store round trips "
-                              f"(≈ {c.get('store_ops', 0) / c['store_round_trips']:.1f} per round trip)")
+            rows[0].notes += "; service counters: " + ", ".join(f"{k} {v:,.0f}" for k, v in bad.items())
+        trips, ops = c.get("store_write_batch_size_count", 0), c.get("store_write_batch_size_sum", 0)
+        if trips and rows:
+            rows[0].notes += (f"; writer over the whole run: {ops:,.0f} ops in {trips:,.0f} store round trips "
+                              f"(≈ {ops / trips:.1f} per round trip)")
         return rows
 
     def _verdicts(self, noop: TargetResult | None) -> list[str]:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import json
 import os
-import re
 import shutil
 import signal
 import sqlite3
@@ -17,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import CHANNEL_OPTIONS, HOST, LOADED, META, cpu_seconds, free_port, rss_bytes
 from exhook.pb.v3 import exhook_pb2 as pb
@@ -262,6 +262,7 @@ class ServiceProc:
                  workdir: Path, cpus: tuple[int, ...] = ()) -> None:
         self.cpus = cpus
         self.port = free_port()
+        self.http_port = free_port()
         self.workers = workers
         self.workdir = workdir
         self.config_path = workdir / f"{backend.name}.hocon"
@@ -269,6 +270,7 @@ class ServiceProc:
         self.config_path.write_text(f"""exhook {{
   listen = "{HOST}:{self.port}"
   workers = {workers}
+  http {{ listen = "{HOST}:{self.http_port}" }}
   log_level = info
   emqx {{
     api_url = "http://{HOST}:{api_port}"
@@ -290,12 +292,14 @@ class ServiceProc:
         assert self.proc is not None
         return self.proc.pid
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "exhook", "--config", str(self.config_path), "--workers", str(self.workers)]
+
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "exhook", "--config", str(self.config_path), "--workers", str(self.workers)],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.argv(), cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._pin)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
@@ -339,19 +343,22 @@ class ServiceProc:
             return ""
         return "\n".join("    " + line for line in text[-lines:])
 
-    def counters(self) -> dict[str, int]:
-        """The ``stopped; counters: {...}`` lines the service logs at shutdown, summed
-        over its workers."""
-        total: dict[str, int] = {}
+    def counters(self) -> dict[str, float]:
+        """The service's counters from its ``/metrics`` (summed over its workers by the
+        service itself), as ``name`` or ``name{label}`` without the prefix; {} if it is gone."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
         except OSError:
-            return total
-        for match in re.finditer(r"stopped; counters: (\{.*\})", text):
-            with contextlib.suppress(ValueError):
-                for key, value in json.loads(match.group(1).replace("'", '"')).items():
-                    total[key] = total.get(key, 0) + int(value)
-        return total
+            return {}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith(("_total", "_sum", "_count")):
+                    label = ",".join(sample.labels.values())
+                    name = sample.name.removeprefix("offline_exhook_")
+                    out[f"{name}{{{label}}}" if label else name] = sample.value
+        return out
 
     def log_lines(self, pattern: str) -> list[str]:
         try:
@@ -388,13 +395,8 @@ class NoopProc(ServiceProc):
         self.log_path = workdir / "noop.log"
         self.proc = None
 
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=self._pin)
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)]
 
 
 def workdir() -> Path:

@@ -36,8 +36,9 @@ class ClientQueues:
             return False
         jobs = self._jobs.setdefault(clientid, deque())
         if len(jobs) >= self._max_per_client:
-            self._metrics.jobs_dropped += 1
-            log.warning("client %s has %d jobs queued; dropping %s", clientid, len(jobs), what)
+            self._metrics.jobs_dropped.inc()
+            log.warning("client job queue full: job dropped",
+                        extra={"event": "job_dropped", "clientid": clientid, "queued": len(jobs), "job": what})
             return False
         jobs.append((what, job))
         if clientid not in self._tasks:
@@ -55,7 +56,8 @@ class ClientQueues:
                     except asyncio.CancelledError:
                         raise
                     except Exception:
-                        log.exception("client %s: %s failed", clientid, what)
+                        log.exception("client job failed",
+                                      extra={"event": "job_failed", "clientid": clientid, "job": what})
                 jobs.popleft()
         finally:
             self._tasks.pop(clientid, None)

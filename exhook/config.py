@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from pyhocon import ConfigFactory, ConfigTree  # type: ignore[import-untyped]
 from pyhocon.exceptions import ConfigException  # type: ignore[import-untyped]
 
+from exhook.errors import first_line
 from exhook.topics import TopicError, validate_filter
 
 
@@ -54,14 +55,41 @@ class EmqxApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTlsConfig:
+    """TLS on the gRPC listener EMQX connects to. ``verify = verify_peer`` makes it
+    mutual: a client must present a certificate signed by ``cacertfile``."""
+
+    enable: bool = False
+    certfile: str = ""
+    keyfile: str = ""
+    cacertfile: str = ""
+    verify_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The small HTTP port: ``/healthz``, ``/readyz``, ``/metrics``."""
+
+    enable: bool = True
+    listen: HostPort = HostPort("0.0.0.0", 9001)
+    check_interval_ms: int = 5000
+
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     listen: HostPort = HostPort("0.0.0.0", 9000)
     workers: int = 1
     publish_deadline_ms: int = 500
     replay_batch_size: int = 100
     log_level: str = "info"
+    log_format: LogFormat = "text"
     max_pending_writes: int = 10000
     emqx: EmqxApiConfig = EmqxApiConfig()
+    ssl: ServerTlsConfig = ServerTlsConfig()
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +324,10 @@ _COMMON_FIELDS = {"enable", "topics", "batch_size", "batch_time", "message_ttl"}
 _SSL_FIELDS = {"enable", "verify", "cacertfile", "certfile", "keyfile", "server_name_indication"}
 _KNOWN_FIELDS: dict[str, set[str]] = {
     "": {"exhook", "redis", "mysql", "sqlite"},
-    "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "log_level",
-                "max_pending_writes", "emqx"},
+    "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "log_level", "log_format",
+                "max_pending_writes", "emqx", "ssl", "http"},
+    "exhook.ssl.": {"enable", "certfile", "keyfile", "cacertfile", "verify"},
+    "exhook.http.": {"enable", "listen", "check_interval"},
     "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "ssl"},
     "redis.": _COMMON_FIELDS | {"servers", "redis_type", "sentinel", "pool_size", "username", "password",
                                 "database", "message_key_prefix", "subscription_key_prefix", "ssl",
@@ -316,7 +346,7 @@ def _reject_unknown(tree: ConfigTree, where: str) -> None:
             raise ConfigError(f"{where}{key}: unknown field (expected one of {', '.join(sorted(known))})")
         if isinstance(value, ConfigTree):
             sub = f"{where}{key}."
-            if key == "ssl":
+            if key == "ssl" and sub not in _KNOWN_FIELDS:
                 for ssl_key in value:
                     if ssl_key not in _SSL_FIELDS:
                         raise ConfigError(f"{sub}{ssl_key}: unknown field")
@@ -409,6 +439,43 @@ def _parse_sqlite(tree: ConfigTree) -> SqliteConfig:
     return SqliteConfig(**_common(tree, where, ttl_default=0), path=path)
 
 
+def _server_tls(tree: ConfigTree) -> ServerTlsConfig:
+    sub = _subtree(tree, "ssl", "exhook.")
+    at = "exhook.ssl."
+    verify = _get(sub, "verify", "verify_none")
+    if verify not in ("verify_peer", "verify_none"):
+        raise ConfigError(f"{at}verify: expected verify_peer or verify_none, got {verify!r}")
+    opts = ServerTlsConfig(
+        enable=_bool(sub, "enable", False, at),
+        certfile=_str(sub, "certfile", "", at),
+        keyfile=_str(sub, "keyfile", "", at),
+        cacertfile=_str(sub, "cacertfile", "", at),
+        verify_peer=verify == "verify_peer",
+    )
+    if not opts.enable:
+        return opts
+    for name in ("certfile", "keyfile"):
+        if not getattr(opts, name):
+            raise ConfigError(f"{at}{name}: required when exhook.ssl.enable = true")
+    if opts.verify_peer and not opts.cacertfile:
+        raise ConfigError(f"{at}cacertfile: required with verify = verify_peer (client certificates chain to it)")
+    for name in ("certfile", "keyfile", "cacertfile"):
+        path = getattr(opts, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{at}{name}: file not found: {path}")
+    return opts
+
+
+def _http(tree: ConfigTree) -> HttpConfig:
+    sub = _subtree(tree, "http", "exhook.")
+    at = "exhook.http."
+    return HttpConfig(
+        enable=_bool(sub, "enable", True, at),
+        listen=parse_host_port(_str(sub, "listen", "0.0.0.0:9001", at), 9001, f"{at}listen"),
+        check_interval_ms=_duration_ms(sub, "check_interval", 5000, at, minimum=100),
+    )
+
+
 def _parse_service(tree: ConfigTree) -> ServiceConfig:
     where = "exhook."
     api = _subtree(tree, "emqx", where)
@@ -420,12 +487,16 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"exhook.log_level: unknown level {level!r} (debug, info, warning, error)")
     workers = _int(tree, "workers", 0, where, maximum=256)
+    log_format = _str(tree, "log_format", "text", where).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"exhook.log_format: expected text or json, got {log_format!r}")
     return ServiceConfig(
         listen=parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), 9000, "exhook.listen"),
         workers=workers or (os.cpu_count() or 1),
         publish_deadline_ms=_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
         log_level=level,
+        log_format=log_format,  # type: ignore[arg-type]
         max_pending_writes=_int(tree, "max_pending_writes", 10000, where, minimum=1),
         emqx=EmqxApiConfig(
             url=url,
@@ -434,6 +505,8 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
             request_timeout_ms=_duration_ms(api, "request_timeout", 5000, at, minimum=1),
             ssl=_ssl(api, at),
         ),
+        ssl=_server_tls(tree),
+        http=_http(tree),
     )
 
 
@@ -465,7 +538,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except Exception as exc:  # pyhocon raises several unrelated types on syntax errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"{path}: cannot parse HOCON: {first}") from None
     return parse_config(tree)
 
@@ -475,6 +548,13 @@ def load_config_string(text: str) -> Config:
     try:
         tree = ConfigFactory.parse_string(text, resolve=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"cannot parse HOCON: {first}") from None
     return parse_config(tree)
+
+
+def config_secrets(cfg: Config) -> tuple[str, ...]:
+    """Values that must never appear in logs or printed config."""
+    backend = cfg.backend
+    password = backend.password if isinstance(backend, (RedisConfig, MysqlConfig)) else ""
+    return tuple(s for s in (password, cfg.service.emqx.api_secret) if s)

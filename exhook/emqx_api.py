@@ -12,6 +12,7 @@ from urllib.parse import quote
 import aiohttp
 
 from exhook.config import EmqxApiConfig
+from exhook.metrics import Metrics
 from exhook.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class BulkResult:
 
 
 class EmqxApi:
-    def __init__(self, cfg: EmqxApiConfig) -> None:
+    def __init__(self, cfg: EmqxApiConfig, metrics: Metrics | None = None) -> None:
         self._cfg = cfg
+        self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool = client_ssl_context(cfg.ssl) if cfg.ssl.enable else False
         # SNI and the name the certificate is checked against, when it is not the URL's host
@@ -69,7 +71,7 @@ class EmqxApi:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             base_url=self._cfg.url,
-            headers={"Authorization": _basic_auth(self._cfg.api_key, self._cfg.api_secret)},
+            headers={"Authorization": basic_auth(self._cfg.api_key, self._cfg.api_secret)},
             timeout=aiohttp.ClientTimeout(total=self._cfg.request_timeout_ms / 1000),
             connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl),
         )
@@ -82,7 +84,7 @@ class EmqxApi:
     async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
         if not items:
             raise ValueError("publish_bulk needs at least one item (EMQX mishandles an empty array)")
-        status, body = await self._post("/api/v5/publish/bulk", [item.to_json() for item in items])
+        status, body = await self._post("publish/bulk", "/api/v5/publish/bulk", [item.to_json() for item in items])
         if status not in (200, 202, 503):
             raise EmqxApiError(f"publish/bulk answered {status}: {_short(body)}", status, status >= 500)
         results = body if isinstance(body, list) else []
@@ -95,14 +97,32 @@ class EmqxApi:
     async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
         """Subscribe a connected client on its behalf. False if it is not connected."""
         body = [{"topic": topic, "qos": qos} for topic, qos in subscriptions]
-        status, answer = await self._post(f"/api/v5/clients/{quote(clientid, safe='')}/subscribe/bulk", body)
+        path = f"/api/v5/clients/{quote(clientid, safe='')}/subscribe/bulk"
+        status, answer = await self._post("clients/subscribe/bulk", path, body)
         if status == 404:
             return False
         if status != 200:
             raise EmqxApiError(f"subscribe/bulk answered {status}: {_short(answer)}", status, status >= 500)
         return True
 
-    async def _post(self, path: str, body: Any) -> tuple[int, Any]:
+    async def _post(self, endpoint: str, path: str, body: Any) -> tuple[int, Any]:
+        try:
+            status, answer = await self._send(path, body)
+        except EmqxApiError:
+            self._count_error(endpoint, None)
+            raise
+        if status >= 400:
+            self._count_error(endpoint, status)
+            if status == 401:
+                raise EmqxApiError("EMQX API refused the API key (401): check exhook.emqx.api_key/api_secret",
+                                   401, retryable=False)
+        return status, answer
+
+    def _count_error(self, endpoint: str, status: int | None) -> None:
+        if self._metrics is not None:
+            self._metrics.api_error(endpoint, status)
+
+    async def _send(self, path: str, body: Any) -> tuple[int, Any]:
         if self._session is None:
             raise EmqxApiError("EMQX API client is not started")
         try:
@@ -111,9 +131,6 @@ class EmqxApi:
                     answer = await resp.json(content_type=None)
                 except ValueError:
                     answer = await resp.text()
-                if resp.status == 401:
-                    raise EmqxApiError("EMQX API refused the API key (401): check exhook.emqx.api_key/api_secret",
-                                       401, retryable=False)
                 return resp.status, answer
         except aiohttp.ClientError as exc:
             raise EmqxApiError(f"EMQX API unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
@@ -121,7 +138,7 @@ class EmqxApi:
             raise EmqxApiError(f"EMQX API timed out at {self._cfg.url}") from exc
 
 
-def _basic_auth(key: str, secret: str) -> str:
+def basic_auth(key: str, secret: str) -> str:
     token = base64.b64encode(f"{key}:{secret}".encode()).decode("ascii")
     return f"Basic {token}"
 

@@ -68,6 +68,7 @@ class HookLogic:
         self._metrics = metrics
         self._deadline = publish_deadline_ms / 1000
         self._resumed: dict[str, float] = {}
+        self._deadline_answers = 0
         self._background: set[asyncio.Task[None]] = set()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -90,19 +91,31 @@ class HookLogic:
         timestamp: int,
         replay_of: str | None,
     ) -> None:
-        if qos == 0 or topic.startswith("$SYS/") or not self.tracked.match(topic):
+        skipped = self._skip_reason(topic, qos)
+        if skipped is not None:
+            self._metrics.skipped[skipped].inc()
             return
         started = time.monotonic()
         if sender == HTTP_API:
             if replay_of is None and self.flags.v2_seen:
                 replay_of = await self._take_pending(topic, payload)
             if replay_of is not None:
-                self._metrics.replays_recognised += 1
+                self._metrics.skipped["replay"].inc()
                 if replay_of != msgid:
                     self._submit_background(RekeyMessage(replay_of, msgid, topic))
                 return
         message = StoredMessage(msgid, sender, topic, qos, False, payload, timestamp)
         await self._save(message, started)
+
+    def _skip_reason(self, topic: str, qos: int) -> str | None:
+        if qos == 0:
+            return "qos0"
+        if topic.startswith("$SYS/"):
+            return "sys"
+        # the broker only sends tracked topics (HookSpec filters); a broker that ignores them still gets this right
+        if not self.tracked.match(topic):
+            return "untracked"
+        return None
 
     async def _take_pending(self, topic: str, payload: bytes) -> str | None:
         try:
@@ -120,8 +133,8 @@ class HookLogic:
             if fut is None:
                 fut = await asyncio.wait_for(self._writer.submit(op), self._remaining(started))
         except (TimeoutError, WriterClosed):
-            self._metrics.publish_not_stored += 1
-            self._log_deadline("write buffer full: message %s on %s NOT stored", message)
+            self._metrics.deadline["buffer_full"].inc()
+            self._log_deadline("write buffer full: message NOT stored", message)
             return
         if not fut.done():
             try:
@@ -131,25 +144,27 @@ class HookLogic:
                     await fut
             except TimeoutError:
                 # The op stays queued and is written when the store catches up.
-                self._metrics.publish_deadline_exceeded += 1
-                self._log_deadline("store slower than publish_deadline: answered %s on %s before it "
-                                   "was durable", message)
+                self._metrics.deadline["store_slow"].inc()
+                self._log_deadline("store slower than publish_deadline: answered before the message was durable",
+                                   message)
                 return
-        self._metrics.messages_stored += 1
+        self._metrics.messages_stored.inc()
 
     def _remaining(self, started: float) -> float:
         return max(0.0, self._deadline - (time.monotonic() - started))
 
     def _log_deadline(self, text: str, message: StoredMessage) -> None:
-        count = self._metrics.publish_deadline_exceeded + self._metrics.publish_not_stored
-        if count == 1 or count % 1000 == 0:
-            log.warning(text + " (%d so far)", message.msgid, message.topic, count)
+        self._deadline_answers += 1
+        count = self._deadline_answers
+        if count == 1 or count % 1000 == 0:  # one line per burst, not per message
+            log.warning(text, extra={"event": "publish_deadline", "msgid": message.msgid, "topic": message.topic,
+                                     "deadline_answers_so_far": count})
 
     # -- message.acked -----------------------------------------------------------
     def message_acked(self, msgid: str, sender: str, topic: str) -> None:
         if not self.tracked.match(topic):
             return
-        self._metrics.acks_queued += 1
+        self._metrics.acks.inc()
         self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API))
 
     def _submit_background(self, op: WriteOp) -> None:
@@ -159,10 +174,10 @@ class HookLogic:
             if self._writer.submit_nowait(op) is not None:
                 return
         except WriterClosed:
-            self._metrics.acks_dropped += 1
+            self._metrics.writes_dropped.inc()
             return
         if len(self._background) >= 10_000:
-            self._metrics.acks_dropped += 1
+            self._metrics.writes_dropped.inc()
             log.error("write buffer and overflow full: dropping %s", op)
             return
         task = asyncio.create_task(self._submit_later(op))
@@ -173,7 +188,7 @@ class HookLogic:
         try:
             await self._writer.submit(op)
         except WriterClosed:
-            self._metrics.acks_dropped += 1
+            self._metrics.writes_dropped.inc()
 
     # -- client and session hooks --------------------------------------------------
     def session_resumed(self, client: ClientRef) -> None:

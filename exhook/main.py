@@ -1,144 +1,107 @@
-"""Console entry point: ``offline-exhook --config config.hocon``."""
+"""Console entry point: ``offline-exhook [--config FILE] [COMMAND]``.
+
+Without a command it runs the service (``exhook.runner.run``); the operator commands
+(check-config, register, messages, subscriptions, purge, rebuild-topic-index) live in
+``exhook/cli/`` and are described in docs/operate.md. Exit status: 0 done, 1 failed,
+2 configuration or usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import multiprocessing
-import multiprocessing.connection
-import os
-import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
-from exhook.config import Config, ConfigError, load_config
-from storage.base import StoreConfigError
+from exhook.cli.output import CliError, fail
+from exhook.cli.parser import parse_args
+from exhook.config import Config, ConfigError, config_secrets, load_config
+from exhook.logs import stderr_handler
+from exhook.runner import run
+from storage.base import StoreConfigError, StoreError
 
 log = logging.getLogger("exhook")
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="offline-exhook", description=__doc__)
-    parser.add_argument("--config", default=os.environ.get("OFFLINE_EXHOOK_CONFIG", "config.hocon"),
-                        help="HOCON config file (default: config.hocon)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="override exhook.workers (processes sharing the port)")
-    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
-    parser.add_argument("--rebuild-topic-index", action="store_true",
-                        help="Redis only: index the topics of a store written by the Erlang plugin "
-                             "(needed once for wildcard replays after a migration), then exit")
-    return parser.parse_args(argv)
-
-
-def _setup_logging(level: str, worker: int | None = None) -> None:
-    tag = f" [worker {worker}]" if worker is not None else ""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
-
-
-def _install_uvloop() -> None:
+@contextmanager
+def _command_logging(cfg: Config) -> Iterator[None]:
+    """Warnings of the store drivers on stderr, secrets masked, for one command only:
+    the handler goes away afterwards (the caller's own logging, e.g. a test's, stays)."""
+    handler = stderr_handler(cfg.service.log_format, config_secrets(cfg))
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    if level == logging.NOTSET or level > logging.WARNING:
+        root.setLevel(logging.WARNING)
     try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def serve(cfg: Config) -> int:
-    from exhook.server import Service
-
-    service = Service(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await service.start()
-    except StoreConfigError as exc:
-        log.critical("%s", exc)
-        await service.stop()
-        return 2
-    await stop.wait()
-    log.info("shutting down: finishing in-flight writes and replays")
-    await service.stop()
-    return 0
-
-
-async def _rebuild_topic_index(cfg: Config) -> int:
-    from storage.factory import create_store
-
-    store = create_store(cfg.backend)
-    rebuild = getattr(store, "rebuild_topic_index", None)
-    if rebuild is None:
-        print("offline-exhook: --rebuild-topic-index applies to the redis backend only", file=sys.stderr)
-        return 2
-    await store.open()
-    try:
-        found = await rebuild()
+        yield
     finally:
-        await store.close()
-    print(f"offline-exhook: indexed {found} topic(s) with stored messages")
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _print_config(cfg: Config, args: argparse.Namespace) -> int:
+    from exhook.cli.effective_config import backend_name, render
+
+    print(render(cfg, getattr(args, "json", False), args.config))
+    print(f"offline-exhook: {args.config} is valid (backend {backend_name(cfg.backend)})", file=sys.stderr)
     return 0
 
 
-def _worker(cfg: Config, index: int) -> None:
-    _setup_logging(cfg.service.log_level, index)
-    _install_uvloop()
-    sys.exit(asyncio.run(serve(cfg)))
+def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "run":
+        if args.workers is not None:
+            cfg = replace(cfg, service=replace(cfg.service, workers=max(1, args.workers)))
+        return run(cfg)
+    if command == "check-config":
+        return _print_config(cfg, args)
+    from exhook.cli import register, stored
+
+    with _command_logging(cfg):
+        if command == "register":
+            return asyncio.run(register.register(cfg, args))
+        if command == "rebuild-topic-index":
+            return asyncio.run(stored.rebuild_topic_index(cfg))
+        if command == "messages":
+            return asyncio.run(stored.messages(cfg, args))
+        if command == "subscriptions":
+            return asyncio.run(stored.subscriptions(cfg, args))
+        if command == "purge":
+            return asyncio.run(stored.purge(cfg, args))
+    raise AssertionError(f"unknown command {command}")  # the parser only knows the commands above
 
 
-def _run_workers(cfg: Config) -> int:
-    """N processes on one port (gRPC sets SO_REUSEPORT; the kernel spreads the
-    broker's connections), each with its own pools and writer."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(cfg, i), name=f"offline-exhook-{i}")
-             for i in range(cfg.service.workers)]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    running = list(procs)
-    while running:
-        multiprocessing.connection.wait([proc.sentinel for proc in running])
-        for proc in [p for p in running if not p.is_alive()]:
-            running.remove(proc)
-            if proc.exitcode and running:
-                # half a service would take calls on some connections only: stop it all
-                log.critical("%s exited with %s; stopping the other workers", proc.name, proc.exitcode)
-                forward(signal.SIGTERM, None)
-    # a worker killed by a signal has a negative exit code: report it as a shell would (128 + signal)
-    codes = [128 - code if code < 0 else code for code in (proc.exitcode or 0 for proc in procs)]
-    return max(codes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
+def cli(argv: list[str] | None = None) -> int:
+    """Run one command line; return the exit status."""
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        print(f"offline-exhook: config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if args.workers is not None:
-        cfg = replace(cfg, service=replace(cfg.service, workers=max(1, args.workers)))
-    if args.rebuild_topic_index:
-        sys.exit(asyncio.run(_rebuild_topic_index(cfg)))
-    if args.check_config:
-        print(f"offline-exhook: {args.config} is valid ({type(cfg.backend).__name__})")
-        return
-    if cfg.service.workers > 1:
-        _setup_logging(cfg.service.log_level)
-        log.info("starting %d worker processes on %s", cfg.service.workers, cfg.service.listen)
-        sys.exit(_run_workers(cfg))
-    _setup_logging(cfg.service.log_level)
-    _install_uvloop()
-    sys.exit(asyncio.run(serve(cfg)))
+        fail(f"config error: {exc}")
+        return 2
+    try:
+        return _dispatch(cfg, args)
+    except CliError as exc:
+        fail(str(exc))
+        return exc.code
+    except StoreConfigError as exc:
+        fail(str(exc))
+        return 2
+    except StoreError as exc:
+        fail(str(exc))
+        return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script. Exits with the command's status (returns normally on 0)."""
+    code = cli(argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,124 @@
-"""Process-wide counters, logged on shutdown and readable by tests and the benchmark."""
+"""The service's Prometheus metrics, served on ``/metrics``.
+
+Each ``Service`` owns one registry (tests run several services in one process).
+Labelled children that sit on the hot path are resolved once here, because
+``.labels()`` costs a dict lookup and a lock on every call.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "offline_exhook_"
+
+# rpc name -> the EMQX hook it carries (the label operators know)
+HOOK_OF_RPC = {
+    "OnProviderLoaded": "provider.loaded",
+    "OnProviderUnloaded": "provider.unloaded",
+    "OnClientConnect": "client.connect",
+    "OnClientConnack": "client.connack",
+    "OnClientConnected": "client.connected",
+    "OnClientDisconnected": "client.disconnected",
+    "OnClientAuthenticate": "client.authenticate",
+    "OnClientAuthorize": "client.authorize",
+    "OnClientSubscribe": "client.subscribe",
+    "OnClientUnsubscribe": "client.unsubscribe",
+    "OnSessionCreated": "session.created",
+    "OnSessionSubscribed": "session.subscribed",
+    "OnSessionUnsubscribed": "session.unsubscribed",
+    "OnSessionResumed": "session.resumed",
+    "OnSessionDiscarded": "session.discarded",
+    "OnSessionTakenover": "session.takenover",
+    "OnSessionTerminated": "session.terminated",
+    "OnMessagePublish": "message.publish",
+    "OnMessageDelivered": "message.delivered",
+    "OnMessageDropped": "message.dropped",
+    "OnMessageAcked": "message.acked",
+}
+
+SKIP_REASONS = ("qos0", "untracked", "sys", "replay")
+DEADLINE_REASONS = ("store_slow", "buffer_full")
+
+# message.publish answers are sub-millisecond when healthy and capped by publish_deadline
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-@dataclass(slots=True)
 class Metrics:
-    messages_stored: int = 0
-    publish_deadline_exceeded: int = 0
-    publish_not_stored: int = 0
-    replays_recognised: int = 0
-    acks_queued: int = 0
-    acks_dropped: int = 0
-    store_failures: int = 0
-    store_round_trips: int = 0
-    store_ops: int = 0
-    replayed_messages: int = 0
-    replay_failures: int = 0
-    restores: int = 0
-    jobs_dropped: int = 0
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        p = PREFIX
+        self._hook_calls = Counter(f"{p}hook_calls", "ExHook calls received, per hook", ["hook"], registry=reg)
+        self.hook_calls = {rpc: self._hook_calls.labels(hook) for rpc, hook in HOOK_OF_RPC.items()}
 
-    def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+        self.messages_stored = Counter(
+            f"{p}messages_stored", "Messages durably stored before message.publish was answered", registry=reg)
+        skipped = Counter(f"{p}messages_skipped", "Published messages not stored, by reason "
+                          "(qos0, untracked topic, $SYS, a replay of ours)", ["reason"], registry=reg)
+        self.skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
+        deadline = Counter(f"{p}publish_deadline_answers", "message.publish answered at its deadline before "
+                           "the message was durable (store_slow: written later; buffer_full: not stored)",
+                           ["reason"], registry=reg)
+        self.deadline = {reason: deadline.labels(reason) for reason in DEADLINE_REASONS}
+        self.publish_latency = Histogram(
+            f"{p}publish_duration_seconds", "Time to answer message.publish", buckets=_LATENCY_BUCKETS,
+            registry=reg)
+
+        self.acks = Counter(f"{p}messages_acked", "message.acked received for tracked topics", registry=reg)
+        self.deleted = Counter(
+            f"{p}messages_deleted", "Stored messages deleted on acknowledgement (deletes made durable)", registry=reg)
+        self.rekeyed = Counter(
+            f"{p}messages_rekeyed", "Replayed messages moved to the id the broker gave the replay", registry=reg)
+        self.writes_dropped = Counter(
+            f"{p}writes_dropped", "Acks or re-keys dropped because the write buffer and its overflow were full",
+            registry=reg)
+
+        self.replayed = Counter(f"{p}messages_replayed", "Stored messages published again to subscribers",
+                                registry=reg)
+        self.replay_failures = Counter(f"{p}replay_failures", "Replays that failed (EMQX API errors after retries)",
+                                       registry=reg)
+        self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
+                                registry=reg)
+        self.jobs_dropped = Counter(
+            f"{p}client_jobs_dropped", "Background jobs dropped because a client's queue was full", registry=reg)
+
+        self._store_failures = Counter(f"{p}store_failures", "Failed backend operations, by operation (write, "
+                                       "latest_positions, ...; each is retried)", ["operation"], registry=reg)
+        self.write_latency = Histogram(
+            f"{p}store_write_duration_seconds", "Time of one batched backend write", buckets=_LATENCY_BUCKETS,
+            registry=reg)
+        self.batch_size = Histogram(f"{p}store_write_batch_size", "Operations per batched backend write",
+                                    buckets=_BATCH_BUCKETS, registry=reg)
+        # the modes say how worker processes add up (multiprocess mode only; see exhook.supervisor)
+        self.pending_writes = Gauge(f"{p}pending_writes", "Writes buffered, not yet durable", registry=reg,
+                                    multiprocess_mode="livesum")
+        self.backend_up = Gauge(f"{p}backend_up", "1 when the backend answered its last check", registry=reg,
+                                multiprocess_mode="livemin")
+
+        self._api_errors = Counter(f"{p}emqx_api_errors", "Failed EMQX REST API calls, by endpoint and HTTP "
+                                   "status (\"error\" when no answer came)", ["endpoint", "status"], registry=reg)
+
+    def store_failure(self, operation: str) -> None:
+        self._store_failures.labels(operation).inc()
+
+    def api_error(self, endpoint: str, status: int | None) -> None:
+        self._api_errors.labels(endpoint, str(status) if status is not None else "error").inc()
+
+    def sample(self, name: str, **labels: str) -> float:
+        """Current value of one sample, by its exposed name (``..._total`` for
+        counters), 0 if it was never set: for tests, the bench and the stop log."""
+        value = self.registry.get_sample_value(PREFIX + name, labels)
+        return value if value is not None else 0.0
+
+    def summary(self) -> dict[str, int]:
+        """Every counter that moved, as ``name`` or ``name.label`` -> total (logged
+        at shutdown as key=value fields)."""
+        out: dict[str, int] = {}
+        for family in self.registry.collect():
+            if family.type != "counter":
+                continue
+            for s in family.samples:
+                if s.name.endswith("_total") and s.value:
+                    key = ".".join([s.name.removeprefix(PREFIX).removesuffix("_total"), *s.labels.values()])
+                    out[key] = int(s.value)
+        return out

@@ -66,9 +66,9 @@ class Replayer:
             return
         pairs = [(s.topic, s.qos) for s in subs]
         found = await retrying("subscribe/bulk", lambda: self._api.subscribe_bulk(clientid, pairs))
-        self._metrics.restores += 1
-        if not found:
-            log.info("restore: client %s left before its %d subscriptions were restored", clientid, len(pairs))
+        self._metrics.restores.inc()
+        log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
+                 extra={"event": "restore", "clientid": clientid, "subscriptions": len(pairs), "client_found": found})
 
     async def replay(self, clientid: str, connection: str, flt: str) -> int:
         """Publish every stored message matching ``flt`` that this connection has
@@ -81,12 +81,14 @@ class Replayer:
         async for batch in _prefetched_batches(pages, self._batch_size):
             delivered_to_nobody = await self._publish(batch)
             published += len(batch)
-            self._metrics.replayed_messages += len(batch)
+            self._metrics.replayed.inc(len(batch))
             if delivered_to_nobody:
-                log.info("replay to %s stopped: no subscriber matched (client gone)", clientid)
+                log.info("replay stopped: no subscriber matched (client gone)",
+                         extra={"event": "replay_stopped", "clientid": clientid, "filter": flt})
                 break
         if published:
-            log.debug("replayed %d messages on %s to %s", published, flt, clientid)
+            log.info("replayed stored messages", extra={"event": "replay", "clientid": clientid, "filter": flt,
+                                                        "messages": published, "topics": len(ranges)})
         return published
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
@@ -119,7 +121,7 @@ class Replayer:
         try:
             result = await retrying("publish/bulk", lambda: self._api.publish_bulk(items))
         except Exception:
-            self._metrics.replay_failures += 1
+            self._metrics.replay_failures.inc()
             raise
         return result.unmatched == len(batch)
 

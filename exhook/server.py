@@ -8,14 +8,20 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer, which mypy cannot follow
 
 from exhook.client_queue import ClientQueues
-from exhook.config import Config
+from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
+from exhook.health import Readiness
 from exhook.hooks import HookLogic
+from exhook.logs import redactor
 from exhook.metrics import Metrics
+from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
+from exhook.tls import grpc_server_credentials
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter
 from storage.base import Store, StoreConfigError, StoreError
@@ -44,18 +50,28 @@ class Service:
     _queues: ClientQueues | None = None
     _logic: HookLogic | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _health: HealthServicer = field(default_factory=HealthServicer)
+    readiness: Readiness | None = None
+    http: OpsHttpServer | None = None
 
     async def start(self) -> None:
         cfg = self.config
         backend = cfg.backend
-        gate = self._gate = GatedStore(self.store or create_store(backend))
+        gate = self._gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
         await self._open_store_or_retry(gate)
+        self.readiness = Readiness(gate, cfg.service.http.check_interval_ms / 1000, self.metrics, self._health,
+                                   redactor(config_secrets(cfg)))
+        await self.readiness.check()
+        self._tasks.append(asyncio.create_task(self.readiness.run(), name="readiness"))
+        if cfg.service.http.enable:
+            self.http = OpsHttpServer(cfg.service.http.listen, self.readiness, self.metrics.registry, gate.name)
+            await self.http.start()
         tracked = TopicSet(backend.topics)
         flags = BrokerFlags()
         self._writer = OrderedWriter(gate, self.metrics, backend.batch_size, backend.batch_time_ms,
                                      cfg.service.max_pending_writes)
         self._writer.start()
-        self._api = EmqxApi(cfg.service.emqx)
+        self._api = EmqxApi(cfg.service.emqx, self.metrics)
         await self._api.start()
         self._queues = ClientQueues(self.metrics)
         replayer = Replayer(gate, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
@@ -66,9 +82,13 @@ class Service:
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ])
-        add_servicers(self._server, self._logic)
+        add_servicers(self._server, self._logic, self.metrics)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         listen = cfg.service.listen
-        self.port = self._server.add_insecure_port(f"{listen}")
+        if cfg.service.ssl.enable:
+            self.port = self._server.add_secure_port(f"{listen}", grpc_server_credentials(cfg.service.ssl))
+        else:
+            self.port = self._server.add_insecure_port(f"{listen}")
         if self.port == 0:
             raise OSError(f"exhook.listen: cannot listen on {listen}")
         await self._server.start()
@@ -76,8 +96,9 @@ class Service:
         if not tracked:
             log.warning("%s.topics is empty: the backend is inactive and no hooks are registered",
                         gate.name)
-        log.info("listening on %s:%d (exhook v2 and v3), backend %s, topics %s",
-                 listen.host, self.port, gate.name, ", ".join(tracked.filters) or "-")
+        log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
+                 listen.host, self.port, ", TLS" if cfg.service.ssl.enable else "", gate.name,
+                 ", ".join(tracked.filters) or "-")
 
     async def _open_store_or_retry(self, gate: GatedStore) -> None:
         """Open the store; if it is unreachable, keep trying in the background (the
@@ -88,7 +109,8 @@ class Service:
         except StoreConfigError:
             raise
         except StoreError as exc:
-            log.error("%s unreachable at start-up, retrying in the background: %s", gate.name, exc)
+            log.error("%s unreachable at start-up, retrying in the background", gate.name,
+                      extra={"event": "store_unreachable", "backend": gate.name, "error": str(exc)})
         self._tasks.append(asyncio.create_task(self._open_loop(gate), name="open-store"))
 
     async def _open_loop(self, gate: GatedStore) -> None:
@@ -104,7 +126,7 @@ class Service:
                 delay = min(delay * 2, _OPEN_RETRY_MAX_S)
                 log.debug("%s still unreachable: %s", gate.name, exc)
                 continue
-            log.warning("%s is reachable now", gate.name)
+            log.warning("%s is reachable now", gate.name, extra={"event": "store_opened", "backend": gate.name})
             return
 
     async def _purge_loop(self, gate: GatedStore) -> None:
@@ -126,6 +148,8 @@ class Service:
 
     async def stop(self) -> None:
         """Stop accepting calls, finish in-flight hooks, replays and writes, close."""
+        if self.readiness is not None:
+            await self.readiness.shutting_down()
         if self._server is not None:
             await self._server.stop(_SHUTDOWN_GRACE_S)
         if self._queues is not None:
@@ -141,4 +165,6 @@ class Service:
             await self._api.close()
         if self._gate is not None:
             await self._gate.close()
-        log.info("stopped; counters: %s", self.metrics.snapshot())
+        if self.http is not None:
+            await self.http.stop()
+        log.info("stopped", extra={"event": "stopped", **self.metrics.summary()})

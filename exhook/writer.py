@@ -15,9 +15,10 @@ import logging
 import time
 from collections import deque
 
+from exhook.errors import one_line
 from exhook.metrics import Metrics
 from storage.base import Store
-from storage.model import WriteOp
+from storage.model import DeleteMessage, RekeyMessage, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class OrderedWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._failing_since: float | None = None
+        self._failures = 0
         self._in_flight = False
         self._idle = asyncio.Event()
 
@@ -134,8 +136,12 @@ class OrderedWriter:
 
     async def _write_until_done(self, batch: list[tuple[WriteOp, asyncio.Future[None]]]) -> None:
         ops = [op for op, _ in batch]
+        metrics = self._metrics
+        metrics.batch_size.observe(len(ops))
+        metrics.pending_writes.set(len(self._queue) + len(ops))
         backoff = _BACKOFF_START_S
         while True:
+            started = time.perf_counter()
             try:
                 await self._store.write(ops)
             except asyncio.CancelledError:
@@ -146,24 +152,28 @@ class OrderedWriter:
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
             break
-        self._metrics.store_round_trips += 1
-        self._metrics.store_ops += len(ops)
+        metrics.write_latency.observe(time.perf_counter() - started)
+        metrics.pending_writes.set(len(self._queue))
+        _count_done(metrics, ops)
         if self._failing_since is not None:
-            log.warning("store %s is writable again after %.1f s", self._store.name,
-                        time.monotonic() - self._failing_since)
+            log.warning("store %s is writable again", self._store.name,
+                        extra={"event": "store_recovered", "backend": self._store.name,
+                               "failing_for_s": round(time.monotonic() - self._failing_since, 1)})
             self._failing_since = None
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
 
     def _note_failure(self, exc: Exception) -> None:
-        self._metrics.store_failures += 1
+        self._failures += 1  # counted in the metrics by the store gate (operation "write")
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-            log.error("store %s write failed, retrying: %s", self._store.name, _one_line(exc))
-        elif self._metrics.store_failures % 50 == 0:
-            log.error("store %s still failing (%d failures, %d ops pending): %s", self._store.name,
-                      self._metrics.store_failures, len(self._queue), _one_line(exc))
+            log.error("store %s write failed, retrying", self._store.name,
+                      extra={"event": "store_write_failed", "backend": self._store.name, "error": one_line(exc)})
+        elif self._failures % 50 == 0:
+            log.error("store %s still failing", self._store.name,
+                      extra={"event": "store_write_failing", "backend": self._store.name,
+                             "failures": self._failures, "pending": len(self._queue), "error": one_line(exc)})
 
     async def close(self, timeout: float) -> None:
         """Stop taking ops and flush what is queued, for at most ``timeout`` s."""
@@ -180,6 +190,14 @@ class OrderedWriter:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+def _count_done(metrics: Metrics, ops: list[WriteOp]) -> None:
+    deleted = rekeyed = 0
+    for op in ops:
+        if isinstance(op, DeleteMessage):
+            deleted += 1
+        elif isinstance(op, RekeyMessage):
+            rekeyed += 1
+    if deleted:
+        metrics.deleted.inc(deleted)
+    if rekeyed:
+        metrics.rekeyed.inc(rekeyed)

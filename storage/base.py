@@ -81,6 +81,18 @@ class Store(abc.ABC):
         (``low`` None = from the start), merged across topics in position order,
         yielded in pages of at most ``page_size``."""
 
+    async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        """Number of stored, unexpired messages per topic (topics with none are
+        left out), for operators (``offline-exhook messages``/``purge``). This
+        default reads every message; backends override it with a count that reads
+        no payload."""
+        highs = await self.latest_positions(topics)
+        counts: dict[str, int] = {}
+        async for page in self.read_messages({t: (None, high) for t, high in highs.items()}, 1000):
+            for msg in page:
+                counts[msg.topic] = counts.get(msg.topic, 0) + 1
+        return counts
+
     # -- replay bookkeeping (shared by all instances through the store) --------
     @abc.abstractmethod
     async def claim_replay(

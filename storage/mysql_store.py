@@ -979,23 +979,30 @@ class MysqlStore(Store):
         sel = self._t["select_message_sql"]
         return sel.sql, sel.args({"topic": topic})
 
-    async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
+    async def _per_topic(self, topics: Sequence[str], select: str, where: str, where_args: list[object]
+                         ) -> list[tuple[str, Any]]:
+        """One ``select`` per topic over ``select_message_sql`` (as the replay reads: the
+        same rows, on the topic index), UNION ALL'ed in chunks; (topic, value) rows."""
         unique = list(dict.fromkeys(topics))
-        out: dict[str, float] = {}
+        rows: list[tuple[str, Any]] = []
         for start in range(0, len(unique), _TOPICS_PER_QUERY):
             chunk = unique[start : start + _TOPICS_PER_QUERY]
             parts = []
             args: list[object] = []
             for i, topic in enumerate(chunk):
                 sel_sql, sel_args = self._select(topic)
-                parts.append(
-                    f"(SELECT {i} AS ox_i, m.id AS ox_id FROM ({sel_sql}) AS m "
-                    f"WHERE {_EXACT_TOPIC} ORDER BY m.id DESC LIMIT 1)"
-                )
-                args += [*sel_args, topic.encode("utf-8", "surrogatepass")]
-            for i, pos in await self._query(" UNION ALL ".join(parts), tuple(args)):
-                out[chunk[int(i)]] = float(pos)
-        return out
+                parts.append(f"(SELECT {i} AS ox_i, {select} FROM ({sel_sql}) AS m WHERE {_EXACT_TOPIC}{where})")
+                args += [*sel_args, topic.encode("utf-8", "surrogatepass"), *where_args]
+            rows += [(chunk[int(i)], value) for i, value in await self._query(" UNION ALL ".join(parts), tuple(args))]
+        return rows
+
+    async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
+        rows = await self._per_topic(topics, "m.id AS ox_id", " ORDER BY m.id DESC LIMIT 1", [])
+        return {topic: float(pos) for topic, pos in rows}
+
+    async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        rows = await self._per_topic(topics, "COUNT(*) AS ox_n", self._read_ttl, self._ttl_args())
+        return {topic: int(n) for topic, n in rows if n}
 
     async def read_messages(
         self, ranges: dict[str, tuple[float | None, float]], page_size: int

@@ -58,6 +58,8 @@ several since Redis 4). On top of them:
              ``COMMAND`` to learn key positions; every keyed command here has its key
              first, so the store routes without it)
     SCAN     only ``rebuild_topic_index()`` (a one-off migration tool, not checked at open)
+    ZCOUNT   only ``count_messages()`` (operator CLI, not checked at open); a user
+             the ACL refuses it counts with paged ZRANGE BYSCORE instead
 
 docs/redis-acl.md has a ready ``ACL SETUSER`` line. ``open()`` runs every command
 above on throwaway keys of each key family and names what the user may not run.
@@ -191,6 +193,7 @@ _CONNECT_TIMEOUT_S = 5.0
 _GUID_SKEW_MS = 24 * 3600 * 1000.0  # a GUID timestamp further from our clock is not trusted
 _TOPIC_PAGE = 1000  # topics per ZRANGE BYLEX page
 _MIN_FETCH = 4  # members fetched per topic cursor at least
+_COUNT_PAGE = 10000  # members per ZRANGE when counting without ZCOUNT
 
 _F_ID, _F_FROM, _F_QOS, _F_TOPIC = b"id", b"from", b"qos", b"topic"
 _F_PAYLOAD, _F_TS, _F_RETAIN = b"payload", b"ts", b"retain"
@@ -884,6 +887,28 @@ class RedisStore(Store):
             if rows:
                 out[t] = rows[0][1]
         return out
+
+    async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        unique = list(dict.fromkeys(topics))
+        if not unique:
+            return {}
+        live_min = self._live_min(self._deadline(time.time() * 1000.0))
+        try:
+            res = await self._run([("ZCOUNT", self._idx(t), live_min, b"+inf") for t in unique], "count_messages")
+            counts = [int(n) for n in res]
+        except StoreConfigError:  # ZCOUNT not granted (docs/redis-acl.md lists the service's commands only)
+            counts = [await self._count_by_range(self._idx(t), live_min) for t in unique]
+        return {t: n for t, n in zip(unique, counts, strict=True) if n}
+
+    async def _count_by_range(self, key: bytes, live_min: bytes) -> int:
+        total = 0
+        while True:
+            page = await self._one(
+                ("ZRANGE", key, live_min, b"+inf", b"BYSCORE", b"LIMIT", total, _COUNT_PAGE), "count_messages"
+            )
+            total += len(page)
+            if len(page) < _COUNT_PAGE:
+                return total
 
     def read_messages(
         self, ranges: dict[str, tuple[float | None, float]], page_size: int

@@ -521,6 +521,29 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(topics))
+        if not wanted:
+            return {}
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            # counted from the topic index (and arrived, under a ttl): no payload is read
+            cutoff = self._cutoff_ms(self._now_ms())
+            out: dict[str, int] = {}
+            for topic in wanted:
+                if cutoff is None:
+                    row = conn.execute("SELECT count(*) FROM mqtt_msg WHERE topic = ?", (topic,)).fetchone()
+                else:
+                    row = conn.execute(
+                        "SELECT count(*) FROM mqtt_msg INDEXED BY mqtt_msg_topic WHERE topic = ? AND arrived >= ?",
+                        (topic, cutoff),
+                    ).fetchone()
+                if row is not None and row[0]:
+                    out[topic] = int(row[0])
+            return out
+
+        return await self._read(run)
+
     async def read_messages(
         self, ranges: dict[str, tuple[float | None, float]], page_size: int
     ) -> AsyncIterator[list[StoredMessage]]:

@@ -1,5 +1,5 @@
-"""Test helper: a throwaway CA + certificates (openssl) and a second, private
-``mariadbd`` on a free loopback port with its own temporary datadir, TLS and
+"""Test helper: a second, private ``mariadbd`` on a free loopback port with its own
+temporary datadir, TLS (certificates from ``tests/certs.py``) and
 ``require_secure_transport = ON``. Stopped by PID (never by name)."""
 
 from __future__ import annotations
@@ -10,49 +10,20 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pymysql
+
+from tests.certs import Certs, make_certs, openssl_available
+
+__all__ = ["Certs", "MariaDbServer", "free_port", "make_certs", "tools_available"]
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db") or ""
 
 
 def tools_available() -> bool:
-    return bool(shutil.which("openssl")) and os.path.exists(MARIADBD) and bool(INSTALL_DB)
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca: Path  # the CA that signed the server and client certificates
-    other_ca: Path  # an unrelated CA (verification must fail with it)
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certs(directory: Path, server_name: str = "mysql-server") -> Certs:
-    """CA, server certificate for ``server_name`` and 127.0.0.1, client certificate."""
-    d = directory
-    d.mkdir(parents=True, exist_ok=True)
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
-                 f"{ca}.pem", "-days", "2", "-subj", f"/CN=offline-exhook test {ca}", cwd=d)
-    (d / "server.ext").write_text(f"subjectAltName=DNS:{server_name},IP:127.0.0.1\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, cn in (("server", server_name), ("client", "offline-exhook client")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={cn}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return Certs(d / "ca.pem", d / "other-ca.pem", d / "server.pem", d / "server.key",
-                 d / "client.pem", d / "client.key")
+    return openssl_available() and os.path.exists(MARIADBD) and bool(INSTALL_DB)
 
 
 def free_port() -> int:

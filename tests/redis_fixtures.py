@@ -105,31 +105,28 @@ def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     return make_tls_material(Path(tmp_path_factory.mktemp("redis-tls")))
 
 
-@pytest.fixture
-def redis_factory() -> Iterator[RedisTopologies]:
+def _owned_topologies() -> Iterator[RedisTopologies]:
+    """Topologies started through the fixture, all stopped when its scope ends."""
     topologies = RedisTopologies()
     try:
         yield topologies
     finally:
         topologies.stop_all()
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[RedisTopologies]:
+    yield from _owned_topologies()
 
 
 @pytest.fixture(scope="module")
 def redis_module_factory() -> Iterator[RedisTopologies]:
-    topologies = RedisTopologies()
-    try:
-        yield topologies
-    finally:
-        topologies.stop_all()
+    yield from _owned_topologies()
 
 
 @pytest.fixture(scope="session")
 def redis_session_factory() -> Iterator[RedisTopologies]:
-    topologies = RedisTopologies()
-    try:
-        yield topologies
-    finally:
-        topologies.stop_all()
+    yield from _owned_topologies()
 
 
 @pytest.fixture(scope="session")

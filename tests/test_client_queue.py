@@ -55,7 +55,7 @@ async def test_bounded_per_client_and_closed_queue_refuses() -> None:
     assert queues.submit("c", "1", wait)
     assert queues.submit("c", "2", wait)
     assert not queues.submit("c", "3", wait)
-    assert metrics.jobs_dropped == 1
+    assert metrics.sample("client_jobs_dropped_total") == 1
     hold.set()
     await queues.close(1)
     assert not queues.submit("c", "4", wait)

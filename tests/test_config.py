@@ -44,6 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
         ('redis { enable = true, ssl { enable = true, cacertfile = "/nonexistent/ca.pem" } }',
          "redis.ssl.cacertfile"),
         ('redis { enable = true, ssl { verfy = true } }', "redis.ssl.verfy"),
+        ('sqlite { enable = true }\nexhook { log_format = xml }', "exhook.log_format"),
+        ('sqlite { enable = true }\nexhook { http { listen = "host:0" } }', "exhook.http.listen"),
+        ('sqlite { enable = true }\nexhook { http { check_interval = 10ms } }', "exhook.http.check_interval"),
+        ('sqlite { enable = true }\nexhook { http { enable = maybe } }', "exhook.http.enable"),
+        ('sqlite { enable = true }\nexhook { http { port = 9001 } }', "exhook.http.port"),
     ],
 )
 def test_config_errors_name_the_field(text: str, field: str) -> None:
@@ -60,6 +65,8 @@ def test_shipped_config_enables_sqlite() -> None:
     assert cfg.backend.topics == ("offline/#",)
     assert cfg.service.publish_deadline_ms == 500
     assert cfg.service.listen.port == 9000
+    assert (cfg.service.log_format, cfg.service.http.enable, cfg.service.http.listen.port) == ("text", True, 9001)
+    assert cfg.service.http.check_interval_ms == 5000 and not cfg.service.ssl.enable
 
 
 def test_plugin_fields_and_defaults() -> None:
@@ -116,3 +123,65 @@ def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "redis.redis_type" in lines[0]
+
+
+# --- exhook.ssl: TLS on the gRPC listener ------------------------------------
+
+
+def _listener_tls(block: str) -> str:
+    return f'sqlite {{ enable = true }}\nexhook {{ ssl {{ {block} }} }}'
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, Path]:
+    """Placeholder files: parsing checks that they exist, the listener reads them."""
+    files = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca")}
+    for path in files.values():
+        path.write_text("-----BEGIN PLACEHOLDER-----\n")
+    return files
+
+
+def test_exhook_ssl_is_off_by_default_and_parses_when_complete(pem_files: dict[str, Path]) -> None:
+    assert not load_config_string("sqlite { enable = true }").service.ssl.enable
+    cfg = load_config_string(_listener_tls(
+        f'enable = true, certfile = "{pem_files["cert"]}", keyfile = "{pem_files["key"]}", '
+        f'cacertfile = "{pem_files["ca"]}", verify = verify_peer'))
+    tls = cfg.service.ssl
+    assert (tls.enable, tls.verify_peer) == (True, True)
+    assert (tls.certfile, tls.keyfile, tls.cacertfile) == tuple(str(pem_files[n]) for n in ("cert", "key", "ca"))
+    server_only = load_config_string(_listener_tls(
+        f'enable = true, certfile = "{pem_files["cert"]}", keyfile = "{pem_files["key"]}"'))
+    assert server_only.service.ssl.enable and not server_only.service.ssl.verify_peer
+
+
+@pytest.mark.parametrize(
+    ("block", "field", "words"),
+    [
+        ('enable = true, keyfile = "{key}"', "exhook.ssl.certfile", "required"),
+        ('enable = true, certfile = "{cert}"', "exhook.ssl.keyfile", "required"),
+        ('enable = true, certfile = "{cert}", keyfile = "{key}", verify = verify_peer',
+         "exhook.ssl.cacertfile", "verify_peer"),
+        ('enable = true, certfile = "{cert}", keyfile = "{key}", verify = verify_always',
+         "exhook.ssl.verify", "verify_peer or verify_none"),
+        ('enable = true, certfile = "{missing}", keyfile = "{key}"', "exhook.ssl.certfile", "file not found"),
+        ('enable = true, certfile = "{cert}", keyfile = "{missing}"', "exhook.ssl.keyfile", "file not found"),
+        ('enable = true, certfile = "{cert}", keyfile = "{key}", cacertfile = "{missing}", verify = verify_peer',
+         "exhook.ssl.cacertfile", "file not found"),
+        ('enable = true, certfile = "{cert}", keyfile = "{key}", server_name_indication = x',
+         "exhook.ssl.server_name_indication", "unknown field"),
+    ],
+)
+def test_exhook_ssl_errors_name_the_field(
+    pem_files: dict[str, Path], tmp_path: Path, block: str, field: str, words: str
+) -> None:
+    text = _listener_tls(block.format(cert=pem_files["cert"], key=pem_files["key"], ca=pem_files["ca"],
+                                      missing=tmp_path / "nowhere.pem"))
+    with pytest.raises(ConfigError) as err:
+        load_config_string(text)
+    message = str(err.value)
+    assert message.startswith(field) and words in message and "\n" not in message, message
+
+
+def test_exhook_ssl_disabled_ignores_missing_files(tmp_path: Path) -> None:
+    cfg = load_config_string(_listener_tls(f'enable = false, certfile = "{tmp_path / "nowhere.pem"}"'))
+    assert not cfg.service.ssl.enable

@@ -12,6 +12,7 @@ import pytest
 from exhook.metrics import Metrics
 from exhook.writer import OrderedWriter, WriterClosed
 from storage.base import Store, StoreError
+from storage.gated import GatedStore
 from storage.model import DeleteMessage, SaveMessage, StoredMessage, WriteOp
 
 
@@ -73,13 +74,15 @@ async def test_failed_batch_is_retried_until_the_store_returns() -> None:
     store = RecordingStore()
     store.fail_next = 3
     metrics = Metrics()
-    writer = OrderedWriter(cast(Store, store), metrics, 10, 0, 100)
+    gate = GatedStore(cast(Store, store), metrics.store_failure)  # as the service wires it
+    gate.is_open = True
+    writer = OrderedWriter(gate, metrics, 10, 0, 100)
     writer.start()
     fut = writer.submit_nowait(save(1))
     assert fut is not None
     await asyncio.wait_for(fut, 5)
     assert store.batches == [[save(1)]]
-    assert metrics.store_failures == 3
+    assert metrics.sample("store_failures_total", operation="write") == 3
     await writer.close(1)
 
 

@@ -45,6 +45,7 @@ class Harness:
             f"{self.backend.name} {{ batch_time = {self.batch_time_ms} }}",
             "exhook {",
             f'  publish_deadline = {self.publish_deadline}, replay_batch_size = 7, log_level = debug',
+            '  http { check_interval = 200ms }',
             f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
             f'api_secret = "{API_SECRET}", request_timeout = 5s }}',
             "}",
@@ -52,7 +53,9 @@ class Harness:
         ])
         cfg = load_config_string(text)
         listen = HostPort("127.0.0.1", self.grpc_port if port is None else port)
-        return dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, listen=listen, workers=1))
+        # port 0: the OS picks a free one when the server binds (no race with other sockets)
+        http = dataclasses.replace(cfg.service.http, listen=HostPort("127.0.0.1", 0))
+        return dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, listen=listen, workers=1, http=http))
 
     @property
     def service(self) -> Service:

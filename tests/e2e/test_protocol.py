@@ -25,7 +25,8 @@ PACKAGES = {"v3": (v3_pb2, v3_grpc), "v2": (v2_pb2, v2_grpc)}
 async def start(tmp_path: Path, topics: list[str]) -> Service:
     cfg = load_config_string(SqliteBackend(tmp_path).hocon(topics, 0, 1))
     listen = HostPort("127.0.0.1", 0)
-    service = Service(dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, listen=listen)))
+    http = dataclasses.replace(cfg.service.http, listen=HostPort("127.0.0.1", 0))
+    service = Service(dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, listen=listen, http=http)))
     await service.start()
     return service
 
@@ -77,4 +78,7 @@ async def test_answers_ignore_and_stores_only_qos12_on_tracked_topics(tracked: S
     await tracked.idle()
     stored = await tracked._gate.latest_positions([topic for topic, _, _ in cases])  # type: ignore[union-attr]
     assert sorted(stored) == sorted(topic for topic, _, keep in cases if keep)
-    assert tracked.metrics.messages_stored == 3
+    assert tracked.metrics.sample("messages_stored_total") == 3
+    skipped = {reason: tracked.metrics.sample("messages_skipped_total", reason=reason)
+               for reason in ("qos0", "sys", "untracked", "replay")}
+    assert skipped == {"qos0": 1, "sys": 1, "untracked": 2, "replay": 0}

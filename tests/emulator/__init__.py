@@ -27,7 +27,8 @@ Usage::
 ``EmqxEmulator(target, version="v3", *, api_key="key", api_secret="secret", api_role="administrator",
 rest_port=0, pool_size=8, request_timeout=5.0, failed_action="deny", net_delay=0.002, node="emqx@127.0.0.1",
 emqx_version=None, cluster_name="emqxcl", max_inflight=32, max_mqueue_len=1000, mqueue_store_qos0=True,
-unload_on_stop=True)``
+unload_on_stop=True, ssl=None)``; ``ssl`` is EMQX's ``exhook.servers[].ssl`` block as an :class:`ExHookSsl`
+or a mapping (``{"enable": True, "cacertfile": ..., "verify": "verify_peer"}``), see ``hooks.py``.
 
 ``emu.client(clientid, *, clean_start=True, session_expiry=0, username=None, net_delay=None, auto_ack=True,
 proto_ver=5, keepalive=60, connect_user_props=None) -> EmuClient``. One ``EmuClient`` may connect again after
@@ -75,7 +76,7 @@ from .broker import (
     SubOpts,
 )
 from .guid import GuidGen, timestamp_us
-from .hooks import AVAILABLE_HOOKS, MESSAGE_HOOKS, RPC_OF_HOOK, HookCall, HookLoadError, pb_modules
+from .hooks import AVAILABLE_HOOKS, MESSAGE_HOOKS, RPC_OF_HOOK, ExHookSsl, HookCall, HookLoadError, pb_modules
 from .rest import RestRequest
 from .topics import TopicError, match
 
@@ -88,6 +89,7 @@ __all__ = [
     "DropRecord",
     "EmqxEmulator",
     "EmuClient",
+    "ExHookSsl",
     "GuidGen",
     "HookCall",
     "HookLoadError",

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .guid import GuidGen
-from .hooks import ExHookClient, HookCall
+from .hooks import ExHookClient, ExHookSsl, HookCall
 from .process import Link, Process
 from .topics import TopicError, match, parse_subscription, validate_name
 
@@ -1042,6 +1042,7 @@ class EmqxEmulator:
         max_mqueue_len: int = 1000,
         mqueue_store_qos0: bool = True,
         unload_on_stop: bool = True,
+        ssl: ExHookSsl | Mapping[str, Any] | None = None,
     ) -> None:
         self.version = version
         self.node = node
@@ -1063,6 +1064,7 @@ class EmqxEmulator:
             node=node,
             emqx_version=emqx_version or ("5.10.4" if version == "v3" else "5.3.2"),
             cluster_name=cluster_name,
+            ssl=ssl,
         )
         self.sessions: dict[str, Session] = {}
         self.channels: list[Channel] = []

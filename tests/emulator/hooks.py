@@ -11,15 +11,26 @@ Mirrors ``emqx_exhook_server`` / ``emqx_exhook`` (EMQX 5.x):
   ``failed_action`` decides for the folded hooks (``client.authenticate``, ``client.authorize``,
   ``message.publish``): ``deny`` stops the chain with a deny result (for ``message.publish``: the message is
   published unchanged), ``ignore`` goes on as if the server had answered IGNORE.
+* TLS (``exhook.servers[].ssl``, :class:`ExHookSsl`): EMQX speaks TLS to a server whose ``url`` is
+  ``https://...`` and takes the options from the ``ssl`` block (``emqx_exhook_server:channel_opts``; an
+  ``http://`` url is plaintext whatever ``ssl`` says). The block is ``emqx_schema:client_ssl_opts_schema``:
+  ``enable`` (default false), ``cacertfile``, ``certfile``/``keyfile`` (the client certificate a mutual-TLS
+  server asks for), ``verify`` (``verify_none``, the default, or ``verify_peer``: the server's chain must lead
+  to ``cacertfile`` and its certificate must name the host) and ``server_name_indication`` (the name sent in
+  SNI and checked against the certificate; unset = the url's host; ``disable`` = no SNI, no name check).
+  That is EMQX since emqx/emqx PR 15683; older 5.x releases handed only the three files to the TLS client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import ssl
 import time
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -52,6 +63,121 @@ FOLDED_HOOKS = ("client.authenticate", "client.authorize", "message.publish")
 
 class HookLoadError(RuntimeError):
     """OnProviderLoaded failed or answered an unknown hook name."""
+
+
+@dataclass(frozen=True)
+class ExHookSsl:
+    """EMQX's ``exhook.servers[].ssl`` block (see the module docstring). ``enable = True`` stands for EMQX's
+    ``url = "https://..."`` with ``ssl.enable = true``; ``server_name_indication = ""`` means unset."""
+
+    enable: bool = False
+    cacertfile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+    verify: str = "verify_none"
+    server_name_indication: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verify not in ("verify_peer", "verify_none"):
+            raise ValueError(f"ssl.verify must be verify_peer or verify_none, not {self.verify!r}")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("ssl.certfile and ssl.keyfile go together")
+
+    @classmethod
+    def of(cls, value: ExHookSsl | Mapping[str, Any] | None) -> ExHookSsl:
+        """Also takes the block as a mapping, e.g. ``{"enable": True, "verify": "verify_peer", ...}``."""
+        if value is None:
+            return cls()
+        if isinstance(value, ExHookSsl):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown ssl option(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {k: (bool(v) if k == "enable" else str(v)) for k, v in value.items()}
+        return cls(**values)
+
+    @property
+    def trusts_any_server(self) -> bool:
+        return self.verify == "verify_none"
+
+    @property
+    def checks_name(self) -> bool:
+        return self.verify == "verify_peer" and self.server_name_indication != "disable"
+
+
+def _read(path: str) -> bytes | None:
+    """A small PEM file's bytes, None for no file (read once when the pool opens)."""
+    return Path(path).read_bytes() if path else None
+
+
+def _split_target(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _name_in(cert: dict[str, Any]) -> str:
+    """A name the certificate is valid for: its first DNS name, else IP address, else common name."""
+    alt = cert.get("subjectAltName", ())
+    for kind in ("DNS", "IP Address"):
+        for k, v in alt:
+            if k == kind:
+                return str(v)
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return str(v)
+    return ""
+
+
+async def fetch_server_certificate(target: str, opts: ExHookSsl, timeout: float) -> tuple[bytes, str]:
+    """The certificate the TLS server at ``target`` presents (PEM) and a name it is valid for.
+
+    gRPC's TLS always checks the chain and the name, while EMQX skips both with ``verify = verify_none``
+    (and the name with ``server_name_indication = disable``): the emulator then trusts exactly the
+    certificate the server presents when the pool opens, under a name taken from it.
+    """
+    host, port = _split_target(target)
+    sni = opts.server_name_indication if opts.server_name_indication not in ("", "disable") else None
+
+    def context(trusted: bytes | None) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.set_alpn_protocols(["h2"])
+        if opts.certfile:  # a mutual-TLS server ends the handshake of a client without certificate
+            ctx.load_cert_chain(opts.certfile, opts.keyfile)
+        if trusted is None:
+            ctx.verify_mode = ssl.CERT_NONE
+        else:  # trusting exactly the certificate makes ssl decode it for us
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            ctx.load_verify_locations(cadata=trusted)
+        return ctx
+
+    async def handshake(ctx: ssl.SSLContext) -> tuple[bytes | None, dict[str, Any] | None]:
+        """The certificate as DER, and decoded (only when ``ctx`` verified it)."""
+        _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni or host)
+        try:
+            obj: ssl.SSLObject = writer.get_extra_info("ssl_object")
+            return obj.getpeercert(binary_form=True), obj.getpeercert()  # type: ignore[return-value]
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            der, _ = await handshake(context(None))
+            assert der is not None
+            _, decoded = await handshake(context(der))
+            assert decoded is not None
+            return ssl.DER_cert_to_PEM_cert(der).encode(), _name_in(decoded)
+        except (OSError, ssl.SSLError) as exc:  # not listening yet: EMQX retries too (auto_reconnect)
+            if time.monotonic() >= deadline:
+                raise HookLoadError(f"cannot fetch the server certificate of {target}: {exc}") from exc
+            await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -104,12 +230,14 @@ class ExHookClient:
         node: str,
         emqx_version: str,
         cluster_name: str,
+        ssl: ExHookSsl | Mapping[str, Any] | None = None,
     ) -> None:
         if failed_action not in ("deny", "ignore"):
             raise ValueError("failed_action must be 'deny' or 'ignore'")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
         self.target = target
+        self.ssl = ExHookSsl.of(ssl)
         self.version = version
         self.pb, self._pb_grpc = pb_modules(version)
         self.pool_size = pool_size
@@ -134,20 +262,34 @@ class ExHookClient:
             node=self.node, version=self.emqx_version, sysdescr="EMQX", cluster_name=self.cluster_name
         )
 
-    def _open_channels(self) -> None:
+    async def _credentials(self, timeout: float) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
+        """TLS credentials and channel options for ``self.ssl`` (see :func:`fetch_server_certificate`)."""
+        opts = self.ssl
+        key, chain, roots = _read(opts.keyfile), _read(opts.certfile), _read(opts.cacertfile)
+        name = opts.server_name_indication if opts.checks_name else ""
+        if not opts.checks_name:
+            presented, name = await fetch_server_certificate(self.target, opts, timeout)
+            if opts.trusts_any_server:
+                roots = presented
+        options: list[tuple[str, Any]] = [("grpc.ssl_target_name_override", name)] if name else []
+        return grpc.ssl_channel_credentials(roots, key, chain), options
+
+    async def _open_channels(self, timeout: float) -> None:
+        tls = await self._credentials(timeout) if self.ssl.enable else None
         for i in range(self.pool_size):
             # a local subchannel pool gives each pool member its own HTTP/2 connection, as EMQX's pool has
-            ch = grpc.aio.insecure_channel(
-                self.target,
-                options=[("grpc.use_local_subchannel_pool", 1), ("grpc.emqx_emulator_channel", i)],
-            )
+            options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1), ("grpc.emqx_emulator_channel", i)]
+            if tls is None:
+                ch = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                ch = grpc.aio.secure_channel(self.target, tls[0], options=options + tls[1])
             self._channels.append(ch)
             self._stubs.append(self._pb_grpc.HookProviderStub(ch))
 
     async def load(self, timeout: float) -> dict[str, list[str]]:
         """Open the pool and call OnProviderLoaded (waiting up to ``timeout`` for the server to come up)."""
         if not self._channels:
-            self._open_channels()
+            await self._open_channels(timeout)
         pb = self.pb
         now = time.time()
         broker = pb.BrokerInfo(

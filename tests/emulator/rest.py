@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .broker import Message, SubOpts
+from .exhooks_api import ExhooksApi
 from .guid import GuidGen
 from .topics import TopicError, parse_subscription, validate_name
 
@@ -219,6 +220,7 @@ class RestApi:
         r.add_post("/api/v5/clients/{clientid}/unsubscribe/bulk", h(self._unsubscribe_bulk))
         r.add_get("/api/v5/clients/{clientid}", h(self._client_info))
         r.add_get("/api/v5/clients/{clientid}/subscriptions", h(self._client_subscriptions))
+        self.exhooks = ExhooksApi(self.emu.node).route(r, h)  # /api/v5/exhooks (exhooks_api.py)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)

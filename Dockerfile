@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# offline-exhook: a two-stage build. The builder generates the gRPC modules and installs the
+# package into a virtualenv; the final image gets only that virtualenv (no compiler, no
+# grpcio-tools, no pip cache) and runs as an unprivileged user.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# protoc lives in its own throwaway virtualenv: it never reaches the final image
+RUN python -m venv /opt/protoc && /opt/protoc/bin/pip install "grpcio-tools>=1.60"
+COPY pyproject.toml ./
+COPY protos ./protos
+COPY exhook ./exhook
+COPY storage ./storage
+# the same generation as `make proto` (both packages under exhook/pb/v2 and exhook/pb/v3)
+RUN mkdir -p exhook/pb \
+    && /opt/protoc/bin/python -m grpc_tools.protoc -Iexhook/pb=protos \
+       --python_out=. --grpc_python_out=. protos/v2/exhook.proto protos/v3/exhook.proto
+# [fast] adds uvloop. cryptography lets PyMySQL complete MySQL 8's default
+# caching_sha2_password authentication over a plaintext connection (RSA key exchange).
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install ".[fast]" "cryptography>=42" \
+    && /opt/venv/bin/python -c "import exhook.pb.v2.exhook_pb2_grpc, exhook.pb.v3.exhook_pb2_grpc, exhook.main"
+
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    OFFLINE_EXHOOK_HEALTH_URL=http://127.0.0.1:9001/healthz
+RUN groupadd --system --gid 10001 offline-exhook \
+    && useradd --system --uid 10001 --gid offline-exhook --no-create-home \
+       --home-dir /var/lib/offline-exhook --shell /usr/sbin/nologin offline-exhook \
+    && install -d -o offline-exhook -g offline-exhook /var/lib/offline-exhook \
+    && install -d /etc/offline-exhook
+COPY --from=builder /opt/venv /opt/venv
+# the shipped config (SQLite under /var/lib/offline-exhook/data); compose mounts deploy/ over it
+COPY config.hocon /etc/offline-exhook/config.hocon
+WORKDIR /var/lib/offline-exhook
+USER offline-exhook:offline-exhook
+# 9000: gRPC (ExHook, EMQX connects here); 9001: /healthz, /readyz, /metrics
+EXPOSE 9000 9001
+# liveness of the process (not of the backend: that is /readyz); slim has no curl
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; url = os.environ.get('OFFLINE_EXHOOK_HEALTH_URL', 'http://127.0.0.1:9001/healthz'); sys.exit(0 if urllib.request.urlopen(url, timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["offline-exhook"]
+CMD ["--config", "/etc/offline-exhook/config.hocon"]

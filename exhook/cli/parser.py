@@ -1,0 +1,105 @@
+"""The command line: ``offline-exhook [--config FILE] [COMMAND] [options]``.
+
+Without a command the service runs (as ``run``), so ``offline-exhook --config X`` keeps
+working; the old flags ``--check-config`` and ``--rebuild-topic-index`` still work as
+aliases of their commands. ``--config`` is accepted before or after the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from exhook.cli.register import DEFAULT_NAME
+
+COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index")
+
+
+def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--config", default=default, metavar="FILE",
+                        help="HOCON config file (default: $OFFLINE_EXHOOK_CONFIG or config.hocon)")
+
+
+def _workers_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--workers", type=int, default=default,
+                        help="override exhook.workers (processes sharing the port)")
+
+
+def _output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document instead of tab-separated lines")
+    if progress:
+        parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offline-exhook",
+        description="Offline messages for EMQX through ExHook. Without a command: run the service.",
+        epilog="The operator's guide is docs/operate.md.",
+    )
+    _config_option(parser, os.environ.get("OFFLINE_EXHOOK_CONFIG", "config.hocon"))
+    _workers_option(parser, None)
+    parser.add_argument("--check-config", action="store_true", help="the same as the check-config command")
+    parser.add_argument("--rebuild-topic-index", action="store_true",
+                        help="the same as the rebuild-topic-index command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # A subcommand's own default would overwrite a --config given before the command:
+    # SUPPRESS keeps the main parser's value unless the option is repeated after it.
+    keep = argparse.SUPPRESS
+
+    run = sub.add_parser("run", help="run the service (the default)")
+    _config_option(run, keep)
+    _workers_option(run, keep)
+
+    check = sub.add_parser("check-config", help="validate the config, print it with defaults and secrets masked")
+    _config_option(check, keep)
+    check.add_argument("--json", action="store_true", help="print JSON instead of HOCON")
+
+    reg = sub.add_parser("register", help="add or update this service in EMQX (POST/PUT /api/v5/exhooks)")
+    _config_option(reg, keep)
+    reg.add_argument("--name", default=DEFAULT_NAME, help=f"exhook server name in EMQX (default {DEFAULT_NAME})")
+    reg.add_argument("--url", help="how EMQX reaches this service, e.g. http://offline-exhook:9000 "
+                                   "(default: this host and the port of exhook.listen)")
+    reg.add_argument("--request-timeout", default="5s", metavar="DURATION", help="EMQX's call timeout (default 5s)")
+    reg.add_argument("--failed-action", choices=("deny", "ignore"), default="deny",
+                     help="what EMQX does when a call fails (default deny)")
+    reg.add_argument("--pool-size", type=int, default=8, help="gRPC connections per EMQX node (default 8)")
+    reg.add_argument("--auto-reconnect", default="60s", metavar="DURATION",
+                     help="EMQX's reconnect interval, or false (default 60s)")
+    tls = reg.add_argument_group("TLS (exhook.ssl.enable = true; paths as EMQX sees them)")
+    tls.add_argument("--ssl-cacertfile", help="CA EMQX verifies the service's certificate with")
+    tls.add_argument("--ssl-certfile", help="EMQX's client certificate (required with exhook.ssl.verify_peer)")
+    tls.add_argument("--ssl-keyfile", help="its key")
+    tls.add_argument("--ssl-server-name", help="server name EMQX sends (SNI) and checks the certificate for")
+
+    msgs = sub.add_parser("messages", help="list stored messages of a topic filter and count them per topic")
+    _config_option(msgs, keep)
+    msgs.add_argument("--topic", required=True, metavar="FILTER", help="topic filter, wildcards allowed")
+    msgs.add_argument("--limit", type=int, default=100, help="messages listed at most (default 100, 0 = all)")
+    msgs.add_argument("--count", action="store_true", help="only the counts per topic")
+    _output_options(msgs)
+
+    subs = sub.add_parser("subscriptions", help="a client's stored subscriptions")
+    _config_option(subs, keep)
+    subs.add_argument("clientid")
+    _output_options(subs, progress=False)
+
+    purge = sub.add_parser("purge", help="delete stored messages of a topic filter (a dry run without --yes)")
+    _config_option(purge, keep)
+    purge.add_argument("--topic", required=True, metavar="FILTER", help="topic filter, wildcards allowed")
+    purge.add_argument("--yes", action="store_true", help="really delete (without it: only count)")
+    _output_options(purge)
+
+    rebuild = sub.add_parser("rebuild-topic-index",
+                             help="Redis: index the topics of a store written by the Erlang plugin "
+                                  "(needed once for wildcard replays after a migration)")
+    _config_option(rebuild, keep)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.command is None:  # the old flags
+        args.command = "rebuild-topic-index" if args.rebuild_topic_index else (
+            "check-config" if args.check_config else "run")
+    return args

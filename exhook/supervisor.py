@@ -1,0 +1,124 @@
+"""The parent of N worker processes sharing the gRPC port.
+
+gRPC sets SO_REUSEPORT, so the kernel spreads the broker's connections over the
+workers, each with its own pools and writer. The parent owns the HTTP port: its
+``/metrics`` adds up every worker's metrics (prometheus-client's multiprocess
+mode: each worker writes its values to files in a private directory), and its
+``/readyz`` is ready while every worker is alive and reaches the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from exhook.config import Config
+from exhook.metrics import PREFIX
+from exhook.ops_http import OpsHttpServer
+
+log = logging.getLogger("exhook")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class WorkersReadiness:
+    """Readiness of the whole set, read from the workers' own ``backend_up`` gauges."""
+
+    def __init__(self, procs: Sequence[BaseProcess], registry: CollectorRegistry) -> None:
+        self._procs = procs
+        self._registry = registry
+
+    def all_alive(self) -> bool:
+        return all(proc.is_alive() for proc in self._procs)
+
+    @property
+    def ready(self) -> bool:
+        return not self.reason
+
+    @property
+    def reason(self) -> str:
+        if not self.all_alive():
+            return "a worker process has exited"
+        # multiprocess mode "livemin": the lowest value among living workers
+        up = self._registry.get_sample_value(f"{PREFIX}backend_up")
+        if up is None:
+            return "starting"
+        return "" if up >= 1 else "a worker cannot reach the backend (its log says why)"
+
+
+def run_workers(cfg: Config, worker_main: Callable[[Config, int], None]) -> int:
+    with tempfile.TemporaryDirectory(prefix="offline-exhook-metrics-") as metrics_dir:
+        # spawned workers import prometheus-client afresh and pick this up
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        worker_cfg = replace(cfg, service=replace(cfg.service, http=replace(cfg.service.http, enable=False)))
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=worker_main, args=(worker_cfg, i), name=f"offline-exhook-{i}")
+                 for i in range(cfg.service.workers)]
+        return asyncio.run(_supervise(cfg, procs, metrics_dir))
+
+
+async def _supervise(cfg: Config, procs: Sequence[BaseProcess], metrics_dir: str) -> int:
+    http = None
+    if cfg.service.http.enable:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, metrics_dir)  # type: ignore[no-untyped-call]
+        view = WorkersReadiness(procs, registry)
+        backend = type(cfg.backend).__name__.removesuffix("Config").lower()
+        http = OpsHttpServer(cfg.service.http.listen, view, registry, backend, alive=view.all_alive)
+        try:
+            await http.start()
+        except OSError as exc:
+            log.critical("%s", exc)
+            return 2
+    try:
+        return await _run_until_exit(procs, metrics_dir)
+    finally:
+        if http is not None:
+            await http.stop()
+
+
+async def _run_until_exit(procs: Sequence[BaseProcess], metrics_dir: str) -> int:
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Queue[BaseProcess] = asyncio.Queue()
+
+    def on_exit(proc: BaseProcess) -> None:
+        loop.remove_reader(proc.sentinel)
+        proc.join()
+        exited.put_nowait(proc)
+
+    def forward(signum: int) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    for proc in procs:
+        proc.start()
+        loop.add_reader(proc.sentinel, on_exit, proc)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, forward, sig)
+    try:
+        for running in range(len(procs) - 1, -1, -1):
+            proc = await exited.get()
+            if proc.pid is not None:
+                mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if proc.exitcode and running:
+                # half a service would take calls on some connections only: stop it all
+                log.critical("%s exited with %s; stopping the other workers", proc.name, proc.exitcode,
+                             extra={"event": "worker_exited", "worker_name": proc.name, "exitcode": proc.exitcode})
+                forward(signal.SIGTERM)
+    except BaseException:
+        forward(signal.SIGTERM)  # never leave orphaned workers serving the port
+        raise
+    # a worker killed by a signal has a negative exit code: report it as a shell would (128 + signal)
+    codes = [128 - code if code < 0 else code for code in (proc.exitcode or 0 for proc in procs)]
+    return max(codes)

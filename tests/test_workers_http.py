@@ -1,0 +1,92 @@
+"""With several worker processes, the parent's HTTP port adds up every worker's
+metrics and reports readiness for the whole set."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from exhook.pb.v3 import exhook_pb2 as pb
+from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
+from tests.e2e.harness import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def wait_ready(base: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while get(f"{base}/readyz")[0] != 200:
+        assert time.monotonic() < deadline, get(f"{base}/readyz")
+        time.sleep(0.1)
+
+
+def publish(port: int, connections: int, per_connection: int) -> None:
+    """Each channel is its own TCP connection, so the kernel spreads them over the workers."""
+    for c in range(connections):
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub = pb_grpc.HookProviderStub(ch)
+            for i in range(per_connection):
+                msg = pb.Message(node="emqx@127.0.0.1", id=f"{c:016X}{i:016X}", qos=1, topic="t/w",
+                                 payload=b"x", timestamp=int(time.time() * 1000))
+                setattr(msg, "from", "pub")
+                stub.OnMessagePublish(pb.MessagePublishRequest(message=msg), timeout=10)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    cfg = tmp_path / "workers.hocon"
+    cfg.write_text(
+        f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2, log_format = json,\n'
+        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n'
+        f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_ready(base)
+        status, body = get(f"{base}/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready", "backend": "sqlite"})
+        assert get(f"{base}/healthz") == (200, b'{"status": "up"}')
+
+        publish(grpc_port, connections=8, per_connection=5)
+        status, body = get(f"{base}/metrics")
+        assert status == 200
+        metrics = samples(body.decode())
+        assert metrics[("offline_exhook_messages_stored_total", frozenset())] == 40
+        assert metrics[("offline_exhook_hook_calls_total", frozenset({("hook", "message.publish")}))] == 40
+        assert metrics[("offline_exhook_publish_duration_seconds_count", frozenset())] == 40
+        assert metrics[("offline_exhook_backend_up", frozenset())] == 1
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        _, stderr = proc.communicate(timeout=5)
+        started = [json.loads(line) for line in stderr.splitlines() if line.startswith("{") and "listening on" in line]
+        assert sorted(entry["worker"] for entry in started) == [0, 1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
