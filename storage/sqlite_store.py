@@ -291,10 +291,26 @@ class SqliteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         return conn
 
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        # SQLite answers SQLITE_BUSY at once, without its busy handler, when another
+        # connection holds the write lock while this one changes the journal mode: two
+        # processes opening one new file (workers > 1) would race, so retry up to the
+        # busy timeout like any other lock wait.
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        pause = 0.005
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)  # on the store's own writer thread, not the event loop
+            pause = min(pause * 2, 0.1)
+
     def _open_sync(self) -> None:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._switch_to_wal(conn)
         if str(mode).lower() != "wal":
             raise StoreConfigError(f"sqlite {self._path}: WAL journal mode unavailable (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")

@@ -113,6 +113,41 @@ async def test_creates_parent_dir_and_wal_and_full_sync(store: SqliteStore, db_p
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
+def hold_write_lock(path: Path) -> sqlite3.Connection:
+    """Another process's connection in the middle of a write, on a file not yet in WAL mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE IF NOT EXISTS unrelated(a)")
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_open_waits_while_another_connection_holds_the_write_lock(db_path: Path) -> None:
+    # SQLite refuses the WAL switch at once (no busy handler) while another connection
+    # writes: two workers opening one new file hit this
+    other = hold_write_lock(db_path)
+    release = threading.Timer(0.3, lambda: (other.execute("COMMIT"), other.close()))
+    release.start()
+    try:
+        s = await open_store(db_path)
+    finally:
+        release.join()
+    try:
+        assert s._writer is not None
+        assert s._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await s.close()
+
+
+async def test_open_gives_up_after_the_busy_timeout(db_path: Path) -> None:
+    other = hold_write_lock(db_path)
+    try:
+        with pytest.raises(StoreConfigError, match="database is locked"):
+            await open_store(db_path, busy_timeout_ms=200)
+    finally:
+        other.close()
+
+
 async def test_order_and_fields(store: SqliteStore) -> None:
     ms = [msg("t/a", f"m{i}".encode(), qos=1 + i % 2, retain=i == 3, sender=f"c{i}") for i in range(250)]
     await store.write(saves(*ms[:100]))
