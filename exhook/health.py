@@ -36,12 +36,14 @@ class Readiness:
         metrics: Metrics,
         grpc_health: HealthServicer,
         redact: Callable[[str], str],
+        on_change: Callable[[bool, str], None] | None = None,
     ) -> None:
         self._store = store
         self.interval_s = interval_s
         self._metrics = metrics
         self._grpc_health = grpc_health
         self._redact = redact
+        self._on_change = on_change  # told of every new (ready, reason), e.g. a worker's parent
         self.ready = False
         self.reason = "starting"
         self._announced: bool | None = None  # the state last published (gauge, gRPC health, log)
@@ -70,7 +72,10 @@ class Readiness:
     async def _publish(self, ready: bool, reason: str) -> None:
         if self._stopping:
             return
-        self.ready, self.reason = ready, self._redact(reason)
+        reason = self._redact(reason)
+        if self._on_change is not None and (ready, reason) != (self.ready, self.reason):
+            self._on_change(ready, reason)
+        self.ready, self.reason = ready, reason
         if ready == self._announced:
             return
         self._announced = ready

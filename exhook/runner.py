@@ -7,6 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 from exhook.config import Config, config_secrets
 from exhook.logs import setup_logging
@@ -28,10 +30,10 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, on_readiness: Callable[[bool, str], None] | None = None) -> int:
     from exhook.server import Service
 
-    service = Service(cfg)
+    service = Service(cfg, on_readiness=on_readiness)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,10 +50,20 @@ async def serve(cfg: Config) -> int:
     return 0
 
 
-def _worker(cfg: Config, index: int) -> None:
+def _report_to(parent: Connection) -> Callable[[bool, str], None]:
+    def report(ready: bool, reason: str) -> None:
+        # a few bytes per change of state: the pipe's buffer takes them without blocking
+        try:
+            parent.send((ready, reason))
+        except OSError:
+            pass  # the parent is gone, and it stops its workers when it goes
+    return report
+
+
+def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
     setup_service_logging(cfg, index)
     install_uvloop()
-    sys.exit(asyncio.run(serve(cfg)))
+    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent))))
 
 
 def run(cfg: Config) -> int:

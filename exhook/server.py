@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -53,6 +54,7 @@ class Service:
     _health: HealthServicer = field(default_factory=HealthServicer)
     readiness: Readiness | None = None
     http: OpsHttpServer | None = None
+    on_readiness: Callable[[bool, str], None] | None = None  # a worker reports to its parent
 
     async def start(self) -> None:
         cfg = self.config
@@ -60,7 +62,7 @@ class Service:
         gate = self._gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
         await self._open_store_or_retry(gate)
         self.readiness = Readiness(gate, cfg.service.http.check_interval_ms / 1000, self.metrics, self._health,
-                                   redactor(config_secrets(cfg)))
+                                   redactor(config_secrets(cfg)), self.on_readiness)
         await self.readiness.check()
         self._tasks.append(asyncio.create_task(self.readiness.run(), name="readiness"))
         if cfg.service.http.enable:

@@ -4,7 +4,8 @@ gRPC sets SO_REUSEPORT, so the kernel spreads the broker's connections over the
 workers, each with its own pools and writer. The parent owns the HTTP port: its
 ``/metrics`` adds up every worker's metrics (prometheus-client's multiprocess
 mode: each worker writes its values to files in a private directory), and its
-``/readyz`` is ready while every worker is alive and reaches the backend.
+``/readyz`` is ready while every worker is alive and reaches the backend (each
+worker reports its readiness, with the reason, over a pipe).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from exhook.config import Config
-from exhook.metrics import PREFIX
 from exhook.ops_http import OpsHttpServer
 
 log = logging.getLogger("exhook")
@@ -32,11 +33,38 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class WorkersReadiness:
-    """Readiness of the whole set, read from the workers' own ``backend_up`` gauges."""
+    """Readiness of the whole set. Each worker sends its own ``(ready, reason)`` over
+    a pipe whenever it changes, so ``/readyz`` can say which worker is not ready and why."""
 
-    def __init__(self, procs: Sequence[BaseProcess], registry: CollectorRegistry) -> None:
+    def __init__(self, procs: Sequence[BaseProcess], reports: Sequence[Connection]) -> None:
         self._procs = procs
-        self._registry = registry
+        self._reports = reports
+        self._states: dict[int, tuple[bool, str]] = {}
+        self._listening: list[int] = []
+
+    def listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        for index, conn in enumerate(self._reports):
+            loop.add_reader(conn.fileno(), self._receive, index)
+            self._listening.append(index)
+
+    def close(self) -> None:
+        for index in self._listening:
+            self._stop_listening(index)
+        self._listening.clear()
+
+    def _receive(self, index: int) -> None:
+        try:
+            self._states[index] = self._reports[index].recv()
+        except (EOFError, OSError):  # the worker has exited: its process sentinel reports that
+            self._stop_listening(index)
+            self._listening.remove(index)
+
+    def _stop_listening(self, index: int) -> None:
+        conn = self._reports[index]
+        if not conn.closed:
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            conn.close()
 
     def all_alive(self) -> bool:
         return all(proc.is_alive() for proc in self._procs)
@@ -47,32 +75,36 @@ class WorkersReadiness:
 
     @property
     def reason(self) -> str:
-        if not self.all_alive():
-            return "a worker process has exited"
-        # multiprocess mode "livemin": the lowest value among living workers
-        up = self._registry.get_sample_value(f"{PREFIX}backend_up")
-        if up is None:
-            return "starting"
-        return "" if up >= 1 else "a worker cannot reach the backend (its log says why)"
+        exited = [proc.name for proc in self._procs if not proc.is_alive()]
+        if exited:
+            return f"worker process {', '.join(exited)} has exited"
+        waiting = []
+        for index in range(len(self._procs)):
+            ready, why = self._states.get(index, (False, "starting"))
+            if not ready:
+                waiting.append(f"worker {index}: {why}")
+        return "; ".join(waiting)
 
 
-def run_workers(cfg: Config, worker_main: Callable[[Config, int], None]) -> int:
+def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], None]) -> int:
     with tempfile.TemporaryDirectory(prefix="offline-exhook-metrics-") as metrics_dir:
         # spawned workers import prometheus-client afresh and pick this up
         os.environ[MULTIPROC_ENV] = metrics_dir
         worker_cfg = replace(cfg, service=replace(cfg.service, http=replace(cfg.service.http, enable=False)))
         ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=worker_main, args=(worker_cfg, i), name=f"offline-exhook-{i}")
-                 for i in range(cfg.service.workers)]
-        return asyncio.run(_supervise(cfg, procs, metrics_dir))
+        pipes = [ctx.Pipe(duplex=False) for _ in range(cfg.service.workers)]
+        procs = [ctx.Process(target=worker_main, args=(worker_cfg, i, to_parent), name=f"offline-exhook-{i}")
+                 for i, (_, to_parent) in enumerate(pipes)]
+        view = WorkersReadiness(procs, [reports for reports, _ in pipes])
+        return asyncio.run(_supervise(cfg, procs, view, [to_parent for _, to_parent in pipes], metrics_dir))
 
 
-async def _supervise(cfg: Config, procs: Sequence[BaseProcess], metrics_dir: str) -> int:
+async def _supervise(cfg: Config, procs: Sequence[BaseProcess], view: WorkersReadiness,
+                     worker_ends: Sequence[Connection], metrics_dir: str) -> int:
     http = None
     if cfg.service.http.enable:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, metrics_dir)  # type: ignore[no-untyped-call]
-        view = WorkersReadiness(procs, registry)
         backend = type(cfg.backend).__name__.removesuffix("Config").lower()
         http = OpsHttpServer(cfg.service.http.listen, view, registry, backend, alive=view.all_alive)
         try:
@@ -80,14 +112,16 @@ async def _supervise(cfg: Config, procs: Sequence[BaseProcess], metrics_dir: str
         except OSError as exc:
             log.critical("%s", exc)
             return 2
+    view.listen()
     try:
-        return await _run_until_exit(procs, metrics_dir)
+        return await _run_until_exit(procs, worker_ends, metrics_dir)
     finally:
+        view.close()
         if http is not None:
             await http.stop()
 
 
-async def _run_until_exit(procs: Sequence[BaseProcess], metrics_dir: str) -> int:
+async def _run_until_exit(procs: Sequence[BaseProcess], worker_ends: Sequence[Connection], metrics_dir: str) -> int:
     loop = asyncio.get_running_loop()
     exited: asyncio.Queue[BaseProcess] = asyncio.Queue()
 
@@ -101,8 +135,9 @@ async def _run_until_exit(procs: Sequence[BaseProcess], metrics_dir: str) -> int
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
 
-    for proc in procs:
+    for proc, worker_end in zip(procs, worker_ends, strict=True):
         proc.start()
+        worker_end.close()  # the worker holds its own copy; the parent's would hide its exit from the pipe
         loop.add_reader(proc.sentinel, on_exit, proc)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, forward, sig)

@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from exhook.pb.v3 import exhook_pb2 as pb
 from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
 from tests.e2e.harness import free_port
+from tests.e2e.test_outages import RedisProcess, redis_process
+
+__all__ = ["redis_process"]  # a fixture used here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,11 +35,17 @@ def get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def wait_ready(base: str, timeout: float = 60) -> None:
+def wait_readyz(base: str, status: int, timeout: float = 60) -> dict[str, str]:
     deadline = time.monotonic() + timeout
-    while get(f"{base}/readyz")[0] != 200:
-        assert time.monotonic() < deadline, get(f"{base}/readyz")
+    while (answer := get(f"{base}/readyz"))[0] != status:
+        assert time.monotonic() < deadline, answer
         time.sleep(0.1)
+    body: dict[str, str] = json.loads(answer[1])
+    return body
+
+
+def wait_ready(base: str, timeout: float = 60) -> None:
+    wait_readyz(base, 200, timeout)
 
 
 def publish(port: int, connections: int, per_connection: int) -> None:
@@ -86,6 +95,53 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=5)
         started = [json.loads(line) for line in stderr.splitlines() if line.startswith("{") and "listening on" in line]
         assert sorted(entry["worker"] for entry in started) == [0, 1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def worker_reasons(body: dict[str, str]) -> dict[str, str]:
+    """``worker 0: why; worker 1: why`` as {"0": why, "1": why}."""
+    pairs = (part.split(": ", 1) for part in body["reason"].split("; "))
+    return {who.removeprefix("worker "): why for who, why in pairs}
+
+
+def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis_process: RedisProcess) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    cfg = tmp_path / "workers.hocon"
+    cfg.write_text(
+        f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2,\n'
+        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n'
+        f'redis {{ enable = true, servers = "127.0.0.1:{redis_process.port}", topics = ["t/#"] }}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        # Redis is not running yet: each worker says why it is not ready
+        def both_report(text: str) -> dict[str, str]:
+            deadline = time.monotonic() + 60
+            while True:
+                body = wait_readyz(base, 503)
+                reasons = worker_reasons(body)
+                if set(reasons) == {"0", "1"} and all(text in why for why in reasons.values()):
+                    return reasons
+                assert time.monotonic() < deadline, body
+                time.sleep(0.1)
+
+        reasons = both_report("redis is not connected yet (")
+        assert all(str(redis_process.port) in why for why in reasons.values())
+        redis_process.start()
+        wait_ready(base)
+        assert json.loads(get(f"{base}/readyz")[1]) == {"status": "ready", "backend": "redis"}
+        redis_process.kill()
+        reasons = both_report("redis unreachable: ")
+        assert all("redis is not connected yet" not in why for why in reasons.values())
+        redis_process.start()
+        wait_ready(base)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
