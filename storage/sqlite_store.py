@@ -513,49 +513,40 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
-        wanted = list(dict.fromkeys(topics))
-        if not wanted:
-            return {}
-
-        def run(conn: sqlite3.Connection) -> dict[str, float]:
-            cutoff = self._cutoff_ms(self._now_ms())
-            out: dict[str, float] = {}
-            for topic in wanted:
-                if cutoff is None:
-                    row = conn.execute(
-                        "SELECT max(id) FROM mqtt_msg WHERE topic = ?", (topic,)
-                    ).fetchone()
-                else:
-                    row = conn.execute(
-                        "SELECT id FROM mqtt_msg INDEXED BY mqtt_msg_topic WHERE topic = ? "
-                        "AND arrived >= ? ORDER BY id DESC LIMIT 1",
-                        (topic, cutoff),
-                    ).fetchone()
-                if row is not None and row[0] is not None:
-                    out[topic] = float(row[0])
-            return out
-
-        return await self._read(run)
+        highs = await self._per_topic(
+            topics,
+            "SELECT max(id) FROM mqtt_msg WHERE topic = ?",
+            "SELECT id FROM mqtt_msg INDEXED BY mqtt_msg_topic WHERE topic = ? "
+            "AND arrived >= ? ORDER BY id DESC LIMIT 1",
+        )
+        return {topic: float(high) for topic, high in highs.items()}
 
     async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        # counted from the topic index (and arrived, under a ttl): no payload is read
+        counts = await self._per_topic(
+            topics,
+            "SELECT count(*) FROM mqtt_msg WHERE topic = ?",
+            "SELECT count(*) FROM mqtt_msg INDEXED BY mqtt_msg_topic WHERE topic = ? AND arrived >= ?",
+        )
+        return {topic: int(n) for topic, n in counts.items()}
+
+    async def _per_topic(self, topics: Sequence[str], any_age_sql: str, unexpired_sql: str) -> dict[str, Any]:
+        """One value per distinct topic: ``any_age_sql`` (topic) without a ttl, else
+        ``unexpired_sql`` (topic, cutoff). Topics whose value is none, 0 or NULL are left out."""
         wanted = list(dict.fromkeys(topics))
         if not wanted:
             return {}
 
-        def run(conn: sqlite3.Connection) -> dict[str, int]:
-            # counted from the topic index (and arrived, under a ttl): no payload is read
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
             cutoff = self._cutoff_ms(self._now_ms())
-            out: dict[str, int] = {}
+            out: dict[str, Any] = {}
             for topic in wanted:
                 if cutoff is None:
-                    row = conn.execute("SELECT count(*) FROM mqtt_msg WHERE topic = ?", (topic,)).fetchone()
+                    row = conn.execute(any_age_sql, (topic,)).fetchone()
                 else:
-                    row = conn.execute(
-                        "SELECT count(*) FROM mqtt_msg INDEXED BY mqtt_msg_topic WHERE topic = ? AND arrived >= ?",
-                        (topic, cutoff),
-                    ).fetchone()
-                if row is not None and row[0]:
-                    out[topic] = int(row[0])
+                    row = conn.execute(unexpired_sql, (topic, cutoff)).fetchone()
+                if row is not None and row[0]:  # ids start at 1, so a position is never 0
+                    out[topic] = row[0]
             return out
 
         return await self._read(run)
