@@ -15,9 +15,8 @@ import grpc
 
 from exhook.pb.v3 import exhook_pb2 as pb
 from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
+from tests.cli_run import ROOT, service_process
 from tests.e2e.harness import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp_path: Path, port: int, workers: int) -> Path:
@@ -80,9 +79,7 @@ def publish_one(port: int) -> int:
 
 def test_service_logs_listen_address_and_backend_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 1))],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
+    with service_process(write_config(tmp_path, port, 1)) as proc:
         stderr = StderrLines(proc)
         started = stderr.wait_for("listening on", 1)
         assert f"127.0.0.1:{port}" in started and "backend sqlite" in started
@@ -92,22 +89,16 @@ def test_service_logs_listen_address_and_backend_and_stops_on_sigterm(tmp_path: 
         assert proc.wait(timeout=30) == 0
         out = stderr.rest()
         assert "stopped" in out and "messages_stored=1" in out
-    finally:
-        proc.kill()
 
 
 def test_workers_share_one_port(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 2))],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
+    with service_process(write_config(tmp_path, port, 2)) as proc:
         started = StderrLines(proc).wait_for("listening on", 2)
         assert "worker=0" in started and "worker=1" in started
         assert publish_one(port) == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
 
 
 def test_workers_that_cannot_start_stop_the_service(tmp_path: Path) -> None:
@@ -123,10 +114,7 @@ def test_workers_that_cannot_start_stop_the_service(tmp_path: Path) -> None:
 
 
 def test_a_worker_that_dies_stops_the_others(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(write_config(tmp_path, port, 2))],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
+    with service_process(write_config(tmp_path, free_port(), 2)) as proc:
         stderr = StderrLines(proc)
         stderr.wait_for("listening on", 2)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -139,5 +127,3 @@ def test_a_worker_that_dies_stops_the_others(tmp_path: Path) -> None:
         assert "stopping the other workers" in stderr.rest()
         assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
                    for pid in workers)
-    finally:
-        proc.kill()

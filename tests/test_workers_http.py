@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,12 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exhook.pb.v3 import exhook_pb2 as pb
 from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
+from tests.cli_run import service_process
 from tests.e2e.harness import free_port
 from tests.e2e.test_outages import RedisProcess, redis_process
 
 __all__ = ["redis_process"]  # a fixture used here
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -65,17 +63,20 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
+def two_workers_config(tmp_path: Path, backend: str) -> tuple[Path, int, str]:
+    """A config of two workers over ``backend`` (a HOCON block); with its gRPC port and HTTP base URL."""
     grpc_port, http_port = free_port(), free_port()
     cfg = tmp_path / "workers.hocon"
     cfg.write_text(
         f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2, log_format = json,\n'
-        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n'
-        f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{http_port}"
-    try:
+        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n{backend}\n')
+    return cfg, grpc_port, f"http://127.0.0.1:{http_port}"
+
+
+def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
+    cfg, grpc_port, base = two_workers_config(
+        tmp_path, f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}')
+    with service_process(cfg) as proc:
         wait_ready(base)
         status, body = get(f"{base}/readyz")
         assert (status, json.loads(body)) == (200, {"status": "ready", "backend": "sqlite"})
@@ -95,10 +96,6 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=5)
         started = [json.loads(line) for line in stderr.splitlines() if line.startswith("{") and "listening on" in line]
         assert sorted(entry["worker"] for entry in started) == [0, 1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def worker_reasons(body: dict[str, str]) -> dict[str, str]:
@@ -108,17 +105,9 @@ def worker_reasons(body: dict[str, str]) -> dict[str, str]:
 
 
 def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis_process: RedisProcess) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    cfg = tmp_path / "workers.hocon"
-    cfg.write_text(
-        f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2,\n'
-        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n'
-        f'redis {{ enable = true, servers = "127.0.0.1:{redis_process.port}", topics = ["t/#"] }}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        # Redis is not running yet: each worker says why it is not ready
+    cfg, _, base = two_workers_config(
+        tmp_path, f'redis {{ enable = true, servers = "127.0.0.1:{redis_process.port}", topics = ["t/#"] }}')
+    with service_process(cfg, stderr=subprocess.DEVNULL) as proc:
         def both_report(text: str) -> dict[str, str]:
             deadline = time.monotonic() + 60
             while True:
@@ -129,6 +118,7 @@ def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis
                 assert time.monotonic() < deadline, body
                 time.sleep(0.1)
 
+        # Redis is not running yet: each worker says why it is not ready
         reasons = both_report("redis is not connected yet (")
         assert all(str(redis_process.port) in why for why in reasons.values())
         redis_process.start()
@@ -142,7 +132,3 @@ def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
