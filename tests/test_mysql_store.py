@@ -25,6 +25,7 @@ from storage.base import StoreConfigError, StoreError
 from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, StoredMessage
 from storage.mysql_store import STATE_TABLES_DDL, MysqlStore
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
+from tests.store_reads import read_all
 
 ROOT: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 
@@ -109,15 +110,6 @@ def msg(topic: str = "t/1", payload: bytes = b"hello", *, ts: int | None = None,
         msgid: str | None = None, retain: bool = False, qos: int = 1) -> StoredMessage:
     return StoredMessage(msgid or f"{next(_counter):032X}", sender, topic, qos, retain, payload,
                          int(time.time() * 1000) if ts is None else ts)
-
-
-async def read_all(store: MysqlStore, ranges: dict[str, tuple[float | None, float]],
-                   page: int = 100) -> list[StoredMessage]:
-    out: list[StoredMessage] = []
-    async for batch in store.read_messages(ranges, page):
-        assert 0 < len(batch) <= page
-        out.extend(batch)
-    return out
 
 
 async def read_topic(store: MysqlStore, topic: str) -> list[StoredMessage]:
@@ -405,7 +397,7 @@ async def test_read_merges_topics_in_position_order_with_ranges(make_store: Make
         await store.write([SaveMessage(m) for m in msgs[start : start + 64]])
     highs = await store.latest_positions([*topics, "ord/none"])
     assert set(highs) == set(topics)
-    everything = await read_all(store, {t: (None, highs[t]) for t in topics}, page=7)
+    everything = await read_all(store, {t: (None, highs[t]) for t in topics}, page_size=7)
     assert [m.msgid for m in everything] == [m.msgid for m in msgs]
     positions = [m.position for m in everything]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)

@@ -41,6 +41,7 @@ from tests.redis_servers import (
     TlsMaterial,
     to_hocon,
 )
+from tests.store_reads import read_all
 
 if TYPE_CHECKING:
     from tests.redis_fixtures import RedisTopologies
@@ -79,14 +80,6 @@ async def opened(cfg: RedisConfig) -> RedisStore:
     return store
 
 
-async def read_all(store: RedisStore, ranges: dict[str, tuple[float | None, float]],
-                   page_size: int = 7) -> list[StoredMessage]:
-    out: list[StoredMessage] = []
-    async for page in store.read_messages(ranges, page_size):
-        out.extend(page)
-    return out
-
-
 async def exercise(store: RedisStore, topics: tuple[str, ...] = ("core/a", "core/b", "core/c")) -> None:
     """The store's core operations, as the service uses them."""
     base = now_us()
@@ -98,7 +91,7 @@ async def exercise(store: RedisStore, topics: tuple[str, ...] = ("core/a", "core
     assert sorted(found) == sorted(topics)
     highs = await store.latest_positions(found)
     assert set(highs) == set(topics)
-    got = await read_all(store, dict.fromkeys(found, EVERYTHING))
+    got = await read_all(store, dict.fromkeys(found, EVERYTHING), page_size=7)
     assert [m.msgid for m in got] == [m.msgid for m in msgs]
     assert [m.payload for m in got] == [m.payload for m in msgs]
     position0 = got[0].position
@@ -121,7 +114,7 @@ async def exercise(store: RedisStore, topics: tuple[str, ...] = ("core/a", "core
     await store.write([DeleteMessage(new1, msgs[1].topic, replay_ack=True)])
     await store.write([RekeyMessage(msgs[1].msgid, new1, msgs[1].topic)])
     await store.write([DeleteMessage(msgs[2].msgid, msgs[2].topic)])
-    got = await read_all(store, dict.fromkeys(topics, EVERYTHING))
+    got = await read_all(store, dict.fromkeys(topics, EVERYTHING), page_size=7)
     assert [m.msgid for m in got] == [new0] + [m.msgid for m in msgs[3:]]
     assert got[0].position == position0
 
@@ -193,7 +186,7 @@ async def test_sentinel_follows_failover(redis_factory: RedisTopologies) -> None
             except StoreError:
                 if time.monotonic() > deadline:
                     raise
-        got = await read_all(store, {"fo/t": EVERYTHING})
+        got = await read_all(store, {"fo/t": EVERYTHING}, page_size=7)
         assert [m.msgid for m in got] == [before.msgid, after.msgid]
         with topology.node_by_port(new[1]).client() as conn:
             assert conn.exists(f"{store.cfg.message_key_prefix}:{msgid_to_b62(after.msgid)}")
@@ -266,7 +259,7 @@ async def test_cluster_database_is_ignored_with_a_warning(redis_cluster_clean: R
         assert any("database" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
         m = smsg(guid(now_us()), "cdb/t")
         await store.write([SaveMessage(m)])
-        assert [x.msgid for x in await read_all(store, {"cdb/t": EVERYTHING})] == [m.msgid]
+        assert [x.msgid for x in await read_all(store, {"cdb/t": EVERYTHING}, page_size=7)] == [m.msgid]
     finally:
         await store.close()
 

@@ -32,6 +32,7 @@ from storage.model import (
     Subscription,
 )
 from storage.redis_store import REDIS_COMMANDS, RedisStore
+from tests.store_reads import read_all
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 NODE = 0x0A0B0C0D0E0F
@@ -54,15 +55,6 @@ def smsg(msgid: str, topic: str, payload: bytes = b"p", *, sender: str = "pub", 
 
 def save(*msgs: StoredMessage) -> list[SaveMessage]:
     return [SaveMessage(m) for m in msgs]
-
-
-async def read_all(store: RedisStore, ranges: dict[str, tuple[float | None, float]],
-                   page_size: int = 100) -> list[StoredMessage]:
-    out: list[StoredMessage] = []
-    async for page in store.read_messages(ranges, page_size):
-        assert 0 < len(page) <= page_size
-        out.extend(page)
-    return out
 
 
 EVERYTHING = (None, float("inf"))

@@ -30,6 +30,7 @@ from storage.model import (
     WriteOp,
 )
 from storage.sqlite_store import SqliteStore, prefix_upper_bound
+from tests.store_reads import read_all
 
 
 class FakeClock:
@@ -59,14 +60,6 @@ def msg(topic: str, payload: bytes = b"p", *, mid: str | None = None, ts: int | 
 
 def saves(*messages: StoredMessage) -> list[SaveMessage]:
     return [SaveMessage(m) for m in messages]
-
-
-async def read_all(store: SqliteStore, ranges, page_size: int = 100) -> list[StoredMessage]:
-    out: list[StoredMessage] = []
-    async for page in store.read_messages(ranges, page_size):
-        assert 0 < len(page) <= page_size
-        out.extend(page)
-    return out
 
 
 async def read_topic(store: SqliteStore, topic: str, page_size: int = 100) -> list[StoredMessage]:
