@@ -40,29 +40,25 @@ class WorkersReadiness:
         self._procs = procs
         self._reports = reports
         self._states: dict[int, tuple[bool, str]] = {}
-        self._listening: list[int] = []
 
     def listen(self) -> None:
         loop = asyncio.get_running_loop()
         for index, conn in enumerate(self._reports):
             loop.add_reader(conn.fileno(), self._receive, index)
-            self._listening.append(index)
 
     def close(self) -> None:
-        for index in self._listening:
+        for index in range(len(self._reports)):
             self._stop_listening(index)
-        self._listening.clear()
 
     def _receive(self, index: int) -> None:
         try:
             self._states[index] = self._reports[index].recv()
         except (EOFError, OSError):  # the worker has exited: its process sentinel reports that
             self._stop_listening(index)
-            self._listening.remove(index)
 
     def _stop_listening(self, index: int) -> None:
         conn = self._reports[index]
-        if not conn.closed:
+        if not conn.closed:  # a closed pipe is one no longer listened to
             asyncio.get_running_loop().remove_reader(conn.fileno())
             conn.close()
 
