@@ -18,31 +18,22 @@ from typing import Any, Literal, TypeVar
 from pyhocon import ConfigFactory, ConfigTree  # type: ignore[import-untyped]
 from pyhocon.exceptions import ConfigException  # type: ignore[import-untyped]
 
-from exhook.errors import first_line
 from exhook.topics import TopicError, validate_filter
+from storage.config import DEFAULT_SQL as DEFAULT_SQL
+from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
+from storage.config import SQL_TEMPLATE_FIELDS as SQL_TEMPLATE_FIELDS
+from storage.config import BackendCommon as BackendCommon
+from storage.config import BackendConfig as BackendConfig
+from storage.config import HostPort as HostPort
+from storage.config import MysqlConfig as MysqlConfig
+from storage.config import RedisConfig as RedisConfig
+from storage.config import SqliteConfig as SqliteConfig
+from storage.config import SslOptions as SslOptions
+from storage.errors import first_line
 
 
 class ConfigError(ValueError):
     """An invalid configuration; ``str()`` is one line naming the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class SslOptions:
-    enable: bool = False
-    verify: bool = True
-    cacertfile: str = ""
-    certfile: str = ""
-    keyfile: str = ""
-    server_name_indication: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,78 +81,6 @@ class ServiceConfig:
     emqx: EmqxApiConfig = EmqxApiConfig()
     ssl: ServerTlsConfig = ServerTlsConfig()
     http: HttpConfig = HttpConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class BackendCommon:
-    topics: tuple[str, ...] = ()
-    batch_size: int = 1
-    batch_time_ms: int = 100
-    message_ttl: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RedisConfig(BackendCommon):
-    servers: tuple[HostPort, ...] = (HostPort("127.0.0.1", 6379),)
-    redis_type: Literal["single", "sentinel", "cluster"] = "single"
-    sentinel: str = ""
-    pool_size: int = 8
-    username: str = ""
-    password: str = field(default="", repr=False)
-    database: int = 0
-    message_key_prefix: str = "mqtt:msg"
-    subscription_key_prefix: str = "mqtt:sub"
-    wait_replicas: int = 0
-    wait_timeout_ms: int = 1000
-    ssl: SslOptions = SslOptions()
-
-
-SQL_TEMPLATE_FIELDS = (
-    "insert_message_sql",
-    "delete_message_sql",
-    "select_message_sql",
-    "insert_subscription_sql",
-    "select_subscriptions_sql",
-    "delete_subscription_sql",
-    "rekey_message_sql",
-)
-
-DEFAULT_SQL: dict[str, str] = {
-    "insert_message_sql": (
-        "insert into mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
-        "values(${id}, ${from}, ${topic}, ${qos}, ${flags.retain}, ${payload}, "
-        "FROM_UNIXTIME(${timestamp}/1000))"
-    ),
-    "delete_message_sql": "delete from mqtt_msg where msgid = ${id}",
-    "select_message_sql": "select * from mqtt_msg where topic = ${topic}",
-    "insert_subscription_sql": (
-        "insert into mqtt_sub(clientid, topic, qos) values(${clientid}, ${topic}, ${qos}) "
-        "on duplicate key update qos = ${qos}"
-    ),
-    "select_subscriptions_sql": "select topic, qos from mqtt_sub where clientid = ${clientid}",
-    "delete_subscription_sql": "delete from mqtt_sub where clientid = ${clientid} and topic = ${topic}",
-    "rekey_message_sql": "update mqtt_msg set msgid = ${new_id} where msgid = ${id}",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class MysqlConfig(BackendCommon):
-    server: HostPort = HostPort("127.0.0.1", 3306)
-    pool_size: int = 8
-    username: str = "root"
-    password: str = field(default="", repr=False)
-    database: str = "mqtt"
-    init_default_schema: bool = False
-    sql: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SQL))
-    ssl: SslOptions = SslOptions()
-
-
-@dataclass(frozen=True, slots=True)
-class SqliteConfig(BackendCommon):
-    path: str = "data/offline-messages.sqlite3"
-
-
-BackendConfig = RedisConfig | MysqlConfig | SqliteConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,10 +318,6 @@ def _parse_redis(tree: ConfigTree) -> RedisConfig:
 
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-SQL_PLACEHOLDERS = frozenset(
-    {"id", "from", "clientid", "topic", "qos", "flags.retain", "retain", "payload", "timestamp", "new_id"}
-)
-
 
 def check_sql_template(field_name: str, sql: str) -> None:
     if not sql.strip():

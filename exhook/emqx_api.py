@@ -13,7 +13,7 @@ import aiohttp
 
 from exhook.config import EmqxApiConfig
 from exhook.metrics import Metrics
-from exhook.tls import client_ssl_context
+from storage.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,8 @@ class EmqxApi:
         self._cfg = cfg
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | bool = client_ssl_context(cfg.ssl) if cfg.ssl.enable else False
-        # SNI and the name the certificate is checked against, when it is not the URL's host
-        sni = cfg.ssl.server_name_indication
-        self._sni: str | None = sni if cfg.ssl.enable and sni and sni != "disable" else None
+        # the context carries SNI and the name checked when it is not the URL's host
+        self._ssl: ssl.SSLContext | bool = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else False
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -126,7 +124,7 @@ class EmqxApi:
         if self._session is None:
             raise EmqxApiError("EMQX API client is not started")
         try:
-            async with self._session.post(path, json=body, server_hostname=self._sni) as resp:
+            async with self._session.post(path, json=body) as resp:
                 try:
                     answer = await resp.json(content_type=None)
                 except ValueError:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer, which mypy cannot follow
 
-from exhook.errors import one_line
 from exhook.metrics import Metrics
 from storage.base import Store
+from storage.errors import one_line
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import logging
 import time
 from collections import deque
 
-from exhook.errors import one_line
 from exhook.metrics import Metrics
 from storage.base import Store
+from storage.errors import one_line
 from storage.model import DeleteMessage, RekeyMessage, WriteOp
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,8 @@ driver is only loaded when it is used)."""
 
 from __future__ import annotations
 
-from exhook.config import BackendConfig, MysqlConfig, RedisConfig, SqliteConfig
 from storage.base import Store
+from storage.config import BackendConfig, MysqlConfig, RedisConfig, SqliteConfig
 
 
 def create_store(cfg: BackendConfig) -> Store:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from exhook.errors import first_line
 from storage.base import Store, StoreError
+from storage.errors import first_line
 from storage.model import PendingReplay, StoredMessage, Subscription, WriteOp
 
 T = TypeVar("T")

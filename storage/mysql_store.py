@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 import aiomysql
 import pymysql
 
-from exhook.config import MysqlConfig, SslOptions
 from storage.base import (
     PENDING_REPLAY_TTL_S,
     REPLAY_MARK_TTL_S,
@@ -45,6 +44,8 @@ from storage.base import (
     StoreConfigError,
     StoreError,
 )
+from storage.config import MysqlConfig
+from storage.errors import joined
 from storage.model import (
     DeleteMessage,
     PendingReplay,
@@ -67,6 +68,7 @@ from storage.sql_template import (
     quote_ident,
     subscription_values,
 )
+from storage.tls import TlsSetupError, client_context
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -181,71 +183,8 @@ class _Retry(Exception):
 
 
 # ---------------------------------------------------------------------------
-# TLS
-# ---------------------------------------------------------------------------
-
-
-class _SniSSLContext(ssl.SSLContext):
-    """aiomysql starts TLS with ``server_hostname=<the host it connects to>``; this
-    context replaces that name with ``server_name_indication`` (SNI and the hostname
-    check), or sends none for ``server_name_indication = disable``."""
-
-    sni_override: str | None = None  # None: keep the host; "": no SNI at all
-
-    def wrap_bio(  # type: ignore[override]
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        if self.sni_override is not None:
-            server_hostname = self.sni_override or None
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-
-
-def build_ssl_context(opts: SslOptions, where: str = "mysql.ssl") -> ssl.SSLContext:
-    """Client context: ``verify`` off = no chain and no name check; on = chain against
-    ``cacertfile`` (system CAs when empty) and the name ``server_name_indication``
-    (or the server's host when empty)."""
-    ctx = _SniSSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    sni = opts.server_name_indication.strip()
-    if sni.lower() == "disable":
-        ctx.sni_override = ""
-    elif sni:
-        ctx.sni_override = sni
-    try:
-        if opts.verify:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.check_hostname = ctx.sni_override != ""
-            if opts.cacertfile:
-                ctx.load_verify_locations(cafile=opts.cacertfile)
-            else:
-                ctx.load_default_certs()
-        else:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-    except (OSError, ssl.SSLError) as exc:
-        raise StoreConfigError(f"{where}.cacertfile: cannot load {opts.cacertfile!r}: {exc}") from None
-    if opts.certfile:
-        try:
-            ctx.load_cert_chain(opts.certfile, opts.keyfile or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise StoreConfigError(
-                f"{where}.certfile: cannot load {opts.certfile!r} / {opts.keyfile!r}: {exc}"
-            ) from None
-    return ctx
-
-
-# ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return " ".join(lines)[:500]
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -278,7 +217,7 @@ def describe_error(exc: BaseException) -> str:
             text += f" ({cause.strerror or cause})"
             break
         cause = cause.__cause__ or cause.__context__
-    return _one_line(text)
+    return joined(text)
 
 
 _LOST_CODES = frozenset({2006, 2013, 2055})
@@ -407,7 +346,10 @@ class MysqlStore(Store):
         if self._pool is not None:
             return
         cfg = self._cfg
-        ssl_ctx = build_ssl_context(cfg.ssl) if cfg.ssl.enable else None
+        try:
+            ssl_ctx = client_context(cfg.ssl, "mysql.ssl") if cfg.ssl.enable else None
+        except TlsSetupError as exc:
+            raise StoreConfigError(str(exc)) from None
         try:
             self._pool = await asyncio.wait_for(
                 aiomysql.create_pool(

@@ -136,7 +136,7 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import hiredis
@@ -157,8 +157,6 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from exhook.config import RedisConfig
-from exhook.tls import client_ssl_context
 from storage.base import (
     PENDING_REPLAY_TTL_S,
     REPLAY_MARK_TTL_S,
@@ -168,6 +166,7 @@ from storage.base import (
     StoreError,
 )
 from storage.base62 import Base62Error, b62_to_msgid, msgid_to_b62
+from storage.config import RedisConfig
 from storage.model import (
     DeleteMessage,
     PendingReplay,
@@ -177,6 +176,7 @@ from storage.model import (
     Subscription,
     WriteOp,
 )
+from storage.tls import TlsSetupError, client_context
 
 log = logging.getLogger(__name__)
 
@@ -308,42 +308,25 @@ class _FirstArgKey(AsyncCommandsParser):
         return (args[1],) if len(args) >= 2 else None
 
 
-class _Tls:
-    __slots__ = ("context", "server_hostname")
-
-    def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        self.context = context
-        self.server_hostname = server_hostname
-
-
 class _TlsConnection(_HiredisPack, SSLConnection):
-    """redis-py's SSL connection with our context and an optional SNI name."""
+    """redis-py's SSL connection with our context (which also carries the SNI name)."""
 
-    def __init__(self, *, ox_tls: _Tls, **kwargs: Any) -> None:
+    def __init__(self, *, ox_tls: ssl.SSLContext, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.ssl_context.context = ox_tls.context
-        self._ox_sni = ox_tls.server_hostname
-
-    def _connection_arguments(self) -> Mapping[str, Any]:
-        args = dict(super()._connection_arguments())
-        if self._ox_sni is not None:
-            args["server_hostname"] = self._ox_sni
-        return args
+        self.ssl_context.context = ox_tls
 
 
 class _SentinelTlsConnection(SentinelManagedConnection, _TlsConnection):
     pass
 
 
-def _tls_of(cfg: RedisConfig) -> _Tls | None:
+def _tls_of(cfg: RedisConfig) -> ssl.SSLContext | None:
     if not cfg.ssl.enable:
         return None
-    ctx = client_ssl_context(cfg.ssl)
-    sni: str | None = cfg.ssl.server_name_indication or None
-    if sni == "disable":  # the Erlang option: no SNI (and so no host name to check)
-        ctx.check_hostname = False
-        sni = ""
-    return _Tls(ctx, sni)
+    try:
+        return client_context(cfg.ssl, "redis.ssl")
+    except TlsSetupError as exc:
+        raise StoreConfigError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +407,7 @@ class RedisStore(Store):
     def _servers_text(self) -> str:
         return ",".join(str(s) for s in self.cfg.servers)
 
-    def _node_client(self, host: str, port: int, tls: _Tls | None, *, db: int = 0, max_connections: int = 4,
+    def _node_client(self, host: str, port: int, tls: ssl.SSLContext | None, *, db: int = 0, max_connections: int = 4,
                      with_auth: bool = True) -> Redis:
         kwargs = self._base_kwargs()
         if not with_auth:
@@ -436,18 +419,18 @@ class RedisStore(Store):
             kwargs["connection_class"] = _FastConnection
         return Redis.from_pool(ConnectionPool(**kwargs))
 
-    def _build_single(self, tls: _Tls | None) -> Redis:
+    def _build_single(self, tls: ssl.SSLContext | None) -> Redis:
         server = self.cfg.servers[0]
         return self._node_client(server.host, server.port, tls, db=self.cfg.database,
                                  max_connections=self.cfg.pool_size)
 
-    def _sentinel_clients(self, tls: _Tls | None, with_auth: bool) -> list[Redis]:
+    def _sentinel_clients(self, tls: ssl.SSLContext | None, with_auth: bool) -> list[Redis]:
         # every new master connection asks a sentinel first: as many as the master pool
         size = max(4, self.cfg.pool_size)
         return [self._node_client(s.host, s.port, tls, with_auth=with_auth, max_connections=size)
                 for s in self.cfg.servers]
 
-    async def _sentinels_need_auth(self, tls: _Tls | None) -> bool:
+    async def _sentinels_need_auth(self, tls: ssl.SSLContext | None) -> bool:
         """Sentinels usually run without a password (the plugin 2.0.0 sends none);
         use the data nodes' credentials only if a sentinel asks for them."""
         if not (self.cfg.username or self.cfg.password):
@@ -468,7 +451,7 @@ class RedisStore(Store):
                 await client.aclose()
         return False
 
-    async def _build_sentinel(self, tls: _Tls | None) -> Redis:
+    async def _build_sentinel(self, tls: ssl.SSLContext | None) -> Redis:
         sentinel = Sentinel([], sentinel_kwargs={})  # type: ignore[no-untyped-call]
         sentinel.sentinels = self._sentinel_clients(tls, await self._sentinels_need_auth(tls))
         self._sentinel = sentinel
@@ -481,7 +464,7 @@ class RedisStore(Store):
         client: Redis = sentinel.master_for(self.cfg.sentinel, **kwargs)
         return client
 
-    def _build_cluster(self, tls: _Tls | None) -> RedisCluster:
+    def _build_cluster(self, tls: ssl.SSLContext | None) -> RedisCluster:
         kwargs = self._base_kwargs()
         kwargs.pop("retry")
         nodes = [ClusterNode(s.host, s.port) for s in self.cfg.servers]
@@ -543,7 +526,7 @@ class RedisStore(Store):
         log.info("redis store open: %s, %s, message_ttl %d s, key prefixes %r / %r",
                  where, who, self._ttl, cfg.message_key_prefix, cfg.subscription_key_prefix)
 
-    async def _diagnose_cluster(self, tls: _Tls | None, who: str, where: str) -> None:
+    async def _diagnose_cluster(self, tls: ssl.SSLContext | None, who: str, where: str) -> None:
         """Ask the configured nodes for CLUSTER SLOTS directly; raise StoreConfigError
         with the reason if one of them answers why the cluster cannot be used."""
         for server in self.cfg.servers:

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exhook.config import SqliteConfig
 from storage.base import (
     PENDING_REPLAY_TTL_S,
     REPLAY_MARK_TTL_S,
@@ -57,6 +56,7 @@ from storage.base import (
     StoreConfigError,
     StoreError,
 )
+from storage.config import SqliteConfig
 from storage.model import (
     DeleteMessage,
     PendingReplay,

@@ -31,7 +31,7 @@ import aiohttp
 from exhook.cli.output import CliError
 from exhook.config import Config, EmqxApiConfig
 from exhook.emqx_api import basic_auth
-from exhook.tls import client_ssl_context
+from storage.tls import client_context
 
 DEFAULT_NAME = "offline-exhook"
 _NAME = re.compile(r"^[A-Za-z0-9]+[A-Za-z0-9_-]*$")  # emqx_exhook_schema:validate_name/1
@@ -167,9 +167,7 @@ class EmqxAdmin:
 
     def __init__(self, cfg: EmqxApiConfig) -> None:
         self._cfg = cfg
-        ssl = client_ssl_context(cfg.ssl) if cfg.ssl.enable else False
-        sni = cfg.ssl.server_name_indication
-        self._sni = sni if cfg.ssl.enable and sni and sni != "disable" else None
+        ssl = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else False
         self._session = aiohttp.ClientSession(
             base_url=cfg.url,
             headers={"Authorization": basic_auth(cfg.api_key, cfg.api_secret)},
@@ -183,7 +181,7 @@ class EmqxAdmin:
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         url = self._cfg.url
         try:
-            async with self._session.request(method, path, json=body, server_hostname=self._sni) as resp:
+            async with self._session.request(method, path, json=body) as resp:
                 try:
                     answer = await resp.json(content_type=None)
                 except ValueError:
