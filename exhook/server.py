@@ -61,7 +61,7 @@ class Service:
         backend = cfg.backend
         gate = self._gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
         await self._open_store_or_retry(gate)
-        self.readiness = Readiness(gate, cfg.service.http.check_interval_ms / 1000, self.metrics, self._health,
+        self.readiness = Readiness(gate.store, cfg.service.http.check_interval_ms / 1000, self.metrics, self._health,
                                    redactor(config_secrets(cfg)), self.on_readiness)
         await self.readiness.check()
         self._tasks.append(asyncio.create_task(self.readiness.run(), name="readiness"))
@@ -70,14 +70,14 @@ class Service:
             await self.http.start()
         tracked = TopicSet(backend.topics)
         flags = BrokerFlags()
-        self._writer = OrderedWriter(gate, self.metrics, backend.batch_size, backend.batch_time_ms,
+        self._writer = OrderedWriter(gate.store, self.metrics, backend.batch_size, backend.batch_time_ms,
                                      cfg.service.max_pending_writes)
         self._writer.start()
         self._api = EmqxApi(cfg.service.emqx, self.metrics)
         await self._api.start()
         self._queues = ClientQueues(self.metrics)
-        replayer = Replayer(gate, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
-        self._logic = HookLogic(tracked, gate, self._writer, replayer, self._queues, self.metrics, flags,
+        replayer = Replayer(gate.store, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
+        self._logic = HookLogic(tracked, gate.store, self._writer, replayer, self._queues, self.metrics, flags,
                                 cfg.service.publish_deadline_ms)
         self._server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1),
@@ -137,7 +137,7 @@ class Service:
             try:
                 purged = _PURGE_CHUNK
                 while purged >= _PURGE_CHUNK:  # bounded chunks keep each statement short
-                    purged = await gate.purge_expired(_PURGE_CHUNK)
+                    purged = await gate.store.purge_expired(_PURGE_CHUNK)
             except StoreError as exc:
                 log.debug("purge of expired messages skipped: %s", exc)
 

@@ -76,7 +76,7 @@ async def test_failed_batch_is_retried_until_the_store_returns() -> None:
     metrics = Metrics()
     gate = GatedStore(cast(Store, store), metrics.store_failure)  # as the service wires it
     gate.is_open = True
-    writer = OrderedWriter(gate, metrics, 10, 0, 100)
+    writer = OrderedWriter(gate.store, metrics, 10, 0, 100)
     writer.start()
     fut = writer.submit_nowait(save(1))
     assert fut is not None
