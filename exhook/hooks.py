@@ -133,7 +133,7 @@ class HookLogic:
             if fut is None:
                 fut = await asyncio.wait_for(self._writer.submit(op), self._remaining(started))
         except (TimeoutError, WriterClosed):
-            self._metrics.deadline["buffer_full"].inc()
+            self._metrics.deadline["spool_full"].inc()
             self._log_deadline("write buffer full: message NOT stored", message)
             return
         if not fut.done():
