@@ -388,8 +388,8 @@ def build_report(res: Results, args: argparse.Namespace, *, command: str, date: 
     raw_rows = _raw_rows(res, args)
     if raw_rows:
         parts += [f"**Raw backends** from one connection: writes and deletes in batches of {args.batch_size}; one "
-                  "commit = a single-row INSERT + COMMIT (Redis: one message's write pipeline), one after the other, with "
-                  "the server's durability settings named in the notes", ""]
+                  "commit = a single-row INSERT + COMMIT (Redis: one message's write pipeline), one after the "
+                  "other, with the server's durability settings named in the notes", ""]
         parts += _table(["backend", "write msg/s", "delete msg/s", "one commit p50 / p99 ms", "baseline ms", "notes"],
                         raw_rows)
     big_rows = _big_rows(res)
