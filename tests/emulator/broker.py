@@ -18,9 +18,9 @@ EMQX behaviour reproduced here, with the source it was read from (emqx/emqx, 5.x
   message twice, each copy with that subscription's options (QoS = min(message, subscription); ``nl``; ``rap``).
   There is no per-client de-duplication. Literal filters are looked up by name and only the wildcard
   filters are matched one by one (EMQX: a direct route table plus a trie), so routing stays cheap with the
-  benchmark's thousands of subscribers; routes are dispatched in the order they were created. A shared route ``$share/g/f`` goes to one member of the group
-  (``emqx_shared_sub``, default strategy ``round_robin``); a client in the group that also has a plain
-  subscription gets one copy per route.
+  benchmark's thousands of subscribers; routes are dispatched in the order they were created. A shared route
+  ``$share/g/f`` goes to one member of the group (``emqx_shared_sub``, default strategy ``round_robin``); a
+  client in the group that also has a plain subscription gets one copy per route.
 * Sessions (``emqx_session_mem``): at most ``max_inflight`` (32) unacknowledged QoS>0 deliveries; the rest wait
   in the mqueue (``max_mqueue_len`` 1000, oldest dropped when full). While a persistent session
   (expiry > 0) is offline its routes stay and deliveries are queued; ``mqueue_store_qos0`` defaults to
