@@ -79,19 +79,31 @@ class Flaky:
         return call
 
 
-async def wait_until(what: Callable[[], bool], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not what():
-            await asyncio.sleep(0.01)
+class Changes(list[tuple[bool, str]]):
+    """Readiness changes as the service reports them, with a way to wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def __call__(self, ready: bool, why: str) -> None:
+        self.append((ready, why))
+        self.changed.set()
+
+    async def wait_until(self, what: Callable[[], bool], timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while not what():
+                self.changed.clear()
+                await self.changed.wait()
 
 
-async def start(tmp_path: Path, store: Flaky, changes: list[tuple[bool, str]]) -> Service:
+async def start(tmp_path: Path, store: Flaky, changes: Changes) -> Service:
     cfg = load_config_string(f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n'
                              f'exhook {{ spool.path = "{tmp_path}/spool", http.check_interval = 100ms }}')
     svc = dataclasses.replace(cfg.service, listen=HostPort("127.0.0.1", 0),
                               http=dataclasses.replace(cfg.service.http, enable=False))
     service = Service(dataclasses.replace(cfg, service=svc), store=store,  # type: ignore[arg-type]
-                      on_readiness=lambda ready, why: changes.append((ready, why)))
+                      on_readiness=changes)
     await service.start()
     return service
 
@@ -149,17 +161,16 @@ async def test_each_service_loop_survives_a_crash(tmp_path: Path, monkeypatch: p
     cfg = load_config_string(f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3" }}')
     store = Flaky(create_store(cfg.backend))
     arm(store, monkeypatch)
-    changes: list[tuple[bool, str]] = []
+    changes = Changes()
     service = await start(tmp_path, store, changes)
     try:
         if loop == "writer":  # the writer's loop runs on the first write
             service._writer.submit(_save())
-        await wait_until(lambda: service.metrics.sample("loop_restarts_total", loop=loop) == 1)
-        await wait_until(lambda: bool(changes) and changes[-1] == (True, ""))
-        assert any(not ready and f"{loop} loop failed: RuntimeError: injected failure" in why
-                   for ready, why in changes), changes
-        failed = [r for r in caplog.records if getattr(r, "event", "") == "loop_failed"]
-        assert len(failed) == 1 and failed[0].exc_info is None
+        failed = f"{loop} loop failed: RuntimeError: injected failure"
+        await changes.wait_until(lambda: any(failed in why for _, why in changes) and changes[-1] == (True, ""))
+        assert service.metrics.sample("loop_restarts_total", loop=loop) == 1
+        lines = [r for r in caplog.records if getattr(r, "event", "") == "loop_failed"]
+        assert len(lines) == 1 and lines[0].exc_info is None
     finally:
         await service.stop()
 
