@@ -36,6 +36,8 @@ class Harness:
     publish_deadline: str = "500ms"
     extra_hocon: str = ""
     request_timeout: float = 5.0
+    # the broker played: EMQX 5.3.2 for v2 (no peer port), 5.10.4 for v3 (tests/emulator)
+    emqx_version: str | None = None
     rest_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
@@ -78,7 +80,7 @@ class Harness:
         await self.start_service()
         self.emu = EmqxEmulator(f"127.0.0.1:{self.grpc_port}", self.version, api_key=API_KEY,
                                 api_secret=API_SECRET, rest_port=self.rest_port, pool_size=4,
-                                request_timeout=self.request_timeout)
+                                request_timeout=self.request_timeout, emqx_version=self.emqx_version)
         await self.emu.start()
 
     async def restart_service(self) -> Service:
