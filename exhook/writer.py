@@ -113,6 +113,7 @@ class OrderedWriter:
         self._failing: _Failing | None = None
         self._refusals = _RateLimitedLog()
         self._lost = 0
+        self._spool_shown = (-1, -1)
         self._single_seq: int | None = None  # the op a one-at-a-time drain keeps failing on, and how often
         self._single_failures = 0
         self._drainer: asyncio.Task[None] | None = None
@@ -148,7 +149,9 @@ class OrderedWriter:
             # memory is bounded: a store that cannot keep up sends the backlog to disk
             self._spooling = True
             self._has_work.set()
-        self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
+        if len(self._queue) > self._cfg.batch_size:
+            # a backlog: the gauge must show it growing (otherwise each batch updates it)
+            self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
         return entry
 
     async def spill(self, entry: Entry) -> None:
@@ -411,8 +414,11 @@ class OrderedWriter:
         if self._idle_now():
             self._idle.set()
         self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
-        self._metrics.spool_pending.set(self._spool.count)
-        self._metrics.spool_bytes.set(self._spool.bytes)
+        spool = (self._spool.count, self._spool.bytes)
+        if spool != self._spool_shown:  # once per batch, and the spool rarely changes
+            self._spool_shown = spool
+            self._metrics.spool_pending.set(spool[0])
+            self._metrics.spool_bytes.set(spool[1])
 
     # -- shutdown -------------------------------------------------------------------------
     async def close(self, timeout: float) -> int:
