@@ -27,7 +27,7 @@ from storage.model import (
     StoredMessage,
     Subscription,
 )
-from storage.redis_store import REDIS_COMMANDS, RedisStore
+from storage.redis import REDIS_COMMANDS, RedisStore
 
 # the topology helpers are another engineer's work in progress: skip until they are there
 if any(importlib.util.find_spec(m) is None for m in ("tests.redis_servers", "tests.redis_fixtures")):
@@ -253,7 +253,7 @@ async def test_cluster_wildcard_replay_spanning_nodes(redis_cluster_clean: Redis
 
 async def test_cluster_database_is_ignored_with_a_warning(redis_cluster_clean: RedisClusterSet,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="storage.redis_store")
+    caplog.set_level(logging.WARNING, logger="storage.redis.link")
     store = await opened(store_config(redis_cluster_clean.config(database=5)))
     try:
         assert any("database" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)

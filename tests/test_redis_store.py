@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from exhook.config import HostPort, RedisConfig
-from storage.base import TOMBSTONE_TTL_S, StoreConfigError, StoreError
+from storage.base import TOMBSTONE_TTL_S, StoreConfigError, StoreError, WriteRejected
 from storage.base62 import b62_to_msgid, msgid_to_b62
 from storage.model import (
     DeleteMessage,
@@ -30,8 +30,9 @@ from storage.model import (
     SaveMessage,
     StoredMessage,
     Subscription,
+    WriteOp,
 )
-from storage.redis_store import REDIS_COMMANDS, RedisStore
+from storage.redis import REDIS_COMMANDS, RedisStore
 from tests.store_reads import read_all
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -58,6 +59,22 @@ def save(*msgs: StoredMessage) -> list[SaveMessage]:
 
 
 EVERYTHING = (None, float("inf"))
+
+
+async def write_setting_aside(store: RedisStore, ops: list[WriteOp]) -> list[tuple[int, str]]:
+    """What the ordered writer does: write the batch; when the store rejects an op
+    (its index is always known here), set it aside and write the rest again.
+    Returns (index in ``ops``, reason) of every op set aside."""
+    remaining = list(enumerate(ops))
+    rejected: list[tuple[int, str]] = []
+    while True:
+        try:
+            await store.write([op for _, op in remaining])
+            return rejected
+        except WriteRejected as exc:
+            assert exc.index is not None and "\n" not in str(exc)
+            rejected.append((remaining[exc.index][0], exc.reason))
+            del remaining[exc.index]
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +120,7 @@ async def make_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterat
         store = RedisStore(cfg)
         await store.open()
         if request.param == "cluster-phases":
-            store._cluster = True  # exercise the cluster write phases
+            store._link.cluster = True  # exercise the cluster write phases
         stores.append(store)
         return store
 
@@ -344,7 +361,7 @@ async def test_topic_leaves_index_when_empty(store: RedisStore, admin: aioredis.
     assert await store.stored_topics("gone/") == ["gone/2"]
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # a topic with messages is never dropped by a clean-up
-    await store._cleanup_topics([b"gone/2"])
+    await store._janitor.cleanup_topics([b"gone/2"])
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # and comes back with its next message
     await store.write(save(smsg(guid(now_us() + 5), "gone/1")))
@@ -360,7 +377,7 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
     await store.write([DeleteMessage(m.msgid, topic)])
     newer = smsg(guid(now_us() + 10), topic)
     injected = False
-    real_run, real_one = store._run, store._one
+    real_run, real_one = store._link.run, store._link.one
 
     async def publish_once() -> None:
         nonlocal injected
@@ -368,8 +385,8 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
             injected = True
             await store.write(save(newer))
 
-    async def run(cmds: Any, what: str) -> list[Any]:
-        res = await real_run(cmds, what)
+    async def run(cmds: Any, what: str, **kw: Any) -> list[Any]:
+        res = await real_run(cmds, what, **kw)
         if what == "topic clean-up":  # after the emptiness check (cluster) / the atomic script (single)
             await publish_once()
         return res
@@ -380,11 +397,11 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
             await publish_once()
         return res
 
-    store._run, store._one = run, one  # type: ignore[method-assign]
+    store._link.run, store._link.one = run, one  # type: ignore[method-assign]
     try:
-        await store._cleanup_topics([topic.encode()])
+        await store._janitor.cleanup_topics([topic.encode()])
     finally:
-        store._run, store._one = real_run, real_one  # type: ignore[method-assign]
+        store._link.run, store._link.one = real_run, real_one  # type: ignore[method-assign]
     assert injected
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [topic.encode()]
     assert await store.stored_topics("race/") == [topic]
@@ -734,17 +751,17 @@ async def test_runtime_failure_is_a_store_error(store: RedisStore) -> None:
 async def test_a_batch_of_saves_is_one_round_trip(make_store: StoreFactory) -> None:
     store = await make_store()
     calls: list[str] = []
-    real = store._run
+    real = store._link.run
 
-    async def counting(cmds: Any, what: str) -> list[Any]:
+    async def counting(cmds: Any, what: str, **kw: Any) -> list[Any]:
         calls.append(what)
-        return await real(cmds, what)
+        return await real(cmds, what, **kw)
 
-    store._run = counting  # type: ignore[method-assign]
+    store._link.run = counting  # type: ignore[method-assign]
     base = now_us()
     await store.write(save(*(smsg(guid(base + i), f"rt/{i % 5}") for i in range(100))))
     await store.write([DeleteMessage(guid(base + i), f"rt/{i % 5}", replay_ack=True) for i in range(50)])
-    expected = 6 if store._cluster else 2  # cluster: hashes, indexes, topics per batch
+    expected = 6 if store._link.cluster else 2  # cluster: hashes, indexes, topics per batch
     assert len(calls) == expected, calls
 
 
@@ -752,8 +769,10 @@ async def test_an_invalid_message_id_does_not_block_the_batch(store: RedisStore)
     good = smsg(guid(now_us()), "inv/t")
     bad = StoredMessage(msgid="not-a-guid", sender="s", topic="inv/t", qos=1, retain=False, payload=b"x",
                         timestamp=0)
-    await store.write([SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
-                       RekeyMessage("zz", good.msgid, "inv/t")])
+    ops: list[WriteOp] = [SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
+                          RekeyMessage("zz", good.msgid, "inv/t")]
+    rejected = await write_setting_aside(store, ops)
+    assert rejected == [(0, "invalid_id"), (2, "invalid_id"), (3, "invalid_id")]
     assert [m.msgid for m in await read_all(store, {"inv/t": EVERYTHING})] == [good.msgid]
 
 
