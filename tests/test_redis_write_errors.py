@@ -208,6 +208,18 @@ async def test_a_rekey_onto_a_taken_key_moves_nothing(store: RedisStore) -> None
     assert await read_all(store, {"w3/t": EVERYTHING}) == before
 
 
+async def test_a_key_of_the_service_changed_under_it_is_a_setup_error(store: RedisStore, admin: aioredis.Redis,
+                                                                      prefix: str) -> None:
+    await admin.set(f"{prefix}:msg~ox:topics", "not a sorted set")  # not one op's doing
+    with pytest.raises(StoreConfigError) as err:
+        await store.write(save(smsg(guid(now_us()), "cfg/t")))
+    assert "WRONGTYPE" in str(err.value) and "\n" not in str(err.value)
+    await admin.delete(f"{prefix}:msg~ox:topics")  # the operator repairs it: the retry passes
+    m = smsg(guid(now_us()), "cfg/t")
+    await store.write(save(m))
+    assert await store.stored_topics("cfg/") == ["cfg/t"]
+
+
 # ---------------------------------------------------------------------------
 # subscriptions
 # ---------------------------------------------------------------------------

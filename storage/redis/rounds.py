@@ -86,12 +86,13 @@ def refusals(rnd: Round) -> dict[int, tuple[str, str]]:
         if kind is Kind.TRANSIENT:
             raise StoreError(f"redis {rnd.what}: {reply.cmd[0]}: {one_line(exc)}")
         if kind is Kind.SETUP or reply.op is None:
-            # a shared key of the service's own holding another type: not one op's doing
             setup = setup or exc
         else:
             refused.setdefault(reply.op, (kind.value, f"redis {reply.cmd[0]}: {first_line(exc)}"))
-    if setup is not None:
-        raise StoreConfigError(f"redis {rnd.what}: {first_line(setup)}")
+    if setup is not None and kind_of(setup) is Kind.SETUP:
+        raise wrap(setup, rnd.what)
+    if setup is not None:  # not one op's doing: someone changed a key of the service's own
+        raise StoreConfigError(f"redis {rnd.what}: a key of the service holds another type: {first_line(setup)}")
     return refused
 
 

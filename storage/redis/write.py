@@ -91,6 +91,8 @@ class _Move:
 
 
 class _Phases:
+    """The rounds of one batch, by phase (A, B, C, D above)."""
+
     def __init__(self) -> None:
         self.first = Round("write (read phase)")
         self.hashes = Round("write (hashes)")
