@@ -1,0 +1,109 @@
+"""Values SQLite cannot take, found before a write touches the file.
+
+SQLite's columns have no lengths and its integers are 64 bits, so what can never be
+written is: an integer beyond 64 bits (the broker's ``timestamp`` is an unsigned
+64-bit field), text that is not UTF-8 (a ``str`` holding surrogates), a string or
+blob longer than ``SQLITE_LIMIT_LENGTH``, a value of a type ``sqlite3`` cannot bind.
+A qos outside 0..2 fits the column but is no MQTT qos: storing it would only fail
+the replay later, so it is refused here too. Each check names the op by its index
+in the batch, so the writer sets exactly that op aside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from storage.base import WriteRejected
+from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, WriteOp
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_ops(ops: Sequence[WriteOp], max_length: int) -> None:
+    """Raise ``WriteRejected`` (with its index) for the first op SQLite cannot take."""
+    for index, op in enumerate(ops):
+        problem = _problem(op, max_length)
+        if problem is not None:
+            raise WriteRejected(*problem, index=index)
+
+
+def check_subscription(clientid: str, topic: str, qos: int, max_length: int) -> None:
+    """Raise ``WriteRejected`` (no index: not a batch) for a subscription SQLite cannot take."""
+    problem = (
+        _text("clientid", clientid, max_length) or _text("topic", topic, max_length) or _qos(qos)
+    )
+    if problem is not None:
+        raise WriteRejected(*problem)
+
+
+def check_texts(max_length: int, **texts: str) -> None:
+    """Raise ``WriteRejected`` (no index) for the first of ``texts`` SQLite cannot take."""
+    for field, value in texts.items():
+        problem = _text(field, value, max_length)
+        if problem is not None:
+            raise WriteRejected(*problem)
+
+
+def _problem(op: WriteOp, max_length: int) -> tuple[str, str] | None:
+    if isinstance(op, SaveMessage):
+        m = op.message
+        return (
+            _text("msgid", m.msgid, max_length)
+            or _text("topic", m.topic, max_length)
+            # the sender is metadata, but SQLite has no column length to truncate it
+            # to: only text it cannot encode is refused, like any other text
+            or _text("sender", m.sender, max_length)
+            or _qos(m.qos)
+            or _integer("timestamp", m.timestamp)
+            or _payload(m.payload, max_length)
+            or (None if isinstance(m.retain, (bool, int)) else ("invalid_value", "retain is not a boolean"))
+        )
+    if isinstance(op, DeleteMessage):
+        return _text("msgid", op.msgid, max_length)
+    if isinstance(op, RekeyMessage):
+        return _text("old msgid", op.old_id, max_length) or _text("new msgid", op.new_id, max_length)
+    if isinstance(op, DropPendingReplay):
+        return (
+            _text("topic", op.topic, max_length)
+            or _text("digest", op.digest, max_length)
+            or _text("msgid", op.msgid, max_length)
+        )
+    return "invalid_value", f"unknown write op {type(op).__name__}"
+
+
+def _text(field: str, value: object, max_length: int) -> tuple[str, str] | None:
+    if not isinstance(value, str):
+        return "invalid_value", f"{field} is {type(value).__name__}, not text"
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            return "invalid_value", f"{field} is not valid UTF-8 ({exc.reason} at position {exc.start})"
+    if size > max_length:
+        return "too_long", f"{field} of {size} bytes is longer than SQLite's limit of {max_length}"
+    return None
+
+
+def _qos(qos: object) -> tuple[str, str] | None:
+    if isinstance(qos, int) and 0 <= qos <= 2:
+        return None
+    return "out_of_range", f"qos {qos!r} is not 0, 1 or 2"
+
+
+def _integer(field: str, value: object) -> tuple[str, str] | None:
+    if not isinstance(value, int):
+        return "invalid_value", f"{field} is {type(value).__name__}, not an integer"
+    if _INT64_MIN <= value <= _INT64_MAX:
+        return None
+    return "out_of_range", f"{field} {value} does not fit SQLite's 64-bit integers"
+
+
+def _payload(payload: object, max_length: int) -> tuple[str, str] | None:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        return "invalid_value", f"payload is {type(payload).__name__}, not bytes"
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    if size > max_length:
+        return "too_large", f"payload of {size} bytes is larger than SQLite's limit of {max_length}"
+    return None
