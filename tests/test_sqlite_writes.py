@@ -5,6 +5,7 @@ setup error. Real SQLite files only (one per test, under tmp_path)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import signal
@@ -300,8 +301,8 @@ async def test_file_that_cannot_grow_is_a_transient_error(db_path: Path, file_si
     store = await open_store(db_path)
     try:
         await store.write(saves(msg("full/t")))
-        wal = Path(f"{db_path}-wal")
-        grown = max(wal.stat().st_size, db_path.stat().st_size) + 64 * 1024
+        sizes = [await asyncio.to_thread(os.path.getsize, f) for f in (db_path, f"{db_path}-wal")]
+        grown = max(sizes) + 64 * 1024
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (grown, hard))
         ops = saves(*[msg("full/t", os.urandom(1000)) for _ in range(500)])
