@@ -17,6 +17,10 @@ from storage.base import WriteRejected
 from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, WriteOp
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# A row's record: a header of one varint per column (at most 9 bytes each, 8 columns)
+# plus its integers (at most 8 bytes each): a bound, so the check may refuse a row
+# at most this much below SQLite's own limit, never one SQLite would refuse.
+_ROW_OVERHEAD = 8 * 9 + 1 + 3 * 8
 
 
 def check_ops(ops: Sequence[WriteOp], max_length: int) -> None:
@@ -29,9 +33,7 @@ def check_ops(ops: Sequence[WriteOp], max_length: int) -> None:
 
 def check_subscription(clientid: str, topic: str, qos: int, max_length: int) -> None:
     """Raise ``WriteRejected`` (no index: not a batch) for a subscription SQLite cannot take."""
-    problem = (
-        _text("clientid", clientid, max_length) or _text("topic", topic, max_length) or _qos(qos)
-    )
+    problem = _row(max_length, {"clientid": clientid, "topic": topic}, None) or _qos(qos)
     if problem is not None:
         raise WriteRejected(*problem)
 
@@ -48,14 +50,11 @@ def _problem(op: WriteOp, max_length: int) -> tuple[str, str] | None:
     if isinstance(op, SaveMessage):
         m = op.message
         return (
-            _text("msgid", m.msgid, max_length)
-            or _text("topic", m.topic, max_length)
             # the sender is metadata, but SQLite has no column length to truncate it
             # to: only text it cannot encode is refused, like any other text
-            or _text("sender", m.sender, max_length)
+            _row(max_length, {"msgid": m.msgid, "topic": m.topic, "sender": m.sender}, m.payload)
             or _qos(m.qos)
             or _integer("timestamp", m.timestamp)
-            or _payload(m.payload, max_length)
             or (None if isinstance(m.retain, (bool, int)) else ("invalid_value", "retain is not a boolean"))
         )
     if isinstance(op, DeleteMessage):
@@ -71,19 +70,48 @@ def _problem(op: WriteOp, max_length: int) -> tuple[str, str] | None:
     return "invalid_value", f"unknown write op {type(op).__name__}"
 
 
+def _row(max_length: int, texts: dict[str, object], payload: object) -> tuple[str, str] | None:
+    """SQLite's length limit bounds each value and also the whole row: the texts and
+    payload plus at most ``_ROW_OVERHEAD`` bytes of record header and integers."""
+    total = _ROW_OVERHEAD
+    for field, value in texts.items():
+        size = _utf8_size(field, value)
+        if isinstance(size, tuple):
+            return size
+        if size > max_length - _ROW_OVERHEAD:
+            return "too_long", f"{field} of {size} bytes is longer than SQLite's limit of {max_length}"
+        total += size
+    if payload is not None:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            return "invalid_value", f"payload is {type(payload).__name__}, not bytes"
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        total += size
+        if total > max_length:
+            return "too_large", f"payload of {size} bytes makes a row larger than SQLite's limit of {max_length}"
+    if total > max_length:
+        return "too_long", f"a row of {total} bytes is larger than SQLite's limit of {max_length}"
+    return None
+
+
 def _text(field: str, value: object, max_length: int) -> tuple[str, str] | None:
-    if not isinstance(value, str):
-        return "invalid_value", f"{field} is {type(value).__name__}, not text"
-    if value.isascii():
-        size = len(value)
-    else:
-        try:
-            size = len(value.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            return "invalid_value", f"{field} is not valid UTF-8 ({exc.reason} at position {exc.start})"
+    size = _utf8_size(field, value)
+    if isinstance(size, tuple):
+        return size
     if size > max_length:
         return "too_long", f"{field} of {size} bytes is longer than SQLite's limit of {max_length}"
     return None
+
+
+def _utf8_size(field: str, value: object) -> int | tuple[str, str]:
+    """The bytes ``value`` takes as UTF-8, or why it is no text SQLite can take."""
+    if not isinstance(value, str):
+        return "invalid_value", f"{field} is {type(value).__name__}, not text"
+    if value.isascii():
+        return len(value)
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return "invalid_value", f"{field} is not valid UTF-8 ({exc.reason} at position {exc.start})"
 
 
 def _qos(qos: object) -> tuple[str, str] | None:
@@ -98,12 +126,3 @@ def _integer(field: str, value: object) -> tuple[str, str] | None:
     if _INT64_MIN <= value <= _INT64_MAX:
         return None
     return "out_of_range", f"{field} {value} does not fit SQLite's 64-bit integers"
-
-
-def _payload(payload: object, max_length: int) -> tuple[str, str] | None:
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        return "invalid_value", f"payload is {type(payload).__name__}, not bytes"
-    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-    if size > max_length:
-        return "too_large", f"payload of {size} bytes is larger than SQLite's limit of {max_length}"
-    return None

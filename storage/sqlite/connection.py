@@ -38,10 +38,11 @@ T = TypeVar("T")
 class Database:
     """The writer connection and thread, the reader pool, and running work on them."""
 
-    def __init__(self, path: str, *, readers: int, busy_timeout_ms: int) -> None:
+    def __init__(self, path: str, *, readers: int, busy_timeout_ms: int, max_value_bytes: int | None) -> None:
         self.path = path
         self._readers_n = max(1, readers)
         self._busy_timeout_ms = busy_timeout_ms
+        self._max_value_bytes = max_value_bytes
         self._writer_exec: ThreadPoolExecutor | None = None
         self._reader_exec: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
@@ -84,6 +85,8 @@ class Database:
         )
         self._all_conns.append(conn)
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        if self._max_value_bytes is not None:  # SQLite only ever lowers its compiled-in limit
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self._max_value_bytes)
         return conn
 
     def _switch_to_wal(self, conn: sqlite3.Connection) -> str:

@@ -32,9 +32,14 @@ class SqliteStore(Store):
         *,
         readers: int = 2,
         busy_timeout_ms: int = 5000,
+        max_value_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._db = Database(config.path, readers=readers, busy_timeout_ms=busy_timeout_ms)
+        """``max_value_bytes`` lowers SQLite's limit on one string or blob (default
+        and ceiling: the library's ``SQLITE_LIMIT_LENGTH``, 1e9 bytes)."""
+        self._db = Database(
+            config.path, readers=readers, busy_timeout_ms=busy_timeout_ms, max_value_bytes=max_value_bytes
+        )
         self._ttl_ms = max(0, config.message_ttl) * 1000
         self._clock = clock
         self._schema: Schema | None = None
