@@ -3,7 +3,7 @@
 SQLite's columns have no lengths and its integers are 64 bits, so what can never be
 written is: an integer beyond 64 bits (the broker's ``timestamp`` is an unsigned
 64-bit field), text that is not UTF-8 (a ``str`` holding surrogates), a string or
-blob longer than ``SQLITE_LIMIT_LENGTH``, a value of a type ``sqlite3`` cannot bind.
+blob (or a whole row) longer than ``SQLITE_LIMIT_LENGTH``, a value of a type ``sqlite3`` cannot bind.
 A qos outside 0..2 fits the column but is no MQTT qos: storing it would only fail
 the replay later, so it is refused here too. Each check names the op by its index
 in the batch, so the writer sets exactly that op aside.
@@ -11,15 +11,15 @@ in the batch, so the writer sets exactly that op aside.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from storage.base import WriteRejected
 from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, WriteOp
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # A row's record: a header of one varint per column (at most 9 bytes each, 8 columns)
-# plus its integers (at most 8 bytes each): a bound, so the check may refuse a row
-# at most this much below SQLite's own limit, never one SQLite would refuse.
+# plus its integers (at most 8 bytes each). An upper bound: the check never lets
+# through a row SQLite refuses, and refuses at most this many bytes below its limit.
 _ROW_OVERHEAD = 8 * 9 + 1 + 3 * 8
 
 
@@ -40,10 +40,9 @@ def check_subscription(clientid: str, topic: str, qos: int, max_length: int) -> 
 
 def check_texts(max_length: int, **texts: str) -> None:
     """Raise ``WriteRejected`` (no index) for the first of ``texts`` SQLite cannot take."""
-    for field, value in texts.items():
-        problem = _text(field, value, max_length)
-        if problem is not None:
-            raise WriteRejected(*problem)
+    problem = _row(max_length, texts, None)
+    if problem is not None:
+        raise WriteRejected(*problem)
 
 
 def _problem(op: WriteOp, max_length: int) -> tuple[str, str] | None:
@@ -58,19 +57,15 @@ def _problem(op: WriteOp, max_length: int) -> tuple[str, str] | None:
             or (None if isinstance(m.retain, (bool, int)) else ("invalid_value", "retain is not a boolean"))
         )
     if isinstance(op, DeleteMessage):
-        return _text("msgid", op.msgid, max_length)
+        return _row(max_length, {"msgid": op.msgid}, None)
     if isinstance(op, RekeyMessage):
-        return _text("old msgid", op.old_id, max_length) or _text("new msgid", op.new_id, max_length)
+        return _row(max_length, {"old msgid": op.old_id}, None) or _row(max_length, {"new msgid": op.new_id}, None)
     if isinstance(op, DropPendingReplay):
-        return (
-            _text("topic", op.topic, max_length)
-            or _text("digest", op.digest, max_length)
-            or _text("msgid", op.msgid, max_length)
-        )
+        return _row(max_length, {"topic": op.topic, "digest": op.digest, "msgid": op.msgid}, None)
     return "invalid_value", f"unknown write op {type(op).__name__}"
 
 
-def _row(max_length: int, texts: dict[str, object], payload: object) -> tuple[str, str] | None:
+def _row(max_length: int, texts: Mapping[str, object], payload: object) -> tuple[str, str] | None:
     """SQLite's length limit bounds each value and also the whole row: the texts and
     payload plus at most ``_ROW_OVERHEAD`` bytes of record header and integers."""
     total = _ROW_OVERHEAD
@@ -90,15 +85,6 @@ def _row(max_length: int, texts: dict[str, object], payload: object) -> tuple[st
             return "too_large", f"payload of {size} bytes makes a row larger than SQLite's limit of {max_length}"
     if total > max_length:
         return "too_long", f"a row of {total} bytes is larger than SQLite's limit of {max_length}"
-    return None
-
-
-def _text(field: str, value: object, max_length: int) -> tuple[str, str] | None:
-    size = _utf8_size(field, value)
-    if isinstance(size, tuple):
-        return size
-    if size > max_length:
-        return "too_long", f"{field} of {size} bytes is longer than SQLite's limit of {max_length}"
     return None
 
 
