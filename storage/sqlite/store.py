@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from storage.base import Store, StoreError
 from storage.config import SqliteConfig
@@ -111,18 +112,19 @@ class SqliteStore(Store):
         return await self._db.read(lambda conn: reads.stored_topics(conn, pattern_prefix))
 
     async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
-        wanted = list(dict.fromkeys(topics))
-        if not wanted:
-            return {}
-        highs = await self._db.read(lambda conn: reads.per_topic(conn, wanted, reads.LATEST, self._cutoff_ms()))
+        highs = await self._per_topic(topics, reads.LATEST)
         return {topic: float(high) for topic, high in highs.items()}
 
     async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
+        # counted from the topic index (and arrived, under a ttl): no payload is read
+        counts = await self._per_topic(topics, reads.COUNT)
+        return {topic: int(n) for topic, n in counts.items()}
+
+    async def _per_topic(self, topics: Sequence[str], statements: tuple[str, str]) -> dict[str, Any]:
         wanted = list(dict.fromkeys(topics))
         if not wanted:
             return {}
-        counts = await self._db.read(lambda conn: reads.per_topic(conn, wanted, reads.COUNT, self._cutoff_ms()))
-        return {topic: int(n) for topic, n in counts.items()}
+        return await self._db.read(lambda conn: reads.per_topic(conn, wanted, statements, self._cutoff_ms()))
 
     def read_messages(
         self, ranges: dict[str, tuple[float | None, float]], page_size: int
