@@ -58,6 +58,10 @@ async def test_counters_follow_publish_replay_and_ack(h: Harness) -> None:
     await h.settle()
     assert await h.backend.count_messages() == 0
     after = await scrape(h)
+    # a v2 replay comes back recognised in memory and drops its entry of the
+    # pending-replay registry: one more write op each (DropPendingReplay). Until the
+    # redis and mysql branches land, only the sqlite store implements that op.
+    drops = 3 if h.version == "v2" and h.backend.name == "sqlite" else 0
     assert {
         "messages_replayed_total": delta(stored, after, "messages_replayed_total"),
         "messages_acked_total": delta(stored, after, "messages_acked_total"),
@@ -73,7 +77,7 @@ async def test_counters_follow_publish_replay_and_ack(h: Harness) -> None:
     } == {
         "messages_replayed_total": 3, "messages_acked_total": 3, "messages_deleted_total": 3,
         "messages_rekeyed_total": 3, "replay": 3, "stored": 0, "publish calls": 3, "acked calls": 3,
-        "subscribed calls": 1, "write ops": 6, "failures": 0,
+        "subscribed calls": 1, "write ops": 6 + drops, "failures": 0,
     }
     # every write was durable before the scrape: nothing is left buffered
     assert after[("offline_exhook_pending_writes", frozenset())] == 0
