@@ -17,7 +17,7 @@ def create_store(cfg: BackendConfig) -> Store:
 
         return MysqlStore(cfg)
     if isinstance(cfg, SqliteConfig):
-        from storage.sqlite_store import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.sqlite import SqliteStore
 
         return SqliteStore(cfg)
     raise TypeError(f"unknown backend config {type(cfg).__name__}")
