@@ -13,7 +13,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,14 +21,13 @@ import aiomysql
 import pymysql
 import pytest
 
-from exhook.config import DEFAULT_SQL, HostPort, MysqlConfig, SslOptions
+from exhook.config import HostPort, SslOptions
 from storage.base import StoreConfigError, StoreError, WriteRejected
-from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, WriteOp
 from storage.mysql import STATE_TABLES_DDL, MysqlStore
+from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, spy_statements
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
 from tests.store_reads import read_all
-
-ROOT: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 
 # The plugin 2.0.0's own DDL, verbatim (blob payload, no msgid index).
 PLUGIN_DDL = (
@@ -44,77 +43,6 @@ PLUGIN_INSERT = (  # the plugin's default insert_message_sql, as its connector p
     "insert into mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
     "values(%s, %s, %s, %s, %s, %s, FROM_UNIXTIME(%s/1000))"
 )
-
-
-def _raw(database: str | None = None) -> pymysql.connections.Connection:
-    return pymysql.connect(**ROOT, database=database, autocommit=True)
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    conn = _raw()  # `make test` starts MariaDB; its absence is a failure, not a skip
-    name = f"ox_{secrets.token_hex(5)}"
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    try:
-        yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
-
-
-@pytest.fixture
-def raw(database: str) -> Iterator[pymysql.connections.Connection]:
-    """A plain connection to the test database, emptied first."""
-    conn = _raw(database)
-    with conn.cursor() as cur:
-        cur.execute("SHOW TABLES")
-        for (table,) in cur.fetchall():
-            cur.execute(f"DROP TABLE `{table}`")
-    yield conn
-    conn.close()
-
-
-def q(conn: pymysql.connections.Connection, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return list(cur.fetchall())
-
-
-MakeStore = Callable[..., Any]
-
-
-@pytest.fixture
-async def make_store(database: str, raw: pymysql.connections.Connection) -> AsyncIterator[MakeStore]:
-    stores: list[MysqlStore] = []
-
-    async def make(open_: bool = True, sql: dict[str, str] | None = None, **kw: Any) -> MysqlStore:
-        kw.setdefault("database", database)
-        kw.setdefault("init_default_schema", True)
-        kw.setdefault("pool_size", 3)
-        store = MysqlStore(MysqlConfig(sql={**DEFAULT_SQL, **(sql or {})}, **kw))
-        stores.append(store)
-        if open_:
-            await store.open()
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
-
-
-_counter = iter(range(1, 1 << 30))
-
-
-def msg(topic: str = "t/1", payload: bytes = b"hello", *, ts: int | None = None, sender: str = "pub",
-        msgid: str | None = None, retain: bool = False, qos: int = 1) -> StoredMessage:
-    return StoredMessage(msgid or f"{next(_counter):032X}", sender, topic, qos, retain, payload,
-                         int(time.time() * 1000) if ts is None else ts)
-
-
-async def read_topic(store: MysqlStore, topic: str) -> list[StoredMessage]:
-    return await read_all(store, {topic: (None, 1e15)})
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +189,7 @@ async def test_custom_templates_with_renamed_tables_and_columns(make_store: Make
         (m1.msgid, b"\x00one", True, "dev-9", now), (m2.msgid, b"two", False, "pub", now + 1)
     ]  # the expired one is never replayed
     assert await store.purge_expired(100) == 1
-    new_id = f"{next(_counter):032X}"
+    new_id = ids()
     await store.write([RekeyMessage(m1.msgid, new_id, m1.topic), DeleteMessage(new_id, m1.topic, True),
                        DeleteMessage(m2.msgid, m2.topic)])
     assert q(raw, "SELECT COUNT(*) FROM offline_messages") == [(0,)]
@@ -322,19 +250,6 @@ async def test_large_batch_is_split_under_max_allowed_packet(
     inserts = [s for s in statements if s.lstrip().lower().startswith("insert into mqtt_msg")]
     assert 3 <= len(inserts) <= 5 and all(len(s) < 4 << 20 for s in inserts)
     assert [m.payload for m in await read_topic(store, "big/t")] == [m.payload for m in big]
-
-
-def spy_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every statement text executed through aiomysql cursors."""
-    seen: list[str] = []
-    original = aiomysql.Cursor.execute
-
-    async def execute(self: Any, query: str, args: Any = None) -> Any:
-        seen.append(query)
-        return await original(self, query, args)
-
-    monkeypatch.setattr(aiomysql.Cursor, "execute", execute)
-    return seen
 
 
 async def test_many_saves_are_one_statement_in_one_transaction(
@@ -473,10 +388,6 @@ async def test_pool_is_bounded_by_pool_size(make_store: MakeStore) -> None:
 # ---------------------------------------------------------------------------
 # re-key, tombstones, retries
 # ---------------------------------------------------------------------------
-
-
-def ids() -> str:
-    return f"{next(_counter):032X}"
 
 
 async def count(raw: Any, msgid: str) -> int:
