@@ -16,7 +16,7 @@ import pymysql
 
 from storage.base import StoreConfigError, StoreError, WriteRejected
 from storage.config import MysqlConfig
-from storage.mysql.errors import Deadlock, classify, connection_lost, describe_error, error_code, rejection
+from storage.mysql.errors import Deadlock, classify, connection_lost, describe_error, error_code
 from storage.retry import Backoff, RetryPolicy
 from storage.tls import TlsSetupError, client_context
 
@@ -29,6 +29,8 @@ _DEADLOCKS = RetryPolicy(Backoff(base=0.005, cap=0.1), attempts=5, retryable=lam
 # Sessions add STRICT_ALL_TABLES to the server's sql_mode: without it a value a column
 # cannot hold is cut or zeroed with a warning, and a replay would deliver a different
 # topic or payload than was published. (aiomysql sends "SET sql_mode=<this>" as is.)
+# Codes from 2000 on are the client library's (connection lost, refused, ...).
+_CLIENT_ERRORS = 2000
 _STRICT_SQL_MODE = "CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')"
 
 
@@ -167,10 +169,13 @@ class Connections:
 
 
 async def _discard_or_roll_back(conn: Any, exc: BaseException) -> None:
-    """After the server refused an op's data the connection is healthy: roll back and
+    """After the server refused a statement (a value, a missing column, a deadlock)
+    the connection is healthy: roll back now, releasing the transaction's locks, and
     keep it (a batch that is being split finds its bad op in several tries). After
-    anything else it may be broken or mid-transaction: close it."""
-    if isinstance(exc, WriteRejected) or rejection(exc) is not None:
+    anything else (lost, timed out, cancelled) it may be broken or mid-transaction:
+    close it; the server rolls back when it notices."""
+    code = error_code(exc.__cause__ if isinstance(exc, WriteRejected) else exc)
+    if code is not None and code < _CLIENT_ERRORS:
         try:
             await conn.rollback()
             return
