@@ -174,7 +174,8 @@ async def _discard_or_roll_back(conn: Any, exc: BaseException) -> None:
     keep it (a batch that is being split finds its bad op in several tries). After
     anything else (lost, timed out, cancelled) it may be broken or mid-transaction:
     close it; the server rolls back when it notices."""
-    code = error_code(exc.__cause__ if isinstance(exc, WriteRejected) else exc)
+    refused = exc.__cause__ if isinstance(exc, WriteRejected) else exc
+    code = error_code(refused) if refused is not None else None
     if code is not None and code < _CLIENT_ERRORS:
         try:
             await conn.rollback()
