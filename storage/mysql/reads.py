@@ -10,8 +10,8 @@ table directly (its name and topic column come from insert_message_sql).
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 from storage.merge import Source, merged_pages
 from storage.model import StoredMessage
@@ -22,6 +22,7 @@ from storage.mysql.schema import Schema
 from storage.mysql.sql_template import quote_ident
 from storage.mysql.templates import Templates
 
+T = TypeVar("T")
 _TOPICS_PER_QUERY = 100
 # The exact topic, byte for byte: the default utf8mb4 collation is case-insensitive
 # and pads spaces (`topic = 'a/b'` also matches 'A/B' and 'a/b '). The template's own
@@ -40,19 +41,33 @@ class _Topic(Source[int]):
         self.high = high
 
 
-def _topic_bytes(topic: str) -> bytes:
-    return topic.encode("utf-8", "surrogatepass")
-
-
 class Reads:
     def __init__(self, connections: Connections, templates: Templates, ttl: int) -> None:
         self._db = connections
         self._t = templates
         self._ttl = ttl
 
-    def _select(self, topic: str) -> tuple[str, tuple[object, ...]]:
+    def _part(self, topic: str, columns: str, where: str, where_args: list[object]) -> tuple[str, list[object]]:
+        """``columns`` of the rows of ``topic`` (select_message_sql, exact topic) that
+        match ``where``, as one part of a UNION ALL."""
         sel = self._t.select_message
-        return sel.sql, sel.args({"topic": topic})
+        sql = f"(SELECT {columns} FROM ({sel.sql}) AS m WHERE {_EXACT_TOPIC}{where})"
+        return sql, [*sel.args({"topic": topic}), topic.encode("utf-8", "surrogatepass"), *where_args]
+
+    async def _union_all(
+        self, items: Sequence[T], part: Callable[[int, T], tuple[str, list[object]]], dict_rows: bool = False
+    ) -> AsyncIterator[tuple[Sequence[T], list[Any]]]:
+        """One statement per 100 items: the UNION ALL of ``part(i, item)``; yields each
+        chunk of items with its rows."""
+        for start in range(0, len(items), _TOPICS_PER_QUERY):
+            chunk = items[start : start + _TOPICS_PER_QUERY]
+            parts: list[str] = []
+            args: list[object] = []
+            for i, item in enumerate(chunk):
+                sql, item_args = part(i, item)
+                parts.append(sql)
+                args += item_args
+            yield chunk, await self._db.query(" UNION ALL ".join(parts), tuple(args), dict_rows=dict_rows)
 
     def _ttl_args(self, schema: Schema) -> list[object]:
         return [self._ttl] if schema.read_ttl else []
@@ -71,30 +86,24 @@ class Reads:
         rows = await self._db.query(sql, args)
         return sorted({topic for (value,) in rows if (topic := text(value)).startswith(pattern_prefix)})
 
-    async def per_topic(self, topics: Sequence[str], select: str, where: str, where_args: list[object]
+    async def _per_topic(self, topics: Sequence[str], select: str, where: str, where_args: list[object]
                         ) -> list[tuple[str, Any]]:
         """One ``select`` per topic over ``select_message_sql`` (the same rows as the
-        replay reads, on the topic index), UNION ALL'ed in chunks; (topic, value) rows."""
-        unique = list(dict.fromkeys(topics))
+        replay reads, on the topic index); (topic, value) rows."""
         rows: list[tuple[str, Any]] = []
-        for start in range(0, len(unique), _TOPICS_PER_QUERY):
-            chunk = unique[start : start + _TOPICS_PER_QUERY]
-            parts = []
-            args: list[object] = []
-            for i, topic in enumerate(chunk):
-                sel_sql, sel_args = self._select(topic)
-                parts.append(f"(SELECT {i} AS ox_i, {select} FROM ({sel_sql}) AS m WHERE {_EXACT_TOPIC}{where})")
-                args += [*sel_args, _topic_bytes(topic), *where_args]
-            found = await self._db.query(" UNION ALL ".join(parts), tuple(args))
+        unique = list(dict.fromkeys(topics))
+        async for chunk, found in self._union_all(
+            unique, lambda i, topic: self._part(topic, f"{i} AS ox_i, {select}", where, where_args)
+        ):
             rows += [(chunk[int(i)], value) for i, value in found]
         return rows
 
     async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
-        rows = await self.per_topic(topics, "m.id AS ox_id", " ORDER BY m.id DESC LIMIT 1", [])
+        rows = await self._per_topic(topics, "m.id AS ox_id", " ORDER BY m.id DESC LIMIT 1", [])
         return {topic: float(pos) for topic, pos in rows}
 
     async def count_messages(self, schema: Schema, topics: Sequence[str]) -> dict[str, int]:
-        rows = await self.per_topic(topics, "COUNT(*) AS ox_n", schema.read_ttl, self._ttl_args(schema))
+        rows = await self._per_topic(topics, "COUNT(*) AS ox_n", schema.read_ttl, self._ttl_args(schema))
         return {topic: int(n) for topic, n in rows if n}
 
     async def read_messages(
@@ -122,21 +131,17 @@ class Reads:
                 yield page
 
     async def _refill(self, schema: Schema, sources: list[_Topic], fetch: int) -> None:
-        for start in range(0, len(sources), _TOPICS_PER_QUERY):
-            chunk = sources[start : start + _TOPICS_PER_QUERY]
-            parts = []
-            args: list[object] = []
-            for i, s in enumerate(chunk):
-                sel_sql, sel_args = self._select(s.topic)
-                low = "" if s.low is None else " AND m.id > %s"
-                parts.append(
-                    f"(SELECT {i} AS ox_i, m.id AS ox_id FROM ({sel_sql}) AS m "
-                    f"WHERE {_EXACT_TOPIC} AND m.id <= %s{low}{schema.read_ttl} ORDER BY m.id LIMIT {int(fetch)})"
-                )
-                args += [*sel_args, _topic_bytes(s.topic), s.high, *([] if s.low is None else [s.low])]
-                args += self._ttl_args(schema)
+        def part(i: int, s: _Topic) -> tuple[str, list[object]]:
+            low = "" if s.low is None else " AND m.id > %s"
+            return self._part(
+                s.topic, f"{i} AS ox_i, m.id AS ox_id",
+                f" AND m.id <= %s{low}{schema.read_ttl} ORDER BY m.id LIMIT {int(fetch)}",
+                [s.high, *([] if s.low is None else [s.low]), *self._ttl_args(schema)],
+            )
+
+        async for chunk, found in self._union_all(sources, part):
             got: dict[int, list[int]] = {}
-            for i, pos in await self._db.query(" UNION ALL ".join(parts), tuple(args)):
+            for i, pos in found:
                 got.setdefault(int(i), []).append(int(pos))
             for i, s in enumerate(chunk):
                 ids = sorted(got.get(i, []))
@@ -149,19 +154,15 @@ class Reads:
         by_topic: dict[str, list[int]] = {}
         for pos, topic in page:
             by_topic.setdefault(topic, []).append(pos)
-        items = list(by_topic.items())
+
+        def part(_: int, item: tuple[str, list[int]]) -> tuple[str, list[object]]:
+            topic, ids = item
+            where = f" AND m.id IN ({placeholders(len(ids))}){schema.read_ttl}"
+            return self._part(topic, f"m.*, {schema.ts_expr} AS ox_ts", where, [*ids, *self._ttl_args(schema)])
+
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(items), _TOPICS_PER_QUERY):
-            parts = []
-            args: list[object] = []
-            for topic, ids in items[start : start + _TOPICS_PER_QUERY]:
-                sel_sql, sel_args = self._select(topic)
-                parts.append(
-                    f"(SELECT m.*, {schema.ts_expr} AS ox_ts FROM ({sel_sql}) AS m "
-                    f"WHERE {_EXACT_TOPIC} AND m.id IN ({placeholders(len(ids))}){schema.read_ttl})"
-                )
-                args += [*sel_args, _topic_bytes(topic), *ids, *self._ttl_args(schema)]
-            rows.extend(await self._db.query(" UNION ALL ".join(parts), tuple(args), dict_rows=True))
+        async for _, found in self._union_all(list(by_topic.items()), part, dict_rows=True):
+            rows += found
         out = []
         for msg in sorted((_to_message(r) for r in rows), key=lambda m: m.position):
             # A retried batch can (rarely) have stored a message twice: same msgid,
