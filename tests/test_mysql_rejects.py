@@ -137,6 +137,26 @@ async def test_sender_too_long_is_cut_not_refused(make_store: MakeStore, raw: An
     assert [x.sender for x in await read_topic(store, "cut/t")] == ["\U0001f600" * 64]
 
 
+async def test_subscriptions_stored_exactly_or_refused(make_store: MakeStore, raw: Any) -> None:
+    store = await make_store()
+    clients = ["c/nul\x00inside", "c/emoji/\U0001f600", "\"; DROP TABLE mqtt_sub; #", "c" * 64]
+    for clientid in clients:
+        await store.save_subscription(clientid, "t/\U0001f600/#", 1)
+    for clientid, topic, qos, reason in [
+        ("c" * 100, "t/#", 1, "too_long"),  # the plugin's varchar(64)
+        ("c", "t/" + "x" * 200, 1, "too_long"),  # varchar(180)
+        ("c\udc80", "t/#", 1, "invalid_value"),
+        ("c", "t/\ud800", 1, "invalid_value"),
+        ("c", "t/#", 3, "out_of_range"),
+    ]:
+        with pytest.raises(WriteRejected) as err:
+            await store.save_subscription(clientid, topic, qos)
+        assert err.value.reason == reason and "\n" not in str(err.value)
+    for clientid in clients:
+        assert [(x.topic, x.qos) for x in await store.subscriptions(clientid)] == [("t/\U0001f600/#", 1)]
+    assert q(raw, "SELECT COUNT(*) FROM mqtt_sub") == [(len(clients),)]
+
+
 # ---------------------------------------------------------------------------
 # refused by the server
 # ---------------------------------------------------------------------------
