@@ -7,6 +7,7 @@ Every error is a ``ConfigError`` whose text is one line naming the field.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -66,6 +67,19 @@ class HttpConfig:
     check_interval_ms: int = 5000
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """The local spool: messages answered while the store could not take them in
+    time wait here (fsync'd) until the store is back. Beyond ``max_bytes`` new
+    messages are refused (not stored), loudly."""
+
+    path: str = "data/spool.sqlite3"
+    max_bytes: int = 1 << 30
+
+
+_SPOOL_DEFAULT = SpoolConfig()
+
+
 LogFormat = Literal["text", "json"]
 
 
@@ -81,6 +95,9 @@ class ServiceConfig:
     emqx: EmqxApiConfig = EmqxApiConfig()
     ssl: ServerTlsConfig = ServerTlsConfig()
     http: HttpConfig = HttpConfig()
+    spool: SpoolConfig = SpoolConfig()
+    # CIDR blocks whose peers may call the gRPC port (empty: any)
+    allowed_clients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +261,8 @@ _SSL_FIELDS = {"enable", "verify", "cacertfile", "certfile", "keyfile", "server_
 _KNOWN_FIELDS: dict[str, set[str]] = {
     "": {"exhook", "redis", "mysql", "sqlite"},
     "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "log_level", "log_format",
-                "max_pending_writes", "emqx", "ssl", "http"},
+                "max_pending_writes", "emqx", "ssl", "http", "spool", "allowed_clients"},
+    "exhook.spool.": {"path", "max_bytes"},
     "exhook.ssl.": {"enable", "certfile", "keyfile", "cacertfile", "verify"},
     "exhook.http.": {"enable", "listen", "check_interval"},
     "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "ssl"},
@@ -391,6 +409,47 @@ def _http(tree: ConfigTree) -> HttpConfig:
     )
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _size_bytes(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
+    """A size in bytes: an integer or a string such as ``"64MB"`` or ``"1GiB"``."""
+    value = _get(tree, key, default)
+    match = None if isinstance(value, bool) else _SIZE.match(str(value))
+    if not match:
+        raise ConfigError(f"{where}{key}: expected a size like 1048576, \"64MB\" or \"1GiB\", got {value!r}")
+    number = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+    if number < minimum:
+        raise ConfigError(f"{where}{key}: must be at least {minimum} bytes, got {number}")
+    return number
+
+
+def _spool(tree: ConfigTree) -> SpoolConfig:
+    sub = _subtree(tree, "spool", "exhook.")
+    at = "exhook.spool."
+    path = _str(sub, "path", _SPOOL_DEFAULT.path, at)
+    if not path:
+        raise ConfigError(f"{at}path: must not be empty")
+    return SpoolConfig(path=path, max_bytes=_size_bytes(sub, "max_bytes", _SPOOL_DEFAULT.max_bytes, at,
+                                                                minimum=1 << 20))
+
+
+def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
+    value = _get(tree, "allowed_clients", [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError("exhook.allowed_clients: expected a list of CIDR blocks such as [\"10.0.0.0/8\"]")
+    blocks = []
+    for item in value:
+        try:
+            blocks.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"exhook.allowed_clients: {item!r} is not an address or CIDR block") from None
+    return tuple(dict.fromkeys(blocks))
+
+
 def _parse_service(tree: ConfigTree) -> ServiceConfig:
     where = "exhook."
     api = _subtree(tree, "emqx", where)
@@ -422,6 +481,8 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
         ),
         ssl=_server_tls(tree),
         http=_http(tree),
+        spool=_spool(tree),
+        allowed_clients=_allowed_clients(tree),
     )
 
 

@@ -29,6 +29,11 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Readiness:
+    """Ready = the store answers its ping AND no other condition is failing. Other
+    components report conditions (``set_condition``: the writer stalled, the spool
+    draining behind a broken store, a background loop restarting) or are asked at
+    every check (``add_probe``). gRPC health follows the store alone."""
+
     def __init__(
         self,
         store: Store,
@@ -41,23 +46,42 @@ class Readiness:
         self._store = store
         self.interval_s = interval_s
         self._metrics = metrics
-        self._grpc_health = grpc_health
+        self.grpc_health = grpc_health
         self._redact = redact
         self._on_change = on_change  # told of every new (ready, reason), e.g. a worker's parent
         self.ready = False
         self.reason = "starting"
-        self._announced: bool | None = None  # the state last published (gauge, gRPC health, log)
+        self._store_reason: str | None = "starting"  # None: the store answers
+        self._conditions: dict[str, str] = {}  # failing condition -> why
+        self._probes: dict[str, Callable[[], str]] = {}
+        self._announced: bool | None = None  # the store state last published (gauge, gRPC health)
         self._stopping = False
 
+    def set_condition(self, name: str, ok: bool, reason: str) -> None:
+        if ok:
+            self._conditions.pop(name, None)
+        else:
+            self._conditions[name] = reason or name
+        self._refresh()
+
+    def add_probe(self, name: str, probe: Callable[[], str]) -> None:
+        """``probe()`` returns why ``name`` is not ready ("" when it is); asked at every check."""
+        self._probes[name] = probe
+
     async def check(self) -> None:
-        """Ping the backend once (bounded by the check interval) and publish the outcome."""
+        """Ping the backend once (bounded by the check interval), ask the probes,
+        and publish the outcome."""
         try:
             async with asyncio.timeout(self.interval_s):
                 await self._store.ping()
         except Exception as exc:  # any failure means "not reachable"; the text says why
-            await self._publish(False, f"{self._store.name} unreachable: {one_line(exc)}")
+            await self._publish_store(f"{self._store.name} unreachable: {one_line(exc)}")
         else:
-            await self._publish(True, "")
+            await self._publish_store(None)
+        for name, probe in self._probes.items():
+            why = probe()
+            self.set_condition(name, not why, why)
+        self._refresh()
 
     async def run(self) -> None:
         while True:
@@ -67,24 +91,34 @@ class Readiness:
     async def shutting_down(self) -> None:
         self._stopping = True
         self.ready, self.reason = False, "shutting down"
-        await self._grpc_health.enter_graceful_shutdown()
+        await self.grpc_health.enter_graceful_shutdown()
 
-    async def _publish(self, ready: bool, reason: str) -> None:
+    async def _publish_store(self, reason: str | None) -> None:
         if self._stopping:
             return
-        reason = self._redact(reason)
-        if self._on_change is not None and (ready, reason) != (self.ready, self.reason):
-            self._on_change(ready, reason)
-        self.ready, self.reason = ready, reason
-        if ready == self._announced:
+        self._store_reason = reason
+        up = reason is None
+        if up == self._announced:
             return
-        self._announced = ready
-        self._metrics.backend_up.set(1 if ready else 0)
-        status = _SERVING if ready else _NOT_SERVING
+        self._announced = up
+        self._metrics.backend_up.set(1 if up else 0)
+        status = _SERVING if up else _NOT_SERVING
         for name in ("", *HOOK_SERVICES):
-            await self._grpc_health.set(name, status)
+            await self.grpc_health.set(name, status)
+
+    def _refresh(self) -> None:
+        if self._stopping:
+            return
+        reasons = [r for r in (self._store_reason, *self._conditions.values()) if r]
+        ready, reason = not reasons, self._redact("; ".join(reasons))
+        if (ready, reason) == (self.ready, self.reason):
+            return
+        was_ready = self.ready
+        self.ready, self.reason = ready, reason
+        if self._on_change is not None:
+            self._on_change(ready, reason)
         if ready:
             log.info("ready: %s is reachable", self._store.name,
                      extra={"event": "ready", "backend": self._store.name})
-        else:
-            log.warning("not ready: %s", self.reason, extra={"event": "not_ready", "backend": self._store.name})
+        elif was_ready or reason != "starting":
+            log.warning("not ready: %s", reason, extra={"event": "not_ready", "backend": self._store.name})

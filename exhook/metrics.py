@@ -37,7 +37,7 @@ HOOK_OF_RPC = {
 }
 
 SKIP_REASONS = ("qos0", "untracked", "sys", "replay")
-DEADLINE_REASONS = ("store_slow", "buffer_full")
+DEADLINE_REASONS = ("store_slow", "spool_full")
 
 # message.publish answers are sub-millisecond when healthy and capped by publish_deadline
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -57,7 +57,8 @@ class Metrics:
                           "(qos0, untracked topic, $SYS, a replay of ours)", ["reason"], registry=reg)
         self.skipped = {reason: skipped.labels(reason) for reason in SKIP_REASONS}
         deadline = Counter(f"{p}publish_deadline_answers", "message.publish answered at its deadline before "
-                           "the message was durable (store_slow: written later; buffer_full: not stored)",
+                           "the store had it (store_slow: durable in the spool, written to the store later; "
+                           "spool_full: NOT stored, the spool was full or failing)",
                            ["reason"], registry=reg)
         self.deadline = {reason: deadline.labels(reason) for reason in DEADLINE_REASONS}
         self.publish_latency = Histogram(
@@ -95,11 +96,38 @@ class Metrics:
         self.backend_up = Gauge(f"{p}backend_up", "1 when the backend answered its last check", registry=reg,
                                 multiprocess_mode="livemin")
 
+        self.spool_bytes = Gauge(f"{p}spool_bytes", "Bytes of write ops waiting in the local spool", registry=reg,
+                                 multiprocess_mode="livesum")
+        self.spool_pending = Gauge(f"{p}spool_pending", "Write ops waiting in the local spool for the store",
+                                   registry=reg, multiprocess_mode="livesum")
+        self.spooled = Counter(f"{p}spooled", "Write ops put into the local spool (the store was slow or down)",
+                               registry=reg)
+        self.spool_drained = Counter(f"{p}spool_drained", "Write ops moved from the local spool into the store",
+                                     registry=reg)
+        self._writes_rejected = Counter(
+            f"{p}writes_rejected", "Write ops the store refused for good (set aside, logged with msgid and topic), "
+            "by backend and reason", ["backend", "reason"], registry=reg)
+        self._requests_rejected = Counter(
+            f"{p}requests_rejected", "Hook requests that cannot be right (answered at once, nothing stored), "
+            "by hook and reason", ["hook", "reason"], registry=reg)
+        self._loop_restarts = Counter(
+            f"{p}loop_restarts", "Background loops restarted after an unexpected failure, by loop", ["loop"],
+            registry=reg)
+
         self._api_errors = Counter(f"{p}emqx_api_errors", "Failed EMQX REST API calls, by endpoint and HTTP "
                                    "status (\"error\" when no answer came)", ["endpoint", "status"], registry=reg)
 
     def store_failure(self, operation: str) -> None:
         self._store_failures.labels(operation).inc()
+
+    def write_rejected(self, backend: str, reason: str) -> None:
+        self._writes_rejected.labels(backend, reason).inc()
+
+    def request_rejected(self, hook: str, reason: str) -> None:
+        self._requests_rejected.labels(hook, reason).inc()
+
+    def loop_restarted(self, loop: str) -> None:
+        self._loop_restarts.labels(loop).inc()
 
     def api_error(self, endpoint: str, status: int | None) -> None:
         self._api_errors.labels(endpoint, str(status) if status is not None else "error").inc()

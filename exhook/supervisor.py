@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from exhook.config import Config
+from exhook.config import Config, HostPort
 from exhook.ops_http import OpsHttpServer
 
 log = logging.getLogger("exhook")
@@ -82,7 +83,30 @@ class WorkersReadiness:
         return "; ".join(waiting)
 
 
+def port_is_free(listen: HostPort) -> str:
+    """Why the gRPC address cannot be ours ("" when it can): the workers share the
+    port with SO_REUSEPORT, which would also let them join another process that
+    serves it with that option; a plain bind first refuses any port in use."""
+    try:
+        infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"exhook.listen: cannot resolve {listen.host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # as gRPC does: connections of an earlier run in TIME_WAIT do not hold the port
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"exhook.listen: cannot listen on {listen}: {exc.strerror}"
+    return ""
+
+
 def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], None]) -> int:
+    taken = port_is_free(cfg.service.listen)
+    if taken:
+        log.critical("%s", taken, extra={"event": "start_failed"})
+        return 2
     with tempfile.TemporaryDirectory(prefix="offline-exhook-metrics-") as metrics_dir:
         # spawned workers import prometheus-client afresh and pick this up
         os.environ[MULTIPROC_ENV] = metrics_dir

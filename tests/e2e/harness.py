@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from exhook.config import Config, HostPort, load_config_string
 from exhook.server import Service
@@ -37,6 +40,7 @@ class Harness:
     grpc_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
     emu: EmqxEmulator | None = None
+    spool_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ox-spool-")))
 
     def config(self, port: int | None = None) -> Config:
         text = "\n".join([
@@ -49,6 +53,8 @@ class Harness:
             f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
             f'api_secret = "{API_SECRET}", request_timeout = 5s }}',
             "}",
+            # one spool per gRPC port: a restart on the same port takes over what the last run spooled
+            f'exhook.spool.path = "{self.spool_dir}/spool-{self.grpc_port if port is None else port}.sqlite3"',
             self.extra_hocon,
         ])
         cfg = load_config_string(text)
@@ -105,6 +111,7 @@ class Harness:
         for service in self.services:
             await service.stop()
         await self.backend.teardown()
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def bulk_items(self) -> list[dict[str, object]]:
         """Every item the service published through publish/bulk, in order."""
