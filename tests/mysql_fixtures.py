@@ -114,6 +114,14 @@ def spy_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+async def rejected(store: MysqlStore, ops: list[WriteOp]) -> WriteRejected:
+    """The ``WriteRejected`` that writing ``ops`` raises (one line, naming the backend)."""
+    with pytest.raises(WriteRejected) as err:
+        await store.write(ops)
+    assert "\n" not in str(err.value) and str(err.value).startswith("mysql: ")
+    return err.value
+
+
 async def write_isolating(store: MysqlStore, ops: list[WriteOp]) -> list[tuple[WriteOp, str]]:
     """Write ``ops`` as the ordered writer does: an op refused by index is set aside and
     the rest written again; a refusal without an index splits the batch in halves

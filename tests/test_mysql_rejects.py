@@ -24,7 +24,7 @@ from storage.model import (
     WriteOp,
 )
 from storage.mysql import MysqlStore
-from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, spy_statements, write_isolating
+from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, rejected, spy_statements, write_isolating
 
 # insert_message_sql in a shape the store does not parse: it cannot tell which column
 # a value goes to, so only the server can refuse an over-long topic
@@ -78,13 +78,6 @@ async def assert_stored_exactly(store: MysqlStore, raw: Any, good: list[StoredMe
             (m.msgid, m.topic, m.sender, m.qos, m.retain, m.payload)
         ], m.topic[:40]
     assert q(raw, "SELECT COUNT(*) FROM mqtt_msg") == [(len(good),)]
-
-
-async def rejected(store: MysqlStore, ops: list[WriteOp]) -> WriteRejected:
-    with pytest.raises(WriteRejected) as err:
-        await store.write(ops)
-    assert "\n" not in str(err.value) and str(err.value).startswith("mysql: ")
-    return err.value
 
 
 # ---------------------------------------------------------------------------

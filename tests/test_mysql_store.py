@@ -23,9 +23,9 @@ import pytest
 
 from exhook.config import HostPort, SslOptions
 from storage.base import StoreConfigError, StoreError, WriteRejected
-from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, WriteOp
-from storage.mysql import STATE_TABLES_DDL, MysqlStore
-from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, spy_statements
+from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage
+from storage.mysql import STATE_TABLES_DDL
+from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, rejected, spy_statements
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
 from tests.store_reads import read_all
 
@@ -112,13 +112,6 @@ async def test_plugin_tables_and_rows_written_by_the_plugin(
     assert await read_topic(store, "plant/2") == []
     await store.write([SaveMessage(small)])
     assert [m.msgid for m in await read_topic(store, "plant/2")] == [small.msgid]
-
-
-async def rejected(store: MysqlStore, ops: list[WriteOp]) -> WriteRejected:
-    with pytest.raises(WriteRejected) as err:
-        await store.write(ops)
-    assert "\n" not in str(err.value)
-    return err.value
 
 
 async def test_unknown_or_unavailable_placeholders_rejected(make_store: MakeStore) -> None:
