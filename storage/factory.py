@@ -13,7 +13,7 @@ def create_store(cfg: BackendConfig) -> Store:
 
         return RedisStore(cfg)
     if isinstance(cfg, MysqlConfig):
-        from storage.mysql_store import MysqlStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.mysql import MysqlStore
 
         return MysqlStore(cfg)
     if isinstance(cfg, SqliteConfig):
