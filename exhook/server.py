@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,14 +14,14 @@ from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer,
 from exhook.client_queue import ClientQueues
 from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
-from exhook.health import Readiness
+from exhook.health import EMQX_API, Readiness, ReadinessListener
 from exhook.hooks import HookLogic
+from exhook.listen import add_grpc_port
 from exhook.logs import redactor
 from exhook.metrics import Metrics
 from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
-from exhook.tls import grpc_server_credentials
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter
 from storage.base import Store, StoreConfigError, StoreError
@@ -54,7 +53,7 @@ class Service:
     _health: HealthServicer = field(default_factory=HealthServicer)
     readiness: Readiness | None = None
     http: OpsHttpServer | None = None
-    on_readiness: Callable[[bool, str], None] | None = None  # a worker reports to its parent
+    on_readiness: ReadinessListener | None = None  # a worker reports to its parent
 
     async def start(self) -> None:
         cfg = self.config
@@ -75,6 +74,7 @@ class Service:
         self._writer.start()
         self._api = EmqxApi(cfg.service.emqx, self.metrics)
         await self._api.start()
+        await self.readiness.add_probe(EMQX_API, self._api.check, self.metrics.emqx_api_up)  # now, then every check
         self._queues = ClientQueues(self.metrics)
         replayer = Replayer(gate.store, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
         self._logic = HookLogic(tracked, gate.store, self._writer, replayer, self._queues, self.metrics, flags,
@@ -84,20 +84,13 @@ class Service:
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ])
+        self.metrics.expect_hooks(name for name, _ in self._logic.hook_specs())
         add_servicers(self._server, self._logic, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         listen = cfg.service.listen
-        if cfg.service.ssl.enable:
-            self.port = self._server.add_secure_port(f"{listen}", grpc_server_credentials(cfg.service.ssl))
-        else:
-            self.port = self._server.add_insecure_port(f"{listen}")
-        if self.port == 0:
-            raise OSError(f"exhook.listen: cannot listen on {listen}")
+        self.port = await add_grpc_port(self._server, listen, cfg.service.ssl)  # OSError: one line, exit 2
         await self._server.start()
         self._tasks.append(asyncio.create_task(self._purge_loop(gate), name="purge-expired"))
-        if not tracked:
-            log.warning("%s.topics is empty: the backend is inactive and no hooks are registered",
-                        gate.name)
         log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
                  listen.host, self.port, ", TLS" if cfg.service.ssl.enable else "", gate.name,
                  ", ".join(tracked.filters) or "-")

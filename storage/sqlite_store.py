@@ -277,7 +277,7 @@ class SqliteStore(Store):
             if isinstance(exc, StoreError):
                 raise
             if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreConfigError(f"sqlite {self._path}: {exc}") from exc
+                raise StoreConfigError(f"sqlite.path: {self._path}: {exc}") from exc
             raise
 
     def _connect(self) -> sqlite3.Connection:

@@ -149,7 +149,7 @@ def test_old_check_config_flag_does_the_same(tmp_path: Path, capsys: pytest.Capt
 
 @pytest.mark.parametrize(("text", "line"), [
     ("sqlite { enable = true, batch_size = 0 }",
-     "offline-exhook: config error: sqlite.batch_size: must be >= 1 and 10000, got 0"),
+     "offline-exhook: config error: sqlite.batch_size: must be between 1 and 10000, got 0"),
     ("redis { enable = true, pasword = x }", "offline-exhook: config error: redis.pasword: unknown field"),
     ("exhook { }", "offline-exhook: config error: redis.enable / mysql.enable / sqlite.enable: "
                    "no backend is enabled (enable exactly one)"),
