@@ -105,7 +105,7 @@ class Readiness:
         self._conditions[name] = (ok, reason)
         if ok:
             log.info("%s ok", name, extra={"event": "condition_ok", "condition": name})
-        elif before is None or before[0]:  # a new failure; a changed reason of a known one is not news
+        else:  # a new failure, or a new reason for one (unreachable, then 401 once EMQX is up)
             log.warning("not ready: %s: %s", name, reason, extra={"event": "not_ready", "condition": name})
         if self._on_change is not None:
             self._on_change(self.conditions())
