@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 _MS_PER_UNIT = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 # "ms" before "m": the alternation is tried in order
@@ -47,7 +47,7 @@ def parse_duration_ms(value: object, unit_ms: int = 1) -> int:
     if not text or _PART.sub("", text):
         raise ValueError(f"expected a duration such as {DURATION_FORMS}, got {_shown(value)}")
     total = sum((Decimal(number) * _MS_PER_UNIT[unit.lower()] for number, unit in _PART.findall(text)), Decimal(0))
-    return int(total.to_integral_value())  # EMQX rounds to whole milliseconds too
+    return int(total.to_integral_value(rounding=ROUND_HALF_UP))  # as Erlang's round/1 in EMQX
 
 
 def parse_duration_s(value: object) -> int:

@@ -19,6 +19,7 @@ from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
 from tests.cli_run import service_process
 from tests.e2e.harness import free_port
 from tests.e2e.test_outages import RedisProcess, redis_process
+from tests.test_alerts import promtool
 
 __all__ = ["redis_process"]  # a fixture used here
 
@@ -94,6 +95,9 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         status, body = get(f"{base}/metrics")
         assert status == 200
         metrics = samples(body.decode())
+        # the summed exposition of the parent passes promtool's lint as a single process's does
+        lint = promtool("check", "metrics", stdin=body.decode())
+        assert lint.returncode == 0, lint.stdout + lint.stderr
         assert metrics[("offline_exhook_messages_stored_total", frozenset())] == 40
         assert metrics[("offline_exhook_hook_calls_total", frozenset({("hook", "message.publish")}))] == 40
         assert metrics[("offline_exhook_publish_duration_seconds_count", frozenset())] == 40
