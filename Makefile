@@ -45,7 +45,9 @@ pytest: $(PB_STAMP)
 services:
 	./scripts/start-services.sh
 
-# tcpdump times the service's answers on the wire (the bench falls back to client round trips without it)
+# tcpdump times the service's answers on the wire (the bench falls back to client round trips without it).
+# About 15 minutes on 2 cores; BENCH_ARGS="--quick --backends sqlite" for a smoke run, "--help" for the options
+# (BENCHMARKS.md, "How to run the benchmark").
 bench: $(PB_STAMP) services
 	command -v tcpdump >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump)
 	$(BIN)/python -m bench $(BENCH_ARGS)

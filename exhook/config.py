@@ -10,6 +10,7 @@ absolute once parsed. Durations and sizes go through ``exhook.units``.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -580,10 +581,14 @@ def load_config_string(text: str, base: Path | None = None) -> Config:
 
 
 def config_secrets(cfg: Config) -> tuple[str, ...]:
-    """Values that must never appear in logs or printed config."""
+    """Values that must never appear in logs or printed config: the passwords, the
+    API secret, and the secret as it travels (base64 of ``key:secret`` in the
+    Authorization header, as an echoed request may show it)."""
     backend = cfg.backend
     password = backend.password if isinstance(backend, (RedisConfig, MysqlConfig)) else ""
-    return tuple(s for s in (password, cfg.service.emqx.api_secret) if s)
+    api = cfg.service.emqx
+    token = base64.b64encode(f"{api.api_key}:{api.api_secret}".encode()).decode() if api.api_secret else ""
+    return tuple(s for s in (password, api.api_secret, token) if s)
 
 
 def backend_name(backend: BackendConfig) -> str:

@@ -22,6 +22,7 @@ answering hooks when the store is down (at the publish deadline), so liveness is
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
@@ -46,8 +47,8 @@ SHUTDOWN = "shutdown"
 # name -> (ok, reason); what a worker sends its parent whenever it changes
 Conditions = dict[str, tuple[bool, str]]
 ReadinessListener = Callable[[Conditions], None]
-# None = fine, else the reason in one line
-Probe = Callable[[], Awaitable[str | None]]
+# None or "" = fine, else the reason in one line; asked at every check (a coroutine function or not)
+Probe = Callable[[], Awaitable[str | None] | str | None]
 
 
 def failing_reasons(conditions: Mapping[str, tuple[bool, str]], exclude: Collection[str] = ()) -> list[str]:
@@ -68,7 +69,7 @@ class Readiness:
         self._store = store
         self.interval_s = interval_s
         self._metrics = metrics
-        self._grpc_health = grpc_health
+        self.grpc_health = grpc_health
         self._redact = redact
         self._on_change = on_change  # told of every change, e.g. a worker's parent
         self._conditions: Conditions = {STORE: (False, "starting")}
@@ -110,9 +111,14 @@ class Readiness:
         if self._on_change is not None:
             self._on_change(self.conditions())
 
-    async def add_probe(self, name: str, probe: Probe, gauge: Gauge | None = None) -> None:
-        """Check ``probe`` now and then at every check; ``gauge`` follows it (1 ok, 0 not)."""
+    def add_probe(self, name: str, probe: Probe, gauge: Gauge | None = None) -> None:
+        """Ask ``probe`` at every check (the next ``check()`` included); ``gauge`` follows
+        it (1 ok, 0 not)."""
         self._probes[name] = (probe, gauge)
+
+    async def probe_now(self, name: str) -> None:
+        """Ask one probe at once (e.g. the EMQX API at start-up, before the first periodic check)."""
+        probe, gauge = self._probes[name]
         await self._run_probe(name, probe, gauge)
 
     # -- the periodic check ------------------------------------------------------
@@ -129,7 +135,7 @@ class Readiness:
 
     async def shutting_down(self) -> None:
         self._stopping = True
-        await self._grpc_health.enter_graceful_shutdown()
+        await self.grpc_health.enter_graceful_shutdown()
         if self._on_change is not None:
             self._on_change({SHUTDOWN: (False, "shutting down")})
 
@@ -146,14 +152,15 @@ class Readiness:
     async def _run_probe(self, name: str, probe: Probe, gauge: Gauge | None) -> None:
         try:
             async with asyncio.timeout(self.interval_s):
-                why = await probe()
+                answer = probe()
+                why = await answer if inspect.isawaitable(answer) else answer
         except TimeoutError:
             why = f"no answer within the check interval ({self.interval_s:g} s)"
         except Exception as exc:  # a probe that fails says why in its exception
             why = one_line(exc)
-        self.set_condition(name, why is None, why or "")
+        self.set_condition(name, not why, why or "")
         if gauge is not None:
-            gauge.set(1 if why is None else 0)
+            gauge.set(0 if why else 1)
 
     async def _announce_store(self) -> None:
         """``backend_up`` and the gRPC health status follow the store condition."""
@@ -164,4 +171,4 @@ class Readiness:
         self._metrics.backend_up.set(1 if ok else 0)
         status = _SERVING if ok else _NOT_SERVING
         for name in ("", *HOOK_SERVICES):
-            await self._grpc_health.set(name, status)
+            await self.grpc_health.set(name, status)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 from exhook.emqx_api import EmqxApi, ReplayItem
 from exhook.metrics import Metrics
 from exhook.retry import retrying
 from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
-from storage.base import Store
+from storage.base import PENDING_REPLAY_TTL_S, Store
 from storage.model import PendingReplay, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,48 @@ class BrokerFlags:
         self.v2_seen = False
 
 
+class LocalReplays:
+    """The replays this process published to a v2 broker and has not seen come back,
+    by topic and payload digest: recognising one here answers its ``message.publish``
+    without a store round trip. (The store's registry still has them, for a replay
+    that comes back to another instance; see ``DropPendingReplay``.) Bounded: the
+    oldest keys go first, and an entry lives as long as the store's."""
+
+    def __init__(self, max_entries: int = 100_000, ttl_s: float = PENDING_REPLAY_TTL_S) -> None:
+        self._max = max_entries
+        self._ttl = ttl_s
+        self._entries: OrderedDict[tuple[str, str], deque[tuple[str, float]]] = OrderedDict()
+        self._count = 0
+
+    def add(self, items: list[PendingReplay]) -> None:
+        expires = time.monotonic() + self._ttl
+        for item in items:
+            key = (item.topic, item.digest)
+            ids = self._entries.get(key)
+            if ids is None:
+                ids = self._entries[key] = deque()
+            ids.append((item.msgid, expires))
+            self._count += 1
+        while self._count > self._max:
+            _, dropped = self._entries.popitem(last=False)
+            self._count -= len(dropped)
+
+    def take(self, topic: str, digest: str) -> str | None:
+        """The original id of a replay with this topic and digest (oldest first)."""
+        ids = self._entries.get((topic, digest))
+        now = time.monotonic()
+        while ids:
+            msgid, expires = ids.popleft()
+            self._count -= 1
+            if expires > now:
+                if not ids:
+                    del self._entries[(topic, digest)]
+                return msgid
+        if ids is not None:
+            del self._entries[(topic, digest)]
+        return None
+
+
 class Replayer:
     def __init__(
         self,
@@ -47,8 +91,10 @@ class Replayer:
         tracked: TopicSet,
         flags: BrokerFlags,
         batch_size: int,
+        local: LocalReplays | None = None,
         page_size: int = 500,
     ) -> None:
+        self.local = local if local is not None else LocalReplays()
         self._store = store
         self._api = api
         self._metrics = metrics
@@ -117,6 +163,7 @@ class Replayer:
         if self._flags.v2_seen:
             pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
             await retrying("register pending replays", lambda: self._store.register_pending_replays(pending))
+            self.local.add(pending)
         items = [ReplayItem(m.topic, m.payload, m.qos, m.msgid) for m in batch]
         try:
             result = await retrying("publish/bulk", lambda: self._api.publish_bulk(items))

@@ -12,8 +12,8 @@ from multiprocessing.connection import Connection
 from exhook.config import Config, config_secrets, config_warnings
 from exhook.health import Conditions, ReadinessListener
 from exhook.logs import setup_logging
+from exhook.spool import SpoolError
 from exhook.supervisor import run_workers
-from storage.base import StoreConfigError
 
 log = logging.getLogger("exhook")
 
@@ -30,24 +30,28 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config, on_readiness: ReadinessListener | None = None) -> int:
+async def serve(cfg: Config, on_readiness: ReadinessListener | None = None, worker: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Exit status: 0 when every answered write is in the
+    store or the spool, 1 when some were lost, 2 when start-up failed."""
     from exhook.server import Service
 
-    service = Service(cfg, on_readiness=on_readiness)
+    service = Service(cfg, on_readiness=on_readiness, worker=worker, reuse_port=worker is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-    except (StoreConfigError, OSError) as exc:  # a misconfigured store, a port in use
+    except (OSError, SpoolError) as exc:  # a port in use, a spool that cannot be written
         log.critical("%s", exc, extra={"event": "start_failed"})
-        await service.stop()
         return 2
     await stop.wait()
-    log.info("shutting down: finishing in-flight writes and replays")
-    await service.stop()
-    return 0
+    log.info("shutting down: finishing replays and in-flight writes")
+    lost = await service.stop()
+    if lost:
+        log.critical("%d answered write ops could be neither stored nor spooled", lost,
+                     extra={"event": "writes_lost", "lost": lost})
+    return 1 if lost else 0
 
 
 def _report_to(parent: Connection) -> ReadinessListener:
@@ -63,7 +67,7 @@ def _report_to(parent: Connection) -> ReadinessListener:
 def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
     setup_service_logging(cfg, index)
     install_uvloop()
-    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent))))
+    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent), worker=index)))
 
 
 def run(cfg: Config) -> int:

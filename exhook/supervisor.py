@@ -24,8 +24,9 @@ from multiprocessing.process import BaseProcess
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from exhook.config import Config, backend_name
+from exhook.config import Config, HostPort, backend_name
 from exhook.health import Conditions, failing_reasons
+from exhook.listen import port_problem
 from exhook.ops_http import OpsHttpServer
 from exhook.process_metrics import ProcessesCollector
 
@@ -79,7 +80,18 @@ class WorkersReadiness:
         return waiting
 
 
+def port_is_free(listen: HostPort) -> str:
+    """Why the gRPC address cannot be ours ("" when it can): the workers share the
+    port with SO_REUSEPORT, which would also let them join another process that
+    serves it with that option; a plain bind first refuses any port in use."""
+    return port_problem(listen, reuse_port=False)
+
+
 def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], None]) -> int:
+    taken = port_is_free(cfg.service.listen)
+    if taken:
+        log.critical("%s", taken, extra={"event": "start_failed"})
+        return 2
     with tempfile.TemporaryDirectory(prefix="offline-exhook-metrics-") as metrics_dir:
         # spawned workers import prometheus-client afresh and pick this up
         os.environ[MULTIPROC_ENV] = metrics_dir

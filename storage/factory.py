@@ -9,7 +9,7 @@ from storage.config import BackendConfig, MysqlConfig, RedisConfig, SqliteConfig
 
 def create_store(cfg: BackendConfig) -> Store:
     if isinstance(cfg, RedisConfig):
-        from storage.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.redis import RedisStore
 
         return RedisStore(cfg)
     if isinstance(cfg, MysqlConfig):

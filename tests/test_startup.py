@@ -1,5 +1,6 @@
 """Start-up as an operator sees it: every expected failure is one critical line naming
-the field, exit status 2, no traceback; what is valid but suspicious is a warning line."""
+the field, exit status 2, no traceback (a store that cannot be opened is retried instead,
+its reason on /readyz); what is valid but suspicious is a warning line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from exhook.config import load_config_string
+from exhook.server import Service
 from tests.e2e.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +52,24 @@ def test_an_unresolvable_grpc_host_is_one_line(tmp_path: Path) -> None:
     assert "msg=\"exhook.listen: cannot resolve 'nohost.invalid': " in line
 
 
-def test_an_sqlite_directory_that_cannot_be_made_names_sqlite_path(tmp_path: Path) -> None:
+async def test_an_sqlite_directory_that_cannot_be_made_names_sqlite_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that cannot be opened is retried in the background (the broker needs answers);
+    the reason, naming the field and the absolute path, is on /readyz and in one log line."""
     path = "/proc/offline-exhook-no-such-dir/db.sqlite3"  # /proc takes no new directories, not even from root
-    line = one_critical_line(start(tmp_path, f'listen = "127.0.0.1:{free_port()}"', sqlite_path=path))
-    assert f'msg="sqlite.path: {path}: ' in line
+    cfg = load_config_string(f'exhook {{ listen = "127.0.0.1:{free_port()}", http.enable = false, '
+                             f'spool.path = "{tmp_path}/spool" }}\n'
+                             f'sqlite {{ enable = true, path = "{path}", topics = ["t/#"] }}\n')
+    service = Service(cfg)
+    await service.start()
+    try:
+        [store] = [why for why in service.readiness.failing() if why.startswith("store: ")]
+        assert f"sqlite.path: {path}: " in store
+        [line] = [r for r in caplog.records if getattr(r, "event", "") == "store_unreachable"]
+        assert line.error.startswith(f"sqlite.path: {path}: ") and line.exc_info is None
+    finally:
+        await service.stop()
 
 
 def test_an_empty_api_key_is_a_warning_line_at_start(tmp_path: Path) -> None:

@@ -75,7 +75,8 @@ def two_workers_config(tmp_path: Path, backend: str) -> tuple[Path, int, str]:
     cfg.write_text(
         f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2, log_format = json,\n'
         f'  emqx {{ api_url = "http://127.0.0.1:{no_emqx}" }}\n'
-        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }} }}\n{backend}\n')
+        f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }}, spool.path = "{tmp_path}/spool" }}\n'
+        f'{backend}\n')
     return cfg, grpc_port, f"http://127.0.0.1:{http_port}"
 
 

@@ -191,9 +191,12 @@ async def test_pending_writes_grow_while_the_store_hangs(
     assert redis_process.proc is not None
     pid = redis_process.proc.pid
     try:
-        documented("`offline_exhook_pending_writes` above 0 and not going down",
+        documented("`offline_exhook_pending_writes` above 0", "`offline_exhook_spool_pending` and "
+                   "`offline_exhook_spooled_total` rising",
                    '`offline_exhook_publish_deadline_answers_total{reason="store_slow"}` rising',
-                   "`store slower than publish_deadline: answered before the message was durable`")
+                   "`store redis slower than the publish deadline: spooling writes`",
+                   "`store slower than publish_deadline: message spooled`",
+                   "`spool empty: writing to redis directly again`")
         os.kill(pid, signal.SIGSTOP)  # hung, not gone: connections stay open, nothing answers
         pub = h.client("hang-pub")
         await pub.connect()
@@ -201,15 +204,20 @@ async def test_pending_writes_grow_while_the_store_hangs(
             await pub.publish("t/hang", f"m{i}".encode(), qos=1)
         metrics = await scrape(h)
         assert sample(metrics, "offline_exhook_pending_writes") >= 1
+        assert sample(metrics, "offline_exhook_spool_pending") == 5
+        assert sample(metrics, "offline_exhook_spooled_total") == 5
         assert sample(metrics, "offline_exhook_publish_deadline_answers_total", reason="store_slow") == 5
-        assert "store slower than publish_deadline: answered before the message was durable" in lines(caplog)
+        shown = lines(caplog)
+        assert "store redis slower than the publish deadline: spooling writes" in shown
+        assert "store slower than publish_deadline: message spooled" in shown
         await wait_reason(h, "store: redis unreachable: ")
         # the fix: the store answers again; the queue drains by itself
         os.kill(pid, signal.SIGCONT)
 
         async def drained() -> bool:
-            return sample(await scrape(h), "offline_exhook_pending_writes") == 0
+            return sample(await scrape(h), "offline_exhook_spool_pending") == 0
         await eventually(drained)
+        assert "spool empty: writing to redis directly again" in lines(caplog)
         assert await h.backend.count_messages() == 5
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -219,7 +227,7 @@ async def test_pending_writes_grow_while_the_store_hangs(
 def test_readiness_reports_other_components_conditions() -> None:
     """The write path reports ``writer`` / ``spool`` through ``set_condition``: /readyz lists
     each failing one as ``name: reason``, in the order they first failed."""
-    documented("| `writer`, `spool` | reported by the write path")
+    documented("| `writer` | reported by the write path", "`spool draining behind a broken store: ...`")
 
     class Silent:  # the store and gRPC health are not involved in set_condition
         name = "sqlite"

@@ -62,6 +62,8 @@ Observation:
 * ``emu.published`` (:class:`PublishRecord`: source, original, msg, answer, routes), ``emu.dropped``,
   ``emu.errors`` (exceptions raised inside emulator processes: assert it stays empty).
 * ``emu.sessions``, ``emu.subscriptions(clientid)``, ``emu.routes()``, ``emu.live_channel(clientid)``.
+* ``emu.forget_history()`` clears the recorded calls, REST requests, published and dropped messages (the
+  broker's state stays); the benchmark's reconnect storm (``bench/storm.py``) uses it between phases.
 """
 
 from .broker import (
