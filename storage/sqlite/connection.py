@@ -73,7 +73,7 @@ class Database:
             if isinstance(exc, (sqlite3.Error, OSError)):
                 # at start-up every failure is the setup's (a locked file included:
                 # the service reports it and keeps trying to open)
-                raise StoreConfigError(f"sqlite {self.path}: {exc}") from exc
+                raise StoreConfigError(f"sqlite.path: {self.path}: {exc}") from exc
             raise
 
     def _connect(self) -> sqlite3.Connection:
