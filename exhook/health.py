@@ -32,7 +32,8 @@ from prometheus_client import Gauge
 
 from exhook.metrics import Metrics
 from storage.base import Store
-from storage.errors import one_line
+from storage.errors import first_line, one_line
+from storage.gated import StoreNotOpen
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class Readiness:
         try:
             async with asyncio.timeout(self.interval_s):
                 await self._store.ping()
+        except StoreNotOpen as exc:  # its text already says which store and why
+            self.set_condition(STORE, False, first_line(exc))
         except Exception as exc:  # any failure means "not reachable"; the text says why
             self.set_condition(STORE, False, f"{self._store.name} unreachable: {one_line(exc)}")
         else:

@@ -62,7 +62,7 @@ def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
         return run(cfg)
     if command == "check-config":
         return _print_config(cfg, args)
-    from exhook.cli import register, stored
+    from exhook.cli import register, spooled, stored
 
     with _command_logging(cfg):
         if command == "register":
@@ -75,6 +75,10 @@ def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
             return asyncio.run(stored.subscriptions(cfg, args))
         if command == "purge":
             return asyncio.run(stored.purge(cfg, args))
+        if command == "set-aside":
+            return asyncio.run(spooled.set_aside(cfg, args))
+        if command == "spool":
+            return asyncio.run(spooled.spooled(cfg, args))
     raise AssertionError(f"unknown command {command}")  # the parser only knows the commands above
 
 

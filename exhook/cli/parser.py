@@ -13,7 +13,8 @@ import os
 from exhook.buildinfo import version_line
 from exhook.cli.register import DEFAULT_NAME
 
-COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index")
+COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index",
+            "set-aside", "spool")
 
 
 def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -92,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--topic", required=True, metavar="FILTER", help="topic filter, wildcards allowed")
     purge.add_argument("--yes", action="store_true", help="really delete (without it: only count)")
     _output_options(purge)
+
+    aside = sub.add_parser("set-aside", help="write ops the store refused for good (kept in the spool file)")
+    _config_option(aside, keep)
+    aside.add_argument("--limit", type=int, default=100, help="newest ops listed at most (default 100)")
+    _output_options(aside, progress=False)
+
+    spool = sub.add_parser("spool", help="write ops waiting in the local spool for the store")
+    _config_option(spool, keep)
+    spool.add_argument("--list", action="store_true", help="also list the oldest waiting ops")
+    spool.add_argument("--limit", type=int, default=100, help="ops listed at most per file (default 100)")
+    _output_options(spool, progress=False)
 
     rebuild = sub.add_parser("rebuild-topic-index",
                              help="Redis: index the topics of a store written by the Erlang plugin "

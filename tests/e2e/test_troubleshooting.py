@@ -241,3 +241,39 @@ def test_readiness_reports_other_components_conditions() -> None:
     readiness.set_condition("writer", True)
     readiness.set_condition("spool", True, "ignored when ok")
     assert readiness.ready and readiness.reason == ""
+
+
+async def test_store_misconfigured_is_retried_until_fixed_without_a_restart(caplog: pytest.LogCaptureFixture) -> None:
+    import aiomysql
+
+    from storage.mysql import DEFAULT_SCHEMA_DDL
+    from tests.e2e.backends import MYSQL, MysqlBackend
+
+    backend = MysqlBackend()
+    # no tables, and the service may not create them: the store answers but cannot be used
+    h = Harness(backend, "v3", extra_hocon="mysql.init_default_schema = false")
+    await h.start()
+    try:
+        reason = await wait_reason(h, "does not exist")
+        documented("reason `store: mysql is not connected yet (...)`", "`mysql: table ... does not exist`",
+                   "`mysql misconfigured at start-up, retrying in the background`", "no restart")
+        assert reason.startswith("store: mysql is not connected yet (mysql: table ")
+        assert any("mysql misconfigured at start-up, retrying in the background" in line for line in lines(caplog))
+        pub = h.client("while-broken")
+        await pub.connect()
+        await pub.publish("t/fix", b"kept in the spool", qos=1)  # answered: the message waits in the spool
+        assert h.service.metrics.sample("publish_deadline_answers_total", reason="store_slow") == 1
+        # the fix: create the tables; the service takes the store at its next try
+        conn = await aiomysql.connect(**MYSQL, db=backend.database, autocommit=True)
+        async with conn.cursor() as cur:
+            for ddl in DEFAULT_SCHEMA_DDL:
+                await cur.execute(ddl)
+        conn.close()
+
+        async def ready() -> bool:
+            return (await readyz(h))[0] == 200
+        await eventually(ready, timeout=20)
+        await h.settle()
+        assert await backend.count_messages() == 1
+    finally:
+        await h.stop()
