@@ -153,24 +153,27 @@ def _int(
     return number
 
 
-def _duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
-    """A duration in milliseconds; a bare integer is milliseconds (as the plugin's
-    ``batch_time``). Every form EMQX accepts: ``"500ms"``, ``1.5s``, ``1m30s``, ``2h``."""
+def _parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Callable[[Any], int],
+            minimum: int = 0, show: Callable[[int], str] = str) -> int:
+    """A value read by one of exhook.units' parsers, with its field named in any error."""
     try:
-        number = parse_duration_ms(_get(tree, key, default))
+        number = parse(_get(tree, key, default))
     except ValueError as exc:
         raise ConfigError(f"{where}{key}: {exc}") from None
     if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {format_duration(minimum)}, got {format_duration(number)}")
+        raise ConfigError(f"{where}{key}: must be at least {show(minimum)}, got {show(number)}")
     return number
+
+
+def _duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
+    """A duration in milliseconds; a bare integer is milliseconds (as the plugin's
+    ``batch_time``). Every form EMQX accepts: ``"500ms"``, ``1.5s``, ``1m30s``, ``2h``."""
+    return _parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration)
 
 
 def _duration_s(tree: ConfigTree, key: str, default: int, where: str) -> int:
     """A duration in whole seconds; a bare integer is seconds (the plugin's ``message_ttl``)."""
-    try:
-        return parse_duration_s(_get(tree, key, default))
-    except ValueError as exc:
-        raise ConfigError(f"{where}{key}: {exc}") from None
+    return _parsed(tree, key, default, where, parse_duration_s)
 
 
 def _str(tree: ConfigTree, key: str, default: str, where: str) -> str:
@@ -458,13 +461,7 @@ def _same_socket(a: HostPort, b: HostPort) -> bool:
 
 def _size_bytes(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
     """A size in bytes: an integer or ``"64MB"`` (= 64 MiB, as EMQX counts), ``"1GiB"``."""
-    try:
-        number = parse_size_bytes(_get(tree, key, default))
-    except ValueError as exc:
-        raise ConfigError(f"{where}{key}: {exc}") from None
-    if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {minimum} bytes, got {number}")
-    return number
+    return _parsed(tree, key, default, where, parse_size_bytes, minimum, lambda n: f"{n} bytes")
 
 
 def _spool(tree: ConfigTree, base: Path) -> SpoolConfig:

@@ -151,11 +151,7 @@ class EmqxApi:
             raise EmqxApiError("EMQX API client is not started")
         try:
             async with self._session.request(method, path, json=body) as resp:
-                try:
-                    answer = await resp.json(content_type=None)
-                except ValueError:
-                    answer = await resp.text()
-                return resp.status, answer
+                return resp.status, await read_answer(resp)
         except aiohttp.ClientError as exc:
             raise EmqxApiError(f"unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
@@ -170,6 +166,14 @@ def refusal(status: int) -> str | None:
     if status == 403:
         return "403 forbidden (the API key needs the administrator role)"
     return None
+
+
+async def read_answer(resp: aiohttp.ClientResponse) -> Any:
+    """EMQX's answer: JSON, or its text when it is not (a proxy's error page)."""
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return await resp.text()
 
 
 def basic_auth(key: str, secret: str) -> str:

@@ -30,7 +30,7 @@ import aiohttp
 
 from exhook.cli.output import CliError
 from exhook.config import Config, EmqxApiConfig
-from exhook.emqx_api import basic_auth
+from exhook.emqx_api import basic_auth, read_answer
 from exhook.units import format_duration, parse_duration_ms
 from storage.tls import client_context
 
@@ -171,10 +171,7 @@ class EmqxAdmin:
         url = self._cfg.url
         try:
             async with self._session.request(method, path, json=body) as resp:
-                try:
-                    answer = await resp.json(content_type=None)
-                except ValueError:
-                    answer = await resp.text()
+                answer = await read_answer(resp)
                 status = resp.status
         except aiohttp.ClientError as exc:
             raise CliError(f"EMQX API unreachable at {url}: {type(exc).__name__}: {exc}") from None
