@@ -15,6 +15,7 @@ from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer,
 from exhook.client_queue import ClientQueues
 from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
+from exhook.grpc_options import server_options
 from exhook.health import Readiness
 from exhook.hooks import HookLogic
 from exhook.logs import redactor
@@ -35,7 +36,6 @@ _OPEN_RETRY_MAX_S = 5.0
 _PURGE_EVERY_S = 60.0
 _PURGE_CHUNK = 1000
 _SHUTDOWN_GRACE_S = 5.0
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -79,11 +79,7 @@ class Service:
         replayer = Replayer(gate, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
         self._logic = HookLogic(tracked, gate, self._writer, replayer, self._queues, self.metrics, flags,
                                 cfg.service.publish_deadline_ms)
-        self._server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ])
+        self._server = grpc.aio.server(options=server_options())
         add_servicers(self._server, self._logic, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         listen = cfg.service.listen
