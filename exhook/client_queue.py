@@ -3,7 +3,9 @@
 EMQX blocks a client while any of its hooks runs, so the service answers at once
 and does the slow part (database reads, REST calls, replays) here. Jobs of one
 client run one after another in the order their hooks arrived; jobs of different
-clients run concurrently, at most ``max_running`` at a time.
+clients run concurrently, as many at a time as ``exhook.pacing.AdaptiveLimit``
+allows: few while the event loop is busy answering hook calls (a reconnect storm),
+more while it keeps up.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from exhook.metrics import Metrics
+from exhook.pacing import AdaptiveLimit
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +24,10 @@ Job = Callable[[], Awaitable[None]]
 
 
 class ClientQueues:
-    def __init__(self, metrics: Metrics, max_per_client: int = 1000, max_running: int = 64) -> None:
+    def __init__(self, metrics: Metrics, max_per_client: int = 1000, slots: AdaptiveLimit | None = None) -> None:
         self._metrics = metrics
         self._max_per_client = max_per_client
-        self._slots = asyncio.Semaphore(max_running)
+        self._slots = slots or AdaptiveLimit()
         self._jobs: dict[str, deque[tuple[str, Job]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -50,14 +53,16 @@ class ClientQueues:
         try:
             while jobs:
                 what, job = jobs[0]
-                async with self._slots:
-                    try:
-                        await job()
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("client job failed",
-                                      extra={"event": "job_failed", "clientid": clientid, "job": what})
+                await self._slots.acquire()
+                try:
+                    await job()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("client job failed",
+                                  extra={"event": "job_failed", "clientid": clientid, "job": what})
+                finally:
+                    self._slots.release()
                 jobs.popleft()
         finally:
             self._tasks.pop(clientid, None)
@@ -80,3 +85,4 @@ class ClientQueues:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._slots.close()

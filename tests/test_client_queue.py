@@ -4,10 +4,11 @@ import asyncio
 
 from exhook.client_queue import ClientQueues
 from exhook.metrics import Metrics
+from exhook.pacing import AdaptiveLimit
 
 
 async def test_jobs_of_one_client_run_in_order_others_concurrently() -> None:
-    queues = ClientQueues(Metrics(), max_running=8)
+    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(minimum=8))
     log: list[str] = []
     release = asyncio.Event()
 
