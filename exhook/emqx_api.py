@@ -22,12 +22,15 @@ NO_MATCHING_SUBSCRIBERS = 16
 
 
 class EmqxApiError(Exception):
-    """The REST call failed: unreachable, refused, or an error status."""
+    """The REST call failed: unreachable, refused, or an error status. ``expected``
+    marks a failure that is part of normal operation (retries log it at debug)."""
 
-    def __init__(self, message: str, status: int | None = None, retryable: bool = True) -> None:
+    def __init__(self, message: str, status: int | None = None, retryable: bool = True,
+                 expected: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.expected = expected
 
 
 @dataclass(slots=True, frozen=True)

@@ -27,6 +27,7 @@ async def retrying(what: str, call: Callable[[], Awaitable[T]], delays: tuple[fl
         except (StoreError, EmqxApiError) as exc:
             if delay is None or (isinstance(exc, EmqxApiError) and not exc.retryable):
                 raise
-            log.warning("%s failed, retrying in %.1f s: %s", what, delay, exc)
+            level = logging.DEBUG if isinstance(exc, EmqxApiError) and exc.expected else logging.WARNING
+            log.log(level, "%s failed, retrying in %.2f s: %s", what, delay, exc)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")

@@ -28,7 +28,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 _UNUSED_RPCS = (
     "OnProviderUnloaded", "OnClientConnect", "OnClientConnack", "OnClientDisconnected",
-    "OnClientSubscribe", "OnClientUnsubscribe", "OnSessionCreated", "OnSessionDiscarded",
+    "OnClientSubscribe", "OnClientUnsubscribe", "OnSessionDiscarded",
     "OnSessionTakenover", "OnSessionTerminated", "OnMessageDelivered", "OnMessageDropped",
 )
 
@@ -100,6 +100,12 @@ class _HookProvider:
     async def OnSessionUnsubscribed(self, request: Any, context: Ctx) -> Any:
         self._calls["OnSessionUnsubscribed"].inc()
         self._logic.session_unsubscribed(_client(request.clientinfo), request.topic)
+        return self._empty
+
+    async def OnSessionCreated(self, request: Any, context: Ctx) -> Any:
+        self._calls["OnSessionCreated"].inc()
+        self._seen()
+        self._logic.session_created(_client(request.clientinfo))
         return self._empty
 
     async def OnSessionResumed(self, request: Any, context: Ctx) -> Any:

@@ -1,0 +1,52 @@
+"""A small in-memory map whose entries expire, bounded in size, O(1) per operation.
+
+Used to remember, for a few seconds, what one hook of a connect told the service so
+that a later hook of the same connect can act on it (``session.resumed`` then
+``client.connected``; ``session.created`` then ``client.connected``). Entries of
+connects whose later hook never came expire instead of piling up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ExpiringMap(Generic[K, V]):
+    def __init__(self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        # insertion order = age order (a re-put moves the key to the end), so the
+        # oldest entry is always first and eviction never scans
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def put(self, key: K, value: V) -> None:
+        now = self._clock()
+        self._items.pop(key, None)
+        self._items[key] = (now, value)
+        self._evict(now)
+
+    def pop(self, key: K) -> V | None:
+        """The live value for ``key`` (removed), or None."""
+        entry = self._items.pop(key, None)
+        if entry is None:
+            return None
+        put_at, value = entry
+        return value if self._clock() - put_at < self._ttl else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _evict(self, now: float) -> None:
+        items = self._items
+        while items:
+            oldest = next(iter(items))
+            if len(items) <= self._max and now - items[oldest][0] < self._ttl:
+                return
+            del items[oldest]
