@@ -207,6 +207,7 @@ class HookLogic:
     # CANCELLED): restoring from whichever of the two arrives first, once, means one
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
+        self._queues.note_connect()
         # EMQX runs session.created before it registers the client's channel, so the
         # restore's REST call may find no client yet: let it wait for one a little.
         self._resumed.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
@@ -214,10 +215,12 @@ class HookLogic:
             self._restoring.put(client.clientid, client.connection)
 
     def session_resumed(self, client: ClientRef) -> None:
+        self._queues.note_connect()
         self._restoring.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
 
     def client_connected(self, client: ClientRef) -> None:
+        self._queues.note_connect()
         if self._resumed.pop(client.clientid):
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself.

@@ -1,92 +1,94 @@
-"""AdaptiveLimit: how many background jobs may run, driven by the event loop's lag.
-The lag is set by hand here (a sampler that never samples), so nothing depends on timing."""
+"""AdaptiveLimit: how many background jobs may start while hook calls keep the service busy.
+The samples are fed by hand (a sampler that never samples), so nothing depends on timing."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from exhook.pacing import AdaptiveLimit, LoopLag
 
 
-class FixedLag(LoopLag):
-    async def run(self) -> None:
+class HandFed(LoopLag):
+    async def run(self, on_sample: Callable[[float], None]) -> None:
         await asyncio.Event().wait()
 
 
-async def finish_jobs(limit: AdaptiveLimit, n: int) -> None:
-    for _ in range(n):
-        await limit.acquire()
-        limit.release()
+def limit_of(**kw: float) -> AdaptiveLimit:
+    return AdaptiveLimit(maximum=5, target_lag_s=0.01, busy_connects_per_s=100, sampler=HandFed(), **kw)
 
 
-async def test_starts_at_the_minimum_and_grows_by_one_per_job_finished_while_the_loop_keeps_up() -> None:
-    limit = AdaptiveLimit(minimum=2, maximum=5, target_lag_s=0.01, sampler=FixedLag())
-    await limit.acquire()  # a long job: the limit lives as long as some job runs or waits
+def start(limit: AdaptiveLimit, waited_s: float = 0.0) -> bool:
+    if limit.may_start(waited_s):
+        limit.started()
+        return True
+    return False
+
+
+async def test_starts_with_initial_slots_and_adds_one_per_job_finished_while_not_busy() -> None:
+    limit = limit_of(initial=1)
+    assert start(limit)
+    assert not start(limit)
+    limit.finished()
     assert limit.limit == 2
-    await finish_jobs(limit, 1)
-    assert limit.limit == 3
-    await finish_jobs(limit, 10)
+    assert start(limit) and start(limit) and not start(limit)
+    for _ in range(10):
+        limit.finished()
+        start(limit)
     assert limit.limit == 5  # never above the maximum
-    limit.release()
-    await limit.acquire()  # after a quiet spell it starts slowly again
-    assert limit.limit == 2
-    limit.release()
+    limit.finished()
+    limit.finished()
+    limit.idle()
+    assert start(limit) and limit.limit == 1  # after a quiet spell it starts afresh
     await limit.close()
 
 
-async def test_halves_when_the_loop_lags_but_never_below_the_minimum() -> None:
-    lag = FixedLag()
-    limit = AdaptiveLimit(minimum=2, maximum=32, target_lag_s=0.01, sampler=lag)
-    await limit.acquire()
-    await finish_jobs(limit, 14)
-    assert limit.limit == 16
-    seen = []
-    for _ in range(6):
-        lag.lag_s = 0.05  # a late timer: hook answers are waiting
-        await limit.acquire()
-        seen.append(limit.limit)
-        limit.release()
-    assert seen[:2] == [8, 4]  # halved on each late sample (one job finished in between: +1)
-    assert seen[-1] == 2
-    limit.release()
+async def test_a_late_timer_stops_new_jobs_until_the_loop_keeps_up_again() -> None:
+    limit = limit_of(initial=2)
+    assert start(limit)
+    limit.on_sample(0.05)
+    assert limit.limit == 0 and not start(limit)
+    limit.finished()  # finishing while busy gives no slot back
+    assert not start(limit)
+    limit.on_sample(0.007)  # better, not yet good
+    assert not start(limit)
+    limit.on_sample(0.001)
+    assert limit.limit == 2 and start(limit) and start(limit) and not start(limit)
     await limit.close()
 
 
-async def test_jobs_over_the_limit_wait_in_order_and_start_as_slots_free() -> None:
-    limit = AdaptiveLimit(minimum=1, maximum=1, sampler=FixedLag())
-    started: list[int] = []
-    began = [asyncio.Event() for _ in range(3)]
-    holds = [asyncio.Event() for _ in range(3)]
-
-    async def job(i: int) -> None:
-        await limit.acquire()
-        started.append(i)
-        began[i].set()
-        await holds[i].wait()
-        limit.release()
-
-    tasks = [asyncio.create_task(job(i)) for i in range(3)]
-    await began[0].wait()
-    assert started == [0] and limit.running == 1
-    holds[0].set()
-    await began[1].wait()
-    assert started == [0, 1]
-    holds[1].set()
-    holds[2].set()
-    await asyncio.gather(*tasks)
-    assert started == [0, 1, 2] and limit.running == 0
+async def test_a_flood_of_connect_hooks_stops_new_jobs_until_it_ebbs() -> None:
+    limit = limit_of(initial=2)
+    loop = asyncio.get_running_loop()
+    assert start(limit)
+    limit._sampled_at = loop.time() - 0.1  # 100 ms since the last sample: 50 connects = 500/s
+    for _ in range(50):
+        limit.note_connect()
+    limit.on_sample(0.0)
+    assert limit.limit == 0 and not start(limit)
+    limit._sampled_at = loop.time() - 0.1  # no connects for 100 ms
+    limit.on_sample(0.0)
+    assert limit.limit == 2 and start(limit)
     await limit.close()
 
 
-async def test_a_cancelled_waiter_does_not_take_a_slot_with_it() -> None:
-    limit = AdaptiveLimit(minimum=1, maximum=1, sampler=FixedLag())
-    await limit.acquire()
-    waiter = asyncio.create_task(limit.acquire())
-    await asyncio.sleep(0)
-    waiter.cancel()
-    await asyncio.gather(waiter, return_exceptions=True)
-    limit.release()
-    await limit.acquire()  # the slot came back
-    assert limit.running == 1
-    limit.release()
+async def test_a_service_that_never_stops_being_busy_still_runs_the_oldest_job_after_the_pause() -> None:
+    limit = limit_of(max_pause_s=10.0)
+    assert start(limit)
+    limit.on_sample(0.05)
+    limit.finished()
+    assert not start(limit, waited_s=9.9)
+    assert start(limit, waited_s=10.0)
+    assert not start(limit, waited_s=20.0)  # one at a time
+    await limit.close()
+
+
+async def test_every_sample_tells_the_owner_there_may_be_room() -> None:
+    limit = limit_of()
+    calls: list[int] = []
+    limit.on_room = lambda: calls.append(limit.limit)
+    start(limit)
+    limit.on_sample(0.05)
+    limit.on_sample(0.0)
+    assert calls == [0, 4]
     await limit.close()
