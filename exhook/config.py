@@ -476,6 +476,14 @@ def _http(tree: ConfigTree) -> HttpConfig:
     )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a cpuset / taskset counts, a CFS quota does not)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _parse_service(tree: ConfigTree) -> ServiceConfig:
     where = "exhook."
     api = _subtree(tree, "emqx", where)
@@ -492,7 +500,7 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
         raise ConfigError(f"exhook.log_format: expected text or json, got {log_format!r}")
     return ServiceConfig(
         listen=parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), 9000, "exhook.listen"),
-        workers=workers or (os.cpu_count() or 1),
+        workers=workers or usable_cpus(),
         publish_deadline_ms=_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
         log_level=level,
