@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark: EMQX-like ids, pre-serialised ExHook requests,
-process accounting (/proc), percentiles, free ports."""
+"""Shared helpers of the benchmark: the two ExHook protocol generations, EMQX-like ids,
+pre-serialised ExHook requests, EMQX's routing of calls over its channel pool, process
+accounting (/proc), percentiles, free ports."""
 
 from __future__ import annotations
 
@@ -7,22 +8,25 @@ import math
 import os
 import socket
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
 
-from exhook.pb.v3 import exhook_pb2 as pb
+from exhook.pb.v2 import exhook_pb2 as pb_v2
+from exhook.pb.v3 import exhook_pb2 as pb_v3
 
 HOST = "127.0.0.1"
-PKG = "emqx.exhook.v3.HookProvider"
-PUBLISH = f"/{PKG}/OnMessagePublish"
-ACKED = f"/{PKG}/OnMessageAcked"
-SUBSCRIBED = f"/{PKG}/OnSessionSubscribed"
-LOADED = f"/{PKG}/OnProviderLoaded"
 NODE = "emqx@127.0.0.1"
+PROTOCOLS = ("v2", "v3")
+# the broker generation each ExHook package stands for (v2: EMQX 5.0-5.8, v3: 5.9+)
+EMQX_VERSION = {"v2": "5.3.2", "v3": "5.10.4"}
 REPLAY_PROPERTY = "offline-exhook-replay"  # the v3 user property that marks a replay (exhook/emqx_api.py)
-IGNORE_ANSWER = pb.ValuedResponse(type=pb.ValuedResponse.IGNORE).SerializeToString()
+# ValuedResponse{type: IGNORE} serialises the same in both packages
+IGNORE_ANSWER = pb_v3.ValuedResponse(type=pb_v3.ValuedResponse.IGNORE).SerializeToString()
 _PLACEHOLDER = b"Z" * 32  # never valid hex, so it cannot occur in a real id
-META = pb.RequestMeta(node=NODE, version="5.10.4", sysdescr="EMQX", cluster_name="emqxcl")
 
 # grpc channel options shared by every client of the benchmark: one TCP connection per
 # channel (grpc would otherwise share subchannels between identical channels).
@@ -31,6 +35,31 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+@dataclass(frozen=True)
+class Proto:
+    """One ExHook package: ``emqx.exhook.v2`` or ``emqx.exhook.v3`` (same RPCs; v3 adds
+    user properties, which is how the service recognises a replay there)."""
+
+    name: str
+    pb: ModuleType
+
+    def path(self, rpc: str) -> str:
+        """The full gRPC method path, e.g. ``/emqx.exhook.v3.HookProvider/OnMessagePublish``."""
+        return f"/emqx.exhook.{self.name}.HookProvider/{rpc}"
+
+    @property
+    def meta(self) -> Any:
+        return self.pb.RequestMeta(node=NODE, version=EMQX_VERSION[self.name], sysdescr="EMQX",
+                                   cluster_name="emqxcl")
+
+
+@cache
+def proto(name: str) -> Proto:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown ExHook protocol {name!r} (expected v2 or v3)")
+    return Proto(name, pb_v2 if name == "v2" else pb_v3)
 
 
 class GuidGen:
@@ -79,36 +108,39 @@ class Template:
         return self._pre + msgid + self._post
 
 
-def message(sender: str, topic: str, payload: bytes, qos: int = 1, msgid: str | None = None) -> pb.Message:
-    msg = pb.Message(node=NODE, id=msgid or _PLACEHOLDER.decode(), qos=qos, topic=topic, payload=payload,
-                     timestamp=time.time_ns() // 1_000_000,
-                     headers={"protocol": "mqtt", "peerhost": HOST, "username": "bench"})
+def message(p: Proto, sender: str, topic: str, payload: bytes, qos: int = 1, msgid: str | None = None,
+            username: str = "") -> Any:
+    """A ``Message`` as EMQX exports it: ``from`` = the publisher's clientid, ``headers`` =
+    protocol, peerhost and (when the client has one) username; ``http_api`` messages have none."""
+    headers = {} if sender == "http_api" else {"protocol": "mqtt", "peerhost": HOST}
+    if username and headers:
+        headers["username"] = username
+    msg = p.pb.Message(node=NODE, id=msgid or _PLACEHOLDER.decode(), qos=qos, topic=topic, payload=payload,
+                       timestamp=time.time_ns() // 1_000_000, headers=headers)
     setattr(msg, "from", sender)
     return msg
 
 
-def publish_template(sender: str, topic: str, payload: bytes) -> Template:
-    req = pb.MessagePublishRequest(message=message(sender, topic, payload), meta=META)
+def publish_template(p: Proto, sender: str, topic: str, payload: bytes, username: str = "") -> Template:
+    req = p.pb.MessagePublishRequest(message=message(p, sender, topic, payload, username=username), meta=p.meta)
     return Template(req.SerializeToString())
 
 
-def ack_template(subscriber: str, sender: str, topic: str) -> Template:
-    # An ack carries the message as the broker delivered it; the payload is not needed
-    # by the service, EMQX sends it anyway (a short one here).
-    req = pb.MessageAckedRequest(clientinfo=client_info(subscriber),
-                                 message=message(sender, topic, b"x" * 16), meta=META)
+def ack_template(p: Proto, subscriber: str, sender: str, topic: str, payload: bytes) -> Template:
+    """``message.acked`` carries the message as the broker delivered it (payload included)
+    and the subscriber's client info."""
+    req = p.pb.MessageAckedRequest(clientinfo=client_info(p, subscriber),
+                                   message=message(p, sender, topic, payload, username=sender), meta=p.meta)
     return Template(req.SerializeToString())
 
 
-def client_info(clientid: str, peerport: int = 50000) -> pb.ClientInfo:
-    return pb.ClientInfo(node=NODE, clientid=clientid, username="bench", peerhost=HOST, sockport=1883,
-                         protocol="mqtt", peerport=peerport)
+def client_info(p: Proto, clientid: str, peerport: int = 50000) -> Any:
+    return p.pb.ClientInfo(node=NODE, clientid=clientid, username=clientid, peerhost=HOST, sockport=1883,
+                           protocol="mqtt", peerport=peerport)
 
 
 def route(clientid: str, pool: int) -> int:
-    """EMQX picks a pool connection from the clientid (hash)."""
-    import zlib
-
+    """EMQX picks a pool connection from the clientid (a hash; ``erlang:phash2`` there)."""
     return zlib.crc32(clientid.encode()) % pool
 
 

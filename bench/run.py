@@ -1,7 +1,9 @@
-"""Orchestration of one benchmark run: the no-op ceiling, then the service on each
-backend (publish, ack, replay, optional profile and 1M-message runs), the raw
-backend ceilings, the table and BENCHMARKS.md. Every process it starts is stopped
-in a ``finally`` (also on Ctrl-C / SIGTERM / failure)."""
+"""Orchestration of one benchmark run: for each ExHook protocol, the no-op server and the
+service on each backend under the same closed-loop loads (publish, mixed publish +
+acked, replay, optional profile and 1M-message runs); the raw backend ceilings and
+commit costs; the reconnect storm through the EMQX emulator; then the tables and
+BENCHMARKS.md. Every process it starts is stopped in a ``finally`` (also on Ctrl-C /
+SIGTERM / failure)."""
 
 from __future__ import annotations
 
@@ -9,42 +11,26 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import math
 import os
 import random
 import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench import raw as rawmod
-from bench.common import (
-    ACKED,
-    CHANNEL_OPTIONS,
-    HOST,
-    META,
-    PUBLISH,
-    REPLAY_PROPERTY,
-    SUBSCRIBED,
-    GuidGen,
-    Latency,
-    busy_seconds,
-    client_info,
-    loadavg,
-    machine,
-    message,
-    payload_bytes,
-    route,
-)
-from bench.loadgen import GenConfig, LoadGen, PhaseResult
+from bench.common import PROTOCOLS, busy_seconds, cpu_seconds, free_port, loadavg, machine
+from bench.loadgen import GenConfig, LoadGen, topic_of
+from bench.noop import DEFAULT_HOOKS
 from bench.profile import Profiler, pyspy, summarize
-from bench.report import Report, Row, mb, pct, write_benchmarks
+from bench.replay import ceiling, replay
+from bench.report import build_report, write_benchmarks
+from bench.results import NOOP, LoadCell, Results, TargetRun
 from bench.service import (
+    API_KEY,
+    API_SECRET,
     BACKENDS,
     ROOT,
     Backend,
@@ -54,57 +40,113 @@ from bench.service import (
     make_backend,
     missing_backend,
     remove_workdir,
+    service_hook_specs,
+    wait_drain,
+    wait_stored,
     workdir,
 )
 from bench.standin import StandIn
-from bench.wire import WireTimer
-from exhook.pb.v3 import exhook_pb2 as pb
+from bench.storm import CONNACK_HOOKS, EmulatorProc, StormResult, fill
+from bench.storm import topic as storm_topic
 
-# counters that should stay at zero in a healthy run (shown in the table when they moved)
-_TROUBLE_COUNTERS = ("publish_deadline_answers_total", "writes_dropped_total", "store_failures_total",
-                     "replay_failures_total", "client_jobs_dropped_total")
+PHASES = ("publish", "mixed", "replay", "raw", "storm")
+# the full run (make bench) and --quick; an option given on the command line wins over both
+DEFAULTS: dict[str, Any] = {
+    "clients": "1,4,32,256", "mixed_clients": "32,256", "duration": 5.0, "warmup": 1.0, "replay": 10_000,
+    "storm": "500,2000", "storm_workers": "1,2", "raw_seconds": 5.0, "commit_count": 300, "wait_idle": 30.0,
+}
+QUICK: dict[str, Any] = {
+    "clients": "1,32", "mixed_clients": "32", "duration": 2.0, "warmup": 0.5, "replay": 1_000,
+    "storm": "200", "storm_workers": "1", "raw_seconds": 1.0, "commit_count": 50, "wait_idle": 0.0,
+}
+
+
+def _ints(text: str) -> list[int]:
+    return sorted({int(v) for v in text.split(",") if v.strip()})
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    full = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items())
+    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                epilog=f"Defaults of the full run: {full}. --quick: {quick}.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated phases to run, of {', '.join(PHASES)}")
+    p.add_argument("--protocols", default="v3,v2", help="ExHook packages to speak (v2: EMQX 5.0-5.8, v3: 5.9+)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated service backends to measure (empty: none)")
-    p.add_argument("--no-noop", action="store_true", help="skip the no-op ceiling")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds of each publish phase")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each publish window")
+    p.add_argument("--no-noop", action="store_true", help="skip the no-op server (no ratios then)")
+    p.add_argument("--quick", action="store_true",
+                   help="short smoke run for development (smaller sizes, see below); implies --no-write")
+    p.add_argument("--clients", default=None, help="publish phase: numbers of closed-loop publishing clients")
+    p.add_argument("--mixed-clients", default=None, help="mixed phase: numbers of publisher+subscriber pairs")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds of each publish / mixed window")
+    p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each window")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes")
-    p.add_argument("--concurrency", type=int, default=64, help="calls in flight (virtual MQTT clients)")
     p.add_argument("--channels", type=int, default=8, help="gRPC connections (EMQX pool_size)")
     p.add_argument("--payload", type=int, default=300, help="payload bytes")
-    p.add_argument("--topics", type=int, default=100, help="distinct topics bench/t/<n>")
-    p.add_argument("--workers", type=int, default=1, help="server processes (service --workers, no-op too)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes in the publish, mixed and replay phases (service --workers, no-op too)")
     p.add_argument("--pin", choices=("auto", "on", "off"), default="auto",
-                   help="CPU affinity: the server on the first --server-cpus CPUs, the load generators and "
-                        "this process on the others (auto: on with at least 2 CPUs); the database servers "
-                        "are not pinned")
+                   help="CPU affinity: the server on the first --server-cpus CPUs, the load generators, the "
+                        "emulator and this process on the others (auto: on with at least 2 CPUs); the database "
+                        "servers are not pinned")
     p.add_argument("--server-cpus", type=int, default=1, help="CPUs given to the server when pinned")
     p.add_argument("--batch-size", type=int, default=100, help="service batch_size")
     p.add_argument("--batch-time", type=int, default=10, help="service batch_time (ms)")
-    p.add_argument("--replay", type=int, default=10_000, help="messages replayed to a new subscriber (0: skip)")
-    p.add_argument("--raw-seconds", type=float, default=5.0, help="seconds of each raw backend ceiling (0: skip)")
-    p.add_argument("--ack-max-seconds", type=float, default=60.0, help="cap on each ack phase")
+    p.add_argument("--replay", type=int, default=None, help="messages replayed to a new subscriber")
+    p.add_argument("--replay-batch", type=int, default=100,
+                   help="items per publish/bulk of the no-op ceiling (the service's replay_batch_size)")
+    p.add_argument("--storm", default=None, help="reconnect storm: numbers of clients (e.g. 500,2000,10000)")
+    p.add_argument("--storm-workers", default=None, help="reconnect storm: server worker counts")
+    p.add_argument("--storm-protocol", default="v3", choices=PROTOCOLS, help="reconnect storm: ExHook package")
+    p.add_argument("--storm-timeout", type=float, default=0.0,
+                   help="reconnect storm: give up after this many seconds (0: 30 + clients / 40)")
+    p.add_argument("--storm-stall", type=float, default=15.0,
+                   help="reconnect storm: give up when no client got its replay for this long")
+    p.add_argument("--storm-settle", type=float, default=2.0,
+                   help="reconnect storm: seconds to wait after the last replay (late duplicates)")
+    p.add_argument("--storm-net-delay", type=float, default=0.001, help="emulator: one-way client latency (s)")
+    p.add_argument("--request-timeout", type=float, default=5.0, help="emulator: exhook request_timeout (s)")
+    p.add_argument("--raw-seconds", type=float, default=None, help="seconds of each raw backend ceiling")
+    p.add_argument("--commit-count", type=int, default=None, help="single-row commits timed per backend")
+    p.add_argument("--ack-max-seconds", type=float, default=120.0, help="cap on each ack phase of --big")
     p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="wait at most this long for the store to empty after the acks")
+                   help="wait at most this long for the store to return to its size after acks")
     p.add_argument("--sqlite-synchronous", default="FULL", help="PRAGMA synchronous of the raw SQLite ceiling")
     p.add_argument("--profile", metavar="DIR", default=None,
-                   help="also profile each service with py-spy (extra, unmeasured phases); output in DIR")
+                   help="also profile each server with py-spy (extra, unmeasured phases); output in DIR")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--big", action="store_true",
-                   help="also: RSS after 10k vs 1M stored+acked, publish throughput with 1M stored (long)")
+                   help="also (first protocol only): RSS after 10k vs 1M stored+acked, publish throughput with 1M "
+                        "stored (long)")
     p.add_argument("--big-count", type=int, default=1_000_000, help="messages of the --big fill")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="file whose generated section is written")
-    p.add_argument("--no-write", action="store_true", help="print the table only")
-    p.add_argument("--wait-idle", type=float, default=30.0,
+    p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--wait-idle", type=float, default=None,
                    help="before each server, wait up to this many seconds for the machine to be idle "
                         "(other processes < 0.2 cores); 0: do not wait")
     args = p.parse_args(argv)
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else value)
+    if args.quick:
+        args.no_write = True
+    args.phases = _names(args.phases)
+    args.protocols = _names(args.protocols)
+    args.backends = _names(args.backends)
+    args.clients, args.mixed_clients = _ints(args.clients), _ints(args.mixed_clients)
+    args.storm, args.storm_workers = _ints(args.storm), _ints(args.storm_workers)
+    for name, allowed, values in (("phase", PHASES, args.phases), ("protocol", PROTOCOLS, args.protocols),
+                                  ("backend", BACKENDS, args.backends)):
+        for v in values:
+            if v not in allowed:
+                p.error(f"unknown {name} {v!r} (expected {', '.join(allowed)})")
     cpus = sorted(os.sched_getaffinity(0))
     pin = args.pin == "on" or (args.pin == "auto" and len(cpus) >= 2)
     if pin and len(cpus) > args.server_cpus >= 1:
@@ -112,74 +154,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.gen_cpu_set = tuple(cpus[args.server_cpus:])
     else:
         args.server_cpu_set = args.gen_cpu_set = ()
-    for b in args.backends:
-        if b not in BACKENDS:
-            p.error(f"unknown backend {b!r} (expected {', '.join(BACKENDS)})")
-    if args.procs < 1 or args.concurrency < args.procs or args.channels < 1:
-        p.error("need procs >= 1, concurrency >= procs, channels >= 1")
+    if args.procs < 1 or args.channels < 1 or min(args.clients + args.mixed_clients, default=1) < 1:
+        p.error("need procs >= 1, channels >= 1 and at least one client")
     return args
 
 
 def say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class ReplayResult:
-    n: int
-    preload_rate: float
-    subscribe_ms: float
-    delivered: int
-    unique: int
-    duplicates: int
-    in_order: bool
-    first_s: float
-    last_s: float
-    answer: Latency
-    wire: Latency | None
-    wire_note: str
-    projected: float | None   # N / (service-side gaps + Σ wire answer times)
-    bulk_calls: int
-    cpu_us: float             # server CPU per replayed message, subscribe to last delivery
-    complete: bool
-    hook_errors: int
-    empty_after_acks: str
-
-    @property
-    def rate(self) -> float:
-        return self.delivered / self.last_s if self.last_s > 0 else float("nan")
-
-
-@dataclass
-class TargetResult:
-    name: str
-    publish: PhaseResult | None = None
-    publish_cpu_us: float | None = None
-    publish_cpu_share: float | None = None
-    foreign_cores: float | None = None
-    backend_per_msg: dict[str, float] = field(default_factory=dict)
-    backend_per_ack: dict[str, float] = field(default_factory=dict)
-    stored_after_publish: int | None = None
-    ack: PhaseResult | None = None
-    ack_cpu_us: float | None = None
-    drain_s: float | None = None
-    left_after_drain: int | None = None
-    rss_idle: int | None = None
-    rss_publish: int | None = None
-    rss_peak: int | None = None
-    rss_ack: int | None = None
-    rss_replay: int | None = None
-    probe: Latency | None = None
-    probe_wire: Latency | None = None
-    replay: ReplayResult | None = None
-    raw: rawmod.RawResult | None = None
-    raw_error: str = ""
-    counters: dict[str, float] = field(default_factory=dict)
-    big: dict[str, Any] = field(default_factory=dict)
-    profile: list[str] = field(default_factory=list)
-    error: str = ""
-    busy_warning: str = ""
 
 
 class RssSampler:
@@ -205,528 +186,406 @@ class RssSampler:
         self.peak = max(self.peak, self.proc.rss())
 
 
-async def wait_drain(backend: Backend, target: int, timeout: float, stall: float = 15.0) -> tuple[bool, int | None]:
-    """Until the store holds at most ``target`` messages; (reached, count)."""
-    start = time.monotonic()
-    last, since = None, start
-    while True:
-        n = await backend.count()
-        if n is None:
-            return False, None
-        now = time.monotonic()
-        if n <= target:
-            return True, n
-        if n != last:
-            last, since = n, now
-        if now - since > stall or now - start > timeout:
-            return False, n
-        await asyncio.sleep(0.1)
+class CpuWindow:
+    """Server CPU, the generators' CPU and everything else the machine did over a phase."""
+
+    def __init__(self, proc: ServiceProc) -> None:
+        self.proc = proc
+        self.t0 = time.monotonic()
+        self.cpu0, self.busy0, self.own0 = proc.cpu(), busy_seconds(), _own_cpu()
+
+    def close(self, gen_cpu_s: float) -> tuple[float, float, float, float]:
+        """(server CPU s, server cores, generator cores, other processes' cores)."""
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        cpu = self.proc.cpu() - self.cpu0
+        other = busy_seconds() - self.busy0 - cpu - gen_cpu_s - (_own_cpu() - self.own0)
+        return cpu, cpu / wall, gen_cpu_s / wall, max(0.0, other / wall)
 
 
-# ---------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tag = f"{os.getpid() % 10000:04d}{int(time.time()) % 100000:05d}"
-        self.topics = [f"bench/t/{n}" for n in range(args.topics)]
-        self.replay_topic = f"bench/replay/{self.tag}"
         self.dir = workdir()
         self.standin = StandIn()
-        self.noop: TargetResult | None = None
-        self.results: list[TargetResult] = []
-        self.skipped: list[str] = []
+        targets = ([] if args.no_noop else [NOOP]) + list(args.backends)
+        self.res = Results(args.protocols, targets, args.clients, args.mixed_clients, args.storm,
+                           args.storm_workers)
+        self.hooks: list[tuple[str, list[str]]] = list(DEFAULT_HOOKS)
         self.load_before = loadavg()
         self.revision = git_revision()
-        self.replay_profile: list[str] = []
 
-    def gen_config(self, port: int) -> GenConfig:
+    @property
+    def load_clients(self) -> int:
+        return max(self.args.clients + self.args.mixed_clients, default=1)
+
+    def gen_config(self, port: int, protocol: str) -> GenConfig:
         a = self.args
-        return GenConfig(port=port, procs=a.procs, channels=a.channels, concurrency=a.concurrency,
-                         payload_size=a.payload, topics=a.topics, run_tag=random.randrange(1 << 16),
+        return GenConfig(port=port, protocol=protocol, procs=a.procs, channels=a.channels,
+                         clients=self.load_clients, payload_size=a.payload, run_tag=random.randrange(1 << 16),
                          cpus=a.gen_cpu_set)
 
-    # -- publish + ack -------------------------------------------------------------------
-    async def load_phases(self, res: TargetResult, proc: ServiceProc, backend: Backend | None,
-                          lg: LoadGen) -> None:
-        a = self.args
-        say(f"{res.name}: publish, {a.concurrency} in flight, {a.warmup:.0f} s warm-up + {a.duration:.0f} s")
-        stats0 = await backend.server_stats() if backend is not None else {}
-        cpu0, busy0, own0 = proc.cpu(), busy_seconds(), _own_cpu()
-        with RssSampler(proc) as sampler:
-            pub = await lg.publish(a.duration, a.warmup)
-        cpu = proc.cpu() - cpu0
-        if backend is not None:
-            stats1 = await backend.server_stats()
-            res.backend_per_msg = {k: (stats1[k] - v) / max(pub.total, 1) for k, v in stats0.items() if k in stats1}
-        foreign = busy_seconds() - busy0 - cpu - pub.gen_cpu_s - (_own_cpu() - own0)
-        res.foreign_cores = max(0.0, foreign / (a.duration + a.warmup + 0.3))
-        res.publish = pub
-        res.rss_peak = sampler.peak
-        res.publish_cpu_us = cpu / max(pub.total, 1) * 1e6
-        res.publish_cpu_share = cpu / (a.duration + a.warmup)
-        res.rss_publish = proc.rss()
-        say(f"{res.name}: {pub.rate:,.0f} msg/s, p50 {pub.latency.p50:.2f} ms, p99 {pub.latency.p99:.2f} ms, "
-            f"server {res.publish_cpu_us:.0f} us CPU/msg, errors {pub.errors} {pub.error_sample}")
-        if backend is not None:
-            await asyncio.sleep(0.5)
-            res.stored_after_publish = await backend.count()
-        say(f"{res.name}: acknowledging {pub.recorded_ids:,} messages")
-        stats0 = await backend.server_stats() if backend is not None else {}
-        cpu0 = proc.cpu()
-        ack = await lg.ack(max_seconds=a.ack_max_seconds)
-        res.ack_cpu_us = (proc.cpu() - cpu0) / max(ack.total, 1) * 1e6
-        res.ack = ack
-        if backend is not None:
-            reached, left = await wait_drain(backend, 0, a.drain_timeout)
-            res.left_after_drain = left
-            if reached:
-                res.drain_s = time.monotonic() - lg.started_at
-            stats1 = await backend.server_stats()
-            res.backend_per_ack = {k: (stats1[k] - v) / max(ack.total, 1) for k, v in stats0.items() if k in stats1}
-        res.rss_ack = proc.rss()
-        say(f"{res.name}: acks {ack.rate:,.0f}/s, p99 {ack.latency.p99:.2f} ms; store empty after "
-            f"{'-' if res.drain_s is None else f'{res.drain_s:.1f} s'} (left {left_text(res.left_after_drain)})")
+    def topics(self) -> list[str]:
+        return [topic_of(c) for c in range(self.load_clients)]
 
-    # -- no-op -----------------------------------------------------------------------------
-    async def run_noop(self) -> None:
-        res = TargetResult("no-op")
-        proc = NoopProc(self.args.workers, self.dir, self.args.server_cpu_set)
+    # -- the hook set ----------------------------------------------------------------------
+    async def learn_hooks(self) -> None:
+        """The no-op registers what the service registers (asked from a short-lived instance)."""
+        if missing_backend("sqlite") is not None:
+            self.res.hook_note = "no-op hooks: its default set (the service could not be started to ask it)"
+            return
         try:
-            res.busy_warning = await wait_idle(self.args.wait_idle)
-            proc.start()
-            await proc.wait_ready()
-            res.rss_idle = proc.rss()
-            with LoadGen(self.gen_config(proc.port)) as lg:
-                await lg.ready()
-                await self.load_phases(res, proc, None, lg)
-                if self.args.profile:
-                    await self.profile(res, proc, None, lg)
-            await self.standin.connect(proc.port)
-            wire = WireTimer(proc.port)
-            wire.start()
-            await asyncio.sleep(0.5)  # tcpdump attaches
-            times = await self.standin.probe(2000, self.replay_topic, payload_bytes(self.args.payload),
-                                             {REPLAY_PROPERTY: "0" * 32})
-            wire_times = wire.stop()
-            res.probe = Latency.of(times)
-            res.probe_wire = Latency.of(wire_times) if wire_times else None
-            await self.standin.disconnect()
+            self.hooks = await service_hook_specs(self.dir)
+            names = ", ".join(n for n, _ in self.hooks)
+            self.res.hook_note = f"the no-op registers the service's own hook set ({names})"
         except Exception as exc:
-            res.error = f"{type(exc).__name__}: {exc}"
-            say(f"no-op failed: {res.error}")
-        finally:
-            proc.stop()
-        self.noop = res
+            self.res.hook_note = f"no-op hooks: its default set (asking the service failed: {exc})"
+        say(self.res.hook_note)
 
-    # -- the service -----------------------------------------------------------------------
-    async def run_backend(self, name: str) -> None:
+    # -- one server under load -------------------------------------------------------------
+    async def make_backend(self, name: str, tag: str) -> Backend | None:
         reason = missing_backend(name)
-        if reason is not None:
-            self.skipped.append(f"{name}: {reason}")
-            say(f"SKIP {name}: {reason}")
-            return
-        backend = make_backend(name, self.tag, self.dir,
-                               [*self.topics, self.replay_topic, f"{self.replay_topic}-prof"])
-        try:
-            await backend.setup()
-        except Exception as exc:
-            self.skipped.append(f"{name}: backend server unreachable: {type(exc).__name__}: {exc}")
-            say(f"SKIP {name}: {exc}")
-            return
-        try:
-            await self._measure_backend(name, backend)
-        finally:  # also on Ctrl-C / SIGTERM: drop the benchmark's keys / database
-            with contextlib.suppress(Exception):
-                await backend.cleanup()
+        if reason is None:
+            backend = make_backend(name, tag, self.dir, self.topics())
+            try:
+                await backend.setup()
+                return backend
+            except Exception as exc:
+                reason = f"backend server unreachable: {type(exc).__name__}: {exc}"
+        if not any(s.startswith(f"{name}:") for s in self.res.skipped):
+            self.res.skipped.append(f"{name}: {reason}")
+        say(f"SKIP {name}: {reason}")
+        return None
 
-    async def _measure_backend(self, name: str, backend: Backend) -> None:
+    def server(self, backend: Backend | None, workers: int, api_port: int, name: str) -> ServiceProc:
         a = self.args
-        res = TargetResult(name)
-        self.results.append(res)
-        proc = ServiceProc(backend, a.workers, a.batch_size, a.batch_time, self.standin.port, self.dir,
-                           a.server_cpu_set)
+        if backend is None:
+            return NoopProc(workers, self.dir, a.server_cpu_set, hooks=self.hooks)
+        return ServiceProc(backend, workers, a.batch_size, a.batch_time, api_port, self.dir, a.server_cpu_set,
+                           name=name)
+
+    async def run_target(self, protocol: str, target: str) -> None:
+        a = self.args
+        backend = None
+        if target != NOOP:
+            backend = await self.make_backend(target, f"{self.tag}{protocol}")
+            if backend is None:
+                return
+        run = TargetRun(protocol, target)
+        self.res.runs.append(run)
+        proc = self.server(backend, a.workers, self.standin.port, f"{target}-{protocol}")
         try:
-            res.busy_warning = await wait_idle(a.wait_idle)
-            say(f"{name}: starting the service (workers {a.workers}, batch_size {a.batch_size})")
+            run.busy_warning = await wait_idle(a.wait_idle)
+            say(f"{target}/{protocol}: starting the server (workers {a.workers})")
             proc.start()
-            await proc.wait_ready()
-            res.rss_idle = proc.rss()
-            with LoadGen(self.gen_config(proc.port)) as lg:
+            run.hooks = await proc.wait_ready(protocol)
+            run.rss_idle = proc.rss()
+            with RssSampler(proc) as sampler, LoadGen(self.gen_config(proc.port, protocol)) as lg:
                 await lg.ready()
-                await self.load_phases(res, proc, backend, lg)
-                if a.replay > 0:
-                    res.replay = await self.replay(proc, backend)
-                    res.rss_replay = proc.rss()
-                if a.profile:
-                    await self.profile(res, proc, backend, lg)
-                if a.big:
-                    await self.big(res, proc, backend, lg)
+                await self.load_phases(run, proc, backend, lg)
+            run.rss_peak, run.rss_end = sampler.peak, proc.rss()
         except Exception as exc:
-            res.error = f"{type(exc).__name__}: {exc}"
-            say(f"{name} failed: {res.error}")
+            run.error = f"{type(exc).__name__}: {exc}"
+            say(f"{target}/{protocol} failed: {run.error}")
         finally:
             await self.standin.disconnect()
-            res.counters = proc.counters()
+            run.counters = proc.counters()
             proc.stop()
-            errors = proc.log_lines("level=error") + proc.log_lines("level=critical")
-            if errors:
-                say(f"{name}: the service logged {len(errors)} errors, first: {errors[0][:300]}")
-        if a.raw_seconds > 0:
-            await wait_idle(min(30.0, a.wait_idle))
-            say(f"{name}: raw backend ceiling, {a.raw_seconds:.0f} s")
-            try:
-                res.raw = await self.raw(backend)
-            except Exception as exc:
-                res.raw_error = f"{type(exc).__name__}: {exc}"
-                say(f"{name}: raw ceiling failed: {res.raw_error}")
+            run.log_errors = proc.log_lines("level=error") + proc.log_lines("level=critical")
+            if run.log_errors:
+                say(f"{target}/{protocol}: the server logged {len(run.log_errors)} errors, first: "
+                    f"{run.log_errors[0][:300]}")
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend.cleanup()
 
-    async def raw(self, backend: Backend) -> rawmod.RawResult:
+    async def load_phases(self, run: TargetRun, proc: ServiceProc, backend: Backend | None, lg: LoadGen) -> None:
         a = self.args
-        if backend.name == "redis":
-            return await rawmod.redis_ceiling(a.raw_seconds, a.batch_size, a.payload, self.topics, self.tag)
-        if backend.name == "mysql":
-            return await rawmod.mysql_ceiling(a.raw_seconds, a.batch_size, a.payload, self.topics,
-                                              backend.database)  # type: ignore[attr-defined]
-        assert isinstance(backend, SqliteBackend)
-        return await rawmod.sqlite_ceiling(a.raw_seconds, a.batch_size, a.payload, self.topics, self.dir,
-                                           backend.path, a.sqlite_synchronous)
+        if "publish" in a.phases:
+            for n in a.clients:
+                await self.publish_cell(run, proc, backend, lg, n)
+        if "mixed" in a.phases:
+            for n in a.mixed_clients:
+                await self.mixed_cell(run, proc, backend, lg, n)
+        if "replay" in a.phases and a.replay > 0:
+            await self.replay_phase(run, proc, backend)
+        if a.profile:
+            await self.profile(run, proc, backend, lg)
+        if a.big and backend is not None and run.protocol == a.protocols[0]:
+            await self.big(run, proc, backend, lg)
 
-    # -- replay ----------------------------------------------------------------------------
-    async def replay(self, proc: ServiceProc, backend: Backend, topic: str | None = None,
-                     profile: str | None = None) -> ReplayResult:
-        """Store N messages on one topic, subscribe a new client, measure the replay.
-        With ``profile``, py-spy samples the service from the subscribe to the last
-        delivery (into ``--profile DIR/<profile>.txt``)."""
-        n = self.args.replay
-        topic = topic or self.replay_topic
-        publishers = 16
-        say(f"{backend.name}: replay: storing {n:,} messages on {topic} from {publishers} publishers")
-        channels = [grpc.aio.insecure_channel(f"{HOST}:{proc.port}", options=CHANNEL_OPTIONS)
-                    for _ in range(self.args.channels)]
-        try:
-            pub_calls = [ch.unary_unary(PUBLISH, None, None) for ch in channels]
-            counter = iter(range(n))
+    async def publish_cell(self, run: TargetRun, proc: ServiceProc, backend: Backend | None, lg: LoadGen,
+                           n: int) -> None:
+        a = self.args
+        window = CpuWindow(proc)
+        ph = await lg.publish(n, a.duration, a.warmup, record_ids=False)
+        cpu, cores, gen, other = window.close(ph.gen_cpu_s)
+        cell = LoadCell(run.protocol, run.target, n, ph, cpu / max(ph.total, 1) * 1e6, cores, gen, other)
+        if backend is not None:
+            cell.stored_after = await backend.count()
+        self.res.publish[(run.protocol, run.target, n)] = cell
+        say(f"{run.target}/{run.protocol}: publish N={n}: {ph.rate:,.0f} msg/s, p50 {ph.latency.p50:.2f} ms, "
+            f"p99 {ph.latency.p99:.2f} ms, server {cell.cpu_us:.0f} us CPU/call ({cores:.2f} cores), "
+            f"errors {ph.errors} {ph.error_sample}")
+
+    async def mixed_cell(self, run: TargetRun, proc: ServiceProc, backend: Backend | None, lg: LoadGen,
+                         n: int) -> None:
+        a = self.args
+        base = await backend.count() if backend is not None else None
+        window = CpuWindow(proc)
+        ph = await lg.mixed(n, a.duration, a.warmup)
+        drained = ""
+        if backend is not None and base is not None:
             t0 = time.monotonic()
+            reached, left = await wait_drain(backend, base, a.drain_timeout)
+            drained = (f"store back to its size {ph.drain_s + time.monotonic() - t0:.1f} s after the window"
+                       if reached else f"store NOT back to its size: {'?' if left is None else left - base} extra")
+        cpu, cores, gen, other = window.close(ph.gen_cpu_s)
+        cell = LoadCell(run.protocol, run.target, n, ph, cpu / max(ph.total, 1) * 1e6, cores, gen, other,
+                        drained=drained)
+        self.res.mixed[(run.protocol, run.target, n)] = cell
+        say(f"{run.target}/{run.protocol}: mixed N={n}: {ph.rate:,.0f} msg/s acked ({ph.publish_rate:,.0f} "
+            f"published), publish p99 {ph.latency.p99:.2f} ms, ack p99 {ph.ack_latency.p99:.2f} ms, "
+            f"server {cell.cpu_us:.0f} us CPU/msg; backlog {ph.backlog}; {drained}")
 
-            async def publisher(p: int) -> None:
-                clientid = f"bench-replay-pub-{p}"
-                call = pub_calls[route(clientid, len(channels))]
-                gen = GuidGen(0xE000 + p)
-                seq = 0
-                for _ in counter:
-                    payload = payload_bytes(self.args.payload, b"%d:%d;" % (p, seq))
-                    req = pb.MessagePublishRequest(message=message(clientid, topic, payload,
-                                                                   msgid=gen.gen().decode()), meta=META)
-                    await call(req.SerializeToString(), timeout=30)
-                    seq += 1
-
-            await asyncio.gather(*(publisher(p) for p in range(publishers)))
-            preload_rate = n / (time.monotonic() - t0)
-            await asyncio.sleep(0.5)
-            stored = await backend.count()
-            say(f"{backend.name}: replay: {n:,} stored at {preload_rate:,.0f} msg/s (store count "
-                f"{left_text(stored)}); subscribing")
-
-            await self.standin.connect(proc.port)
-            self.standin.reset(n)
-            subscriber = "bench-replay-sub"
-            sub_call = channels[route(subscriber, len(channels))].unary_unary(SUBSCRIBED, None, None)
-            info = client_info(subscriber, peerport=random.randrange(1024, 65535))
-            req = pb.SessionSubscribedRequest(clientinfo=info, topic=topic, subopts=pb.SubOpts(qos=1), meta=META)
-            wire = WireTimer(proc.port)
-            wire.start()
-            prof = None
-            if profile is not None:
-                prof = Profiler(proc.pid, Path(self.args.profile), profile, subprocesses=self.args.workers > 1,
-                                native=self.args.profile_native)
-            await asyncio.sleep(1.0 if prof else 0.5)  # tcpdump / py-spy attach
-            cpu0 = proc.cpu()
-            t0 = time.monotonic()
-            await sub_call(req.SerializeToString(), timeout=10)
-            subscribe_ms = (time.monotonic() - t0) * 1e3
-            try:
-                complete = await self.standin.wait_delivered(timeout=600, stall=20)
-            finally:
-                wire_times = wire.stop()
-                cpu_us = (proc.cpu() - cpu0) / max(1, len(self.standin.deliveries)) * 1e6
-                if prof is not None:
-                    prof.stop()
-                    self.replay_profile = [*summarize(prof.raw, len(self.standin.deliveries), cpu_us),
-                                           f"  flame graph: {prof.svg}", ""]
-            deliveries = [d for d in self.standin.deliveries if d.topic == topic]
-            last: dict[int, int] = {}
-            in_order = True
-            for d in deliveries:
-                p_text, s_text = d.payload.split(b";", 1)[0].split(b":")
-                p_i, s_i = int(p_text), int(s_text)
-                if s_i <= last.get(p_i, -1):
-                    in_order = False
-                last[p_i] = s_i
-            unique = len({d.replay_of or d.payload for d in deliveries})
-            answer = Latency.of(t for t in self.standin.answer_times if not math.isnan(t))
-            result = ReplayResult(
-                n=n, preload_rate=preload_rate, subscribe_ms=subscribe_ms, delivered=len(deliveries),
-                unique=unique, duplicates=len(deliveries) - unique, in_order=in_order,
-                first_s=(deliveries[0].at - t0) if deliveries else float("nan"),
-                last_s=(deliveries[-1].at - t0) if deliveries else float("nan"),
-                answer=answer, wire=Latency.of(wire_times) if wire_times else None,
-                projected=(len(deliveries) / (self.standin.service_gaps(t0) + sum(wire_times[-len(deliveries):]))
-                           if wire_times and deliveries else None),
-                bulk_calls=self.standin.bulk_calls, cpu_us=cpu_us,
-                wire_note=wire.error or ("" if wire_times else "no pairs seen on the wire"), complete=complete,
-                hook_errors=self.standin.hook_errors, empty_after_acks="-")
-            say(f"{backend.name}: replay: {result.delivered:,} delivered in {result.last_s:.2f} s "
-                f"({result.rate:,.0f} msg/s), in order {in_order}, duplicates {result.duplicates}, "
-                f"replay publish round trip p50 {answer.p50:.3f} ms, server answer on the wire p50 "
-                f"{'-' if result.wire is None else f'{result.wire.p50:.3f}'} ms")
-
-            # the subscriber acknowledges what it got (the ids the replays were published with)
-            ack_calls = [ch.unary_unary(ACKED, None, None) for ch in channels]
-            call = ack_calls[route(subscriber, len(channels))]
-            queue = list(deliveries)
-
-            async def acker() -> None:
-                while queue:
-                    d = queue.pop()
-                    msg = message("http_api", d.topic, b"", msgid=d.msgid)
-                    await call(pb.MessageAckedRequest(clientinfo=client_info(subscriber), message=msg,
-                                                      meta=META).SerializeToString(), timeout=30)
-
-            await asyncio.gather(*(acker() for _ in range(16)))
-            reached, left = await wait_drain(backend, 0, self.args.drain_timeout)
-            result.empty_after_acks = "yes" if reached else f"no ({left_text(left)} left)"
-            return result
-        finally:
-            await asyncio.gather(*(ch.close(None) for ch in channels), return_exceptions=True)
+    async def replay_phase(self, run: TargetRun, proc: ServiceProc, backend: Backend | None,
+                           profile: str | None = None) -> None:
+        a = self.args
+        topic = f"bench/replay/{self.tag}" + (f"-{profile}" if profile else "")
+        if backend is None:
+            if profile:
+                return
+            say(f"no-op/{run.protocol}: sequential replay ceiling, {a.replay:,} messages through publish/bulk")
+            ceil = await ceiling(self.standin, proc, run.protocol, a.replay, a.replay_batch, topic, a.payload)
+            self.res.ceilings[run.protocol] = ceil
+            say(f"no-op/{run.protocol}: ceiling {ceil.rate:,.0f} msg/s, {ceil.cpu_us:.0f} us CPU/call")
+            return
+        prof = (Path(a.profile), f"{run.target}-{run.protocol}-replay", a.profile_native) if profile else None
+        result, lines = await replay(self.standin, proc, backend, run.protocol, a.replay, topic, a.channels,
+                                     a.payload, a.drain_timeout, prof)
+        if profile:
+            run.profile += lines
+        else:
+            self.res.replays[(run.protocol, run.target)] = result
 
     # -- profile ---------------------------------------------------------------------------
-    async def profile(self, res: TargetResult, proc: ServiceProc, backend: Backend | None, lg: LoadGen) -> None:
-        """Extra, unmeasured phases under py-spy: publish, then ack."""
+    async def profile(self, run: TargetRun, proc: ServiceProc, backend: Backend | None, lg: LoadGen) -> None:
+        """Extra, unmeasured phases under py-spy: publish at the most clients, mixed, replay."""
         a = self.args
         out = Path(a.profile)
         if pyspy() is None:
-            res.profile = ["py-spy is not installed: .venv/bin/pip install py-spy"]
+            run.profile = ["py-spy is not installed: .venv/bin/pip install py-spy"]
             return
-        await lg.forget()
-        name = res.name.replace("/", "-")
-        for phase in ("publish", "ack"):
-            say(f"{res.name}: py-spy profile of the {phase} path")
-            prof = Profiler(proc.pid, out, f"{name}-{phase}", subprocesses=a.workers > 1, native=a.profile_native)
+        name = f"{run.target}-{run.protocol}"
+        for phase in ("publish", "mixed"):
+            n = max(a.clients if phase == "publish" else a.mixed_clients, default=32)
+            say(f"{name}: py-spy profile of the {phase} path, N={n}")
+            prof = Profiler(proc.pid, out, f"{name}-{phase}", subprocesses=proc.workers > 1, native=a.profile_native)
             try:
                 await asyncio.sleep(1.0)  # py-spy attaches
                 cpu0 = proc.cpu()
                 if phase == "publish":
-                    result = await lg.publish(a.duration, 0.5)
+                    result = await lg.publish(n, a.duration, 0.5, record_ids=False)
                 else:
-                    result = await lg.ack(max_seconds=a.ack_max_seconds)
-                    if backend is not None:
-                        await wait_drain(backend, 0, a.drain_timeout)
+                    result = await lg.mixed(n, a.duration, 0.5)
                 cpu_us = (proc.cpu() - cpu0) / max(result.total, 1) * 1e6
             finally:
                 prof.stop()
-            lines = summarize(prof.raw, result.total, cpu_us)
-            res.profile += [*lines, f"  flame graph: {prof.svg}", ""]
-        if backend is not None and a.replay > 0:
-            say(f"{res.name}: py-spy profile of a replay")
-            self.replay_profile = []
-            await self.replay(proc, backend, topic=f"{self.replay_topic}-prof", profile=f"{name}-replay")
-            res.profile += self.replay_profile
-        (out / f"{name}-summary.txt").write_text("\n".join(res.profile) + "\n")
-        for line in res.profile:
+            run.profile += [*summarize(prof.raw, result.total, cpu_us), f"  flame graph: {prof.svg}", ""]
+        if a.replay > 0:
+            say(f"{name}: py-spy profile of a replay")
+            await self.replay_phase(run, proc, backend, profile="prof")
+        (out / f"{name}-summary.txt").write_text("\n".join(run.profile) + "\n")
+        for line in run.profile:
             print(line, file=sys.stderr)
 
     # -- 1M messages -----------------------------------------------------------------------
-    async def big(self, res: TargetResult, proc: ServiceProc, backend: Backend, lg: LoadGen) -> None:
+    async def big(self, run: TargetRun, proc: ServiceProc, backend: Backend, lg: LoadGen) -> None:
         a = self.args
-        big = res.big
+        big = run.big
+        n = max(a.clients, default=256)
+        base = await backend.count() or 0
         await lg.forget()
-        say(f"{res.name}: big: 10,000 messages stored and acknowledged")
-        await lg.publish_count(10_000, timeout=600)
-        await lg.ack()
-        await wait_drain(backend, 0, a.drain_timeout)
+        say(f"{run.target}: big: 10,000 messages stored and acknowledged ({n} clients)")
+        await lg.publish_count(n, 10_000, timeout=600)
+        await lg.ack(n)
+        await wait_drain(backend, base, a.drain_timeout)
         big["rss_10k"] = proc.rss()
         await lg.forget()
-        say(f"{res.name}: big: filling the store with {a.big_count:,} messages")
-        fill = await lg.publish_count(a.big_count, timeout=6 * 3600)
-        big["fill"] = fill
-        big["stored_full"] = await backend.count()
+        say(f"{run.target}: big: filling the store with {a.big_count:,} messages")
+        fill_res = await lg.publish_count(n, a.big_count, timeout=6 * 3600)
+        big["fill"] = fill_res
+        big["stored_full"] = await wait_stored(backend, base + a.big_count, 60)
         big["rss_full"] = proc.rss()
-        say(f"{res.name}: big: filled at {fill.rate:,.0f} msg/s; publish with the store full")
-        full = await lg.publish(a.duration, a.warmup)
+        say(f"{run.target}: big: filled at {fill_res.rate:,.0f} msg/s; publish with the store full")
+        full = await lg.publish(n, a.duration, a.warmup)  # recorded: acknowledged below with the fill
         big["publish_full"] = full
-        say(f"{res.name}: big: {full.rate:,.0f} msg/s with {left_text(big['stored_full'])} stored; "
+        big["publish_empty"] = self.res.publish.get((run.protocol, run.target, n))
+        stored = big["stored_full"]
+        say(f"{run.target}: big: {full.rate:,.0f} msg/s with {'?' if stored is None else f'{stored:,}'} stored; "
             "acknowledging everything")
         chunk = 20_000
         t0 = time.monotonic()
         acked = 0
         while True:
             before = await backend.count()
-            part = await lg.ack(per_proc_limit=max(1, chunk // a.procs))
+            part = await lg.ack(n, per_proc_limit=max(1, chunk // lg.cfg.procs), max_seconds=a.ack_max_seconds)
             if part.total == 0:
                 break
             acked += part.total
             if before is not None:
-                await wait_drain(backend, max(0, before - part.total), a.drain_timeout, stall=10)
-        _, left = await wait_drain(backend, 0, a.drain_timeout)
+                await wait_drain(backend, max(base, before - part.total), a.drain_timeout, stall=10)
+        _, left = await wait_drain(backend, base, a.drain_timeout)
         big["ack_rate"] = acked / (time.monotonic() - t0)
-        big["left"] = left
+        big["left"] = None if left is None else left - base
         await asyncio.sleep(2)
         big["rss_acked"] = proc.rss()
-        say(f"{res.name}: big: RSS after 10k {mb(big['rss_10k'])} MB, with {a.big_count:,} stored "
-            f"{mb(big['rss_full'])} MB, after acknowledging them {mb(big['rss_acked'])} MB (left {left_text(left)})")
 
-    # -- report ----------------------------------------------------------------------------
-    def report(self, command: str) -> Report:
+    # -- raw backend ceilings and commit costs ---------------------------------------------
+    async def raw_phase(self, name: str) -> None:
         a = self.args
-        settings = (f"{a.concurrency} calls in flight over {a.channels} gRPC connections from {a.procs} "
-                    f"load-generator processes; {a.payload}-byte payloads, QoS 1, {a.topics} topics; "
-                    f"{a.warmup:.0f} s warm-up + {a.duration:.0f} s per publish phase; server workers {a.workers}"
-                    + (f" pinned to CPU {','.join(map(str, a.server_cpu_set))}, load generators and stand-in to CPU "
-                       f"{','.join(map(str, a.gen_cpu_set))} (databases unpinned); " if a.server_cpu_set else "; ")
-                    +
-                    f"service batch_size {a.batch_size}, batch_time {a.batch_time} ms; replay {a.replay:,} messages")
-        rep = Report(command=command, date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                     machine=f"{machine()}; load average {self.load_before} before the run, {loadavg()} after "
-                             "(anything else running on the 2 cores skews every figure)",
-                     settings=settings, revision=self.revision, skipped=list(self.skipped))
-        noop = self.noop
-        pub_ceiling = noop.publish.rate if noop and noop.publish else None
-        ack_ceiling = noop.ack.rate if noop and noop.ack else None
-        if noop is not None:
-            rep.rows += self._rows(noop, pub_ceiling, ack_ceiling)
-            if noop.error:
-                rep.skipped.append(f"no-op: failed: {noop.error}")
-        for res in self.results:
-            rep.rows += self._rows(res, pub_ceiling, ack_ceiling)
-            if res.error:
-                rep.skipped.append(f"{res.name}: failed: {res.error}")
-        rep.verdicts = self._verdicts(noop)
-        for res in ([noop] if noop else []) + self.results:
-            if res.profile:
-                rep.profile += [f"## {res.name}", *res.profile]
-        return rep
-
-    def _rows(self, res: TargetResult, pub_ceiling: float | None, ack_ceiling: float | None) -> list[Row]:
-        rows: list[Row] = []
-        t = res.name if res.name == "no-op" else f"service/{res.name}"
-        pub = res.publish
-        if pub is not None:
-            notes = [f"server CPU {100 * (res.publish_cpu_share or 0):.0f}% of a core",
-                     f"loadgen CPU {pub.gen_cpu_s / (self.args.duration + self.args.warmup):.2f} cores"]
-            if res.foreign_cores is not None:
-                notes.append(f"other processes {res.foreign_cores:.2f} cores")
-            if res.stored_after_publish is not None:
-                notes.append(f"stored {res.stored_after_publish:,} of {pub.total:,} answered")
-            if res.backend_per_msg:
-                notes.append(_per_text("message", res.backend_per_msg))
-            if pub.errors:
-                notes.append(f"{pub.errors} errors ({pub.error_sample[:80]})")
-            if res.busy_warning:
-                notes.append(res.busy_warning)
-            rows.append(Row(t, "OnMessagePublish", pub.rate, _ratio(pub.rate, pub_ceiling), pub.latency.p50,
-                            pub.latency.p99, pub.latency.p999, res.publish_cpu_us,
-                            f"{mb(res.rss_idle)} → {mb(res.rss_publish)} (peak {mb(res.rss_peak)})", "; ".join(notes)))
-        ack = res.ack
-        if ack is not None:
-            notes = [f"{ack.total:,} acks"]
-            if res.name != "no-op":
-                if res.drain_s is not None:
-                    notes.append(f"store empty {res.drain_s:.1f} s after the first ack "
-                                 f"(= {ack.total / res.drain_s:,.0f} deletes/s)")
+        backend = await self.make_backend(name, f"{self.tag}raw")
+        if backend is None:
+            return
+        try:
+            await wait_idle(min(30.0, a.wait_idle))
+            await self.create_schema(backend)
+            topics = self.topics()
+            say(f"{name}: raw backend ceiling, {a.raw_seconds:g} s, and {a.commit_count} single-message commits")
+            try:
+                if name == "redis":
+                    tag = f"{self.tag}raw"
+                    self.res.raw[name] = await rawmod.redis_ceiling(a.raw_seconds, a.batch_size, a.payload, topics, tag)
+                    self.res.commits[name] = await rawmod.redis_commit_cost(a.commit_count, a.payload, tag)
+                elif name == "mysql":
+                    db = backend.database  # type: ignore[attr-defined]
+                    self.res.raw[name] = await rawmod.mysql_ceiling(a.raw_seconds, a.batch_size, a.payload,
+                                                                    topics, db)
+                    self.res.commits[name] = await rawmod.mysql_commit_cost(db, a.commit_count, a.payload)
                 else:
-                    notes.append(f"store NOT empty: {left_text(res.left_after_drain)} left")
-            if ack.errors:
-                notes.append(f"{ack.errors} errors")
-            if res.backend_per_ack:
-                notes.append(_per_text("ack", res.backend_per_ack))
-            rows.append(Row(t, "OnMessageAcked", ack.rate, _ratio(ack.rate, ack_ceiling), ack.latency.p50,
-                            ack.latency.p99, ack.latency.p999, res.ack_cpu_us, f"{mb(res.rss_ack)}", "; ".join(notes)))
-        if res.probe is not None:
-            pw = res.probe_wire
-            shown = pw or res.probe
-            rows.append(Row(t, "sequential replay-like publish, 1 in flight (p = server answer on the wire)",
-                            1000 / res.probe.p50, None, shown.p50, shown.p99, shown.p999, None, "",
-                            f"msg/s = 1 / client round trip p50 {res.probe.p50:.3f} ms (p99 {res.probe.p99:.3f}): "
-                            "the stand-in's floor for a replay"
-                            + ("" if pw else "; p columns = client round trip (no tcpdump)")))
-        rp = res.replay
-        if rp is not None:
-            shown = rp.wire or rp.answer
-            notes = [f"time to last delivery {rp.last_s:.2f} s (first {1e3 * rp.first_s:.0f} ms)",
-                     f"stand-in round trip p50 {rp.answer.p50:.3f} ms p99 {rp.answer.p99:.3f} ms"
-                     + ("" if rp.wire else f"; p columns = round trip ({rp.wire_note})"),
-                     f"{rp.bulk_calls} publish/bulk calls",
-                     "service-bound ceiling " + ("-" if rp.projected is None else f"{rp.projected:,.0f} msg/s")
-                     + " (N / (time between bulk calls + Σ service answer times on the wire))",
-                     f"in order {'yes' if rp.in_order else 'NO'}",
-                     f"delivered {rp.delivered:,}/{rp.n:,}" + ("" if rp.complete else " (INCOMPLETE)"),
-                     f"duplicates {rp.duplicates}", f"store empty after acks: {rp.empty_after_acks}",
-                     f"SUBACK-blocking hook {rp.subscribe_ms:.1f} ms"]
-            rows.append(Row(t, f"replay {rp.n:,} (p = server answer to the replay publishes, on the wire)",
-                            rp.rate, None, shown.p50, shown.p99, shown.p999, rp.cpu_us, mb(res.rss_replay),
-                            "; ".join(notes)))
-        big = res.big
-        if big.get("publish_full") is not None:
-            full: PhaseResult = big["publish_full"]
-            fill: PhaseResult = big["fill"]
-            rows.append(Row(t, f"OnMessagePublish, {left_text(big.get('stored_full'))} stored", full.rate,
-                            _ratio(full.rate, pub_ceiling), full.latency.p50, full.latency.p99,
-                            full.latency.p999, None, f"{mb(big.get('rss_full'))}",
-                            f"= {pct(_ratio(full.rate, pub.rate if pub else None))} of the empty-store rate; "
-                            f"the fill of {fill.total:,} ran at {fill.rate:,.0f} msg/s"))
-            rows.append(Row(t, f"ack all {self.args.big_count:,} (RSS: after 10k stored+acked → after "
-                               f"{self.args.big_count:,} stored+acked)", big.get("ack_rate"), None,
-                            None, None, None, None, f"{mb(big.get('rss_10k'))} → {mb(big.get('rss_acked'))}",
-                            f"msg/s = acks until the store is empty; left in store {left_text(big.get('left'))}"))
-        if res.raw is not None:
-            svc = pub.rate if pub else None
-            rows.append(Row(f"raw {res.name}", f"write batches of {self.args.batch_size}", res.raw.write_rate,
-                            None, None, None, None, None, "",
-                            f"service publish = {pct(_ratio(svc, res.raw.write_rate))} of it; {res.raw.note}"))
-            rows.append(Row(f"raw {res.name}", f"delete batches of {self.args.batch_size}", res.raw.delete_rate,
-                            None, None, None, None, None, "", f"{res.raw.messages:,} messages"))
-        elif res.raw_error:
-            rows.append(Row(f"raw {res.name}", "ceiling", notes=f"failed: {res.raw_error}"))
-        c = res.counters
-        bad = {k: v for k, v in c.items() if k.startswith(_TROUBLE_COUNTERS) and v}
-        if bad and rows:
-            rows[0].notes += "; service counters: " + ", ".join(f"{k} {v:,.0f}" for k, v in bad.items())
-        trips, ops = c.get("store_write_batch_size_count", 0), c.get("store_write_batch_size_sum", 0)
-        if trips and rows:
-            rows[0].notes += (f"; writer over the whole run: {ops:,.0f} ops in {trips:,.0f} store round trips "
-                              f"(≈ {ops / trips:.1f} per round trip)")
-        return rows
+                    assert isinstance(backend, SqliteBackend)
+                    self.res.raw[name] = await rawmod.sqlite_ceiling(a.raw_seconds, a.batch_size, a.payload,
+                                                                     topics, self.dir, backend.path,
+                                                                     a.sqlite_synchronous)
+                    self.res.commits[name] = await rawmod.sqlite_commit_cost(self.dir, backend.path, a.commit_count,
+                                                                             a.payload)
+            except Exception as exc:
+                self.res.skipped.append(f"raw {name}: failed: {type(exc).__name__}: {exc}")
+                say(f"{name}: raw ceiling failed: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                await backend.cleanup()
 
-    def _verdicts(self, noop: TargetResult | None) -> list[str]:
-        out = []
+    async def create_schema(self, backend: Backend) -> None:
+        """Let the service create its tables (SQL backends), so the raw figures use its schema."""
+        if backend.name == "redis":
+            return
+        proc = ServiceProc(backend, 1, 1, 0, self.standin.port, self.dir, name=f"schema-{backend.name}")
+        try:
+            proc.start()
+            await proc.wait_ready("v3", timeout=30)
+        except Exception as exc:
+            say(f"{backend.name}: the service did not create its schema ({exc}); raw figures use their own")
+        finally:
+            proc.stop()
+
+    # -- reconnect storm -------------------------------------------------------------------
+    async def storm_cell(self, n: int, workers: int, target: str) -> None:
         a = self.args
-        if noop is None or noop.publish is None:
-            return ["no no-op ceiling measured: ratios unavailable"]
-        for res in self.results:
-            pub = res.publish
-            if pub is None:
-                continue
-            ratio = pub.rate / noop.publish.rate
-            need = 0.8 if res.name == "redis" else 0.5
-            out.append(f"{res.name} publish throughput {100 * ratio:.0f}% of no-op (target ≥ {100 * need:.0f}%): "
-                       f"{'met' if ratio >= need else 'MISSED'}")
-            if res.name == "redis":
-                limit = noop.publish.latency.p99 + a.batch_time
-                out.append(f"redis publish p99 {pub.latency.p99:.2f} ms (target ≤ no-op p99 "
-                           f"{noop.publish.latency.p99:.2f} + batch_time {a.batch_time} = {limit:.2f} ms): "
-                           f"{'met' if pub.latency.p99 <= limit else 'MISSED'}")
-            rp = res.replay
-            if rp is not None:
-                shown = rp.wire or rp.answer
-                ok_rate = rp.rate >= 4000
-                ok_p50 = shown.p50 <= 0.3
-                out.append(f"{res.name} replay {rp.rate:,.0f} msg/s (target ≥ 4,000): "
-                           f"{'met' if ok_rate else 'MISSED'}; "
-                           f"replay publish answer p50 {shown.p50:.3f} ms "
-                           f"({'on the wire' if rp.wire else 'client round trip'}; target ≤ 0.3 ms): "
-                           f"{'met' if ok_p50 else 'MISSED'}"
-                           + ("" if rp.in_order and rp.complete and not rp.duplicates else " — replay NOT correct"))
-        return out
+        res = StormResult(n, workers, target)
+        backend = None
+        if target != NOOP:
+            backend = await self.make_backend(target, f"{self.tag}s{n}w{workers}")
+            if backend is None:
+                return
+            backend.add_topics([storm_topic(i) for i in range(n)])
+        self.res.storms[(n, workers, target)] = res
+        rest_port = free_port()
+        proc = self.server(backend, workers, rest_port, f"storm-{target}-{n}-{workers}")
+        emu: EmulatorProc | None = None
+        timeout = a.storm_timeout or 30 + n / 40
+        try:
+            await wait_idle(a.wait_idle)
+            say(f"storm {target}: {n:,} clients, {workers} worker(s): starting")
+            proc.start()
+            await proc.wait_ready(a.storm_protocol)
+            emu = EmulatorProc({
+                "target": f"127.0.0.1:{proc.port}", "protocol": a.storm_protocol, "api_key": API_KEY,
+                "api_secret": API_SECRET, "rest_port": rest_port, "pool_size": a.channels,
+                "request_timeout": a.request_timeout, "net_delay": a.storm_net_delay, "n": n,
+                "payload": a.payload, "cpus": a.gen_cpu_set})
+            res.hooks = [h for h in await emu.ready() if h in CONNACK_HOOKS]
+            prep = await emu.prepare(timeout=120 + n / 20)
+            res.prepare_s = prep["seconds"]
+            if prep["error_count"]:
+                res.error = f"preparation: {prep['error_count']} failures, e.g. {prep['errors'][0]}"
+            if backend is not None:
+                res.stored_before = await wait_stored(backend, n, 60)
+            say(f"storm {target}: prepared in {res.prepare_s:.1f} s (stored "
+                f"{'-' if res.stored_before is None else res.stored_before}); all {n:,} reconnect now")
+            await asyncio.sleep(1.0)  # the server's background work of the preparation settles
+            window = CpuWindow(proc)
+            emu_pid = emu.proc.pid or 0
+            emu_cpu0 = cpu_seconds(emu_pid)
+            answer = await emu.storm(timeout, a.storm_stall, a.storm_settle, replays=backend is not None)
+            emu_cpu = cpu_seconds(emu_pid) - emu_cpu0
+            res.server_cpu_s, _, _, res.other_cores = window.close(emu_cpu)
+            fill(res, answer)
+            if backend is not None:
+                res.stored_after = await backend.count()
+            say(f"storm {target}: restored {res.restored:,}/{n:,}, replayed {res.replayed:,}, "
+                f"complete {'-' if res.complete_s is None else f'{res.complete_s:.1f} s'}, CONNACK hooks p50 "
+                f"{res.connack_hold.p50:.1f} ms p99 {res.connack_hold.p99:.1f} ms, failed calls "
+                f"{res.failed_calls}, duplicates {res.duplicates}, server CPU {res.server_cpu_s:.1f} s, "
+                f"emulator CPU {res.emulator_cpu_s:.1f} s over {res.wall_s:.1f} s")
+        except Exception as exc:
+            res.error = f"{type(exc).__name__}: {exc}"
+            say(f"storm {target} ({n}, {workers} workers) failed: {res.error}")
+        finally:
+            if emu is not None:
+                emu.stop()
+            proc.stop()
+            errors = proc.log_lines("level=error") + proc.log_lines("level=critical")
+            if errors:
+                res.error = (res.error + "; " if res.error else "") + \
+                    f"the server logged {len(errors)} errors, first: {errors[0][:200]}"
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend.cleanup()
+
+    # -- the whole run ---------------------------------------------------------------------
+    async def run(self) -> None:
+        a = self.args
+        load = any(p in a.phases for p in ("publish", "mixed", "replay")) or a.profile or a.big
+        if self.res.targets and (NOOP in self.res.targets) and (load or "storm" in a.phases):
+            await self.learn_hooks()
+        if load:
+            for protocol in a.protocols:
+                for target in self.res.targets:
+                    await self.run_target(protocol, target)
+        if "raw" in a.phases:
+            for name in a.backends:
+                await self.raw_phase(name)
+        if "storm" in a.phases:
+            for n in a.storm:
+                for workers in a.storm_workers:
+                    for target in self.res.targets:
+                        await self.storm_cell(n, workers, target)
+
+    def settings(self) -> str:
+        a = self.args
+        pin = (f"server pinned to CPU {','.join(map(str, a.server_cpu_set))}, load generators, emulator and "
+               f"stand-in to CPU {','.join(map(str, a.gen_cpu_set))} (databases unpinned)"
+               if a.server_cpu_set else "nothing pinned")
+        return (f"phases {','.join(a.phases)}; protocols {','.join(a.protocols)}; closed-loop clients "
+                f"{','.join(map(str, a.clients))} (publish), {','.join(map(str, a.mixed_clients))} (mixed), one "
+                f"call in flight each, over {a.channels} gRPC connections routed by clientid, from {a.procs} "
+                f"load-generator processes; {a.payload}-byte payloads, QoS 1; {a.warmup:g} s warm-up + "
+                f"{a.duration:g} s per window; server workers {a.workers}; {pin}; service batch_size "
+                f"{a.batch_size}, batch_time {a.batch_time} ms; replay {a.replay:,} messages; storm "
+                f"{','.join(map(str, a.storm)) or '-'} clients with {','.join(map(str, a.storm_workers))} "
+                f"worker(s), ExHook {a.storm_protocol}, request_timeout {a.request_timeout:g} s, pool_size "
+                f"{a.channels}")
 
 
 def git_revision() -> str:
@@ -765,22 +624,6 @@ async def wait_idle(limit: float) -> str:
         say(f"waiting for the machine to be idle: other processes use {busy:.1f} cores")
 
 
-def _per_text(what: str, per: dict[str, float]) -> str:
-    text = ", ".join(f"{v:.2f} {k}" for k, v in per.items())
-    trips = per.get("round trips") or per.get("commits")
-    return f"backend server per {what}: {text}" + (f" (≈ {1 / trips:.1f} {what}s per write batch)" if trips else "")
-
-
-def _ratio(value: float | None, ceiling: float | None) -> float | None:
-    if value is None or not ceiling or math.isnan(ceiling):
-        return None
-    return value / ceiling
-
-
-def left_text(value: int | None) -> str:
-    return "?" if value is None else f"{value:,}"
-
-
 async def amain(args: argparse.Namespace, command: str) -> int:
     if args.gen_cpu_set:
         os.sched_setaffinity(0, args.gen_cpu_set)  # the stand-in and samplers stay off the server's CPU
@@ -792,17 +635,18 @@ async def amain(args: argparse.Namespace, command: str) -> int:
     started = time.monotonic()
     try:
         await bench.standin.start()
-        if not args.no_noop:
-            await bench.run_noop()
-        for name in args.backends:
-            await bench.run_backend(name)
+        await bench.run()
     finally:
         await bench.standin.close()
         remove_workdir(bench.dir)
-    rep = bench.report(command)
-    text = rep.markdown()
+    elapsed = time.monotonic() - started
+    text = build_report(bench.res, args, command=command,
+                        date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                        machine=f"{machine()}; load average {bench.load_before} before the run, {loadavg()} after "
+                                "(anything else running on the 2 cores skews every figure)",
+                        settings=bench.settings(), revision=bench.revision, elapsed_s=elapsed)
     print(text)
-    say(f"done in {time.monotonic() - started:.0f} s")
+    say(f"done in {elapsed:.0f} s")
     if not args.no_write:
         write_benchmarks(Path(args.output), text)
         say(f"wrote the generated section of {args.output}")

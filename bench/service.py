@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -22,11 +23,13 @@ from typing import Any
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import CHANNEL_OPTIONS, HOST, LOADED, META, cpu_seconds, free_port, rss_bytes
-from exhook.pb.v3 import exhook_pb2 as pb
+from bench.common import CHANNEL_OPTIONS, EMQX_VERSION, HOST, cpu_seconds, free_port, proto, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("redis", "mysql", "sqlite")
+BACKENDS = ("sqlite", "mysql", "redis")
+# the REST credentials the service is given (the stand-in ignores them, the emulator checks them)
+API_KEY = "bench"
+API_SECRET = "bench-secret"
 REDIS_ADDR = (HOST, 6379)
 MYSQL_ADDR = (HOST, 3306)
 
@@ -52,6 +55,9 @@ class Backend:
 
     async def setup(self) -> None: ...
 
+    def add_topics(self, topics: list[str]) -> None:
+        """Topics ``count`` must look at (only Redis counts per topic)."""
+
     def hocon(self, batch_size: int, batch_time_ms: int) -> str:
         raise NotImplementedError
 
@@ -73,7 +79,10 @@ class RedisBackend(Backend):
     def __init__(self, tag: str, workdir: Path, topics: list[str]) -> None:
         super().__init__(tag, workdir)
         self.prefix = f"bench:{tag}"
-        self.topics = topics
+        self.topics = set(topics)
+
+    def add_topics(self, topics: list[str]) -> None:
+        self.topics.update(topics)
 
     def _client(self) -> Any:
         import redis.asyncio as aioredis
@@ -105,7 +114,7 @@ class RedisBackend(Backend):
         client = self._client()
         try:
             pipe = client.pipeline(transaction=False)
-            for topic in self.topics:
+            for topic in sorted(self.topics):
                 pipe.zcard(f"{self.prefix}:msg:{topic}")
             return int(sum(await pipe.execute()))
         except Exception:
@@ -217,7 +226,7 @@ class SqliteBackend(Backend):
 
     @property
     def path(self) -> str:
-        return str(self.workdir / "offline.sqlite3")
+        return str(self.workdir / f"offline-{self.tag}.sqlite3")
 
     def hocon(self, batch_size: int, batch_time_ms: int) -> str:
         return f"""sqlite {{
@@ -259,14 +268,15 @@ class ServiceProc:
     cpus: tuple[int, ...] = ()
 
     def __init__(self, backend: Backend, workers: int, batch_size: int, batch_time_ms: int, api_port: int,
-                 workdir: Path, cpus: tuple[int, ...] = ()) -> None:
+                 workdir: Path, cpus: tuple[int, ...] = (), name: str = "") -> None:
         self.cpus = cpus
         self.port = free_port()
         self.http_port = free_port()
         self.workers = workers
         self.workdir = workdir
-        self.config_path = workdir / f"{backend.name}.hocon"
-        self.log_path = workdir / f"{backend.name}.log"
+        name = name or backend.name
+        self.config_path = workdir / f"{name}.hocon"
+        self.log_path = workdir / f"{name}.log"
         self.config_path.write_text(f"""exhook {{
   listen = "{HOST}:{self.port}"
   workers = {workers}
@@ -274,8 +284,8 @@ class ServiceProc:
   log_level = info
   emqx {{
     api_url = "http://{HOST}:{api_port}"
-    api_key = "bench"
-    api_secret = "bench"
+    api_key = "{API_KEY}"
+    api_secret = "{API_SECRET}"
   }}
 }}
 {backend.hocon(batch_size, batch_time_ms)}
@@ -302,22 +312,26 @@ class ServiceProc:
                 self.argv(), cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._pin)
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until ``OnProviderLoaded`` answers on every worker's port (one call per
-        connection; with several workers the kernel spreads the connections)."""
+    async def wait_ready(self, protocol: str = "v3", timeout: float = 60.0) -> list[tuple[str, list[str]]]:
+        """Until ``OnProviderLoaded`` (of the ``protocol`` package, as that broker generation
+        would call it) answers on every worker's port (one call per connection; with several
+        workers the kernel spreads the connections). Returns the hooks it registered."""
         deadline = time.monotonic() + timeout
-        request = pb.ProviderLoadedRequest(broker=pb.BrokerInfo(version="5.10.4", sysdescr="EMQX"), meta=META)
+        p = proto(protocol)
+        request = p.pb.ProviderLoadedRequest(
+            broker=p.pb.BrokerInfo(version=EMQX_VERSION[protocol], sysdescr="EMQX"), meta=p.meta)
         while True:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited at start-up:\n{self.log_tail()}")
+                raise RuntimeError(f"the server exited at start-up:\n{self.log_tail()}")
             try:
                 async with grpc.aio.insecure_channel(f"{HOST}:{self.port}", options=CHANNEL_OPTIONS) as ch:
-                    call = ch.unary_unary(LOADED, request_serializer=pb.ProviderLoadedRequest.SerializeToString,
-                                          response_deserializer=pb.LoadedResponse.FromString)
+                    call = ch.unary_unary(p.path("OnProviderLoaded"),
+                                          request_serializer=p.pb.ProviderLoadedRequest.SerializeToString,
+                                          response_deserializer=p.pb.LoadedResponse.FromString)
                     answer = await call(request, timeout=2)
                     if answer.hooks and len(self.children()) >= (self.workers if self.workers > 1 else 0):
                         await asyncio.sleep(0.5 if self.workers > 1 else 0)
-                        return
+                        return [(h.name, list(h.topics)) for h in answer.hooks]
             except grpc.aio.AioRpcError:
                 pass
             if time.monotonic() >= deadline:
@@ -385,18 +399,39 @@ class ServiceProc:
 
 
 class NoopProc(ServiceProc):
-    """The no-op server, started and measured like the service."""
+    """The no-op server, started and measured like the service, registering ``hooks``."""
 
-    def __init__(self, workers: int, workdir: Path, cpus: tuple[int, ...] = ()) -> None:
+    def __init__(self, workers: int, workdir: Path, cpus: tuple[int, ...] = (),
+                 hooks: list[tuple[str, list[str]]] | None = None) -> None:
         self.cpus = cpus
         self.port = free_port()
+        self.http_port = 0
         self.workers = workers
         self.workdir = workdir
-        self.log_path = workdir / "noop.log"
+        self.log_path = workdir / f"noop-{self.port}.log"
+        self.hooks = hooks
         self.proc = None
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)]
+        argv = [sys.executable, "-m", "bench.noop", "--port", str(self.port), "--workers", str(self.workers)]
+        if self.hooks is not None:
+            argv += ["--hooks", json.dumps(self.hooks)]
+        return argv
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+
+async def service_hook_specs(workdir: Path, protocol: str = "v3") -> list[tuple[str, list[str]]]:
+    """The hooks the service registers (its ``OnProviderLoaded`` answer) with ``topics =
+    ["bench/#"]``, asked from a short-lived instance on SQLite."""
+    backend = SqliteBackend("hookspec", workdir)
+    proc = ServiceProc(backend, 1, 1, 0, free_port(), workdir, name="hookspec")
+    proc.start()
+    try:
+        return await proc.wait_ready(protocol, timeout=30)
+    finally:
+        proc.stop()
 
 
 def workdir() -> Path:
@@ -405,3 +440,32 @@ def workdir() -> Path:
 
 def remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+async def wait_drain(backend: Backend, target: int, timeout: float, stall: float = 15.0) -> tuple[bool, int | None]:
+    """Until the store holds at most ``target`` messages; (reached, count). Gives up after
+    ``timeout`` s, or when the count did not move for ``stall`` s."""
+    start = time.monotonic()
+    last, since = None, start
+    while True:
+        n = await backend.count()
+        if n is None:
+            return False, None
+        now = time.monotonic()
+        if n <= target:
+            return True, n
+        if n != last:
+            last, since = n, now
+        if now - since > stall or now - start > timeout:
+            return False, n
+        await asyncio.sleep(0.1)
+
+
+async def wait_stored(backend: Backend, target: int, timeout: float) -> int | None:
+    """Until the store holds at least ``target`` messages (the writes were flushed); the count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = await backend.count()
+        if n is None or n >= target or time.monotonic() >= deadline:
+            return n
+        await asyncio.sleep(0.1)

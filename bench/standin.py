@@ -4,8 +4,14 @@
 is validated first (one bad item: 400 and nothing is published), then the items are
 published in list order, each through ONE ``OnMessagePublish`` gRPC round trip to the
 ExHook server (``from = "http_api"``, empty headers, the request's user properties as
-v3 ``user_props``), one after the other; the answer is 200 with ``[{id}]``. A "delivery"
-is recorded when a message's hook call has answered (EMQX delivers it then).
+v3 ``user_props``; a v2 broker has no such field and drops them), one after the other,
+over one connection (EMQX routes every REST message by ``from``); the answer is 200
+with ``[{id}]``. A "delivery" is recorded when a message's hook call has answered (EMQX
+delivers it then).
+
+``ceiling`` measures what this path allows with a given ExHook server (the no-op): the
+benchmark itself posts ``publish/bulk`` batches one after the other, as the service's
+replay does, and times the deliveries: the sequential replay ceiling.
 
 ``POST /api/v5/clients/{clientid}/subscribe/bulk`` answers 200 (nothing to restore in
 the benchmark). Everything listens on 127.0.0.1 only.
@@ -20,11 +26,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import grpc
 from aiohttp import web
 
-from bench.common import CHANNEL_OPTIONS, HOST, META, NODE, PUBLISH, REPLAY_PROPERTY, GuidGen
-from exhook.pb.v3 import exhook_pb2 as pb
+from bench.common import CHANNEL_OPTIONS, HOST, NODE, REPLAY_PROPERTY, GuidGen, Proto, proto
 
 
 class _BadRequest(Exception):
@@ -57,6 +63,7 @@ class StandIn:
     _channel: grpc.aio.Channel | None = None
     _call: Any = None
     _gen: GuidGen = field(default_factory=lambda: GuidGen(0xA11))
+    _p: Proto = field(default_factory=lambda: proto("v3"))
 
     async def start(self) -> None:
         app = web.Application(client_max_size=256 * 1024 * 1024)
@@ -68,13 +75,15 @@ class StandIn:
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
-    async def connect(self, grpc_port: int) -> None:
-        """(Re)point the hook calls at an ExHook server. One connection: EMQX routes
-        every REST-published message by ``from`` = ``http_api``, i.e. to one channel."""
+    async def connect(self, grpc_port: int, protocol: str) -> None:
+        """(Re)point the hook calls at an ExHook server speaking ``protocol``. One
+        connection: EMQX routes every REST-published message by ``from`` = ``http_api``,
+        i.e. to one channel."""
         await self.disconnect()
         self.grpc_port = grpc_port
+        self._p = proto(protocol)
         self._channel = grpc.aio.insecure_channel(f"{HOST}:{grpc_port}", options=CHANNEL_OPTIONS)
-        self._call = self._channel.unary_unary(PUBLISH, None, None)
+        self._call = self._channel.unary_unary(self._p.path("OnMessagePublish"), None, None)
         await asyncio.wait_for(self._channel.channel_ready(), 30)
 
     async def disconnect(self) -> None:
@@ -115,14 +124,16 @@ class StandIn:
                 pass
         return True
 
-    # -- the sequential hook call (also used on its own as a latency probe) -----------
+    # -- the sequential hook call ------------------------------------------------------
     def _request(self, topic: str, payload: bytes, qos: int, user_props: dict[str, str]) -> tuple[str, bytes]:
+        pb = self._p.pb
         msgid = self._gen.gen().decode()
         msg = pb.Message(node=NODE, id=msgid, qos=qos, topic=topic, payload=payload,
                          timestamp=time.time_ns() // 1_000_000)
         setattr(msg, "from", "http_api")
-        req = pb.MessagePublishRequest(
-            message=msg, meta=META, user_props=[pb.Property(name=k, value=v) for k, v in user_props.items()])
+        req = pb.MessagePublishRequest(message=msg, meta=self._p.meta)
+        if self._p.name == "v3":
+            req.user_props.extend(pb.Property(name=k, value=v) for k, v in sorted(user_props.items()))
         return msgid, req.SerializeToString()
 
     async def _hook(self, request: bytes) -> float:
@@ -130,13 +141,22 @@ class StandIn:
         await self._call(request, timeout=10)
         return time.monotonic() - t0
 
-    async def probe(self, n: int, topic: str, payload: bytes, user_props: dict[str, str]) -> list[float]:
-        """``n`` sequential replay-like OnMessagePublish round trips; their times."""
-        times = []
-        for _ in range(n):
-            _, req = self._request(topic, payload, 1, user_props)
-            times.append(await self._hook(req))
-        return times
+    async def ceiling(self, n: int, batch: int, topic: str, payload: bytes) -> float:
+        """``n`` messages posted as sequential ``publish/bulk`` batches of ``batch``, the
+        way the service replays (base64 payloads, a replay user property per item);
+        seconds from the first request to the last delivery."""
+        body = base64.b64encode(payload).decode()
+        self.reset(n)
+        url = f"http://{HOST}:{self.port}/api/v5/publish/bulk"
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            for start in range(0, n, batch):
+                items = [{"topic": topic, "payload": body, "payload_encoding": "base64", "qos": 1,
+                          "retain": False, "properties": {"user_properties": {REPLAY_PROPERTY: "0" * 32}}}
+                         for _ in range(min(batch, n - start))]
+                async with session.post(url, json=items) as resp:
+                    await resp.read()
+        return (self.deliveries[-1].at if self.deliveries else time.monotonic()) - t0
 
     # -- REST handlers ---------------------------------------------------------------
     @staticmethod

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
+from storage.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class ClientQueues:
             await job()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("client job failed", extra={"event": "job_failed", "clientid": clientid, "job": what})
+        except Exception as exc:  # one line with the cause (a 401, a store error), no traceback
+            log.error("client job failed: %s", one_line(exc),
+                      extra={"event": "job_failed", "clientid": clientid, "job": what})
         finally:
             jobs.popleft()
             del self._running[clientid]

@@ -1,9 +1,10 @@
-"""A small in-memory map whose entries expire, bounded in size, O(1) per operation.
+"""Bounded sets and maps of keys that each expire a fixed time after they were added.
 
-Used to remember, for a few seconds, what one hook of a connect told the service so
-that a later hook of the same connect can act on it (``session.resumed`` then
-``client.connected``; ``session.created`` then ``client.connected``). Entries of
-connects whose later hook never came expire instead of piling up.
+Per-client state kept between two hooks of one connect (a ``session.resumed`` waiting
+for its ``client.connected``; the connection whose restore ``session.created``
+started) must cost O(1) per call and stay bounded whatever a hostile or broken broker
+sends: keys live in insertion order, so the oldest are always at the front and expiry
+or overflow only ever pops from there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,38 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+class ExpiringKeys:
+    def __init__(self, ttl_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._max = max_keys
+        self._clock = clock
+        self._added: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._added)
+
+    def add(self, key: str) -> None:
+        now = self._clock()
+        self._added[key] = now
+        self._added.move_to_end(key)
+        self._expire(now)
+
+    def pop(self, key: str) -> bool:
+        """Remove ``key``; True if it was there and had not expired."""
+        added = self._added.pop(key, None)
+        now = self._clock()
+        self._expire(now)
+        return added is not None and now - added < self._ttl
+
+    def _expire(self, now: float) -> None:
+        added = self._added
+        while added:
+            oldest, at = next(iter(added.items()))
+            if now - at < self._ttl and len(added) <= self._max:
+                return
+            del added[oldest]
 
 
 class ExpiringMap(Generic[K, V]):

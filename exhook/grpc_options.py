@@ -24,10 +24,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_PENDING_CALLS = 20_000
 
 
-def server_options() -> list[tuple[str, int]]:
+def server_options(reuse_port: bool) -> list[tuple[str, int]]:
     return [
-        # worker processes share the port (exhook.supervisor)
-        ("grpc.so_reuseport", 1),
+        # grpc shares a port by default; only the service's own workers may
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),

@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 
 from exhook.client_queue import ClientQueues
-from exhook.expiring import ExpiringMap
+from exhook.expiring import ExpiringKeys, ExpiringMap
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayer, payload_digest
 from exhook.retry import retrying
 from exhook.topics import TopicError, TopicSet, real_filter
-from exhook.writer import OrderedWriter, WriterClosed
-from storage.base import Store
-from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+from exhook.writer import OrderedWriter, Outcome, WriterClosed
+from storage.base import Store, WriteRejected
+from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ _CONNECT_TTL_S = 30.0
 # what one connect's first hook leaves for its client.connected: one entry per client
 # connecting right now, so this only has to hold a reconnect storm's worth
 _CONNECT_ENTRIES = 100_000
+# A publish that waits for a slow store goes to the spool this long before its
+# deadline, so that the spool's fsync fits in (measured well under 5 ms here).
+_SPILL_MARGIN_S = 0.05
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,12 +78,12 @@ class HookLogic:
         self._queues = queues
         self._metrics = metrics
         self._deadline = publish_deadline_ms / 1000
-        # clientid -> True: the session was resumed (no restore on client.connected)
-        self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        self._spill_at = self._deadline - min(_SPILL_MARGIN_S, self._deadline / 4)
+        # clients whose session was resumed (no restore on client.connected)
+        self._resumed = ExpiringKeys(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_answers = 0
-        self._background: set[asyncio.Task[None]] = set()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
         """Hooks to register. No tracked topics means nothing to do: registering
@@ -109,7 +112,7 @@ class HookLogic:
         started = time.monotonic()
         if sender == HTTP_API:
             if replay_of is None and self.flags.v2_seen:
-                replay_of = await self._take_pending(topic, payload)
+                replay_of = await self._pending_replay(topic, payload)
             if replay_of is not None:
                 self._metrics.skipped["replay"].inc()
                 if replay_of != msgid:
@@ -128,48 +131,50 @@ class HookLogic:
             return "untracked"
         return None
 
-    async def _take_pending(self, topic: str, payload: bytes) -> str | None:
+    async def _pending_replay(self, topic: str, payload: bytes) -> str | None:
+        """The original id if this REST publish is one of our v2 replays: from memory
+        when this process published it (no round trip), else from the store."""
+        digest = payload_digest(payload)
+        orig = self._replayer.local.take(topic, digest)
+        if orig is not None:
+            self._submit_background(DropPendingReplay(topic, digest, orig))
+            return orig
         try:
-            return await asyncio.wait_for(
-                self._store.take_pending_replay(topic, payload_digest(payload)), self._deadline / 2
-            )
+            return await asyncio.wait_for(self._store.take_pending_replay(topic, digest), self._deadline / 2)
         except Exception as exc:  # store down: storing the replay again only costs a duplicate
             log.warning("cannot check the pending-replay registry (%s); storing %s", exc, topic)
             return None
 
     async def _save(self, message: StoredMessage, started: float) -> None:
-        op = SaveMessage(message)
         try:
-            fut = self._writer.submit_nowait(op)
-            if fut is None:
-                fut = await asyncio.wait_for(self._writer.submit(op), self._remaining(started))
-        except (TimeoutError, WriterClosed):
-            self._metrics.deadline["buffer_full"].inc()
-            self._log_deadline("write buffer full: message NOT stored", message)
+            entry = self._writer.submit(SaveMessage(message))
+        except WriterClosed:
+            self._answer_unstored("spool_full", "shutting down: message NOT stored", message)
             return
-        if not fut.done():
+        if not entry.settled and entry.done is not None:
             try:
-                # Cancelling this waiter at the deadline leaves the op queued: the writer
-                # writes it anyway and skips resolving a future that is already done.
-                async with asyncio.timeout(self._remaining(started)):
-                    await fut
+                async with asyncio.timeout(max(0.0, self._spill_at - (time.monotonic() - started))):
+                    await entry.done
             except TimeoutError:
-                # The op stays queued and is written when the store catches up.
-                self._metrics.deadline["store_slow"].inc()
-                self._log_deadline("store slower than publish_deadline: answered before the message was durable",
-                                   message)
-                return
-        self._metrics.messages_stored.inc()
+                # Answering now must not lose the message: it goes to the spool first.
+                await self._writer.spill(entry)
+        outcome = entry.outcome
+        if outcome is Outcome.STORED:
+            self._metrics.messages_stored.inc()
+        elif outcome is Outcome.SPOOLED:
+            self._answer_unstored("store_slow", "store slower than publish_deadline: message spooled", message)
+        elif outcome is Outcome.REJECTED:
+            pass  # set aside, logged and counted by the writer
+        else:
+            self._answer_unstored("spool_full", "spool full or failing: message NOT stored", message)
 
-    def _remaining(self, started: float) -> float:
-        return max(0.0, self._deadline - (time.monotonic() - started))
-
-    def _log_deadline(self, text: str, message: StoredMessage) -> None:
+    def _answer_unstored(self, reason: str, text: str, message: StoredMessage) -> None:
+        self._metrics.deadline[reason].inc()
         self._deadline_answers += 1
         count = self._deadline_answers
         if count == 1 or count % 1000 == 0:  # one line per burst, not per message
-            log.warning(text, extra={"event": "publish_deadline", "msgid": message.msgid, "topic": message.topic,
-                                     "deadline_answers_so_far": count})
+            log.warning(text, extra={"event": "publish_deadline", "reason": reason, "msgid": message.msgid,
+                                     "topic": message.topic[:200], "deadline_answers_so_far": count})
 
     # -- message.acked -----------------------------------------------------------
     def message_acked(self, msgid: str, sender: str, topic: str) -> None:
@@ -179,25 +184,9 @@ class HookLogic:
         self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API))
 
     def _submit_background(self, op: WriteOp) -> None:
-        """Queue a write nobody waits for. When the buffer is full, wait for room in
-        a task of our own (bounded like the buffer itself)."""
+        """Queue a write nobody waits for (the writer never blocks: it spools)."""
         try:
-            if self._writer.submit_nowait(op) is not None:
-                return
-        except WriterClosed:
-            self._metrics.writes_dropped.inc()
-            return
-        if len(self._background) >= 10_000:
-            self._metrics.writes_dropped.inc()
-            log.error("write buffer and overflow full: dropping %s", op)
-            return
-        task = asyncio.create_task(self._submit_later(op))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _submit_later(self, op: WriteOp) -> None:
-        try:
-            await self._writer.submit(op)
+            self._writer.submit(op)
         except WriterClosed:
             self._metrics.writes_dropped.inc()
 
@@ -217,7 +206,7 @@ class HookLogic:
     def session_resumed(self, client: ClientRef) -> None:
         self._queues.note_connect()
         self._restoring.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
-        self._resumed.put(client.clientid, True)
+        self._resumed.add(client.clientid)
 
     def client_connected(self, client: ClientRef) -> None:
         self._queues.note_connect()
@@ -238,7 +227,16 @@ class HookLogic:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
-        await retrying("save subscription", lambda: self._store.save_subscription(client.clientid, topic, qos))
+        try:
+            await retrying("save subscription", lambda: self._store.save_subscription(client.clientid, topic, qos))
+        except WriteRejected as exc:
+            # the store cannot hold this subscription (e.g. a clientid longer than its
+            # column): it will not be restored on a later connect, but the client
+            # still gets its stored messages now
+            self._metrics.write_rejected(self._store.name, exc.reason)
+            log.error("subscription not stored: %s", exc.detail, extra={
+                "event": "subscription_rejected", "clientid": client.clientid[:200], "topic": topic[:200],
+                "reason": exc.reason})
         try:
             real = real_filter(topic)
         except TopicError as exc:
@@ -252,7 +250,3 @@ class HookLogic:
                             lambda: retrying("delete subscription",
                                              lambda: self._store.delete_subscription(client.clientid, topic)))
 
-    async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -33,15 +34,21 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{base}.{int(record.msecs):03d}Z"
 
 
+# An HTTP credential wherever it is echoed (a REST error body, a driver's message):
+# "Authorization: Basic dXNlcjpwYXNz", '"authorization": "Bearer ..."', "Basic dXNl..."
+_CREDENTIAL = re.compile(r"(?i)\b(basic|bearer)(\s+|%20)[A-Za-z0-9+/=._~-]{8,}")
+
+
 def redactor(secrets: Iterable[str]) -> Callable[[str], str]:
-    """A function replacing every given secret in a text by ``MASK``."""
+    """A function replacing every given secret in a text by ``MASK``, and any HTTP
+    Basic/Bearer credential whatever it holds."""
     # longest first, so a secret containing another is masked whole
     ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def redact(text: str) -> str:
         for secret in ordered:
             text = text.replace(secret, MASK)
-        return text
+        return _CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)
 
     return redact
 

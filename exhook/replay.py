@@ -11,23 +11,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 from exhook.emqx_api import EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
-from exhook.retry import retrying
+from exhook.retry import retrying, transient
 from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
-from storage.base import Store
+from storage.base import PENDING_REPLAY_TTL_S, Store
 from storage.model import PendingReplay, StoredMessage
+from storage.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 # EMQX registers a new client's channel only after session.created has returned
 # (emqx_cm:create_register_session: emqx_session:create runs the hook, then
 # register_channel), so a restore started from that hook can reach the REST API
-# before the client is visible there (404). Wait this long for it, in all ~1.5 s,
-# before concluding the client left.
-NOT_REGISTERED_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+# before the client is visible there (404). Wait for it, through the one retry policy
+# (pauses 0.05, 0.1, 0.2, 0.4, 0.8 s at most, jittered: ~1.5 s in all), before
+# concluding the client left.
+UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=0.8), attempts=6, retryable=transient)
 
 
 def payload_digest(payload: bytes) -> str:
@@ -45,6 +49,48 @@ class BrokerFlags:
         self.v2_seen = False
 
 
+class LocalReplays:
+    """The replays this process published to a v2 broker and has not seen come back,
+    by topic and payload digest: recognising one here answers its ``message.publish``
+    without a store round trip. (The store's registry still has them, for a replay
+    that comes back to another instance; see ``DropPendingReplay``.) Bounded: the
+    oldest keys go first, and an entry lives as long as the store's."""
+
+    def __init__(self, max_entries: int = 100_000, ttl_s: float = PENDING_REPLAY_TTL_S) -> None:
+        self._max = max_entries
+        self._ttl = ttl_s
+        self._entries: OrderedDict[tuple[str, str], deque[tuple[str, float]]] = OrderedDict()
+        self._count = 0
+
+    def add(self, items: list[PendingReplay]) -> None:
+        expires = time.monotonic() + self._ttl
+        for item in items:
+            key = (item.topic, item.digest)
+            ids = self._entries.get(key)
+            if ids is None:
+                ids = self._entries[key] = deque()
+            ids.append((item.msgid, expires))
+            self._count += 1
+        while self._count > self._max:
+            _, dropped = self._entries.popitem(last=False)
+            self._count -= len(dropped)
+
+    def take(self, topic: str, digest: str) -> str | None:
+        """The original id of a replay with this topic and digest (oldest first)."""
+        ids = self._entries.get((topic, digest))
+        now = time.monotonic()
+        while ids:
+            msgid, expires = ids.popleft()
+            self._count -= 1
+            if expires > now:
+                if not ids:
+                    del self._entries[(topic, digest)]
+                return msgid
+        if ids is not None:
+            del self._entries[(topic, digest)]
+        return None
+
+
 class Replayer:
     def __init__(
         self,
@@ -54,8 +100,10 @@ class Replayer:
         tracked: TopicSet,
         flags: BrokerFlags,
         batch_size: int,
+        local: LocalReplays | None = None,
         page_size: int = 500,
     ) -> None:
+        self.local = local if local is not None else LocalReplays()
         self._store = store
         self._api = api
         self._metrics = metrics
@@ -88,10 +136,10 @@ class Replayer:
         async def registered() -> bool:
             if await self._api.subscribe_bulk(clientid, pairs):
                 return True
-            raise EmqxApiError(f"client {clientid} is not registered at the broker yet", 404, expected=True)
+            raise EmqxApiError(f"client {clientid} is not registered at the broker yet", 404)
 
         try:
-            return await retrying("subscribe/bulk", registered, NOT_REGISTERED_DELAYS_S)
+            return await UNTIL_REGISTERED.call("subscribe/bulk", registered)
         except EmqxApiError as exc:
             if exc.status == 404:
                 return False
@@ -144,6 +192,7 @@ class Replayer:
         if self._flags.v2_seen:
             pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
             await retrying("register pending replays", lambda: self._store.register_pending_replays(pending))
+            self.local.add(pending)
         items = [ReplayItem(m.topic, m.payload, m.qos, m.msgid) for m in batch]
         try:
             result = await retrying("publish/bulk", lambda: self._api.publish_bulk(items))

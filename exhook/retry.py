@@ -1,33 +1,27 @@
-"""Bounded retries for background work (restores, replays, subscription writes)."""
+"""Bounded retries of background work (restores, replays, subscription writes),
+through the service's one retry policy (``storage.retry``)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from exhook.emqx_api import EmqxApiError
-from storage.base import StoreConfigError, StoreError
+from storage.base import StoreError
+from storage.retry import Backoff, RetryPolicy
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRY_DELAYS_S = (0.1, 0.5, 2.0)
+
+def transient(exc: BaseException) -> bool:
+    """A store or REST failure that another try may not see (never a refusal, a
+    misconfiguration, or a bug)."""
+    return isinstance(exc, (StoreError, EmqxApiError)) and exc.retryable
 
 
-async def retrying(what: str, call: Callable[[], Awaitable[T]], delays: tuple[float, ...] = RETRY_DELAYS_S) -> T:
-    """Run ``call``; on a store or REST failure that may pass, retry after each of
-    ``delays``; re-raise the last failure."""
-    for delay in (*delays, None):
-        try:
-            return await call()
-        except StoreConfigError:
-            raise
-        except (StoreError, EmqxApiError) as exc:
-            if delay is None or (isinstance(exc, EmqxApiError) and not exc.retryable):
-                raise
-            level = logging.DEBUG if isinstance(exc, EmqxApiError) and exc.expected else logging.WARNING
-            log.log(level, "%s failed, retrying in %.2f s: %s", what, delay, exc)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+BACKGROUND = RetryPolicy(Backoff(base=0.25, cap=2.0), attempts=4, retryable=transient)
+
+
+async def retrying(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call``; retry a transient failure up to three times; re-raise the last."""
+    return await BACKGROUND.call(what, call)

@@ -7,13 +7,13 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from exhook.config import Config, config_secrets
+from exhook.config import Config, config_secrets, config_warnings
+from exhook.health import Conditions, ReadinessListener
 from exhook.logs import setup_logging
+from exhook.spool import SpoolError
 from exhook.supervisor import run_workers
-from storage.base import StoreConfigError
 
 log = logging.getLogger("exhook")
 
@@ -30,31 +30,35 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config, on_readiness: Callable[[bool, str], None] | None = None) -> int:
+async def serve(cfg: Config, on_readiness: ReadinessListener | None = None, worker: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Exit status: 0 when every answered write is in the
+    store or the spool, 1 when some were lost, 2 when start-up failed."""
     from exhook.server import Service
 
-    service = Service(cfg, on_readiness=on_readiness)
+    service = Service(cfg, on_readiness=on_readiness, worker=worker, reuse_port=worker is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-    except (StoreConfigError, OSError) as exc:  # a misconfigured store, a port in use
+    except (OSError, SpoolError) as exc:  # a port in use, a spool that cannot be written
         log.critical("%s", exc, extra={"event": "start_failed"})
-        await service.stop()
         return 2
     await stop.wait()
-    log.info("shutting down: finishing in-flight writes and replays")
-    await service.stop()
-    return 0
+    log.info("shutting down: finishing replays and in-flight writes")
+    lost = await service.stop()
+    if lost:
+        log.critical("%d answered write ops could be neither stored nor spooled", lost,
+                     extra={"event": "writes_lost", "lost": lost})
+    return 1 if lost else 0
 
 
-def _report_to(parent: Connection) -> Callable[[bool, str], None]:
-    def report(ready: bool, reason: str) -> None:
-        # a few bytes per change of state: the pipe's buffer takes them without blocking
+def _report_to(parent: Connection) -> ReadinessListener:
+    def report(conditions: Conditions) -> None:
+        # a few hundred bytes per change of state: the pipe's buffer takes them without blocking
         try:
-            parent.send((ready, reason))
+            parent.send(conditions)
         except OSError:
             pass  # the parent is gone, and it stops its workers when it goes
     return report
@@ -63,12 +67,14 @@ def _report_to(parent: Connection) -> Callable[[bool, str], None]:
 def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
     setup_service_logging(cfg, index)
     install_uvloop()
-    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent))))
+    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent), worker=index)))
 
 
 def run(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the process."""
     setup_service_logging(cfg)
+    for warning in config_warnings(cfg):  # once, before any worker starts
+        log.warning("config: %s", warning, extra={"event": "config_warning"})
     if cfg.service.workers > 1:
         log.info("starting %d worker processes on %s", cfg.service.workers, cfg.service.listen)
         return run_workers(cfg, _worker)

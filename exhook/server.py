@@ -1,12 +1,25 @@
-"""Assembles the service: store, writer, REST client, hook logic, gRPC server;
-starts it and stops it gracefully."""
+"""The composition root: builds the service, starts it, and stops it.
+
+Every part is set up next to its teardown on one ``AsyncExitStack``, so ``stop``
+undoes exactly what ``start`` did, in reverse order, whatever step start-up
+reached. The order of teardown is the shutdown contract:
+
+1. readiness turns "shutting down" (and gRPC health NOT_SERVING);
+2. the client queues take no new jobs and let running restores and replays finish,
+   while the gRPC server still answers the ``message.publish`` calls of those replays;
+3. the gRPC server stops (in-flight hook calls complete);
+4. the writer writes what is queued to the store, or spools it, and reports how many
+   ops were lost (the exit status is 0 only when none were);
+5. the loops, the REST client, the spool, the store and the HTTP port close.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -16,153 +29,194 @@ from exhook.client_queue import ClientQueues
 from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
 from exhook.grpc_options import server_options
-from exhook.health import Readiness
+from exhook.health import EMQX_API, Readiness, ReadinessListener
 from exhook.hooks import HookLogic
+from exhook.listen import add_grpc_port
 from exhook.logs import redactor
+from exhook.loops import Loops
 from exhook.metrics import Metrics
 from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
-from exhook.tls import grpc_server_credentials
+from exhook.spool import Spool, adopt_orphans, orphan_paths
 from exhook.topics import TopicSet
-from exhook.writer import OrderedWriter
+from exhook.writer import OrderedWriter, WriterSettings
 from storage.base import Store, StoreConfigError, StoreError
 from storage.factory import create_store
 from storage.gated import GatedStore
+from storage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-_OPEN_RETRY_MAX_S = 5.0
+_OPEN_BACKOFF = Backoff(base=0.2, cap=5.0)
 _PURGE_EVERY_S = 60.0
 _PURGE_CHUNK = 1000
 _SHUTDOWN_GRACE_S = 5.0
 
 
+def spool_path(path: str, worker: int | None) -> Path:
+    """Worker N of a multi-process service has a spool of its own: ``path.N``."""
+    return Path(path if worker is None else f"{path}.{worker}")
+
+
 @dataclass
 class Service:
     config: Config
-    store: Store | None = None
+    store: Store | None = None  # tests may bring their own
     metrics: Metrics = field(default_factory=Metrics)
+    on_readiness: ReadinessListener | None = None  # a worker reports its readiness conditions to its parent
+    worker: int | None = None  # index under the supervisor (its own spool), None when alone
+    reuse_port: bool = False  # SO_REUSEPORT: only among the service's own workers
     port: int = 0
-    _gate: GatedStore | None = None
-    _server: grpc.aio.Server | None = None
-    _writer: OrderedWriter | None = None
-    _api: EmqxApi | None = None
-    _queues: ClientQueues | None = None
-    _logic: HookLogic | None = None
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _health: HealthServicer = field(default_factory=HealthServicer)
-    readiness: Readiness | None = None
-    http: OpsHttpServer | None = None
-    on_readiness: Callable[[bool, str], None] | None = None  # a worker reports to its parent
+    readiness: Readiness = field(init=False)
+    http: OpsHttpServer | None = field(init=False, default=None)
+    lost: int = field(init=False, default=0)
+    _stack: AsyncExitStack = field(init=False, default_factory=AsyncExitStack)
+    _gate: GatedStore = field(init=False)
+    _writer: OrderedWriter = field(init=False)
+    _queues: ClientQueues = field(init=False)
 
     async def start(self) -> None:
-        cfg = self.config
-        backend = cfg.backend
-        gate = self._gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
-        await self._open_store_or_retry(gate)
-        self.readiness = Readiness(gate, cfg.service.http.check_interval_ms / 1000, self.metrics, self._health,
+        try:
+            await self._start(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def stop(self) -> int:
+        """Stop as the module docstring says; return how many write ops were lost."""
+        await self._stack.aclose()
+        log.info("stopped", extra={"event": "stopped", "lost_writes": self.lost, **self.metrics.summary()})
+        return self.lost
+
+    async def idle(self) -> None:
+        """Wait until background jobs are done and every queued write is in the store."""
+        await self._queues.idle()
+        await self._writer.drained()
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        cfg, backend = self.config, self.config.backend
+        health = HealthServicer()
+        self._gate = gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
+        stack.push_async_callback(gate.close)
+        self.readiness = Readiness(gate.store, cfg.service.http.check_interval_ms / 1000, self.metrics, health,
                                    redactor(config_secrets(cfg)), self.on_readiness)
+        await self._start_http(stack)
+        loops = Loops(self.metrics, self.readiness.set_condition)
+        stack.push_async_callback(loops.stop_all)
+        spool = Spool(spool_path(cfg.service.spool.path, self.worker))
+        await spool.open()
+        stack.push_async_callback(spool.close)
+        await self._adopt_orphan_spools(spool)
+        if not await self._open_store(gate):
+            loops.start("open-store", lambda: self._open_loop(gate))
         await self.readiness.check()
-        self._tasks.append(asyncio.create_task(self.readiness.run(), name="readiness"))
-        if cfg.service.http.enable:
-            self.http = OpsHttpServer(cfg.service.http.listen, self.readiness, self.metrics.registry, gate.name)
-            await self.http.start()
+        loops.start("readiness", self.readiness.run)
+        self._writer = writer = self._make_writer(gate.store, spool)
+        self.readiness.add_probe("writer", writer.problem)
+        loops.start("writer", writer.run)
+        stack.push_async_callback(self._close_writer)
+        api = EmqxApi(cfg.service.emqx, self.metrics)
+        await api.start()
+        stack.push_async_callback(api.close)
+        self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up)
+        await self.readiness.probe_now(EMQX_API)  # at start-up, then at every check
+        self._queues = ClientQueues(self.metrics)
+        server = await self._start_grpc(self._logic(gate.store, writer, api))
+        stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
+        # registered after the server's stop, so it runs before it: replays finish while gRPC still answers
+        stack.push_async_callback(self._queues.close, _SHUTDOWN_GRACE_S)
+        stack.push_async_callback(self.readiness.shutting_down)
+        loops.start("purge-expired", lambda: self._purge_loop(gate.store))
+        self._log_started(gate.name, TopicSet(backend.topics))
+
+    async def _start_http(self, stack: AsyncExitStack) -> None:
+        http_cfg = self.config.service.http
+        if not http_cfg.enable:
+            return
+        self.http = OpsHttpServer(http_cfg.listen, self.readiness, self.metrics.registry, self._gate.name)
+        await self.http.start()
+        stack.push_async_callback(self.http.stop)
+
+    async def _adopt_orphan_spools(self, spool: Spool) -> None:
+        """Ops an earlier run with another number of workers left in spools no process
+        of this run owns are taken over (so a changed ``workers`` loses nothing)."""
+        if self.worker not in (None, 0):
+            return
+        orphans = orphan_paths(self.config.service.spool.path, self.worker, self.config.service.workers)
+        if orphans:
+            moved = await adopt_orphans(spool, orphans)
+            log.warning("took over %d spooled write ops of an earlier run", moved,
+                        extra={"event": "spool_adopted", "ops": moved, "files": ",".join(map(str, orphans))})
+
+    def _make_writer(self, store: Store, spool: Spool) -> OrderedWriter:
+        svc, backend = self.config.service, self.config.backend
+        settings = WriterSettings(batch_size=backend.batch_size, max_pending=svc.max_pending_writes,
+                                  spool_max_bytes=svc.spool.max_bytes)
+        return OrderedWriter(store, spool, self.metrics, settings,
+                             on_health=lambda ok, reason: self.readiness.set_condition("writer", ok, reason))
+
+    async def _close_writer(self) -> None:
+        self.lost = await self._writer.close(_SHUTDOWN_GRACE_S)
+
+    def _logic(self, store: Store, writer: OrderedWriter, api: EmqxApi) -> HookLogic:
+        svc, backend = self.config.service, self.config.backend
         tracked = TopicSet(backend.topics)
         flags = BrokerFlags()
-        self._writer = OrderedWriter(gate, self.metrics, backend.batch_size, backend.batch_time_ms,
-                                     cfg.service.max_pending_writes)
-        self._writer.start()
-        self._api = EmqxApi(cfg.service.emqx, self.metrics)
-        await self._api.start()
-        self._queues = ClientQueues(self.metrics)
-        replayer = Replayer(gate, self._api, self.metrics, tracked, flags, cfg.service.replay_batch_size)
-        self._logic = HookLogic(tracked, gate, self._writer, replayer, self._queues, self.metrics, flags,
-                                cfg.service.publish_deadline_ms)
-        self._server = grpc.aio.server(options=server_options())
-        add_servicers(self._server, self._logic, self.metrics)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        listen = cfg.service.listen
-        if cfg.service.ssl.enable:
-            self.port = self._server.add_secure_port(f"{listen}", grpc_server_credentials(cfg.service.ssl))
-        else:
-            self.port = self._server.add_insecure_port(f"{listen}")
-        if self.port == 0:
-            raise OSError(f"exhook.listen: cannot listen on {listen}")
-        await self._server.start()
-        self._tasks.append(asyncio.create_task(self._purge_loop(gate), name="purge-expired"))
-        if not tracked:
-            log.warning("%s.topics is empty: the backend is inactive and no hooks are registered",
-                        gate.name)
-        log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
-                 listen.host, self.port, ", TLS" if cfg.service.ssl.enable else "", gate.name,
-                 ", ".join(tracked.filters) or "-")
+        replayer = Replayer(store, api, self.metrics, tracked, flags, svc.replay_batch_size)
+        return HookLogic(tracked, store, writer, replayer, self._queues, self.metrics, flags,
+                         svc.publish_deadline_ms)
 
-    async def _open_store_or_retry(self, gate: GatedStore) -> None:
-        """Open the store; if it is unreachable, keep trying in the background (the
-        service must answer the broker meanwhile). A misconfiguration is fatal."""
+    async def _start_grpc(self, logic: HookLogic) -> grpc.aio.Server:
+        svc = self.config.service
+        server = grpc.aio.server(options=server_options(self.reuse_port))
+        self.metrics.expect_hooks(name for name, _ in logic.hook_specs())
+        add_servicers(server, logic, self.metrics, svc.allowed_clients)
+        health_pb2_grpc.add_HealthServicer_to_server(self.readiness.grpc_health, server)
+        # a bad or taken address: one OSError naming exhook.listen (exit status 2)
+        self.port = await add_grpc_port(server, svc.listen, svc.ssl, reuse_port=self.reuse_port)
+        await server.start()
+        return server
+
+    async def _open_store(self, gate: GatedStore) -> bool:
+        """Open the store; if it is unreachable or unusable the service starts anyway
+        (the broker needs answers: writes go to the spool) and keeps trying."""
         try:
             await gate.open()
-            return
-        except StoreConfigError:
-            raise
+            return True
         except StoreError as exc:
-            log.error("%s unreachable at start-up, retrying in the background", gate.name,
-                      extra={"event": "store_unreachable", "backend": gate.name, "error": str(exc)})
-        self._tasks.append(asyncio.create_task(self._open_loop(gate), name="open-store"))
+            self._report_open_failure(gate, exc)
+            return False
+
+    def _report_open_failure(self, gate: GatedStore, exc: StoreError) -> None:
+        kind = "misconfigured" if isinstance(exc, StoreConfigError) else "unreachable"
+        log.error("%s %s at start-up, retrying in the background", gate.name, kind,
+                  extra={"event": "store_unreachable", "backend": gate.name, "error": str(exc)})
 
     async def _open_loop(self, gate: GatedStore) -> None:
-        delay = 0.2
-        while True:
-            await asyncio.sleep(delay)
+        for pause in _OPEN_BACKOFF.delays():
+            await asyncio.sleep(pause)
             try:
                 await gate.open()
-            except StoreConfigError as exc:
-                log.critical("%s", exc)
-                raise
             except StoreError as exc:
-                delay = min(delay * 2, _OPEN_RETRY_MAX_S)
-                log.debug("%s still unreachable: %s", gate.name, exc)
+                log.debug("%s still not open: %s", gate.name, exc)
                 continue
-            log.warning("%s is reachable now", gate.name, extra={"event": "store_opened", "backend": gate.name})
+            log.warning("%s is open now", gate.name, extra={"event": "store_opened", "backend": gate.name})
+            await self.readiness.check()
             return
 
-    async def _purge_loop(self, gate: GatedStore) -> None:
+    async def _purge_loop(self, store: Store) -> None:
         while True:
             await asyncio.sleep(_PURGE_EVERY_S)
             try:
                 purged = _PURGE_CHUNK
                 while purged >= _PURGE_CHUNK:  # bounded chunks keep each statement short
-                    purged = await gate.purge_expired(_PURGE_CHUNK)
+                    purged = await store.purge_expired(_PURGE_CHUNK)
             except StoreError as exc:
                 log.debug("purge of expired messages skipped: %s", exc)
 
-    async def idle(self) -> None:
-        """Wait until background jobs are done and every queued write is durable."""
-        if self._queues is not None:
-            await self._queues.idle()
-        if self._writer is not None:
-            await self._writer.drained()
-
-    async def stop(self) -> None:
-        """Stop accepting calls, finish in-flight hooks, replays and writes, close."""
-        if self.readiness is not None:
-            await self.readiness.shutting_down()
-        if self._server is not None:
-            await self._server.stop(_SHUTDOWN_GRACE_S)
-        if self._queues is not None:
-            await self._queues.close(_SHUTDOWN_GRACE_S)
-        if self._logic is not None:
-            await self._logic.close()
-        if self._writer is not None:
-            await self._writer.close(_SHUTDOWN_GRACE_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._api is not None:
-            await self._api.close()
-        if self._gate is not None:
-            await self._gate.close()
-        if self.http is not None:
-            await self.http.stop()
-        log.info("stopped", extra={"event": "stopped", **self.metrics.summary()})
+    def _log_started(self, backend: str, tracked: TopicSet) -> None:
+        svc = self.config.service
+        log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
+                 svc.listen.host, self.port, ", TLS" if svc.ssl.enable else "", backend,
+                 ", ".join(tracked.filters) or "-")

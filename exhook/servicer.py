@@ -1,15 +1,24 @@
-"""Thin adapters from the two ExHook proto packages to ``HookLogic``.
+"""Where hook calls enter: the two ExHook proto packages, mapped onto ``HookLogic``.
 
 ``emqx.exhook.v3`` (EMQX 5.9+) and ``emqx.exhook.v2`` (EMQX 5.0-5.8) have the same
 RPCs; v3 additionally shows a published message's MQTT 5 user properties, which is
-how a replay is recognised there. Hooks the service does not register are answered
+how a replay is recognised there. Every call passes one gate before its hook runs:
+the caller's address (``exhook.allowed_clients``), a request that decodes, and a
+request that can be right (``exhook.validate``). A call that fails the gate is
+answered at once, without touching the store: ``message.publish`` with IGNORE (the
+broker publishes the message unchanged, it is not stored), every other hook (whose
+answer the broker ignores) with INVALID_ARGUMENT or PERMISSION_DENIED. Each such
+call is counted in ``requests_rejected_total{hook,reason}`` and logged as one line
+per hook and reason per minute. Hooks the service does not register are answered
 with an empty success in case a broker calls them anyway.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -17,46 +26,176 @@ import grpc
 
 from exhook.emqx_api import REPLAY_PROPERTY
 from exhook.hooks import ClientRef, HookLogic
-from exhook.metrics import Metrics
+from exhook.metrics import HOOK_OF_RPC, Metrics
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
-from exhook.pb.v2 import exhook_pb2_grpc as v2_grpc
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
-from exhook.pb.v3 import exhook_pb2_grpc as v3_grpc
+from exhook.validate import (
+    acked_problem,
+    client_hook_problem,
+    publish_problem,
+    subscribed_problem,
+    unsubscribed_problem,
+)
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Ctx], Awaitable[Any]]
 
-_UNUSED_RPCS = (
-    "OnProviderUnloaded", "OnClientConnect", "OnClientConnack", "OnClientDisconnected",
-    "OnClientSubscribe", "OnClientUnsubscribe", "OnSessionDiscarded",
-    "OnSessionTakenover", "OnSessionTerminated", "OnMessageDelivered", "OnMessageDropped",
-)
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "OnMessagePublish": publish_problem,
+    "OnMessageAcked": acked_problem,
+    "OnSessionSubscribed": subscribed_problem,
+    "OnSessionUnsubscribed": unsubscribed_problem,
+    "OnSessionCreated": client_hook_problem,
+    "OnSessionResumed": client_hook_problem,
+    "OnClientConnected": client_hook_problem,
+}
+_REJECT_LOG_EVERY_S = 60.0
+_PEER_CACHE_MAX = 4096
+
+
+class _Undecodable:
+    """Stands for a request whose bytes are not the message they should be."""
+
+
+UNDECODABLE = _Undecodable()
 
 
 def _client(info: Any) -> ClientRef:
     return ClientRef(info.clientid, info.node, info.peerhost, info.peerport)
 
 
-class _HookProvider:
-    """Shared body of both servicers; ``pb`` is the package's generated module."""
+class PeerFilter:
+    """``exhook.allowed_clients``: may this caller use the port? (An answer per
+    peer address is cached: the broker keeps a few long-lived connections.)"""
 
-    pb: ModuleType
-    is_v2: bool
+    def __init__(self, blocks: tuple[str, ...]) -> None:
+        self._networks = [ipaddress.ip_network(b) for b in blocks]
+        self._seen: dict[str, bool] = {}
 
-    def __init__(self, logic: HookLogic, metrics: Metrics) -> None:
+    def allows(self, peer: str) -> bool:
+        if not self._networks:
+            return True
+        allowed = self._seen.get(peer)
+        if allowed is None:
+            allowed = self._check(peer)
+            if len(self._seen) >= _PEER_CACHE_MAX:
+                self._seen.clear()
+            self._seen[peer] = allowed
+        return allowed
+
+    def _check(self, peer: str) -> bool:
+        # grpc's peer: "ipv4:10.1.2.3:5678", "ipv6:[::1]:5678", "unix:/path"
+        kind, _, rest = peer.partition(":")
+        if kind == "ipv4":
+            host = rest.rsplit(":", 1)[0]
+        elif kind == "ipv6":
+            host = rest.rsplit("]", 1)[0].lstrip("[").split("%", 1)[0]
+        else:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+
+class RejectLog:
+    """One line per (hook, reason) per minute, with how many calls it stands for."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def note(self, hook: str, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        last, skipped = self._last.get((hook, reason), (-_REJECT_LOG_EVERY_S, 0))
+        if now - last < _REJECT_LOG_EVERY_S:
+            self._last[(hook, reason)] = (last, skipped + 1)
+            return
+        self._last[(hook, reason)] = (now, 0)
+        log.warning("%s request rejected: %s", hook, reason,
+                    extra={"event": "request_rejected", "hook": hook, "reason": reason, "detail": detail,
+                           "rejected_since_last_line": skipped + 1})
+
+
+class HookProvider:
+    """The body of both packages' servicers; ``pb`` is the package's generated module."""
+
+    def __init__(self, pb: ModuleType, logic: HookLogic, metrics: Metrics, peers: PeerFilter,
+                 rejects: RejectLog) -> None:
+        self.pb = pb
+        self.is_v2 = pb is v2_pb2
         self._logic = logic
+        self._metrics = metrics
         self._calls = metrics.hook_calls
         self._publish_latency = metrics.publish_latency
-        self._empty = self.pb.EmptySuccess()
+        self._peers = peers
+        self._rejects = rejects
+        self._empty = pb.EmptySuccess()
         # Never change the message: IGNORE leaves it untouched and sends no payload back.
-        self._ignore = self.pb.ValuedResponse(type=self.pb.ValuedResponse.IGNORE)
+        self._ignore = pb.ValuedResponse(type=pb.ValuedResponse.IGNORE)
+        self._hooks: dict[str, Handler] = {
+            "OnProviderLoaded": self._provider_loaded,
+            "OnMessagePublish": self._message_publish,
+            "OnMessageAcked": self._message_acked,
+            "OnSessionSubscribed": self._session_subscribed,
+            "OnSessionUnsubscribed": self._session_unsubscribed,
+            "OnSessionCreated": self._session_created,
+            "OnSessionResumed": self._session_resumed,
+            "OnClientConnected": self._client_connected,
+        }
 
+    # -- the gate every call passes -------------------------------------------------------
+    def handler(self, rpc: str) -> Handler:
+        hook = HOOK_OF_RPC[rpc]
+        check = _CHECKS.get(rpc)
+        body = self._hooks.get(rpc, self._unused(rpc))
+        valued = rpc in ("OnMessagePublish", "OnClientAuthenticate", "OnClientAuthorize")
+
+        async def gate(request: Any, context: Ctx) -> Any:
+            # looked up per call: a hook's counter appears at its first call (Metrics.hook_calls)
+            self._calls[rpc].inc()
+            if not self._peers.allows(context.peer()):
+                return self._reject(context, hook, "not_allowed", grpc.StatusCode.PERMISSION_DENIED,
+                                    context.peer(), valued)
+            if request is UNDECODABLE:
+                return self._reject(context, hook, "undecodable", grpc.StatusCode.INVALID_ARGUMENT,
+                                    "the request does not decode", valued)
+            problem = check(request) if check is not None else None
+            if problem is not None:
+                return self._reject(context, hook, problem, grpc.StatusCode.INVALID_ARGUMENT, _summary(request),
+                                    valued)
+            return await body(request, context)
+
+        return gate
+
+    def _reject(self, context: Ctx, hook: str, reason: str, code: grpc.StatusCode, detail: str,
+                valued: bool) -> Any:
+        self._metrics.request_rejected(hook, reason)
+        self._rejects.note(hook, reason, detail)
+        if valued:
+            # the broker uses this answer: IGNORE lets the message (or client) pass unchanged
+            return self._ignore
+        context.set_code(code)
+        context.set_details(f"offline-exhook: {reason}")
+        return self._empty
+
+    def _unused(self, rpc: str) -> Handler:
+        answer = self._ignore if rpc in ("OnClientAuthenticate", "OnClientAuthorize") else self._empty
+
+        async def unused(request: Any, context: Ctx) -> Any:
+            return answer
+
+        return unused
+
+    # -- the hooks ---------------------------------------------------------------------------
     def _seen(self) -> None:
         if self.is_v2:
             self._logic.flags.v2_seen = True
 
-    async def OnProviderLoaded(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnProviderLoaded"].inc()
+    async def _provider_loaded(self, request: Any, context: Ctx) -> Any:
         self._seen()
         specs = self._logic.hook_specs()
         log.info("broker loaded this provider", extra={
@@ -66,8 +205,7 @@ class _HookProvider:
             "hooks": ",".join(name for name, _ in specs) or "none (no topics configured)"})
         return self.pb.LoadedResponse(hooks=[self.pb.HookSpec(name=n, topics=t) for n, t in specs])
 
-    async def OnMessagePublish(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnMessagePublish"].inc()
+    async def _message_publish(self, request: Any, context: Ctx) -> Any:
         started = time.perf_counter()
         msg = request.message
         sender = getattr(msg, "from")
@@ -85,72 +223,77 @@ class _HookProvider:
         self._publish_latency.observe(time.perf_counter() - started)
         return self._ignore
 
-    async def OnMessageAcked(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnMessageAcked"].inc()
+    async def _message_acked(self, request: Any, context: Ctx) -> Any:
         msg = request.message
         self._logic.message_acked(msg.id, getattr(msg, "from"), msg.topic)
         return self._empty
 
-    async def OnSessionSubscribed(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnSessionSubscribed"].inc()
+    async def _session_subscribed(self, request: Any, context: Ctx) -> Any:
         self._seen()
         self._logic.session_subscribed(_client(request.clientinfo), request.topic, request.subopts.qos)
         return self._empty
 
-    async def OnSessionUnsubscribed(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnSessionUnsubscribed"].inc()
+    async def _session_unsubscribed(self, request: Any, context: Ctx) -> Any:
         self._logic.session_unsubscribed(_client(request.clientinfo), request.topic)
         return self._empty
 
-    async def OnSessionCreated(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnSessionCreated"].inc()
+    async def _session_created(self, request: Any, context: Ctx) -> Any:
         self._seen()
         self._logic.session_created(_client(request.clientinfo))
         return self._empty
 
-    async def OnSessionResumed(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnSessionResumed"].inc()
+    async def _session_resumed(self, request: Any, context: Ctx) -> Any:
         self._logic.session_resumed(_client(request.clientinfo))
         return self._empty
 
-    async def OnClientConnected(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnClientConnected"].inc()
+    async def _client_connected(self, request: Any, context: Ctx) -> Any:
         self._seen()
         self._logic.client_connected(_client(request.clientinfo))
         return self._empty
 
-    async def OnClientAuthenticate(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnClientAuthenticate"].inc()
-        return self._ignore
 
-    async def OnClientAuthorize(self, request: Any, context: Ctx) -> Any:
-        self._calls["OnClientAuthorize"].inc()
-        return self._ignore
-
-
-
-def _unused(rpc: str) -> Any:
-    async def answer(self: _HookProvider, request: Any, context: Ctx) -> Any:
-        self._calls[rpc].inc()
-        return self._empty
-
-    return answer
+def _summary(request: Any) -> str:
+    """What identifies a rejected request in its log line (never a payload)."""
+    msg = getattr(request, "message", None)
+    info = getattr(request, "clientinfo", None)
+    parts = []
+    if msg is not None:
+        parts += [f"id={msg.id[:40]!r}", f"qos={msg.qos}", f"timestamp={msg.timestamp}", f"topic={msg.topic[:100]!r}"]
+    if info is not None:
+        parts.append(f"clientid={info.clientid[:100]!r}")
+    topic = getattr(request, "topic", None)
+    if isinstance(topic, str):
+        parts.append(f"filter={topic[:100]!r}")
+    return " ".join(parts)
 
 
-for _name in _UNUSED_RPCS:
-    setattr(_HookProvider, _name, _unused(_name))
+def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: grpc would log a traceback and
+    answer UNKNOWN; the gate answers INVALID_ARGUMENT instead."""
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception:  # protobuf's DecodeError, or anything a hostile payload provokes
+            return UNDECODABLE
+
+    return deserialize
 
 
-class HookProviderV3(_HookProvider, v3_grpc.HookProviderServicer):  # type: ignore[misc]
-    pb = v3_pb2
-    is_v2 = False
-
-
-class HookProviderV2(_HookProvider, v2_grpc.HookProviderServicer):  # type: ignore[misc]
-    pb = v2_pb2
-    is_v2 = True
-
-
-def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics) -> None:
-    v3_grpc.add_HookProviderServicer_to_server(HookProviderV3(logic, metrics), server)
-    v2_grpc.add_HookProviderServicer_to_server(HookProviderV2(logic, metrics), server)
+def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
+                  allowed_clients: tuple[str, ...] = ()) -> None:
+    peers = PeerFilter(allowed_clients)
+    rejects = RejectLog()
+    for pb in (v3_pb2, v2_pb2):
+        provider = HookProvider(pb, logic, metrics, peers, rejects)
+        service = pb.DESCRIPTOR.services_by_name["HookProvider"]
+        handlers = {
+            method.name: grpc.unary_unary_rpc_method_handler(
+                provider.handler(method.name),
+                request_deserializer=_tolerant(getattr(pb, method.input_type.name).FromString),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+            for method in service.methods
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind)
+        server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]

@@ -1,29 +1,13 @@
-"""TLS from the config: client contexts for the ``ssl { }`` blocks of outgoing
-connections, and server credentials for the gRPC listener."""
+"""TLS of the gRPC listener EMQX connects to. (Client contexts for outgoing
+connections are built by ``storage.tls.client_context``.)"""
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 import grpc
 
-from exhook.config import ServerTlsConfig, SslOptions
-
-
-def client_ssl_context(opts: SslOptions) -> ssl.SSLContext:
-    """A client context honouring verify, CA, client certificate and SNI.
-
-    ``server_name_indication`` is applied by the caller where its library takes a
-    server hostname; with ``verify`` off neither the chain nor the name is checked.
-    """
-    ctx = ssl.create_default_context(cafile=opts.cacertfile or None)
-    if not opts.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if opts.certfile:
-        ctx.load_cert_chain(opts.certfile, opts.keyfile or None)
-    return ctx
+from exhook.config import ServerTlsConfig
 
 
 def grpc_server_credentials(opts: ServerTlsConfig) -> grpc.ServerCredentials:

@@ -13,12 +13,45 @@ from storage.model import PendingReplay, StoredMessage, Subscription, WriteOp
 
 
 class StoreError(Exception):
-    """A backend operation failed (connection lost, timeout, server error)."""
+    """A backend operation failed. ``retryable``: trying again may succeed (connection
+    lost, timeout, deadlock, a read-only replica, the server restarting)."""
+
+    retryable = True
 
 
 class StoreConfigError(StoreError):
     """The backend is reachable but unusable as configured (missing table, ACL,
     bad credentials). Raised by ``open`` with one line naming the cause."""
+
+    retryable = False
+
+
+# Why a store refuses an op for good (the ``reason`` label of writes_rejected_total).
+REJECT_REASONS = (
+    "too_long",  # a value longer than its column (MySQL 1406, a varchar clientid or topic)
+    "out_of_range",  # a number its column cannot hold (MySQL 1264, SQLite's 64-bit integers)
+    "invalid_value",  # a value the column type refuses (MySQL 1292/1366, bad UTF-8)
+    "constraint",  # NOT NULL, CHECK, foreign or unique key of the operator's schema
+    "too_large",  # a payload beyond the column, the packet or the server's limit
+    "invalid_id",  # a message id the key layout cannot hold (Redis: not a broker GUID)
+    "wrong_type",  # the key exists with another type (Redis WRONGTYPE)
+    "refused",  # any other refusal the server says is about this op's data
+)
+
+
+class WriteRejected(StoreError):
+    """The store refuses one op for good: trying it again cannot help, and the other
+    ops of its batch must still be written. ``index``: which op of the batch passed
+    to ``write`` it is, when the backend knows (else the caller finds it by splitting
+    the batch). ``reason`` is one of ``REJECT_REASONS``; ``detail`` the server's words."""
+
+    retryable = False
+
+    def __init__(self, reason: str, detail: str, index: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason if reason in REJECT_REASONS else "refused"
+        self.detail = detail
+        self.index = index
 
 
 # How long replay bookkeeping lives in the store. A connection's replay marks
@@ -49,6 +82,9 @@ class Store(abc.ABC):
 
         Returns once every op is durable. On failure nothing may be reported as
         written: the caller retries the whole batch, so every op is idempotent.
+        ``WriteRejected`` means one op can never be written (the caller sets it aside
+        and writes the rest); a backend checks what it can before the first round
+        trip and then names the op by ``index``.
         """
 
     # -- subscriptions --------------------------------------------------------
@@ -81,17 +117,11 @@ class Store(abc.ABC):
         (``low`` None = from the start), merged across topics in position order,
         yielded in pages of at most ``page_size``."""
 
+    @abc.abstractmethod
     async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
         """Number of stored, unexpired messages per topic (topics with none are
-        left out), for operators (``offline-exhook messages``/``purge``). This
-        default reads every message; backends override it with a count that reads
-        no payload."""
-        highs = await self.latest_positions(topics)
-        counts: dict[str, int] = {}
-        async for page in self.read_messages({t: (None, high) for t, high in highs.items()}, 1000):
-            for msg in page:
-                counts[msg.topic] = counts.get(msg.topic, 0) + 1
-        return counts
+        left out), for operators (``offline-exhook messages``/``purge``), without
+        reading payloads."""
 
     # -- replay bookkeeping (shared by all instances through the store) --------
     @abc.abstractmethod
@@ -116,11 +146,11 @@ class Store(abc.ABC):
         """Pop the original id of a pending replay with this topic and payload
         digest, or None if this publish is not one of ours."""
 
+    @abc.abstractmethod
     async def purge_expired(self, limit: int) -> int:
-        """Delete at most ``limit`` messages older than ``message_ttl``; return how
-        many were deleted. Backends whose data expires by itself return 0."""
-        return 0
+        """Delete at most ``limit`` messages older than ``message_ttl`` (and expired
+        replay bookkeeping); return how many messages were deleted."""
 
+    @abc.abstractmethod
     async def ping(self) -> None:
-        """Cheap liveness check (used after failures to decide recovery)."""
-        await self.latest_positions([])
+        """Cheap liveness check (readiness)."""

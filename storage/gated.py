@@ -1,109 +1,97 @@
 """A store that may not be reachable yet.
 
 The service starts even when its database is down (the broker must still get
-answers): until ``open`` has succeeded, every call fails fast with ``StoreError``,
-which the writer and the background jobs already retry. Every failed operation is
-also reported to ``on_failure`` (the service counts them by operation).
+answers): until ``open`` has succeeded, every operation fails fast with
+``StoreError`` naming why the last open failed, which the writer and the background
+jobs already retry. Every failed operation is also reported to ``on_failure`` (the
+service counts them by operation).
+
+The gate forwards every operation of the ``Store`` interface by name, so a new
+store method needs no change here.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
-from exhook.errors import first_line
 from storage.base import Store, StoreError
-from storage.model import PendingReplay, StoredMessage, Subscription, WriteOp
-
-T = TypeVar("T")
+from storage.errors import first_line
 
 
-class GatedStore(Store):
+class StoreNotOpen(StoreError):
+    """The store has not been opened yet; the text says why the last try failed."""
+
+
+# Operations not reported as failures: readiness reports a failing ping itself.
+_UNCOUNTED = frozenset({"ping"})
+_OPERATIONS = frozenset(Store.__abstractmethods__) - {"open", "close"}
+
+
+class GatedStore:
     def __init__(self, inner: Store, on_failure: Callable[[str], None] = lambda operation: None) -> None:
         self.inner = inner
-        self._on_failure = on_failure
         self.name = inner.name
         self.is_open = False
-        self._open_error = ""
+        self.open_error = ""
+        self._on_failure = on_failure
 
-    def _check(self) -> Store:
-        if not self.is_open:
-            why = f" ({self._open_error})" if self._open_error else ""
-            raise StoreError(f"{self.name} is not connected yet{why}")
-        return self.inner
+    @property
+    def store(self) -> Store:
+        """This gate seen as the ``Store`` it forwards to (what the service uses)."""
+        return cast(Store, self)
 
     async def open(self) -> None:
         try:
             await self.inner.open()
         except StoreError as exc:
             # readiness and every failing call then say why, not only "not connected"
-            self._open_error = first_line(exc)
+            self.open_error = first_line(exc)
             raise
         self.is_open = True
-        self._open_error = ""
+        self.open_error = ""
 
     async def close(self) -> None:
         self.is_open = False
         await self.inner.close()
 
-    async def _call(self, operation: str, call: Callable[[Store], Awaitable[T]]) -> T:
-        try:
-            return await call(self._check())
-        except StoreError:
-            self._on_failure(operation)
-            raise
+    def _check(self) -> Store:
+        if not self.is_open:
+            why = f" ({self.open_error})" if self.open_error else ""
+            raise StoreNotOpen(f"{self.name} is not connected yet{why}")
+        return self.inner
 
-    async def write(self, ops: Sequence[WriteOp]) -> None:
-        await self._call("write", lambda s: s.write(ops))
+    def __getattr__(self, operation: str) -> Any:
+        if operation not in _OPERATIONS:
+            return getattr(self.inner, operation)
+        counted = operation not in _UNCOUNTED
+        if inspect.iscoroutinefunction(getattr(Store, operation)):
+            return self._gated_call(operation, counted)
+        return self._gated_pages(operation, counted)  # read_messages: an async iterator
 
-    async def save_subscription(self, clientid: str, topic: str, qos: int) -> None:
-        await self._call("save_subscription", lambda s: s.save_subscription(clientid, topic, qos))
+    def _gated_call(self, operation: str, counted: bool) -> Callable[..., Any]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await getattr(self._check(), operation)(*args, **kwargs)
+            except StoreError:
+                if counted:
+                    self._on_failure(operation)
+                raise
 
-    async def delete_subscription(self, clientid: str, topic: str) -> None:
-        await self._call("delete_subscription", lambda s: s.delete_subscription(clientid, topic))
+        return call
 
-    async def subscriptions(self, clientid: str) -> list[Subscription]:
-        return await self._call("subscriptions", lambda s: s.subscriptions(clientid))
+    def _gated_pages(self, operation: str, counted: bool) -> Callable[..., AsyncIterator[Any]]:
+        async def pages(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            inner_pages = getattr(self._check(), operation)(*args, **kwargs)
+            try:
+                async for page in inner_pages:
+                    yield page
+            except StoreError:
+                if counted:
+                    self._on_failure(operation)
+                raise
+            finally:
+                await inner_pages.aclose()
 
-    async def stored_topics(self, pattern_prefix: str) -> list[str]:
-        return await self._call("stored_topics", lambda s: s.stored_topics(pattern_prefix))
-
-    async def latest_positions(self, topics: Sequence[str]) -> dict[str, float]:
-        return await self._call("latest_positions", lambda s: s.latest_positions(topics))
-
-    async def read_messages(
-        self, ranges: dict[str, tuple[float | None, float]], page_size: int
-    ) -> AsyncIterator[list[StoredMessage]]:
-        pages = self._check().read_messages(ranges, page_size)
-        try:
-            async for page in pages:
-                yield page
-        except StoreError:
-            self._on_failure("read_messages")
-            raise
-        finally:
-            aclose = getattr(pages, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def count_messages(self, topics: Sequence[str]) -> dict[str, int]:
-        return await self._call("count_messages", lambda s: s.count_messages(topics))
-
-    async def claim_replay(self, connection: str, highs: dict[str, float]) -> dict[str, float | None]:
-        return await self._call("claim_replay", lambda s: s.claim_replay(connection, highs))
-
-    async def reset_replay_marks(self, connection: str) -> None:
-        await self._call("reset_replay_marks", lambda s: s.reset_replay_marks(connection))
-
-    async def register_pending_replays(self, items: Sequence[PendingReplay]) -> None:
-        await self._call("register_pending_replays", lambda s: s.register_pending_replays(items))
-
-    async def take_pending_replay(self, topic: str, digest: str) -> str | None:
-        return await self._call("take_pending_replay", lambda s: s.take_pending_replay(topic, digest))
-
-    async def purge_expired(self, limit: int) -> int:
-        return await self._call("purge_expired", lambda s: s.purge_expired(limit))
-
-    async def ping(self) -> None:
-        # not counted as a failure: readiness reports a failing ping (backend_up)
-        await self._check().ping()
+        return pages

@@ -60,7 +60,22 @@ class RekeyMessage:
     topic: str
 
 
-WriteOp = SaveMessage | DeleteMessage | RekeyMessage
+@dataclass(slots=True, frozen=True)
+class DropPendingReplay:
+    """Remove one entry of the v2 pending-replay registry (``register_pending_replays``).
+
+    The instance that published a replay recognises it in memory when it comes back
+    through ``message.publish`` and answers at once, without a store round trip; the
+    registry entry (kept for a replay that comes back to another instance) is then
+    removed in the background, so it can never claim an unrelated publish.
+    """
+
+    topic: str
+    digest: str
+    msgid: str
+
+
+WriteOp = SaveMessage | DeleteMessage | RekeyMessage | DropPendingReplay
 
 
 @dataclass(slots=True, frozen=True)

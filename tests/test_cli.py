@@ -24,7 +24,7 @@ def write_config(tmp_path: Path, port: int, workers: int) -> Path:
     # the HTTP port on a free loopback port too: services of parallel tests must not collide
     cfg.write_text(
         f'exhook {{ listen = "127.0.0.1:{port}", workers = {workers}, http {{ listen = "127.0.0.1:{free_port()}" }}, '
-        f'emqx {{ api_key = "k", api_secret = "very-secret-value" }} }}\n'
+        f'emqx {{ api_key = "k", api_secret = "very-secret-value" }}, spool.path = "{tmp_path}/spool.sqlite3" }}\n'
         f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}\n'
     )
     return cfg
@@ -102,15 +102,16 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
 
 
 def test_workers_that_cannot_start_stop_the_service(tmp_path: Path) -> None:
-    # an unusable SQLite path makes the workers fail at start-up: the service exits, it does not linger
+    # an unusable spool path makes the workers fail at start-up: the service exits, it does not linger
+    # (an unusable store does not: the service answers and retries it, see tests/e2e/test_health.py)
     cfg = tmp_path / "broken.hocon"
     cfg.write_text(f'exhook {{ listen = "127.0.0.1:{free_port()}", workers = 2, '
-                   f'http {{ listen = "127.0.0.1:{free_port()}" }} }}\n'
-                   f'sqlite {{ enable = true, path = "/proc/self/no/such/db.sqlite3", topics = ["t/#"] }}\n')
+                   f'http {{ listen = "127.0.0.1:{free_port()}" }}, spool.path = "/proc/self/no/such/spool" }}\n'
+                   f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n')
     proc = subprocess.run([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "sqlite" in proc.stderr.lower()
+    assert "exhook.spool.path" in proc.stderr
 
 
 def test_a_worker_that_dies_stops_the_others(tmp_path: Path) -> None:

@@ -1,17 +1,61 @@
+"""ExpiringKeys and ExpiringMap: O(1) bounded per-client state (issue 10 item 6, issue 14)."""
+
 from __future__ import annotations
 
-from exhook.expiring import ExpiringMap
+from exhook.expiring import ExpiringKeys, ExpiringMap
 
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 100.0
+        self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
 
 
-def test_a_value_is_taken_once_while_it_lives() -> None:
+def test_a_key_is_found_once_within_its_ttl_and_not_after() -> None:
+    clock = Clock()
+    keys = ExpiringKeys(60, 100, clock)
+    keys.add("a")
+    keys.add("b")
+    clock.now += 30
+    assert keys.pop("a") and not keys.pop("a")
+    clock.now += 31
+    assert not keys.pop("b")
+    assert len(keys) == 0
+
+
+def test_size_stays_bounded_by_dropping_the_oldest() -> None:
+    clock = Clock()
+    keys = ExpiringKeys(60, 1000, clock)
+    for i in range(50_000):
+        keys.add(f"c{i}")
+    assert len(keys) == 1000
+    assert not keys.pop("c0") and keys.pop("c49999")
+
+
+def test_adding_again_renews_a_key() -> None:
+    clock = Clock()
+    keys = ExpiringKeys(60, 10, clock)
+    keys.add("a")
+    clock.now += 50
+    keys.add("b")
+    keys.add("a")
+    clock.now += 20  # "a" renewed 20 s ago, "b" too; the first "a" would be 70 s old
+    assert keys.pop("a") and keys.pop("b")
+
+
+def test_expired_keys_are_dropped_as_time_passes_even_without_pops() -> None:
+    clock = Clock()
+    keys = ExpiringKeys(60, 10_000, clock)
+    for i in range(100):
+        keys.add(f"old{i}")
+    clock.now += 61
+    keys.add("new")
+    assert len(keys) == 1
+
+
+def test_map_a_value_is_taken_once_while_it_lives() -> None:
     clock = Clock()
     m: ExpiringMap[str, str] = ExpiringMap(10, 100, clock)
     m.put("c1", "conn-a")
@@ -20,7 +64,7 @@ def test_a_value_is_taken_once_while_it_lives() -> None:
     assert m.pop("c1") is None
 
 
-def test_an_expired_value_is_gone() -> None:
+def test_map_an_expired_value_is_gone() -> None:
     clock = Clock()
     m: ExpiringMap[str, str] = ExpiringMap(10, 100, clock)
     m.put("c1", "conn-a")
@@ -28,7 +72,7 @@ def test_an_expired_value_is_gone() -> None:
     assert m.pop("c1") is None
 
 
-def test_expired_entries_are_dropped_when_new_ones_come_so_the_map_does_not_grow() -> None:
+def test_map_expired_entries_are_dropped_when_new_ones_come_so_the_map_does_not_grow() -> None:
     clock = Clock()
     m: ExpiringMap[str, int] = ExpiringMap(10, 1000, clock)
     for i in range(50):
@@ -38,7 +82,7 @@ def test_expired_entries_are_dropped_when_new_ones_come_so_the_map_does_not_grow
     assert len(m) == 1
 
 
-def test_bounded_the_oldest_goes_first_and_a_put_again_makes_an_entry_young() -> None:
+def test_map_bounded_the_oldest_goes_first_and_a_put_again_makes_an_entry_young() -> None:
     clock = Clock()
     m: ExpiringMap[str, int] = ExpiringMap(60, 3, clock)
     for key in ("a", "b", "c"):

@@ -78,3 +78,20 @@ def test_setup_logging_installs_one_masking_handler(restore_root_logger: None,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["msg"] == f"connecting with {MASK}"
+
+
+def test_the_api_secret_is_masked_in_every_form_it_travels() -> None:
+    import base64
+
+    from exhook.config import config_secrets, load_config_string
+
+    cfg = load_config_string('sqlite { enable = true }\nexhook.emqx { api_key = "ops", api_secret = "' + SECRET + '" }')
+    token = base64.b64encode(f"ops:{SECRET}".encode()).decode()
+    redact = redactor(config_secrets(cfg))
+    echoed = (f'400 {{"message": "bad", "headers": {{"Authorization": "Basic {token}"}}}} '
+              f"raw={token} url=http://ops:{SECRET}@emqx authorization: bearer abcdefghijklmnop")
+    masked = redact(echoed)
+    assert SECRET not in masked and token not in masked and "abcdefghijklmnop" not in masked
+    assert masked.count(MASK) == 4
+    # a word that merely follows "basic" is left alone when it cannot be a credential
+    assert redact("basic auth failed") == "basic auth failed"

@@ -24,7 +24,7 @@ def test_http_port_in_use_stops_start_up_with_one_line_naming_the_field(tmp_path
         port = taken.getsockname()[1]
         cfg = tmp_path / "c.hocon"
         cfg.write_text(f'exhook {{ listen = "127.0.0.1:{free_port()}", workers = 1, '
-                       f'http {{ listen = "127.0.0.1:{port}" }} }}\n'
+                       f'http {{ listen = "127.0.0.1:{port}" }}, spool.path = "{tmp_path}/spool" }}\n'
                        f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n')
         done = subprocess.run([sys.executable, "-m", "exhook", "--config", str(cfg)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
@@ -47,7 +47,9 @@ async def test_http_disabled_opens_no_port_and_interval_reaches_readiness(tmp_pa
     await service.start()
     try:
         assert service.http is None
-        assert service.readiness is not None and service.readiness.ready
+        assert service.readiness is not None
+        # ready but for EMQX's API, which no test server provides here
+        assert service.readiness.failing(exclude={"emqx_api"}) == []
         assert service.readiness.interval_s == 0.75
         async with aiohttp.ClientSession() as session:
             try:

@@ -1,154 +1,309 @@
-"""The ordered group-commit writer, against a recording store stand-in (the
-writer's contract is about ordering, batching and retries, not a backend)."""
+"""The ordered group-commit writer and its spool, against a recording store stand-in
+(the writer's contract is about ordering, batching, isolation of refused ops and
+durability through the spool, not a backend). The spool is a real file.
+
+No test waits for time to pass: the store stand-in blocks on events the test
+releases, and the tests wait for outcomes, not for sleeps."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from exhook.metrics import Metrics
-from exhook.writer import OrderedWriter, WriterClosed
-from storage.base import Store, StoreError
-from storage.gated import GatedStore
+from exhook.spool import Spool
+from exhook.writer import Entry, OrderedWriter, Outcome, WriterClosed, WriterSettings
+from storage.base import Store, StoreError, WriteRejected
 from storage.model import DeleteMessage, SaveMessage, StoredMessage, WriteOp
+from storage.retry import Backoff
 
 
 class RecordingStore:
+    """Records the batches it is given; ``gate`` holds writes until set; ``down``
+    fails every write; ``refuse`` names msgids it refuses for good (with their
+    index when ``tell_index``); ``crash_on`` makes it raise a plain TypeError."""
+
     name = "recording"
 
     def __init__(self) -> None:
         self.batches: list[list[WriteOp]] = []
-        self.fail_next = 0
         self.gate: asyncio.Event | None = None
+        self.down = False
+        self.refuse: set[str] = set()
+        self.tell_index = False
+        self.crash_on: set[str] = set()
+        self.calls = 0
+        self.called = asyncio.Event()
 
     async def write(self, ops: Sequence[WriteOp]) -> None:
+        self.calls += 1
+        self.called.set()
         if self.gate is not None:
             await self.gate.wait()
-        if self.fail_next:
-            self.fail_next -= 1
+        if self.down:
             raise StoreError("down")
+        for i, op in enumerate(ops):
+            msgid = op.message.msgid if isinstance(op, SaveMessage) else getattr(op, "msgid", "")
+            if msgid in self.refuse:
+                raise WriteRejected("too_long", f"{msgid} does not fit", i if self.tell_index else None)
+            if msgid in self.crash_on:
+                raise TypeError("a driver bug")
         self.batches.append(list(ops))
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StoreError("down")
+
+    @property
+    def written(self) -> list[WriteOp]:
+        return [op for batch in self.batches for op in batch]
+
+
+def msgid(i: int) -> str:
+    return f"{i:032X}"
 
 
 def save(i: int) -> SaveMessage:
-    return SaveMessage(StoredMessage(f"{i:032X}", "c", "t", 1, False, b"p", 0))
+    return SaveMessage(StoredMessage(msgid(i), "c", "t", 1, False, b"p" * 10, 0))
 
 
-def make(store: RecordingStore, batch_size: int = 10, max_pending: int = 100) -> OrderedWriter:
-    writer = OrderedWriter(cast(Store, store), Metrics(), batch_size, 0, max_pending)
-    writer.start()
-    return writer
+def delete(i: int) -> DeleteMessage:
+    return DeleteMessage(msgid(i), "t")
 
 
-async def test_concurrent_ops_share_round_trips_in_order() -> None:
+async def open_spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    return spool
+
+
+class Running:
+    """A writer with its loop running, and the spool under it."""
+
+    def __init__(self, store: RecordingStore, spool: Spool, batch_size: int = 10, max_pending: int = 1000,
+                 spool_max_bytes: int = 1 << 20) -> None:
+        self.store = store
+        self.spool = spool
+        self.metrics = Metrics()
+        self.health: list[tuple[bool, str]] = []
+        settings = WriterSettings(batch_size, max_pending, spool_max_bytes, backoff=Backoff(base=0.001, cap=0.002))
+        self.writer = OrderedWriter(cast(Store, store), spool, self.metrics, settings,
+                                    on_health=lambda ok, why: self.health.append((ok, why)))
+        self.task = asyncio.create_task(self.writer.run())
+
+    async def close(self) -> int:
+        lost = await self.writer.close(5)
+        await asyncio.gather(self.task, return_exceptions=True)  # it ends, or close cancels a hung write
+        return lost
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> Any:
+    spool = await open_spool(tmp_path)
+    yield spool
+    await spool.close()
+
+
+async def outcomes(entries: Sequence[Entry]) -> list[Outcome]:
+    await asyncio.gather(*(cast(asyncio.Future[Outcome], e.done) for e in entries))
+    return [cast(Outcome, e.outcome) for e in entries]
+
+
+async def test_ops_queued_during_a_write_share_the_next_round_trip_in_order(spool: Spool) -> None:
     store = RecordingStore()
     store.gate = asyncio.Event()
-    writer = make(store, batch_size=10)
-    futs = [writer.submit_nowait(save(i)) for i in range(25)]
+    w = Running(store, spool, batch_size=10)
+    entries = [w.writer.submit(save(0))]
+    await store.called.wait()  # the first op went out alone: nothing waited for company
+    entries += [w.writer.submit(save(i)) for i in range(1, 25)]
     store.gate.set()
-    await asyncio.gather(*cast(list[Any], futs))
-    assert [len(b) for b in store.batches] == [10, 10, 5]
-    flat = [op for batch in store.batches for op in batch]
-    assert flat == [save(i) for i in range(25)]
-    await writer.close(1)
+    assert await outcomes(entries) == [Outcome.STORED] * 25
+    assert [len(b) for b in store.batches] == [1, 10, 10, 4]
+    assert store.written == [save(i) for i in range(25)]
+    assert await w.close() == 0
 
 
-async def test_delete_never_overtakes_its_insert() -> None:
+async def test_a_delete_never_overtakes_its_insert(spool: Spool) -> None:
     store = RecordingStore()
-    writer = make(store, batch_size=3)
+    w = Running(store, spool, batch_size=3)
     ops: list[WriteOp] = []
     for i in range(10):
-        ops.append(save(i))
-        ops.append(DeleteMessage(f"{i:032X}", "t"))
-    futs = [writer.submit_nowait(op) for op in ops]
-    await asyncio.gather(*cast(list[Any], futs))
-    flat = [op for batch in store.batches for op in batch]
-    assert flat == ops
-    await writer.close(1)
+        ops += [save(i), delete(i)]
+    entries = [w.writer.submit(op) for op in ops]
+    await outcomes(entries)
+    assert store.written == ops
+    await w.close()
 
 
-async def test_failed_batch_is_retried_until_the_store_returns() -> None:
+async def test_a_refused_op_is_set_aside_and_the_rest_of_its_batch_is_written(spool: Spool) -> None:
+    for tell_index in (False, True):
+        store = RecordingStore()
+        store.refuse = {msgid(3), msgid(6)}
+        store.tell_index = tell_index
+        store.gate = asyncio.Event()
+        w = Running(store, spool, batch_size=10)
+        entries = [w.writer.submit(save(i)) for i in range(10)]
+        store.gate.set()
+        got = await outcomes(entries)
+        assert got == [Outcome.REJECTED if i in (3, 6) else Outcome.STORED for i in range(10)]
+        assert store.written == [save(i) for i in range(10) if i not in (3, 6)]
+        assert w.metrics.sample("writes_rejected_total", backend="recording", reason="too_long") == 2
+        kept = await spool.set_aside_rows(10)
+        assert [r.op for r in kept[:2]] == [save(6), save(3)] and kept[0].reason == "too_long"
+        await w.close()
+
+
+async def test_an_op_that_makes_the_store_crash_is_isolated_like_a_refusal(spool: Spool) -> None:
     store = RecordingStore()
-    store.fail_next = 3
-    metrics = Metrics()
-    gate = GatedStore(cast(Store, store), metrics.store_failure)  # as the service wires it
-    gate.is_open = True
-    writer = OrderedWriter(gate, metrics, 10, 0, 100)
-    writer.start()
-    fut = writer.submit_nowait(save(1))
-    assert fut is not None
-    await asyncio.wait_for(fut, 5)
-    assert store.batches == [[save(1)]]
-    assert metrics.sample("store_failures_total", operation="write") == 3
-    await writer.close(1)
+    store.crash_on = {msgid(2)}
+    store.gate = asyncio.Event()
+    w = Running(store, spool)
+    entries = [w.writer.submit(save(i)) for i in range(5)]
+    store.gate.set()
+    assert await outcomes(entries) == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 2
+    assert w.metrics.sample("writes_rejected_total", backend="recording", reason="refused") == 1
+    await w.close()
 
 
-async def test_full_buffer_refuses_then_applies_backpressure() -> None:
+async def test_a_failing_store_is_tried_again_until_a_caller_needs_its_answer(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool)
+    entry = w.writer.submit(save(0))
+    while store.calls < 3:  # tried again and again, nothing settled: the caller still waits
+        store.called.clear()
+        await store.called.wait()
+    assert entry.outcome is None and spool.count == 0
+    store.down = False
+    assert await outcomes([entry]) == [Outcome.STORED]
+    assert spool.count == 0 and w.health[0][0] is False and w.health[-1] == (True, "")
+    await w.close()
+
+
+async def test_a_failing_store_sends_writes_to_the_spool_and_gets_them_back_in_order(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool, batch_size=4)
+    ops: list[WriteOp] = [save(0), save(1), delete(0), save(2), save(3), delete(3), save(4)]
+    entries = [w.writer.submit(op) for op in ops]
+    await store.called.wait()
+    await w.writer.spill(entries[-1])  # the last caller's deadline is near: everything before it goes too
+    assert await outcomes(entries) == [Outcome.SPOOLED] * len(ops)
+    assert spool.count == len(ops) and w.writer.spooling
+    assert "store writes failing" in w.writer.problem() or "spool draining" in w.writer.problem()
+    assert w.health[0][0] is False
+    later = w.writer.submit(save(5))  # spooled behind the others, not written around them
+    assert await outcomes([later]) == [Outcome.SPOOLED]
+    store.down = False
+    await w.writer.drained()
+    assert store.written == [*ops, save(5)]
+    assert spool.count == 0 and not w.writer.spooling and w.writer.problem() == ""
+    assert w.health[-1] == (True, "")
+    assert w.metrics.sample("spool_drained_total") == len(ops) + 1
+    after = w.writer.submit(save(6))  # direct again
+    assert await outcomes([after]) == [Outcome.STORED]
+    await w.close()
+
+
+async def test_spill_makes_a_waiting_op_durable_while_the_store_hangs(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # the store does not answer
+    w = Running(store, spool, batch_size=2)
+    first = [w.writer.submit(save(0)), w.writer.submit(save(1))]
+    await store.called.wait()
+    queued = w.writer.submit(save(2))
+    await w.writer.spill(queued)  # the caller's deadline is near
+    assert [e.outcome for e in [*first, queued]] == [Outcome.SPOOLED] * 3
+    assert [s.op for s in await spool.head(10)] == [save(0), save(1), save(2)]  # in flight first
+    store.gate.set()  # the hung write lands after all; the spool repeats it harmlessly
+    await w.writer.drained()
+    assert store.written == [save(0), save(1), save(0), save(1), save(2)]
+    await w.close()
+
+
+async def test_a_full_spool_refuses_messages_but_keeps_acks(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool, spool_max_bytes=400)
+    saves = [w.writer.submit(save(i)) for i in range(6)]
+    acks = [w.writer.submit(delete(i)) for i in range(6)]
+    await w.writer.spill(acks[-1])
+    got = await outcomes(saves)
+    assert Outcome.SPOOLED in got and Outcome.REFUSED in got
+    assert got == sorted(got, key=lambda o: o is Outcome.REFUSED)  # the first ones fit, then none
+    assert await outcomes(acks) == [Outcome.SPOOLED] * 6
+    store.down = False
+    await w.writer.drained()
+    stored = [op for op in store.written if isinstance(op, SaveMessage)]
+    assert len(stored) == got.count(Outcome.SPOOLED)
+    await w.close()
+
+
+async def test_too_many_queued_ops_go_to_the_spool_instead_of_memory(spool: Spool) -> None:
     store = RecordingStore()
     store.gate = asyncio.Event()
-    writer = make(store, batch_size=2, max_pending=4)
-    accepted = [writer.submit_nowait(save(i)) for i in range(6)]
-    assert [f is not None for f in accepted] == [True] * 4 + [False] * 2
-    await asyncio.sleep(0)  # the writer takes one batch (2 ops) and blocks on the gate
-    assert writer.submit_nowait(save(4)) is not None
-    assert writer.submit_nowait(save(5)) is not None
-    waiting = asyncio.create_task(writer.submit(save(99)))
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    w = Running(store, spool, batch_size=2, max_pending=5)
+    entries = [w.writer.submit(save(i)) for i in range(12)]
+    await asyncio.gather(*(cast(asyncio.Future[Outcome], e.done) for e in entries[2:]))
+    assert all(e.outcome is Outcome.SPOOLED for e in entries[2:])
     store.gate.set()
-    fut = await asyncio.wait_for(waiting, 5)
-    await asyncio.wait_for(fut, 5)
-    await writer.close(1)
+    await w.writer.drained()
+    assert [op for op in store.written if op not in store.written[:2]][-10:] == [save(i) for i in range(2, 12)]
+    await w.close()
 
 
-async def test_close_flushes_queued_ops_then_refuses_new_ones() -> None:
+async def test_close_writes_what_it_can_and_spools_the_rest_then_refuses_new_ops(tmp_path: Path) -> None:
     store = RecordingStore()
-    writer = make(store)
-    for i in range(5):
-        writer.submit_nowait(save(i))
-    await writer.close(5)
-    assert sum(len(b) for b in store.batches) == 5
+    spool = await open_spool(tmp_path)
+    w = Running(store, spool)
+    entries = [w.writer.submit(save(i)) for i in range(5)]
+    assert await w.close() == 0
+    assert [e.outcome for e in entries] == [Outcome.STORED] * 5
     with pytest.raises(WriterClosed):
-        writer.submit_nowait(save(6))
+        w.writer.submit(save(6))
+    await spool.close()
+
+    hung = RecordingStore()
+    hung.gate = asyncio.Event()
+    spool = await open_spool(tmp_path)
+    w = Running(hung, spool)
+    entries = [w.writer.submit(save(i)) for i in range(3)]
+    closing = asyncio.create_task(w.writer.close(0))  # no time to wait for the store
+    assert await closing == 0
+    assert w.task.done()
+    assert [e.outcome for e in entries] == [Outcome.SPOOLED] * 3
+    assert spool.count == 3
+    await spool.close()
 
 
-async def test_ops_arriving_while_lingering_join_the_batch() -> None:
+async def test_a_new_writer_drains_what_an_earlier_run_left_in_the_spool(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([save(1), save(2), delete(1)])
+    await spool.close()
+    spool = await open_spool(tmp_path)  # as after a restart
     store = RecordingStore()
-    writer = OrderedWriter(cast(Store, store), Metrics(), 10, 50, 100)
-    writer.start()
-    await asyncio.sleep(0)  # the writer now waits for work
-    futs = [writer.submit_nowait(save(0))]  # wakes the writer first...
-    loop = asyncio.get_running_loop()
-    # ...then calls the server already received run their handlers on the next loop turns
-    for i in range(1, 4):
-        loop.call_soon(lambda i=i: futs.append(writer.submit_nowait(save(i))))
-    await asyncio.sleep(0.05)
-    await asyncio.gather(*cast(list[Any], futs))
-    assert [len(b) for b in store.batches] == [4]
-    await writer.close(1)
+    w = Running(store, spool)
+    assert w.writer.spooling
+    fresh = w.writer.submit(save(3))  # new work waits behind the old
+    await w.writer.drained()
+    assert store.written == [save(1), save(2), delete(1), save(3)]
+    assert fresh.outcome is Outcome.SPOOLED
+    await w.close()
+    await spool.close()
 
 
-async def test_an_idle_writer_does_not_wait_for_batch_time() -> None:
+async def test_pending_gauge_is_live_while_the_store_hangs(spool: Spool) -> None:
     store = RecordingStore()
-    writer = OrderedWriter(cast(Store, store), Metrics(), 100, 60_000, 100)
-    writer.start()
-    fut = writer.submit_nowait(save(1))
-    assert fut is not None
-    await asyncio.wait_for(fut, 5)  # a minute-long batch_time is not waited for
-    assert store.batches == [[save(1)]]
-    await writer.close(1)
-
-
-async def test_drained_waits_for_a_lingering_batch() -> None:
-    store = RecordingStore()
-    writer = OrderedWriter(cast(Store, store), Metrics(), 10, 50, 100)
-    writer.start()
-    await asyncio.sleep(0)
-    writer.submit_nowait(save(1))
-    await asyncio.sleep(0)  # the writer took the op and lingers for more
-    await writer.drained()
-    assert store.batches == [[save(1)]]
-    await writer.close(1)
+    store.gate = asyncio.Event()
+    w = Running(store, spool, batch_size=1)
+    for i in range(4):
+        w.writer.submit(save(i))
+    assert w.metrics.sample("pending_writes") == 4
+    store.gate.set()
+    await w.writer.drained()
+    assert w.metrics.sample("pending_writes") == 0
+    await w.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from exhook.config import Config, HostPort, load_config_string
 from exhook.server import Service
@@ -33,10 +36,14 @@ class Harness:
     publish_deadline: str = "500ms"
     extra_hocon: str = ""
     request_timeout: float = 5.0
+    api_role: str = "administrator"  # of the API key the emulated EMQX gives the service
+    # the broker played: EMQX 5.3.2 for v2 (no peer port), 5.10.4 for v3 (tests/emulator)
+    emqx_version: str | None = None
     rest_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
     emu: EmqxEmulator | None = None
+    spool_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ox-spool-")))
 
     def config(self, port: int | None = None) -> Config:
         text = "\n".join([
@@ -49,6 +56,8 @@ class Harness:
             f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
             f'api_secret = "{API_SECRET}", request_timeout = 5s }}',
             "}",
+            # one spool per gRPC port: a restart on the same port takes over what the last run spooled
+            f'exhook.spool.path = "{self.spool_dir}/spool-{self.grpc_port if port is None else port}.sqlite3"',
             self.extra_hocon,
         ])
         cfg = load_config_string(text)
@@ -71,8 +80,8 @@ class Harness:
         await self.backend.setup()
         await self.start_service()
         self.emu = EmqxEmulator(f"127.0.0.1:{self.grpc_port}", self.version, api_key=API_KEY,
-                                api_secret=API_SECRET, rest_port=self.rest_port, pool_size=4,
-                                request_timeout=self.request_timeout)
+                                api_secret=API_SECRET, api_role=self.api_role, rest_port=self.rest_port, pool_size=4,
+                                request_timeout=self.request_timeout, emqx_version=self.emqx_version)
         await self.emu.start()
 
     async def restart_service(self) -> Service:
@@ -105,6 +114,7 @@ class Harness:
         for service in self.services:
             await service.stop()
         await self.backend.teardown()
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def bulk_items(self) -> list[dict[str, object]]:
         """Every item the service published through publish/bulk, in order."""

@@ -57,7 +57,7 @@ async def test_sentinel_failover_under_load_keeps_every_stored_message(redis_fac
 
         total = await run_load_around(h, failover)
         metrics = h.service.metrics
-        for reason in ("store_slow", "buffer_full"):
+        for reason in ("store_slow", "spool_full"):
             assert metrics.sample("publish_deadline_answers_total", reason=reason) == 0
         assert metrics.sample("store_failures_total", operation="write") >= 1  # the service did see the master go
         assert await backend.count_messages() == total
@@ -75,7 +75,7 @@ async def test_cluster_reshard_under_load_loses_nothing(redis_cluster) -> None: 
             await redis_cluster.reshard(1500, primaries[0], primaries[1])
 
         total = await run_load_around(h, reshard)
-        assert h.service.metrics.sample("publish_deadline_answers_total", reason="buffer_full") == 0
+        assert h.service.metrics.sample("publish_deadline_answers_total", reason="spool_full") == 0
         assert await backend.count_messages() == total
         sub = h.client("after-reshard")
         await sub.connect()

@@ -62,6 +62,8 @@ Observation:
 * ``emu.published`` (:class:`PublishRecord`: source, original, msg, answer, routes), ``emu.dropped``,
   ``emu.errors`` (exceptions raised inside emulator processes: assert it stays empty).
 * ``emu.sessions``, ``emu.subscriptions(clientid)``, ``emu.routes()``, ``emu.live_channel(clientid)``.
+* ``emu.forget_history()`` clears the recorded calls, REST requests, published and dropped messages (the
+  broker's state stays); the benchmark's reconnect storm (``bench/storm.py``) uses it between phases.
 
 Failure injection (tests only): ``emu.hooks.fail("client.connected", key="c1", times=1, code="CANCELLED")``
 makes the next matching call end with that status without reaching the server, as the calls a saturated

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from exhook.config import SQL_PLACEHOLDERS
+from storage.config import SQL_PLACEHOLDERS
 from storage.model import StoredMessage
 
 # ``"${x}"`` first so that the quotes are consumed with the placeholder.

@@ -1,0 +1,290 @@
+"""The local spool: write ops the store could not take in time, kept on disk.
+
+When the store is slow or down, a ``message.publish`` must still be answered by its
+deadline, and an answered message must not be lost: the writer appends it (and every
+write op behind it, acks included, so nothing overtakes it) to this spool, fsync'd,
+before the answer. The writer drains the spool into the store, oldest first, once the
+store takes writes again, also after a restart.
+
+The spool is an SQLite file of its own (WAL, ``synchronous = FULL``: a committed
+append survives a power loss). Every op is one row; a row is deleted once the store
+has it. Ops the store refuses for good are moved to the ``set_aside`` table, where an
+operator can inspect them (``offline-exhook set-aside``). All file work runs on one
+thread of its own, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS ops (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        sender TEXT NOT NULL DEFAULT '',
+        qos INTEGER NOT NULL DEFAULT 0,
+        flag INTEGER NOT NULL DEFAULT 0,
+        other TEXT NOT NULL DEFAULT '',
+        payload BLOB NOT NULL DEFAULT x'',
+        ts INTEGER NOT NULL DEFAULT 0,
+        size INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS set_aside (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        sender TEXT NOT NULL DEFAULT '',
+        qos INTEGER NOT NULL DEFAULT 0,
+        flag INTEGER NOT NULL DEFAULT 0,
+        other TEXT NOT NULL DEFAULT '',
+        payload BLOB NOT NULL DEFAULT x'',
+        ts INTEGER NOT NULL DEFAULT 0
+    )""",
+)
+_COLUMNS = "kind, msgid, topic, sender, qos, flag, other, payload, ts"
+# set_aside keeps the newest rows only: it is for inspection, not a second store
+SET_ASIDE_KEEP = 10_000
+# bytes a row costs beyond its strings and payload (row header, index entry)
+_ROW_OVERHEAD = 64
+
+
+class SpoolError(Exception):
+    """The spool file cannot be opened or written (one line, naming the path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledOp:
+    seq: int
+    op: WriteOp
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    at_ms: int
+    backend: str
+    reason: str
+    detail: str
+    op: WriteOp
+
+
+Row = tuple[str, str, str, str, int, int, str, bytes, int]
+
+
+def encode(op: WriteOp) -> Row:
+    """An op as the columns ``kind, msgid, topic, sender, qos, flag, other, payload, ts``."""
+    if isinstance(op, SaveMessage):
+        m = op.message
+        return ("s", m.msgid, m.topic, m.sender, m.qos, int(m.retain), "", m.payload, m.timestamp)
+    if isinstance(op, DeleteMessage):
+        return ("d", op.msgid, op.topic, "", 0, int(op.replay_ack), "", b"", 0)
+    if isinstance(op, RekeyMessage):
+        return ("r", op.old_id, op.topic, "", 0, 0, op.new_id, b"", 0)
+    return ("p", op.msgid, op.topic, "", 0, 0, op.digest, b"", 0)
+
+
+def decode(row: Sequence[Any]) -> WriteOp:
+    kind, msgid, topic, sender, qos, flag, other, payload, ts = row
+    if kind == "s":
+        return SaveMessage(StoredMessage(msgid, sender, topic, qos, bool(flag), bytes(payload), ts))
+    if kind == "d":
+        return DeleteMessage(msgid, topic, replay_ack=bool(flag))
+    if kind == "r":
+        return RekeyMessage(msgid, other, topic)
+    return DropPendingReplay(topic, other, msgid)
+
+
+def op_size(op: WriteOp) -> int:
+    """Bytes ``op`` takes in the spool (what ``max_bytes`` counts)."""
+    _, msgid, topic, sender, _, _, other, payload, _ = encode(op)
+    return len(msgid) + len(topic.encode("utf-8", "surrogatepass")) + len(sender) + len(other) + len(payload) \
+        + _ROW_OVERHEAD
+
+
+class Spool:
+    """One spool file. ``open`` creates it if needed and reads what an earlier run
+    left; ``append`` returns once the ops are on disk."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path).resolve()
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self.count = 0  # ops waiting
+        self.bytes = 0  # their size
+
+    async def open(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        try:
+            await self._run(self._open_sync)
+        except SpoolError:
+            await self.close()
+            raise
+
+    def _open_sync(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            self.count, self.bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM ops").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolError(f"exhook.spool.path: cannot use {self.path}: {exc}") from None
+        self._conn = conn
+
+    async def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+        thread.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._thread is None:
+            raise SpoolError(f"spool {self.path} is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: {exc}") from None
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise SpoolError(f"spool {self.path} is closed")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def append(self, ops: Sequence[WriteOp]) -> None:
+        """Append ``ops`` in order, durably (one fsync'd transaction)."""
+        if not ops:
+            return
+        rows = [(*encode(op), op_size(op)) for op in ops]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.executemany(f"INSERT INTO ops ({_COLUMNS}, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+        await self._run(lambda: self._tx(insert))
+        self.count += len(rows)
+        self.bytes += sum(row[-1] for row in rows)
+
+    async def head(self, limit: int) -> list[SpooledOp]:
+        """The oldest ``limit`` ops, in order."""
+        def read() -> list[SpooledOp]:
+            assert self._conn is not None
+            cur = self._conn.execute(f"SELECT seq, {_COLUMNS} FROM ops ORDER BY seq LIMIT ?", (limit,))
+            return [SpooledOp(row[0], decode(row[1:])) for row in cur]
+
+        return await self._run(read)
+
+    async def remove(self, seqs: Sequence[int]) -> None:
+        """Forget ops the store now has (or that were set aside)."""
+        if not seqs:
+            return
+
+        def delete(conn: sqlite3.Connection) -> tuple[int, int]:
+            removed = freed = 0
+            for start in range(0, len(seqs), 500):
+                chunk = list(seqs[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                n, size = conn.execute(f"SELECT count(*), coalesce(sum(size), 0) FROM ops WHERE seq IN ({marks})",
+                                       chunk).fetchone()
+                conn.execute(f"DELETE FROM ops WHERE seq IN ({marks})", chunk)
+                removed += n
+                freed += size
+            return removed, freed
+
+        removed, freed = await self._run(lambda: self._tx(delete))
+        self.count -= removed
+        self.bytes -= freed
+
+    async def set_aside(self, backend: str, reason: str, detail: str, op: WriteOp) -> None:
+        """Keep an op the store refused for good, for an operator to inspect."""
+        row = (int(self._clock() * 1000), backend, reason, detail, *encode(op))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(f"INSERT INTO set_aside (at_ms, backend, reason, detail, {_COLUMNS}) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            conn.execute("DELETE FROM set_aside WHERE id <= (SELECT max(id) FROM set_aside) - ?", (SET_ASIDE_KEEP,))
+
+        await self._run(lambda: self._tx(insert))
+
+    async def set_aside_rows(self, limit: int) -> list[SetAside]:
+        """The newest ops set aside, newest first."""
+        def read() -> list[SetAside]:
+            assert self._conn is not None
+            cur = self._conn.execute(
+                f"SELECT at_ms, backend, reason, detail, {_COLUMNS} FROM set_aside ORDER BY id DESC LIMIT ?",
+                (limit,))
+            return [SetAside(r[0], r[1], r[2], r[3], decode(r[4:])) for r in cur]
+
+        return await self._run(read)
+
+    async def adopt(self, other: Spool) -> int:
+        """Move every op of ``other`` (a spool an earlier run with more workers left)
+        behind this spool's ops; returns how many."""
+        moved = 0
+        while other.count:
+            batch = await other.head(1000)
+            await self.append([item.op for item in batch])
+            await other.remove([item.seq for item in batch])
+            moved += len(batch)
+        return moved
+
+
+def orphan_paths(base: str | Path, worker: int | None, workers: int) -> list[Path]:
+    """Spool files an earlier run left that no process of this run owns: a single
+    process (``worker`` None) adopts every worker's ``base.N``; worker 0 of ``workers``
+    adopts the single process's ``base`` and ``base.N`` for N >= ``workers``."""
+    base = Path(base).resolve()
+    found = []
+    for candidate in sorted(base.parent.glob(base.name + ".*")):
+        suffix = candidate.name[len(base.name) + 1:]
+        if suffix.isdigit() and (worker is None or int(suffix) >= workers):
+            found.append(candidate)
+    if worker == 0 and base.exists():
+        found.insert(0, base)
+    return found
+
+
+async def adopt_orphans(target: Spool, paths: Sequence[Path]) -> int:
+    """Move the ops of each spool file in ``paths`` into ``target``, then delete the
+    file (a crash in between only repeats ops, which are idempotent)."""
+    moved = 0
+    for path in paths:
+        orphan = Spool(path)
+        await orphan.open()
+        try:
+            moved += await target.adopt(orphan)
+        finally:
+            await orphan.close()
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+    return moved
