@@ -451,6 +451,14 @@ def _http(tree: ConfigTree, grpc_listen: HostPort) -> HttpConfig:
     return http
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a cpuset / taskset counts, a CFS quota does not)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 _ANY_HOST = ("0.0.0.0", "::", "")
 
 
@@ -507,7 +515,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     listen = parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), None, "exhook.listen")
     return ServiceConfig(
         listen=listen,
-        workers=workers or (os.cpu_count() or 1),
+        workers=workers or usable_cpus(),
         publish_deadline_ms=_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
         log_level=level,

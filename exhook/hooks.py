@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from exhook.client_queue import ClientQueues
-from exhook.expiring import ExpiringKeys
+from exhook.expiring import ExpiringKeys, ExpiringMap
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayer, payload_digest
 from exhook.retry import retrying
@@ -27,12 +27,18 @@ from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMe
 log = logging.getLogger(__name__)
 
 HTTP_API = "http_api"
-HOOKS_CLIENT = ("client.connected", "session.subscribed", "session.unsubscribed", "session.resumed")
+HOOKS_CLIENT = ("session.created", "client.connected", "session.subscribed", "session.unsubscribed",
+                "session.resumed")
 HOOKS_MESSAGE = ("message.publish", "message.acked")
-# session.resumed is followed by client.connected within the same connect; an entry
-# older than this belongs to a connect that failed in between.
-_RESUMED_TTL_S = 60.0
-_RESUMED_MAX = 100_000
+# session.created / session.resumed are followed by client.connected within the same
+# connect, at most EMQX's request_timeout (5 s by default) later even when the first
+# call timed out; an entry older than this belongs to a connect whose client.connected
+# was lost. Kept short because EMQX 5.3 sends peerport 0: two connects of one client
+# from one host then look like the same connection.
+_CONNECT_TTL_S = 30.0
+# what one connect's first hook leaves for its client.connected: one entry per client
+# connecting right now, so this only has to hold a reconnect storm's worth
+_CONNECT_ENTRIES = 100_000
 # A publish that waits for a slow store goes to the spool this long before its
 # deadline, so that the spool's fsync fits in (measured well under 5 ms here).
 _SPILL_MARGIN_S = 0.05
@@ -73,7 +79,10 @@ class HookLogic:
         self._metrics = metrics
         self._deadline = publish_deadline_ms / 1000
         self._spill_at = self._deadline - min(_SPILL_MARGIN_S, self._deadline / 4)
-        self._resumed = ExpiringKeys(_RESUMED_TTL_S, _RESUMED_MAX)
+        # clients whose session was resumed (no restore on client.connected)
+        self._resumed = ExpiringKeys(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # clientid -> connection whose restore session.created already started
+        self._restoring: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_answers = 0
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -182,16 +191,37 @@ class HookLogic:
             self._metrics.writes_dropped.inc()
 
     # -- client and session hooks --------------------------------------------------
+    # A fresh session needs its stored subscriptions back. EMQX fires session.created
+    # and then client.connected for it, and skips a hook call that fails (a storm's
+    # CANCELLED): restoring from whichever of the two arrives first, once, means one
+    # lost call no longer leaves the client without its subscriptions.
+    def session_created(self, client: ClientRef) -> None:
+        self._queues.note_connect()
+        # EMQX runs session.created before it registers the client's channel, so the
+        # restore's REST call may find no client yet: let it wait for one a little.
+        self._resumed.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
+        if self._submit_restore(client, wait_for_client=True):
+            self._restoring.put(client.clientid, client.connection)
+
     def session_resumed(self, client: ClientRef) -> None:
+        self._queues.note_connect()
+        self._restoring.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.add(client.clientid)
 
     def client_connected(self, client: ClientRef) -> None:
+        self._queues.note_connect()
         if self._resumed.pop(client.clientid):
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself.
             return
-        self._queues.submit(client.clientid, "restore subscriptions",
-                            lambda: self._replayer.restore(client.clientid, client.connection))
+        if self._restoring.pop(client.clientid) == client.connection:
+            return  # session.created of this connect started the restore
+        self._submit_restore(client, wait_for_client=False)
+
+    def _submit_restore(self, client: ClientRef, wait_for_client: bool) -> bool:
+        return self._queues.submit(
+            client.clientid, "restore subscriptions",
+            lambda: self._replayer.restore(client.clientid, client.connection, wait_for_client))
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))

@@ -15,14 +15,23 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
-from exhook.emqx_api import EmqxApi, ReplayItem
+from exhook.emqx_api import EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
-from exhook.retry import retrying
+from exhook.retry import retrying, transient
 from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
 from storage.base import PENDING_REPLAY_TTL_S, Store
 from storage.model import PendingReplay, StoredMessage
+from storage.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
+
+# EMQX registers a new client's channel only after session.created has returned
+# (emqx_cm:create_register_session: emqx_session:create runs the hook, then
+# register_channel), so a restore started from that hook can reach the REST API
+# before the client is visible there (404). Wait for it, through the one retry policy
+# (pauses 0.05, 0.1, 0.2, 0.4, 0.8 s at most, jittered: ~1.5 s in all), before
+# concluding the client left.
+UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=0.8), attempts=6, retryable=transient)
 
 
 def payload_digest(payload: bytes) -> str:
@@ -103,18 +112,38 @@ class Replayer:
         self._batch_size = batch_size
         self._page_size = max(page_size, batch_size)
 
-    async def restore(self, clientid: str, connection: str) -> None:
+    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False) -> None:
         """Re-subscribe a client that connected without a session to its stored
-        subscriptions; the broker then fires ``session.subscribed`` for each."""
+        subscriptions; the broker then fires ``session.subscribed`` for each.
+        ``wait_for_client``: the client may not be registered at the broker yet
+        (restore started from ``session.created``)."""
         await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
         if not subs:
             return
         pairs = [(s.topic, s.qos) for s in subs]
-        found = await retrying("subscribe/bulk", lambda: self._api.subscribe_bulk(clientid, pairs))
+        found = await self._subscribe(clientid, pairs, wait_for_client)
         self._metrics.restores.inc()
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
                  extra={"event": "restore", "clientid": clientid, "subscriptions": len(pairs), "client_found": found})
+
+    async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool) -> bool:
+        """subscribe/bulk; False if the client is not connected (after waiting for it
+        to appear, when asked to)."""
+        if not wait_for_client:
+            return await retrying("subscribe/bulk", lambda: self._api.subscribe_bulk(clientid, pairs))
+
+        async def registered() -> bool:
+            if await self._api.subscribe_bulk(clientid, pairs):
+                return True
+            raise EmqxApiError(f"client {clientid} is not registered at the broker yet", 404)
+
+        try:
+            return await UNTIL_REGISTERED.call("subscribe/bulk", registered)
+        except EmqxApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
 
     async def replay(self, clientid: str, connection: str, flt: str) -> int:
         """Publish every stored message matching ``flt`` that this connection has

@@ -28,6 +28,7 @@ from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer,
 from exhook.client_queue import ClientQueues
 from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
+from exhook.grpc_options import server_options
 from exhook.health import EMQX_API, Readiness, ReadinessListener
 from exhook.hooks import HookLogic
 from exhook.listen import add_grpc_port
@@ -51,7 +52,6 @@ _OPEN_BACKOFF = Backoff(base=0.2, cap=5.0)
 _PURGE_EVERY_S = 60.0
 _PURGE_CHUNK = 1000
 _SHUTDOWN_GRACE_S = 5.0
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def spool_path(path: str, worker: int | None) -> Path:
@@ -169,12 +169,7 @@ class Service:
 
     async def _start_grpc(self, logic: HookLogic) -> grpc.aio.Server:
         svc = self.config.service
-        server = grpc.aio.server(options=[
-            # grpc shares a port by default; only the service's own workers may
-            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ])
+        server = grpc.aio.server(options=server_options(self.reuse_port))
         self.metrics.expect_hooks(name for name, _ in logic.hook_specs())
         add_servicers(server, logic, self.metrics, svc.allowed_clients)
         health_pb2_grpc.add_HealthServicer_to_server(self.readiness.grpc_health, server)

@@ -46,6 +46,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "OnMessageAcked": acked_problem,
     "OnSessionSubscribed": subscribed_problem,
     "OnSessionUnsubscribed": unsubscribed_problem,
+    "OnSessionCreated": client_hook_problem,
     "OnSessionResumed": client_hook_problem,
     "OnClientConnected": client_hook_problem,
 }
@@ -141,6 +142,7 @@ class HookProvider:
             "OnMessageAcked": self._message_acked,
             "OnSessionSubscribed": self._session_subscribed,
             "OnSessionUnsubscribed": self._session_unsubscribed,
+            "OnSessionCreated": self._session_created,
             "OnSessionResumed": self._session_resumed,
             "OnClientConnected": self._client_connected,
         }
@@ -233,6 +235,11 @@ class HookProvider:
 
     async def _session_unsubscribed(self, request: Any, context: Ctx) -> Any:
         self._logic.session_unsubscribed(_client(request.clientinfo), request.topic)
+        return self._empty
+
+    async def _session_created(self, request: Any, context: Ctx) -> Any:
+        self._seen()
+        self._logic.session_created(_client(request.clientinfo))
         return self._empty
 
     async def _session_resumed(self, request: Any, context: Ctx) -> Any:

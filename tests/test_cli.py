@@ -84,7 +84,7 @@ def test_service_logs_listen_address_and_backend_and_stops_on_sigterm(tmp_path: 
         started = stderr.wait_for("listening on", 1)
         assert f"127.0.0.1:{port}" in started and "backend sqlite" in started
         assert "very-secret-value" not in started
-        assert publish_one(port) == 6
+        assert publish_one(port) == 7  # 5 client/session hooks + message.publish, message.acked
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         out = stderr.rest()
@@ -96,7 +96,7 @@ def test_workers_share_one_port(tmp_path: Path) -> None:
     with service_process(write_config(tmp_path, port, 2)) as proc:
         started = StderrLines(proc).wait_for("listening on", 2)
         assert "worker=0" in started and "worker=1" in started
-        assert publish_one(port) == 6
+        assert publish_one(port) == 7  # 5 client/session hooks + message.publish, message.acked
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
 

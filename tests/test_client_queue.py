@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from exhook.client_queue import ClientQueues
 from exhook.metrics import Metrics
+from exhook.pacing import AdaptiveLimit, LoopLag
 
 
 async def test_jobs_of_one_client_run_in_order_others_concurrently() -> None:
-    queues = ClientQueues(Metrics(), max_running=8)
+    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(maximum=8))
     log: list[str] = []
     release = asyncio.Event()
 
@@ -76,3 +78,37 @@ async def test_close_cancels_work_that_does_not_finish() -> None:
     await asyncio.sleep(0)
     await queues.close(0.05)
     assert cancelled.is_set()
+
+
+class HandFed(LoopLag):
+    async def run(self, on_sample: Callable[[float], None]) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_jobs_wait_while_the_service_is_busy_and_start_in_order_when_it_is_not() -> None:
+    slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
+    queues = ClientQueues(Metrics(), slots=slots)
+    log: list[str] = []
+    hold, a1_done = asyncio.Event(), asyncio.Event()
+
+    def job(name: str, wait: bool = False):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            log.append(name)
+            if wait:
+                await hold.wait()
+                a1_done.set()
+        return run
+
+    queues.submit("a", "1", job("a1", wait=True))
+    await asyncio.sleep(0)
+    slots.on_sample(0.05)  # busy: nothing new starts, not even when a1 is done
+    queues.submit("b", "1", job("b1"))
+    queues.submit("a", "2", job("a2"))
+    queues.submit("c", "1", job("c1"))
+    hold.set()
+    await a1_done.wait()  # a1's task has finished by the time this waiter runs
+    assert log == ["a1"]
+    slots.on_sample(0.0)  # keeps up again: one slot, clients in the order they waited
+    await queues.idle()
+    assert log == ["a1", "b1", "c1", "a2"]
+    await queues.close(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,18 @@ def test_shipped_config_enables_sqlite() -> None:
     assert cfg.service.listen.port == 9000
     assert (cfg.service.log_format, cfg.service.http.enable, cfg.service.http.listen.port) == ("text", True, 9001)
     assert cfg.service.http.check_interval_ms == 5000 and not cfg.service.ssl.enable
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell them from one")
+def test_shipped_config_runs_one_worker_per_cpu_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OFFLINE_EXHOOK_WORKERS", raising=False)
+    allowed = os.sched_getaffinity(0)
+    assert load_config(ROOT / "config.hocon").service.workers == len(allowed)
+    os.sched_setaffinity(0, {min(allowed)})  # as under taskset or a container's cpuset
+    try:
+        assert load_config(ROOT / "config.hocon").service.workers == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def test_plugin_fields_and_defaults() -> None:

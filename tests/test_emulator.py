@@ -669,3 +669,37 @@ async def test_emqx_before_5_4_sends_no_peer_port(emqx_version: str, sends: bool
             assert len(set(ports)) == 2 and 0 not in ports and conn_ports == ports
         else:
             assert ports == [0, 0] and conn_ports == [0, 0]
+
+
+async def test_a_new_session_is_found_by_the_rest_api_only_after_session_created_returned() -> None:
+    # emqx_cm:create_register_session: emqx_session:create runs session.created, then register_channel
+    hooks = [("session.created", []), ("client.connected", []), ("session.subscribed", [])]
+    async with harness("v3", hooks) as (rec, emu):
+        seen: dict[str, tuple[int, Any]] = {}
+
+        def subscribe_from(rpc: str) -> Callable[[Any], Awaitable[None]]:
+            async def call(req: Any) -> None:
+                async with rest(emu) as s:
+                    seen[rpc] = await post(s, f"clients/{req.clientinfo.clientid}/subscribe/bulk", [{"topic": "r/1"}])
+            return call
+
+        rec.before["OnSessionCreated"] = subscribe_from("OnSessionCreated")
+        rec.before["OnClientConnected"] = subscribe_from("OnClientConnected")
+        await emu.client("fresh").connect()
+        await emu.settle()
+        assert (seen["OnSessionCreated"][0], seen["OnSessionCreated"][1]["code"]) == (404, "CLIENTID_NOT_FOUND")
+        assert seen["OnClientConnected"][0] == 200
+        assert [r.request.topic for r in rec.recs("OnSessionSubscribed")] == ["r/1"]
+
+
+async def test_an_injected_failure_never_reaches_the_server_and_the_connect_goes_on() -> None:
+    async with harness("v3", [("session.created", []), ("client.connected", [])]) as (rec, emu):
+        emu.hooks.fail("client.connected", key="unlucky")
+        await emu.client("unlucky").connect()
+        await emu.client("lucky").connect()
+        await emu.client("unlucky", clean_start=True).connect()
+        calls = emu.calls_of("client.connected")
+        assert [(c.key, c.status) for c in calls] == [("unlucky", "error"), ("lucky", "ok"), ("unlucky", "ok")]
+        assert calls[0].error is not None and calls[0].error.startswith("CANCELLED")
+        assert [r.clientinfo.clientid for r in rec.of("OnClientConnected")] == ["lucky", "unlucky"]
+        assert [r.clientinfo.clientid for r in rec.of("OnSessionCreated")] == ["unlucky", "lucky", "unlucky"]

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not openssl_available(), reason="needs the opens
 
 SERVER_NAME = "offline-exhook"
 API_KEY, API_SECRET = "offline-exhook", "tls-secret"
-HOOKS = {"client.connected", "session.subscribed", "session.unsubscribed", "session.resumed",
+HOOKS = {"session.created", "client.connected", "session.subscribed", "session.unsubscribed", "session.resumed",
          "message.publish", "message.acked"}
 
 StartService = Callable[..., Awaitable[Service]]

@@ -45,7 +45,8 @@ async def test_registers_its_hooks_with_the_topics_on_message_hooks(tracked: Ser
         loaded = await stubs.HookProviderStub(channel).OnProviderLoaded(pb.ProviderLoadedRequest())
     hooks = {h.name: list(h.topics) for h in loaded.hooks}
     assert hooks == {
-        "client.connected": [], "session.subscribed": [], "session.unsubscribed": [], "session.resumed": [],
+        "session.created": [], "client.connected": [], "session.subscribed": [], "session.unsubscribed": [],
+        "session.resumed": [],
         "message.publish": ["t/#", "a/+/b"], "message.acked": ["t/#", "a/+/b"],
     }
 

@@ -64,6 +64,12 @@ Observation:
 * ``emu.sessions``, ``emu.subscriptions(clientid)``, ``emu.routes()``, ``emu.live_channel(clientid)``.
 * ``emu.forget_history()`` clears the recorded calls, REST requests, published and dropped messages (the
   broker's state stays); the benchmark's reconnect storm (``bench/storm.py``) uses it between phases.
+
+Failure injection (tests only): ``emu.hooks.fail("client.connected", key="c1", times=1, code="CANCELLED")``
+makes the next matching call end with that status without reaching the server, as the calls a saturated
+gRPC server rejects do; the broker then carries on as EMQX does (``failed_action`` for the folded hooks).
+``emu.register_delay = 0.3`` keeps a new session's channel unregistered (REST: 404) that long after its
+``session.created`` returned, as on a loaded broker.
 """
 
 from .broker import (

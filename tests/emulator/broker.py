@@ -4,7 +4,9 @@ EMQX behaviour reproduced here, with the source it was read from (emqx/emqx, 5.x
 
 * ``emqx_channel``: connect = ``client.connect`` -> ``client.authenticate`` -> open session
   (``session.created``, or ``session.resumed`` when a ``clean_start=false`` connect finds a session; the old
-  connection is taken over, or discarded on ``clean_start=true``) -> ``client.connected`` ->
+  connection is taken over, or discarded on ``clean_start=true``; a new session's channel is registered, i.e.
+  found by the REST API, only after ``session.created`` returned: ``emqx_cm:create_register_session``) ->
+  ``client.connected`` ->
   ``client.connack`` -> CONNACK -> (resumed) resend inflight + deliver the queued messages.
   Subscribe = ``client.authorize`` per filter -> ``client.subscribe`` -> per filter: route added, then
   ``session.subscribed`` -> SUBACK. Publish = ``client.authorize`` -> ``message.publish`` -> route/dispatch ->
@@ -217,6 +219,8 @@ class Channel:
         self.conn_no = conn_no
         self.peerport = emu._next_peerport()
         self.state = "idle"  # idle | connecting | connected | disconnected | dead
+        # in EMQX's channel table, where the REST API looks clients up (emqx_cm:register_channel)
+        self.registered = False
         self.takeover = False
         self.pendings: list[tuple[str, Message]] = []
         self.session: Session | None = None
@@ -326,6 +330,7 @@ class Channel:
             existing.channel = self
             existing.expiry = c.effective_expiry
             self.session = existing
+            self.registered = True
             old.process.post(functools.partial(old.takeover_end, was_connected))
             present = True
             await self._cast("session.resumed", lambda: pb.SessionResumedRequest(clientinfo=self.clientinfo()))
@@ -338,7 +343,12 @@ class Channel:
             sess.channel = self
             emu.sessions[self.clientid] = sess
             self.session = sess
+            # emqx_cm:create_register_session: emqx_session:create runs session.created, and only then
+            # register_channel makes the client visible to the REST API (404 CLIENTID_NOT_FOUND before)
             await self._cast("session.created", lambda: pb.SessionCreatedRequest(clientinfo=self.clientinfo()))
+            if emu.register_delay:
+                await asyncio.sleep(emu.register_delay)  # a loaded broker: the process runs on a little later
+            self.registered = True
 
         self.state = "connected"
         await self._cast("client.connected", lambda: pb.ClientConnectedRequest(clientinfo=self.clientinfo()))
@@ -1058,6 +1068,8 @@ class EmqxEmulator:
         self.max_mqueue_len = max_mqueue_len
         self.mqueue_store_qos0 = mqueue_store_qos0
         self.unload_on_stop = unload_on_stop
+        # test-only: seconds between a new session's session.created and its channel's registration
+        self.register_delay = 0.0
         self.api_key = api_key
         self.api_secret = api_secret
         self.api_role = api_role
@@ -1203,7 +1215,7 @@ class EmqxEmulator:
     def live_channel(self, clientid: str) -> Channel | None:
         """The channel process the REST API would find for ``clientid`` (EMQX's channel table)."""
         s = self.sessions.get(clientid)
-        if s is None or s.terminated or s.channel is None or s.channel.state == "dead":
+        if s is None or s.terminated or s.channel is None or s.channel.state == "dead" or not s.channel.registered:
             return None
         return s.channel
 

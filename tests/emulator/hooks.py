@@ -202,6 +202,14 @@ class HookCall:
 
 
 @dataclass
+class _Failure:
+    hook: str
+    key: str | None
+    left: int
+    code: str
+
+
+@dataclass
 class HookStats:
     calls: int = 0
     ok: int = 0
@@ -253,6 +261,7 @@ class ExHookClient:
         self.stats: dict[str, HookStats] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self._failures: list[_Failure] = []
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[Any] = []
 
@@ -350,6 +359,19 @@ class ExHookClient:
             return not topics or any(match(topic, f) for f in topics)
         return True
 
+    def fail(self, hook: str, key: str | None = None, times: int = 1, code: str = "CANCELLED") -> None:
+        """Test-only: the next ``times`` calls of ``hook`` (for ``key``, the clientid or the message's
+        ``from``; any key when None) end with status ``code`` without reaching the server, as the calls
+        the gRPC C-core rejects under a burst do (EMQX then logs ``exhook_call_error`` and carries on)."""
+        self._failures.append(_Failure(hook, key, times, code))
+
+    def _injected_failure(self, hook: str, key: str) -> str | None:
+        for failure in self._failures:
+            if failure.hook == hook and failure.key in (None, key) and failure.left > 0:
+                failure.left -= 1
+                return failure.code
+        return None
+
     def channel_index(self, key: str) -> int:
         return zlib.crc32(key.encode()) % self.pool_size
 
@@ -383,6 +405,10 @@ class ExHookClient:
         idx = self.channel_index(key)
         rpc = RPC_OF_HOOK[hook]
         call = self._record(hook, rpc, key, idx, request)
+        injected = self._injected_failure(hook, key)
+        if injected is not None:
+            self._finish(call, "error", error=f"{injected}: {injected} (injected)")
+            return None, call
         method = getattr(self._stubs[idx], rpc)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)

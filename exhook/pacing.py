@@ -1,0 +1,136 @@
+"""Pacing of background work, so hook answers come first (issue 14).
+
+Hook answers and background work (restores, replays, store reads, REST calls) share
+one process: one event loop, and the interpreter lock with the store's worker threads
+and grpc's completion-queue thread. Measured in a reconnect storm (10,000 concurrent
+OnClientConnected calls, the service pinned to one CPU): with the restores running
+next to the burst the answers took about twice as long as a no-op server's, without
+them as long. The loop did not even lag then: grpc.aio takes one call of a method at
+a time, each a hand-over between threads, and every thread that wants the lock or the
+CPU in between slows that hand-over down; with a single job running the service took
+in connects at a fifth of the rate.
+
+So background jobs wait while the service is busy answering hooks, which it sees in
+two ways: connect hooks (the ones holding a CONNACK) arriving faster than
+``busy_connects_per_s``, or the event loop running a timer later than
+``target_lag_s`` (any flood of calls, or background work itself hogging the loop).
+When that passes, jobs start again with ``initial`` slots (so that one slow job, a
+REST call waiting for its timeout, does not hold up all others), and one more slot
+for each job finished while the service keeps up, up to ``maximum`` (additive
+increase; being busy again takes them all away). Jobs already running finish. So
+that a service that is never idle cannot starve background work, the oldest waiting
+job starts anyway once it has waited ``max_pause_s``, one at a time.
+
+The owner (``ClientQueues``) keeps the waiting jobs; this class only says whether one
+more may start, and calls ``on_room`` when more might.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class LoopLag:
+    """Measures how late the event loop runs a timer, every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self._interval = interval_s
+
+    async def run(self, on_sample: Callable[[float], None]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self._interval)
+            on_sample(max(0.0, loop.time() - started - self._interval))
+
+
+class AdaptiveLimit:
+    """How many background jobs may run at once (see the module docstring). The lag is
+    sampled only while jobs run or wait, so an idle service does not wake up every few
+    milliseconds."""
+
+    def __init__(self, initial: int = 4, maximum: int = 32, target_lag_s: float = 0.01,
+                 busy_connects_per_s: float = 100.0, max_pause_s: float = 10.0,
+                 sampler: LoopLag | None = None) -> None:
+        self.initial = min(initial, maximum)
+        self.maximum = maximum
+        self._target = target_lag_s
+        self._busy_rate = busy_connects_per_s
+        self._max_pause = max_pause_s
+        self._sampler = sampler or LoopLag()
+        self.on_room: Callable[[], None] = lambda: None
+        self._limit = float(self.initial)
+        self._running = 0
+        self._lag = 0.0
+        self._connects = 0  # since the last sample
+        self._rate = 0.0  # connect hooks per second, smoothed over ~50 ms
+        self._sampled_at = 0.0
+        self._sampling: asyncio.Task[None] | None = None
+
+    @property
+    def limit(self) -> int:
+        return int(self._limit)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def may_start(self, waited_s: float) -> bool:
+        """May one more job start? ``waited_s``: how long the oldest waiting job waited."""
+        self._start_sampling()
+        allowed = int(self._limit)
+        if allowed == 0 and waited_s >= self._max_pause:
+            allowed = 1  # never starve: the oldest job goes, one at a time
+        return self._running < allowed
+
+    def started(self) -> None:
+        self._running += 1
+
+    def finished(self) -> None:
+        self._running -= 1
+        if self._limit >= 1 and not self._busy(0.5):
+            self._limit = min(float(self.maximum), self._limit + 1)
+
+    def idle(self) -> None:
+        """Nothing runs or waits: stop sampling until there is work again."""
+        if self._sampling is not None:
+            self._sampling.cancel()
+            self._sampling = None
+
+    def note_connect(self) -> None:
+        """A hook that holds a client's CONNACK arrived."""
+        self._connects += 1
+
+    def on_sample(self, lag_s: float) -> None:
+        """A new lag sample (the sampler calls this)."""
+        now = asyncio.get_running_loop().time()
+        elapsed, self._sampled_at = now - self._sampled_at, now
+        if elapsed > 0:
+            weight = min(1.0, elapsed / 0.05)
+            self._rate += (self._connects / elapsed - self._rate) * weight
+        self._connects = 0
+        self._lag = lag_s
+        if self._busy(1.0):
+            self._limit = 0.0  # hook answers are waiting: start nothing new
+        elif not self._busy(0.5) and self._limit < 1:
+            self._limit = float(self.initial)  # keeping up again
+        self.on_room()  # also lets the oldest job go once it has waited max_pause_s
+
+    def _busy(self, factor: float) -> bool:
+        return self._lag > self._target * factor or self._rate > self._busy_rate * factor
+
+    def _start_sampling(self) -> None:
+        if self._sampling is None:
+            loop = asyncio.get_running_loop()
+            self._limit = float(self.initial)  # after a quiet spell, start afresh
+            self._lag = self._rate = 0.0
+            self._connects = 0
+            self._sampled_at = loop.time()
+            self._sampling = loop.create_task(self._sampler.run(self.on_sample), name="loop-lag")
+
+    async def close(self) -> None:
+        task, self._sampling = self._sampling, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
