@@ -1,4 +1,4 @@
-"""Bounded sets and maps of keys that each expire a fixed time after they were added.
+"""A bounded map of keys that each expire a fixed time after they were added.
 
 Per-client state kept between two hooks of one connect (a ``session.resumed`` waiting
 for its ``client.connected``; the connection whose restore ``session.created``
@@ -16,38 +16,6 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-class ExpiringKeys:
-    def __init__(self, ttl_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl_s
-        self._max = max_keys
-        self._clock = clock
-        self._added: OrderedDict[str, float] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._added)
-
-    def add(self, key: str) -> None:
-        now = self._clock()
-        self._added[key] = now
-        self._added.move_to_end(key)
-        self._expire(now)
-
-    def pop(self, key: str) -> bool:
-        """Remove ``key``; True if it was there and had not expired."""
-        added = self._added.pop(key, None)
-        now = self._clock()
-        self._expire(now)
-        return added is not None and now - added < self._ttl
-
-    def _expire(self, now: float) -> None:
-        added = self._added
-        while added:
-            oldest, at = next(iter(added.items()))
-            if now - at < self._ttl and len(added) <= self._max:
-                return
-            del added[oldest]
 
 
 class ExpiringMap(Generic[K, V]):
@@ -83,3 +51,4 @@ class ExpiringMap(Generic[K, V]):
             if len(items) <= self._max and now - items[oldest][0] < self._ttl:
                 return
             del items[oldest]
+

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from exhook.client_queue import ClientQueues
-from exhook.expiring import ExpiringKeys, ExpiringMap
+from exhook.expiring import ExpiringMap
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayer, payload_digest
 from exhook.retry import retrying
@@ -80,7 +80,7 @@ class HookLogic:
         self._deadline = publish_deadline_ms / 1000
         self._spill_at = self._deadline - min(_SPILL_MARGIN_S, self._deadline / 4)
         # clients whose session was resumed (no restore on client.connected)
-        self._resumed = ExpiringKeys(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_answers = 0
@@ -206,11 +206,11 @@ class HookLogic:
     def session_resumed(self, client: ClientRef) -> None:
         self._queues.note_connect()
         self._restoring.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
-        self._resumed.add(client.clientid)
+        self._resumed.put(client.clientid, True)
 
     def client_connected(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        if self._resumed.pop(client.clientid):
+        if self._resumed.pop(client.clientid) is not None:
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself.
             return

@@ -1,8 +1,8 @@
-"""ExpiringKeys and ExpiringMap: O(1) bounded per-client state (issue 10 item 6, issue 14)."""
+"""ExpiringMap: O(1) bounded per-client state (issue 10 item 6, issue 14)."""
 
 from __future__ import annotations
 
-from exhook.expiring import ExpiringKeys, ExpiringMap
+from exhook.expiring import ExpiringMap
 
 
 class Clock:
@@ -15,9 +15,9 @@ class Clock:
 
 def test_a_key_is_found_once_within_its_ttl_and_not_after() -> None:
     clock = Clock()
-    keys = ExpiringKeys(60, 100, clock)
-    keys.add("a")
-    keys.add("b")
+    keys: ExpiringMap[str, bool] = ExpiringMap(60, 100, clock)
+    keys.put("a", True)
+    keys.put("b", True)
     clock.now += 30
     assert keys.pop("a") and not keys.pop("a")
     clock.now += 31
@@ -27,31 +27,31 @@ def test_a_key_is_found_once_within_its_ttl_and_not_after() -> None:
 
 def test_size_stays_bounded_by_dropping_the_oldest() -> None:
     clock = Clock()
-    keys = ExpiringKeys(60, 1000, clock)
+    keys: ExpiringMap[str, bool] = ExpiringMap(60, 1000, clock)
     for i in range(50_000):
-        keys.add(f"c{i}")
+        keys.put(f"c{i}", True)
     assert len(keys) == 1000
     assert not keys.pop("c0") and keys.pop("c49999")
 
 
 def test_adding_again_renews_a_key() -> None:
     clock = Clock()
-    keys = ExpiringKeys(60, 10, clock)
-    keys.add("a")
+    keys: ExpiringMap[str, bool] = ExpiringMap(60, 10, clock)
+    keys.put("a", True)
     clock.now += 50
-    keys.add("b")
-    keys.add("a")
+    keys.put("b", True)
+    keys.put("a", True)
     clock.now += 20  # "a" renewed 20 s ago, "b" too; the first "a" would be 70 s old
     assert keys.pop("a") and keys.pop("b")
 
 
 def test_expired_keys_are_dropped_as_time_passes_even_without_pops() -> None:
     clock = Clock()
-    keys = ExpiringKeys(60, 10_000, clock)
+    keys: ExpiringMap[str, bool] = ExpiringMap(60, 10_000, clock)
     for i in range(100):
-        keys.add(f"old{i}")
+        keys.put(f"old{i}", True)
     clock.now += 61
-    keys.add("new")
+    keys.put("new", True)
     assert len(keys) == 1
 
 
