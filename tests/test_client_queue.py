@@ -11,19 +11,21 @@ from exhook.pacing import AdaptiveLimit, LoopLag
 async def test_jobs_of_one_client_run_in_order_others_concurrently() -> None:
     queues = ClientQueues(Metrics(), slots=AdaptiveLimit(maximum=8))
     log: list[str] = []
-    release = asyncio.Event()
+    release, b1_done = asyncio.Event(), asyncio.Event()
 
     def job(name: str, wait: bool = False):  # type: ignore[no-untyped-def]
         async def run() -> None:
             if wait:
                 await release.wait()
             log.append(name)
+            if name == "b1":
+                b1_done.set()
         return run
 
     queues.submit("a", "1", job("a1", wait=True))
     queues.submit("a", "2", job("a2"))
     queues.submit("b", "1", job("b1"))
-    await asyncio.sleep(0.01)
+    await b1_done.wait()
     assert log == ["b1"]  # b is not held up by a's slow job; a2 waits behind a1
     release.set()
     await queues.idle()
@@ -65,17 +67,18 @@ async def test_bounded_per_client_and_closed_queue_refuses() -> None:
 
 async def test_close_cancels_work_that_does_not_finish() -> None:
     queues = ClientQueues(Metrics())
-    cancelled = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def forever() -> None:
+        started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()
         except asyncio.CancelledError:
             cancelled.set()
             raise
 
     queues.submit("c", "forever", forever)
-    await asyncio.sleep(0)
+    await started.wait()
     await queues.close(0.05)
     assert cancelled.is_set()
 
@@ -89,18 +92,19 @@ async def test_jobs_wait_while_the_service_is_busy_and_start_in_order_when_it_is
     slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
     queues = ClientQueues(Metrics(), slots=slots)
     log: list[str] = []
-    hold, a1_done = asyncio.Event(), asyncio.Event()
+    hold, a1_started, a1_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     def job(name: str, wait: bool = False):  # type: ignore[no-untyped-def]
         async def run() -> None:
             log.append(name)
             if wait:
+                a1_started.set()
                 await hold.wait()
                 a1_done.set()
         return run
 
     queues.submit("a", "1", job("a1", wait=True))
-    await asyncio.sleep(0)
+    await a1_started.wait()
     slots.on_sample(0.05)  # busy: nothing new starts, not even when a1 is done
     queues.submit("b", "1", job("b1"))
     queues.submit("a", "2", job("a2"))
