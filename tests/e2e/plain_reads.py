@@ -66,6 +66,8 @@ async def redis_rows(backend: RedisBackend) -> list[Row]:
         if await backend.client.type(key) != b"hash":
             continue  # the per-topic index zsets share the prefix
         fields = await backend.client.hgetall(key)
+        if not fields:
+            continue  # deleted since the scan saw it (an ack being applied)
         out.append(Row(_text(fields[b"id"]), _text(fields.get(b"from", b"")), _text(fields[b"topic"]),
                        int(fields[b"qos"]), bytes(fields[b"payload"])))
     return out
