@@ -22,7 +22,7 @@ from tests.e2e.harness import free_port
 from tests.emulator import EmqxEmulator
 from tests.emulator.rest import RestApi
 from tests.hook_calls import is_ignore, message, new_id, publish_request, stub
-from tests.service_proc import ServiceProcess, write_config
+from tests.service_proc import ServiceProcess, eventually, write_config
 
 MESSAGES = 240
 BATCH = 20
@@ -71,8 +71,7 @@ async def test_sigterm_lets_a_running_replay_finish_then_exits_0(
         sub = emu.client("subscriber")
         await sub.connect()
         await sub.subscribe("t/replay", qos=1)
-        while not emu.rest_bodies("/publish/bulk"):  # the replay has begun
-            await asyncio.sleep(0.01)
+        await eventually(lambda: emu.rest_bodies("/publish/bulk"), 30, "the replay begun", every=0.01)
         stopped_at = time.monotonic()
         stopping = asyncio.create_task(service.asigterm())
 
