@@ -39,6 +39,11 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "surrogatepass") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def _bytes(value: bytes | str) -> bytes:
+    assert isinstance(value, bytes)
+    return value
+
+
 def _sql_rows(rows: list[tuple[Any, ...]]) -> list[Row]:
     return [Row(_text(r[0]), _text(r[1] or ""), _text(r[2]), int(r[3]), bytes(r[4] or b"")) for r in rows]
 
@@ -69,7 +74,7 @@ async def redis_rows(backend: RedisBackend) -> list[Row]:
         if not fields:
             continue  # deleted since the scan saw it (an ack being applied)
         out.append(Row(_text(fields[b"id"]), _text(fields.get(b"from", b"")), _text(fields[b"topic"]),
-                       int(fields[b"qos"]), bytes(fields[b"payload"])))
+                       int(fields[b"qos"]), _bytes(fields[b"payload"])))
     return out
 
 

@@ -34,7 +34,7 @@ FUZZ = settings(deadline=None, max_examples=1500, database=None, derandomize=Fal
                 suppress_health_check=list(HealthCheck))
 
 _GUID = st.from_regex(r"[0-9A-F]{32}", fullmatch=True)
-_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 _TOPIC = st.one_of(
     st.sampled_from(["t/a", "t/b/c", "t/#", "t/+/x", "$share/g/t/#", "$share/g", "#", "+", "", "/", "t//",
                      "$SYS/brokers", "t/\x00", "t/\U0001F600", "t/'; DROP TABLE mqtt_msg; --", "w/long"]),
@@ -65,6 +65,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if field.type == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         known = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(known), st.integers(-(2**31), 2**31 - 1))
     return _INTS.get(field.type, st.integers(0, 2**31 - 1))
