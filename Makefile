@@ -7,17 +7,18 @@ CONFIG  ?= config.hocon
 PROTOS  := protos/v2/exhook.proto protos/v3/exhook.proto
 PB_STAMP := exhook/pb/.generated
 
-.PHONY: run test venv proto lint typecheck pytest services bench clean
+.PHONY: run test venv proto lint typecheck pytest services bench clean constraints
 
 run: $(PB_STAMP)
 	$(BIN)/offline-exhook --config $(CONFIG)
 
 test: $(PB_STAMP) services lint typecheck pytest
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the tests passed with (the Dockerfile installs the same)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,fast]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,fast]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -50,6 +51,11 @@ services:
 bench: $(PB_STAMP) services
 	command -v tcpdump >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# after changing a dependency: install without the old pins, run `make test`, then pin what passed
+constraints: $(VENV)/.installed
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) exhook/pb build *.egg-info

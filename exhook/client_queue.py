@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from exhook.metrics import Metrics
+from storage.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ class ClientQueues:
                         await job()
                     except asyncio.CancelledError:
                         raise
-                    except Exception:
-                        log.exception("client job failed",
-                                      extra={"event": "job_failed", "clientid": clientid, "job": what})
+                    except Exception as exc:  # one line with the cause (a 401, a store error), no traceback
+                        log.error("client job failed: %s", one_line(exc),
+                                  extra={"event": "job_failed", "clientid": clientid, "job": what})
                 jobs.popleft()
         finally:
             self._tasks.pop(clientid, None)

@@ -3,6 +3,9 @@
 Field names follow the Erlang plugin ``emqx_offline_message_plugin`` 2.0.0 for the
 ``mysql`` and ``redis`` blocks; ``sqlite`` and ``exhook`` are this service's own.
 Every error is a ``ConfigError`` whose text is one line naming the field.
+Relative paths (``sqlite.path``, ``exhook.spool.path``, every ``ssl`` file) are
+relative to the config file's directory, whatever the working directory, and are
+absolute once parsed. Durations and sizes go through ``exhook.units``.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pyhocon import ConfigFactory, ConfigTree  # type: ignore[import-untyped]
+from pyhocon import ConfigTree  # type: ignore[import-untyped]
 from pyhocon.exceptions import ConfigException  # type: ignore[import-untyped]
 
-from exhook.topics import TopicError, validate_filter
+from exhook.hocon_text import parse_hocon
+from exhook.topics import QUEUE_PREFIX, SHARE_PREFIX, TopicError, validate_filter
+from exhook.units import format_duration, parse_duration_ms, parse_duration_s, parse_size_bytes
 from storage.config import DEFAULT_SQL as DEFAULT_SQL
 from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
 from storage.config import SQL_TEMPLATE_FIELDS as SQL_TEMPLATE_FIELDS
@@ -142,30 +146,34 @@ def _int(
         number = int(value)
     except ValueError:
         raise ConfigError(f"{where}{key}: expected an integer, got {value!r}") from None
-    if number < minimum or (maximum is not None and number > maximum):
-        upper = f" and {maximum}" if maximum is not None else ""
-        raise ConfigError(f"{where}{key}: must be >= {minimum}{upper}, got {number}")
+    if maximum is not None and not minimum <= number <= maximum:
+        raise ConfigError(f"{where}{key}: must be between {minimum} and {maximum}, got {number}")
+    if number < minimum:
+        raise ConfigError(f"{where}{key}: must be at least {minimum}, got {number}")
     return number
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m)?\s*$")
+def _parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Callable[[Any], int],
+            minimum: int = 0, show: Callable[[int], str] = str) -> int:
+    """A value read by one of exhook.units' parsers, with its field named in any error."""
+    try:
+        number = parse(_get(tree, key, default))
+    except ValueError as exc:
+        raise ConfigError(f"{where}{key}: {exc}") from None
+    if number < minimum:
+        raise ConfigError(f"{where}{key}: must be at least {show(minimum)}, got {show(number)}")
+    return number
 
 
 def _duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
-    """A duration in milliseconds: an integer (ms, as the plugin's ``batch_time``)
-    or a string such as ``"250ms"``, ``"2s"``, ``"1m"``."""
-    value = _get(tree, key, default)
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}{key}: expected a duration, got {value!r}")
-    if isinstance(value, timedelta):  # pyhocon reads unquoted 500ms / 2s itself
-        value = f"{round(value.total_seconds() * 1000)}ms"
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ConfigError(f"{where}{key}: expected a duration like 500, \"500ms\" or \"2s\", got {value!r}")
-    number = int(match.group(1)) * {"ms": 1, None: 1, "s": 1000, "m": 60000}[match.group(2)]
-    if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {minimum} ms, got {number} ms")
-    return number
+    """A duration in milliseconds; a bare integer is milliseconds (as the plugin's
+    ``batch_time``). Every form EMQX accepts: ``"500ms"``, ``1.5s``, ``1m30s``, ``2h``."""
+    return _parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration)
+
+
+def _duration_s(tree: ConfigTree, key: str, default: int, where: str) -> int:
+    """A duration in whole seconds; a bare integer is seconds (the plugin's ``message_ttl``)."""
+    return _parsed(tree, key, default, where, parse_duration_s)
 
 
 def _str(tree: ConfigTree, key: str, default: str, where: str) -> str:
@@ -175,8 +183,8 @@ def _str(tree: ConfigTree, key: str, default: str, where: str) -> str:
     return str(value)
 
 
-def parse_host_port(text: str, default_port: int, field_name: str) -> HostPort:
-    """``host:port``, ``host`` (default port) or ``[v6]:port``."""
+def parse_host_port(text: str, default_port: int | None, field_name: str) -> HostPort:
+    """``host:port``, ``[v6]:port`` or, with a ``default_port``, ``host`` alone."""
     raw = text.strip()
     if raw.startswith("["):
         host, sep, rest = raw[1:].partition("]")
@@ -194,6 +202,8 @@ def parse_host_port(text: str, default_port: int, field_name: str) -> HostPort:
     if not host or any(c.isspace() for c in host):
         raise ConfigError(f"{field_name}: bad host:port {text!r} (empty or invalid host)")
     if port_text == "":
+        if default_port is None:
+            raise ConfigError(f"{field_name}: expected host:port such as 0.0.0.0:9000, got {text!r} (no port)")
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{field_name}: bad host:port {text!r} (port must be 1-65535)")
@@ -217,6 +227,13 @@ def _topics(tree: ConfigTree, where: str) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str):
             raise ConfigError(f"{where}topics: expected a list of topic filters, got {item!r}")
+        if not item:
+            raise ConfigError(f'{where}topics: "" is not a topic filter (an empty list, not an empty filter, '
+                              "makes the backend inactive)")
+        if item.startswith((SHARE_PREFIX, QUEUE_PREFIX)):
+            # messages are published to the real topic; a shared filter never matches one
+            raise ConfigError(f"{where}topics: {item!r} is a shared subscription, not a topic filter: "
+                              "list the topic filter itself (what follows $share/<group>/)")
         try:
             out.append(validate_filter(item))
         except TopicError as exc:
@@ -231,7 +248,13 @@ def _subtree(tree: ConfigTree, key: str, where: str) -> ConfigTree:
     return value
 
 
-def _ssl(tree: ConfigTree, where: str) -> SslOptions:
+def _path(tree: ConfigTree, key: str, default: str, where: str, base: Path) -> str:
+    """A file path; relative to ``base`` (the config file's directory), made absolute."""
+    text = _str(tree, key, default, where)
+    return os.path.normpath(base / text) if text else ""
+
+
+def _ssl(tree: ConfigTree, where: str, base: Path) -> SslOptions:
     sub = _subtree(tree, "ssl", where)
     at = f"{where}ssl."
     verify_raw = _get(sub, "verify", True)
@@ -242,9 +265,9 @@ def _ssl(tree: ConfigTree, where: str) -> SslOptions:
     opts = SslOptions(
         enable=_bool(sub, "enable", False, at),
         verify=verify,
-        cacertfile=_str(sub, "cacertfile", "", at),
-        certfile=_str(sub, "certfile", "", at),
-        keyfile=_str(sub, "keyfile", "", at),
+        cacertfile=_path(sub, "cacertfile", "", at, base),
+        certfile=_path(sub, "certfile", "", at, base),
+        keyfile=_path(sub, "keyfile", "", at, base),
         server_name_indication=_str(sub, "server_name_indication", "", at),
     )
     if opts.enable:
@@ -297,11 +320,11 @@ def _common(tree: ConfigTree, where: str, ttl_default: int) -> dict[str, Any]:
         "topics": _topics(tree, where),
         "batch_size": _int(tree, "batch_size", 1, where, minimum=1, maximum=10000),
         "batch_time_ms": _duration_ms(tree, "batch_time", 100, where),
-        "message_ttl": _int(tree, "message_ttl", ttl_default, where),
+        "message_ttl": _duration_s(tree, "message_ttl", ttl_default, where),
     }
 
 
-def _parse_redis(tree: ConfigTree) -> RedisConfig:
+def _parse_redis(tree: ConfigTree, base: Path) -> RedisConfig:
     where = "redis."
     redis_type = _str(tree, "redis_type", "single", where)
     if redis_type not in ("single", "sentinel", "cluster"):
@@ -332,7 +355,7 @@ def _parse_redis(tree: ConfigTree) -> RedisConfig:
         subscription_key_prefix=sub_prefix,
         wait_replicas=_int(tree, "wait_replicas", 0, where, maximum=16),
         wait_timeout_ms=_duration_ms(tree, "wait_timeout", 1000, where, minimum=1),
-        ssl=_ssl(tree, where),
+        ssl=_ssl(tree, where, base),
     )
 
 
@@ -346,7 +369,7 @@ def check_sql_template(field_name: str, sql: str) -> None:
             raise ConfigError(f"{field_name}: unknown placeholder ${{{name}}}")
 
 
-def _parse_mysql(tree: ConfigTree) -> MysqlConfig:
+def _parse_mysql(tree: ConfigTree, base: Path) -> MysqlConfig:
     where = "mysql."
     sql = {}
     for name in SQL_TEMPLATE_FIELDS:
@@ -361,19 +384,33 @@ def _parse_mysql(tree: ConfigTree) -> MysqlConfig:
         database=_str(tree, "database", "mqtt", where),
         init_default_schema=_bool(tree, "init_default_schema", False, where),
         sql=sql,
-        ssl=_ssl(tree, where),
+        ssl=_ssl(tree, where, base),
     )
 
 
-def _parse_sqlite(tree: ConfigTree) -> SqliteConfig:
+def _parse_sqlite(tree: ConfigTree, base: Path) -> SqliteConfig:
     where = "sqlite."
-    path = _str(tree, "path", "data/offline-messages.sqlite3", where)
+    path = _path(tree, "path", "data/offline-messages.sqlite3", where, base)
     if not path:
         raise ConfigError("sqlite.path: must not be empty")
+    _check_file_path(path, "sqlite.path")
     return SqliteConfig(**_common(tree, where, ttl_default=0), path=path)
 
 
-def _server_tls(tree: ConfigTree) -> ServerTlsConfig:
+def _check_file_path(path: str, field_name: str) -> None:
+    """A database file the service creates if missing: it must not be a directory,
+    and no existing part of its directory may be a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{field_name}: {path} is a directory, not a database file")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{field_name}: cannot create {path}: {parent} is not a directory")
+            return
+
+
+def _server_tls(tree: ConfigTree, base: Path) -> ServerTlsConfig:
     sub = _subtree(tree, "ssl", "exhook.")
     at = "exhook.ssl."
     verify = _get(sub, "verify", "verify_none")
@@ -381,9 +418,9 @@ def _server_tls(tree: ConfigTree) -> ServerTlsConfig:
         raise ConfigError(f"{at}verify: expected verify_peer or verify_none, got {verify!r}")
     opts = ServerTlsConfig(
         enable=_bool(sub, "enable", False, at),
-        certfile=_str(sub, "certfile", "", at),
-        keyfile=_str(sub, "keyfile", "", at),
-        cacertfile=_str(sub, "cacertfile", "", at),
+        certfile=_path(sub, "certfile", "", at, base),
+        keyfile=_path(sub, "keyfile", "", at, base),
+        cacertfile=_path(sub, "cacertfile", "", at, base),
         verify_peer=verify == "verify_peer",
     )
     if not opts.enable:
@@ -400,38 +437,40 @@ def _server_tls(tree: ConfigTree) -> ServerTlsConfig:
     return opts
 
 
-def _http(tree: ConfigTree) -> HttpConfig:
+def _http(tree: ConfigTree, grpc_listen: HostPort) -> HttpConfig:
     sub = _subtree(tree, "http", "exhook.")
     at = "exhook.http."
-    return HttpConfig(
+    http = HttpConfig(
         enable=_bool(sub, "enable", True, at),
-        listen=parse_host_port(_str(sub, "listen", "0.0.0.0:9001", at), 9001, f"{at}listen"),
+        listen=parse_host_port(_str(sub, "listen", "0.0.0.0:9001", at), None, f"{at}listen"),
         check_interval_ms=_duration_ms(sub, "check_interval", 5000, at, minimum=100),
     )
+    if http.enable and _same_socket(http.listen, grpc_listen):
+        raise ConfigError(f"{at}listen: {http.listen} takes the port of exhook.listen ({grpc_listen}): "
+                          "give the HTTP port its own")
+    return http
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_ANY_HOST = ("0.0.0.0", "::", "")
+
+
+def _same_socket(a: HostPort, b: HostPort) -> bool:
+    """Would binding both clash? Same port, and the same host or a wildcard on either side."""
+    return a.port == b.port and (a.host == b.host or a.host in _ANY_HOST or b.host in _ANY_HOST)
 
 
 def _size_bytes(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
-    """A size in bytes: an integer or a string such as ``"64MB"`` or ``"1GiB"``."""
-    value = _get(tree, key, default)
-    match = None if isinstance(value, bool) else _SIZE.match(str(value))
-    if not match:
-        raise ConfigError(f"{where}{key}: expected a size like 1048576, \"64MB\" or \"1GiB\", got {value!r}")
-    number = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
-    if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {minimum} bytes, got {number}")
-    return number
+    """A size in bytes: an integer or ``"64MB"`` (= 64 MiB, as EMQX counts), ``"1GiB"``."""
+    return _parsed(tree, key, default, where, parse_size_bytes, minimum, lambda n: f"{n} bytes")
 
 
-def _spool(tree: ConfigTree) -> SpoolConfig:
+def _spool(tree: ConfigTree, base: Path) -> SpoolConfig:
     sub = _subtree(tree, "spool", "exhook.")
     at = "exhook.spool."
-    path = _str(sub, "path", _SPOOL_DEFAULT.path, at)
+    path = _path(sub, "path", _SPOOL_DEFAULT.path, at, base)
     if not path:
         raise ConfigError(f"{at}path: must not be empty")
+    _check_file_path(path, f"{at}path")
     return SpoolConfig(path=path, max_bytes=_size_bytes(sub, "max_bytes", _SPOOL_DEFAULT.max_bytes, at,
                                                                 minimum=1 << 20))
 
@@ -451,7 +490,7 @@ def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
     return tuple(dict.fromkeys(blocks))
 
 
-def _parse_service(tree: ConfigTree) -> ServiceConfig:
+def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     where = "exhook."
     api = _subtree(tree, "emqx", where)
     at = "exhook.emqx."
@@ -465,8 +504,9 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
     log_format = _str(tree, "log_format", "text", where).lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"exhook.log_format: expected text or json, got {log_format!r}")
+    listen = parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), None, "exhook.listen")
     return ServiceConfig(
-        listen=parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), 9000, "exhook.listen"),
+        listen=listen,
         workers=workers or (os.cpu_count() or 1),
         publish_deadline_ms=_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
@@ -478,23 +518,26 @@ def _parse_service(tree: ConfigTree) -> ServiceConfig:
             api_key=_str(api, "api_key", "", at),
             api_secret=_str(api, "api_secret", "", at),
             request_timeout_ms=_duration_ms(api, "request_timeout", 5000, at, minimum=1),
-            ssl=_ssl(api, at),
+            ssl=_ssl(api, at, base),
         ),
-        ssl=_server_tls(tree),
-        http=_http(tree),
-        spool=_spool(tree),
+        ssl=_server_tls(tree, base),
+        http=_http(tree, listen),
+        spool=_spool(tree, base),
         allowed_clients=_allowed_clients(tree),
     )
 
 
-_BACKENDS: dict[str, Callable[[ConfigTree], BackendConfig]] = {
+_BACKENDS: dict[str, Callable[[ConfigTree, Path], BackendConfig]] = {
     "redis": _parse_redis,
     "mysql": _parse_mysql,
     "sqlite": _parse_sqlite,
 }
 
 
-def parse_config(tree: ConfigTree) -> Config:
+def parse_config(tree: ConfigTree, base: Path | None = None) -> Config:
+    """The typed config of a parsed tree; relative paths are taken relative to ``base``
+    (the config file's directory; the working directory if None)."""
+    where_from = Path(os.path.abspath(base if base is not None else os.curdir))
     _reject_unknown(tree, "")
     enabled = []
     for name in _BACKENDS:
@@ -505,29 +548,33 @@ def parse_config(tree: ConfigTree) -> Config:
         raise ConfigError("redis.enable / mysql.enable / sqlite.enable: no backend is enabled (enable exactly one)")
     if len(enabled) > 1:
         raise ConfigError(f"{'.enable / '.join(enabled)}.enable: more than one backend is enabled (enable exactly one)")
-    backend = _BACKENDS[enabled[0]](_subtree(tree, enabled[0], ""))
-    return Config(service=_parse_service(_subtree(tree, "exhook", "")), backend=backend)
+    backend = _BACKENDS[enabled[0]](_subtree(tree, enabled[0], ""), where_from)
+    return Config(service=_parse_service(_subtree(tree, "exhook", ""), where_from), backend=backend)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; its relative paths are relative to its directory."""
+    file = Path(os.path.abspath(path))
     try:
-        tree = ConfigFactory.parse_file(str(path), resolve=True)
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except Exception as exc:  # pyhocon raises several unrelated types on syntax errors
-        first = first_line(exc)
-        raise ConfigError(f"{path}: cannot parse HOCON: {first}") from None
-    return parse_config(tree)
-
-
-def load_config_string(text: str) -> Config:
-    """Parse HOCON text (tests and tools)."""
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {first_line(exc)}") from None
     try:
-        tree = ConfigFactory.parse_string(text, resolve=True)
+        tree = parse_hocon(text, basedir=str(file.parent))
+    except Exception as exc:  # pyhocon raises several unrelated types on syntax errors
+        raise ConfigError(f"{file}: cannot parse HOCON: {first_line(exc)}") from None
+    return parse_config(tree, file.parent)
+
+
+def load_config_string(text: str, base: Path | None = None) -> Config:
+    """Parse HOCON text (tests and tools); relative paths against ``base`` or the working directory."""
+    try:
+        tree = parse_hocon(text, basedir=str(base) if base is not None else None)
     except Exception as exc:
-        first = first_line(exc)
-        raise ConfigError(f"cannot parse HOCON: {first}") from None
-    return parse_config(tree)
+        raise ConfigError(f"cannot parse HOCON: {first_line(exc)}") from None
+    return parse_config(tree, base)
 
 
 def config_secrets(cfg: Config) -> tuple[str, ...]:
@@ -539,3 +586,40 @@ def config_secrets(cfg: Config) -> tuple[str, ...]:
     api = cfg.service.emqx
     token = base64.b64encode(f"{api.api_key}:{api.api_secret}".encode()).decode() if api.api_secret else ""
     return tuple(s for s in (password, api.api_secret, token) if s)
+
+
+def backend_name(backend: BackendConfig) -> str:
+    """The config block of ``backend``: ``redis``, ``mysql`` or ``sqlite``."""
+    if isinstance(backend, RedisConfig):
+        return "redis"
+    if isinstance(backend, MysqlConfig):
+        return "mysql"
+    return "sqlite"
+
+
+# EMQX's default exhook request_timeout (emqx_exhook_schema): it gives up on a call after it
+EMQX_REQUEST_TIMEOUT_MS = 5000
+
+
+def config_warnings(cfg: Config) -> tuple[str, ...]:
+    """What is valid but almost certainly not meant: one line each, naming the field
+    (logged at start-up, printed by check-config)."""
+    out = []
+    where = f"{backend_name(cfg.backend)}.topics"
+    topics = cfg.backend.topics
+    if not topics:
+        out.append(f"{where} is empty: the backend is inactive, no hook is registered and nothing is stored")
+    for flt in topics:
+        if flt.startswith("$SYS/") or flt == "$SYS":
+            out.append(f"{where}: {flt!r} never matches: EMQX does not pass $SYS messages to exhooks")
+    if topics and all(flt.startswith("$SYS") for flt in topics):
+        out.append(f"{where}: no filter can match a message: nothing will be stored")
+    deadline = cfg.service.publish_deadline_ms
+    if deadline >= EMQX_REQUEST_TIMEOUT_MS:
+        out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below EMQX's default exhook "
+                   f"request_timeout ({format_duration(EMQX_REQUEST_TIMEOUT_MS)}): EMQX gives up on message.publish "
+                   "first and applies its failed_action; keep it well below (the default is 500ms)")
+    if not cfg.service.emqx.api_key:
+        out.append("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401) until it is set "
+                   "(an API key with the administrator role, e.g. through EMQX_API_KEY / EMQX_API_SECRET)")
+    return tuple(out)

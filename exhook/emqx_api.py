@@ -1,4 +1,11 @@
-"""Client of EMQX's REST API: publish/bulk for replays, subscribe/bulk for restores."""
+"""Client of EMQX's REST API: publish/bulk for replays, subscribe/bulk for restores,
+and the cheap authenticated call readiness makes (``check``).
+
+Failures are counted in ``emqx_api_errors_total{endpoint, status}`` with one
+vocabulary for ``status``: the HTTP status code when EMQX answered with an error
+(``401``, ``403``, ``503``, ...), ``unreachable`` when no connection could be made
+and ``timeout`` when no answer came within ``exhook.emqx.request_timeout``.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +28,17 @@ REPLAY_PROPERTY = "offline-exhook-replay"
 NO_MATCHING_SUBSCRIBERS = 16
 
 
-class EmqxApiError(Exception):
-    """The REST call failed: unreachable, refused, or an error status."""
+UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
+# the call readiness makes: authenticated (EMQX's /status is not), cheap, read-only
+CHECK_PATH = "/api/v5/exhooks"
 
-    def __init__(self, message: str, status: int | None = None, retryable: bool = True) -> None:
+
+class EmqxApiError(Exception):
+    """The REST call failed: unreachable, refused, or an error status. ``status`` is
+    the HTTP code, or ``"unreachable"`` / ``"timeout"`` when no answer came."""
+
+    def __init__(self, message: str, status: int | str = UNREACHABLE, retryable: bool = True) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
@@ -103,37 +117,63 @@ class EmqxApi:
             raise EmqxApiError(f"subscribe/bulk answered {status}: {_short(answer)}", status, status >= 500)
         return True
 
+    async def check(self) -> str | None:
+        """One authenticated read (``GET /api/v5/exhooks``, allowed to the viewer and
+        administrator roles): None if EMQX accepted the key, else why not, in one line.
+        Not counted in ``emqx_api_errors_total``: the ``emqx_api_up`` gauge shows it."""
+        try:
+            status, answer = await self._send("GET", CHECK_PATH, None)
+        except EmqxApiError as exc:
+            return str(exc)
+        if status < 400:
+            return None
+        return refusal(status) or f"{status} from GET {CHECK_PATH}: {_short(answer)}"
+
     async def _post(self, endpoint: str, path: str, body: Any) -> tuple[int, Any]:
         try:
-            status, answer = await self._send(path, body)
-        except EmqxApiError:
-            self._count_error(endpoint, None)
+            status, answer = await self._send("POST", path, body)
+        except EmqxApiError as exc:
+            self._count_error(endpoint, exc.status)
             raise
         if status >= 400:
             self._count_error(endpoint, status)
-            if status == 401:
-                raise EmqxApiError("EMQX API refused the API key (401): check exhook.emqx.api_key/api_secret",
-                                   401, retryable=False)
+            refused = refusal(status)
+            if refused is not None:  # retrying cannot help: the key or its role is wrong
+                raise EmqxApiError(f"EMQX API at {self._cfg.url}: {refused}", status, retryable=False)
         return status, answer
 
-    def _count_error(self, endpoint: str, status: int | None) -> None:
+    def _count_error(self, endpoint: str, status: int | str) -> None:
         if self._metrics is not None:
             self._metrics.api_error(endpoint, status)
 
-    async def _send(self, path: str, body: Any) -> tuple[int, Any]:
+    async def _send(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if self._session is None:
             raise EmqxApiError("EMQX API client is not started")
         try:
-            async with self._session.post(path, json=body) as resp:
-                try:
-                    answer = await resp.json(content_type=None)
-                except ValueError:
-                    answer = await resp.text()
-                return resp.status, answer
+            async with self._session.request(method, path, json=body) as resp:
+                return resp.status, await read_answer(resp)
         except aiohttp.ClientError as exc:
-            raise EmqxApiError(f"EMQX API unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
+            raise EmqxApiError(f"unreachable at {self._cfg.url}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
-            raise EmqxApiError(f"EMQX API timed out at {self._cfg.url}") from exc
+            raise EmqxApiError(f"no answer within {self._cfg.request_timeout_ms} ms at {self._cfg.url}",
+                               TIMEOUT) from exc
+
+
+def refusal(status: int) -> str | None:
+    """What a 401 or 403 from EMQX means for this service, or None for other codes."""
+    if status == 401:
+        return "401 unauthorized (check exhook.emqx.api_key / api_secret)"
+    if status == 403:
+        return "403 forbidden (the API key needs the administrator role)"
+    return None
+
+
+async def read_answer(resp: aiohttp.ClientResponse) -> Any:
+    """EMQX's answer: JSON, or its text when it is not (a proxy's error page)."""
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return await resp.text()
 
 
 def basic_auth(key: str, secret: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from exhook.cli.output import CliError, fail
 from exhook.cli.parser import parse_args
-from exhook.config import Config, ConfigError, config_secrets, load_config
+from exhook.config import Config, ConfigError, backend_name, config_secrets, config_warnings, load_config
 from exhook.logs import stderr_handler
 from exhook.runner import run
 from storage.base import StoreConfigError, StoreError
@@ -45,9 +45,11 @@ def _command_logging(cfg: Config) -> Iterator[None]:
 
 
 def _print_config(cfg: Config, args: argparse.Namespace) -> int:
-    from exhook.cli.effective_config import backend_name, render
+    from exhook.cli.effective_config import render
 
     print(render(cfg, getattr(args, "json", False), args.config))
+    for warning in config_warnings(cfg):
+        print(f"offline-exhook: warning: {warning}", file=sys.stderr)
     print(f"offline-exhook: {args.config} is valid (backend {backend_name(cfg.backend)})", file=sys.stderr)
     return 0
 
@@ -60,7 +62,7 @@ def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
         return run(cfg)
     if command == "check-config":
         return _print_config(cfg, args)
-    from exhook.cli import register, stored
+    from exhook.cli import register, spooled, stored
 
     with _command_logging(cfg):
         if command == "register":
@@ -73,6 +75,10 @@ def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
             return asyncio.run(stored.subscriptions(cfg, args))
         if command == "purge":
             return asyncio.run(stored.purge(cfg, args))
+        if command == "set-aside":
+            return asyncio.run(spooled.set_aside(cfg, args))
+        if command == "spool":
+            return asyncio.run(spooled.spooled(cfg, args))
     raise AssertionError(f"unknown command {command}")  # the parser only knows the commands above
 
 

@@ -1,13 +1,19 @@
 """The service's Prometheus metrics, served on ``/metrics``.
 
-Each ``Service`` owns one registry (tests run several services in one process).
-Labelled children that sit on the hot path are resolved once here, because
-``.labels()`` costs a dict lookup and a lock on every call.
+Each ``Service`` owns one registry (tests run several services in one process),
+with the standard ``process_*`` metrics of prometheus-client's ProcessCollector
+(RSS, open fds, CPU) and ``offline_exhook_build_info``. Labelled children that sit
+on the hot path are resolved once here, because ``.labels()`` costs a dict lookup
+and a lock on every call.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from exhook.buildinfo import build_info
 
 PREFIX = "offline_exhook_"
 
@@ -36,6 +42,10 @@ HOOK_OF_RPC = {
     "OnMessageAcked": "message.acked",
 }
 
+RPC_OF_HOOK = {hook: rpc for rpc, hook in HOOK_OF_RPC.items()}
+# the broker always calls this one: its counter says whether EMQX ever loaded the service
+ALWAYS_CALLED = ("OnProviderLoaded",)
+
 SKIP_REASONS = ("qos0", "untracked", "sys", "replay")
 DEADLINE_REASONS = ("store_slow", "spool_full")
 
@@ -44,12 +54,30 @@ _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
+class _LabelsOnDemand(dict[str, Counter]):
+    """rpc name -> its labelled child, created at its first use: a hook the service
+    never registered shows up only if a broker calls it anyway."""
+
+    def __init__(self, family: Counter) -> None:
+        super().__init__()
+        self._family = family
+
+    def __missing__(self, rpc: str) -> Counter:
+        child = self[rpc] = self._family.labels(HOOK_OF_RPC.get(rpc, rpc))
+        return child
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = reg = registry if registry is not None else CollectorRegistry()
         p = PREFIX
+        ProcessCollector(registry=reg)
+        info = build_info()
+        Gauge(f"{p}build_info", "Always 1; the labels say which build runs", list(info), registry=reg,
+              multiprocess_mode="max").labels(**info).set(1)
         self._hook_calls = Counter(f"{p}hook_calls", "ExHook calls received, per hook", ["hook"], registry=reg)
-        self.hook_calls = {rpc: self._hook_calls.labels(hook) for rpc, hook in HOOK_OF_RPC.items()}
+        self.hook_calls = _LabelsOnDemand(self._hook_calls)
+        self.expect_hooks(())
 
         self.messages_stored = Counter(
             f"{p}messages_stored", "Messages durably stored before message.publish was answered", registry=reg)
@@ -114,8 +142,18 @@ class Metrics:
             f"{p}loop_restarts", "Background loops restarted after an unexpected failure, by loop", ["loop"],
             registry=reg)
 
-        self._api_errors = Counter(f"{p}emqx_api_errors", "Failed EMQX REST API calls, by endpoint and HTTP "
-                                   "status (\"error\" when no answer came)", ["endpoint", "status"], registry=reg)
+        self._api_errors = Counter(f"{p}emqx_api_errors", "Failed EMQX REST API calls, by endpoint and status: "
+                                   "the HTTP status code (\"401\", \"503\", ...), \"unreachable\" (no connection) "
+                                   "or \"timeout\" (no answer within exhook.emqx.request_timeout)",
+                                   ["endpoint", "status"], registry=reg)
+        self.emqx_api_up = Gauge(f"{p}emqx_api_up", "1 when EMQX's REST API accepted the API key at its last check",
+                                 registry=reg, multiprocess_mode="livemin")
+
+    def expect_hooks(self, hooks: Iterable[str]) -> None:
+        """Show a zero for each hook the service registers (and provider.loaded), so a
+        rate() works before the first call; others appear when first called."""
+        for rpc in (*ALWAYS_CALLED, *(RPC_OF_HOOK[hook] for hook in hooks)):
+            self.hook_calls[rpc]  # creating the child is the point
 
     def store_failure(self, operation: str) -> None:
         self._store_failures.labels(operation).inc()
@@ -129,8 +167,9 @@ class Metrics:
     def loop_restarted(self, loop: str) -> None:
         self._loop_restarts.labels(loop).inc()
 
-    def api_error(self, endpoint: str, status: int | None) -> None:
-        self._api_errors.labels(endpoint, str(status) if status is not None else "error").inc()
+    def api_error(self, endpoint: str, status: int | str) -> None:
+        """``status``: the HTTP status code, or ``"unreachable"`` / ``"timeout"``."""
+        self._api_errors.labels(endpoint, str(status)).inc()
 
     def sample(self, name: str, **labels: str) -> float:
         """Current value of one sample, by its exposed name (``..._total`` for

@@ -1,14 +1,17 @@
 """The small HTTP port for operators: ``/healthz``, ``/readyz``, ``/metrics``.
 
 ``/healthz`` answers 200 while the process runs (a liveness probe); ``/readyz``
-answers 200 while the backend is reachable and 503 with the reason otherwise;
+answers 200 while every readiness condition is ok (``exhook.health``) and 503 with
+the failing ones otherwise; ``/readyz?exclude=emqx_api`` leaves the named
+conditions out (as Kubernetes' own ``/readyz?exclude=``): that is the check for a
+load balancer or compose's start order, which must not wait for EMQX itself.
 ``/metrics`` is the Prometheus text exposition of the service's registry.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from aiohttp import web
@@ -20,11 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class ReadinessView(Protocol):
-    @property
-    def ready(self) -> bool: ...
-
-    @property
-    def reason(self) -> str: ...
+    def failing(self, exclude: Collection[str] = ()) -> list[str]:
+        """``name: reason`` of every condition that is not ok (none: ready)."""
+        ...
 
 
 class OpsHttpServer:
@@ -73,10 +74,12 @@ class OpsHttpServer:
         return web.json_response({"status": "down"}, status=503)
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        r = self._readiness
-        if r.ready:
+        exclude = {name.strip() for value in request.query.getall("exclude", []) for name in value.split(",")}
+        failing = self._readiness.failing(exclude)
+        if not failing:
             return web.json_response({"status": "ready", "backend": self._backend})
-        return web.json_response({"status": "not ready", "backend": self._backend, "reason": r.reason}, status=503)
+        return web.json_response({"status": "not ready", "backend": self._backend, "reason": "; ".join(failing)},
+                                 status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self._registry)

@@ -7,10 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from exhook.config import Config, config_secrets
+from exhook.config import Config, config_secrets, config_warnings
+from exhook.health import Conditions, ReadinessListener
 from exhook.logs import setup_logging
 from exhook.spool import SpoolError
 from exhook.supervisor import run_workers
@@ -30,8 +30,7 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config, on_readiness: Callable[[bool, str], None] | None = None,
-                worker: int | None = None) -> int:
+async def serve(cfg: Config, on_readiness: ReadinessListener | None = None, worker: int | None = None) -> int:
     """Run until SIGTERM/SIGINT. Exit status: 0 when every answered write is in the
     store or the spool, 1 when some were lost, 2 when start-up failed."""
     from exhook.server import Service
@@ -55,11 +54,11 @@ async def serve(cfg: Config, on_readiness: Callable[[bool, str], None] | None = 
     return 1 if lost else 0
 
 
-def _report_to(parent: Connection) -> Callable[[bool, str], None]:
-    def report(ready: bool, reason: str) -> None:
-        # a few bytes per change of state: the pipe's buffer takes them without blocking
+def _report_to(parent: Connection) -> ReadinessListener:
+    def report(conditions: Conditions) -> None:
+        # a few hundred bytes per change of state: the pipe's buffer takes them without blocking
         try:
-            parent.send((ready, reason))
+            parent.send(conditions)
         except OSError:
             pass  # the parent is gone, and it stops its workers when it goes
     return report
@@ -74,6 +73,8 @@ def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
 def run(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the process."""
     setup_service_logging(cfg)
+    for warning in config_warnings(cfg):  # once, before any worker starts
+        log.warning("config: %s", warning, extra={"event": "config_warning"})
     if cfg.service.workers > 1:
         log.info("starting %d worker processes on %s", cfg.service.workers, cfg.service.listen)
         return run_workers(cfg, _worker)

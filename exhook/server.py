@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer,
 from exhook.client_queue import ClientQueues
 from exhook.config import Config, config_secrets
 from exhook.emqx_api import EmqxApi
-from exhook.health import Readiness
+from exhook.health import EMQX_API, Readiness, ReadinessListener
 from exhook.hooks import HookLogic
+from exhook.listen import add_grpc_port
 from exhook.logs import redactor
 from exhook.loops import Loops
 from exhook.metrics import Metrics
@@ -38,7 +38,6 @@ from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
 from exhook.spool import Spool, adopt_orphans, orphan_paths
-from exhook.tls import grpc_server_credentials
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter, WriterSettings
 from storage.base import Store, StoreConfigError, StoreError
@@ -66,7 +65,7 @@ class Service:
     config: Config
     store: Store | None = None  # tests may bring their own
     metrics: Metrics = field(default_factory=Metrics)
-    on_readiness: Callable[[bool, str], None] | None = None  # a worker reports to its parent
+    on_readiness: ReadinessListener | None = None  # a worker reports its readiness conditions to its parent
     worker: int | None = None  # index under the supervisor (its own spool), None when alone
     reuse_port: bool = False  # SO_REUSEPORT: only among the service's own workers
     port: int = 0
@@ -131,6 +130,8 @@ class Service:
         api = EmqxApi(cfg.service.emqx, self.metrics)
         await api.start()
         stack.push_async_callback(api.close)
+        self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up)
+        await self.readiness.probe_now(EMQX_API)  # at start-up, then at every check
         self._queues = ClientQueues(self.metrics)
         server = await self._start_grpc(self._logic(gate.store, writer, api))
         stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
@@ -185,17 +186,11 @@ class Service:
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ])
+        self.metrics.expect_hooks(name for name, _ in logic.hook_specs())
         add_servicers(server, logic, self.metrics, svc.allowed_clients)
         health_pb2_grpc.add_HealthServicer_to_server(self.readiness.grpc_health, server)
-        try:
-            if svc.ssl.enable:
-                self.port = server.add_secure_port(f"{svc.listen}", grpc_server_credentials(svc.ssl))
-            else:
-                self.port = server.add_insecure_port(f"{svc.listen}")
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"exhook.listen: cannot listen on {svc.listen} (address in use or not available)")
+        # a bad or taken address: one OSError naming exhook.listen (exit status 2)
+        self.port = await add_grpc_port(server, svc.listen, svc.ssl, reuse_port=self.reuse_port)
         await server.start()
         return server
 
@@ -241,8 +236,6 @@ class Service:
 
     def _log_started(self, backend: str, tracked: TopicSet) -> None:
         svc = self.config.service
-        if not tracked:
-            log.warning("%s.topics is empty: the backend is inactive and no hooks are registered", backend)
         log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
                  svc.listen.host, self.port, ", TLS" if svc.ssl.enable else "", backend,
                  ", ".join(tracked.filters) or "-")

@@ -148,13 +148,13 @@ class HookProvider:
     # -- the gate every call passes -------------------------------------------------------
     def handler(self, rpc: str) -> Handler:
         hook = HOOK_OF_RPC[rpc]
-        calls = self._calls[rpc]
         check = _CHECKS.get(rpc)
         body = self._hooks.get(rpc, self._unused(rpc))
         valued = rpc in ("OnMessagePublish", "OnClientAuthenticate", "OnClientAuthorize")
 
         async def gate(request: Any, context: Ctx) -> Any:
-            calls.inc()
+            # looked up per call: a hook's counter appears at its first call (Metrics.hook_calls)
+            self._calls[rpc].inc()
             if not self._peers.allows(context.peer()):
                 return self._reject(context, hook, "not_allowed", grpc.StatusCode.PERMISSION_DENIED,
                                     context.peer(), valued)

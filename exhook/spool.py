@@ -28,36 +28,22 @@ from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMe
 
 T = TypeVar("T")
 
+# the columns of one write op, in both tables (see encode/decode)
+_OP_COLUMNS_DDL = """
+        kind TEXT NOT NULL,
+        msgid TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        sender TEXT NOT NULL DEFAULT '',
+        qos INTEGER NOT NULL DEFAULT 0,
+        flag INTEGER NOT NULL DEFAULT 0,
+        other TEXT NOT NULL DEFAULT '',
+        payload BLOB NOT NULL DEFAULT x'',
+        ts INTEGER NOT NULL DEFAULT 0"""
 _SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS ops (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL,
-        msgid TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        sender TEXT NOT NULL DEFAULT '',
-        qos INTEGER NOT NULL DEFAULT 0,
-        flag INTEGER NOT NULL DEFAULT 0,
-        other TEXT NOT NULL DEFAULT '',
-        payload BLOB NOT NULL DEFAULT x'',
-        ts INTEGER NOT NULL DEFAULT 0,
-        size INTEGER NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS set_aside (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at_ms INTEGER NOT NULL,
-        backend TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        msgid TEXT NOT NULL,
-        topic TEXT NOT NULL,
-        sender TEXT NOT NULL DEFAULT '',
-        qos INTEGER NOT NULL DEFAULT 0,
-        flag INTEGER NOT NULL DEFAULT 0,
-        other TEXT NOT NULL DEFAULT '',
-        payload BLOB NOT NULL DEFAULT x'',
-        ts INTEGER NOT NULL DEFAULT 0
-    )""",
+    f"CREATE TABLE IF NOT EXISTS ops (seq INTEGER PRIMARY KEY AUTOINCREMENT, {_OP_COLUMNS_DDL}, "
+    "size INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS set_aside (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, "
+    f"backend TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, {_OP_COLUMNS_DDL})",
 )
 _COLUMNS = "kind, msgid, topic, sender, qos, flag, other, payload, ts"
 # set_aside keeps the newest rows only: it is for inspection, not a second store

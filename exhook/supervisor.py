@@ -4,8 +4,8 @@ gRPC sets SO_REUSEPORT, so the kernel spreads the broker's connections over the
 workers, each with its own pools and writer. The parent owns the HTTP port: its
 ``/metrics`` adds up every worker's metrics (prometheus-client's multiprocess
 mode: each worker writes its values to files in a private directory), and its
-``/readyz`` is ready while every worker is alive and reaches the backend (each
-worker reports its readiness, with the reason, over a pipe).
+``/readyz`` is ready while every worker is alive and all its readiness conditions
+are ok (each worker sends its conditions, with their reasons, over a pipe).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -25,8 +24,11 @@ from multiprocessing.process import BaseProcess
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from exhook.config import Config, HostPort
+from exhook.config import Config, HostPort, backend_name
+from exhook.health import Conditions, failing_reasons
+from exhook.listen import port_problem
 from exhook.ops_http import OpsHttpServer
+from exhook.process_metrics import ProcessesCollector
 
 log = logging.getLogger("exhook")
 
@@ -34,13 +36,14 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class WorkersReadiness:
-    """Readiness of the whole set. Each worker sends its own ``(ready, reason)`` over
-    a pipe whenever it changes, so ``/readyz`` can say which worker is not ready and why."""
+    """Readiness of the whole set. Each worker sends its readiness conditions over a
+    pipe whenever they change, so ``/readyz`` can say which worker is not ready and why
+    (and leave conditions out with ``?exclude=``, as a single process does)."""
 
     def __init__(self, procs: Sequence[BaseProcess], reports: Sequence[Connection]) -> None:
         self._procs = procs
         self._reports = reports
-        self._states: dict[int, tuple[bool, str]] = {}
+        self._states: dict[int, Conditions] = {}
 
     def listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,40 +69,22 @@ class WorkersReadiness:
     def all_alive(self) -> bool:
         return all(proc.is_alive() for proc in self._procs)
 
-    @property
-    def ready(self) -> bool:
-        return not self.reason
-
-    @property
-    def reason(self) -> str:
+    def failing(self, exclude: Collection[str] = ()) -> list[str]:
         exited = [proc.name for proc in self._procs if not proc.is_alive()]
         if exited:
-            return f"worker process {', '.join(exited)} has exited"
+            return [f"worker process {', '.join(exited)} has exited"]
         waiting = []
         for index in range(len(self._procs)):
-            ready, why = self._states.get(index, (False, "starting"))
-            if not ready:
-                waiting.append(f"worker {index}: {why}")
-        return "; ".join(waiting)
+            conditions = self._states.get(index, {"worker": (False, "starting")})
+            waiting += [f"worker {index}: {why}" for why in failing_reasons(conditions, exclude)]
+        return waiting
 
 
 def port_is_free(listen: HostPort) -> str:
     """Why the gRPC address cannot be ours ("" when it can): the workers share the
     port with SO_REUSEPORT, which would also let them join another process that
     serves it with that option; a plain bind first refuses any port in use."""
-    try:
-        infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        return f"exhook.listen: cannot resolve {listen.host}: {exc.strerror}"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        # as gRPC does: connections of an earlier run in TIME_WAIT do not hold the port
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return f"exhook.listen: cannot listen on {listen}: {exc.strerror}"
-    return ""
+    return port_problem(listen, reuse_port=False)
 
 
 def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], None]) -> int:
@@ -125,8 +110,9 @@ async def _supervise(cfg: Config, procs: Sequence[BaseProcess], view: WorkersRea
     if cfg.service.http.enable:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, metrics_dir)  # type: ignore[no-untyped-call]
-        backend = type(cfg.backend).__name__.removesuffix("Config").lower()
-        http = OpsHttpServer(cfg.service.http.listen, view, registry, backend, alive=view.all_alive)
+        # the multiprocess files carry no process_* metrics: read them for the parent and each worker
+        registry.register(ProcessesCollector(lambda: _process_ids(procs)))
+        http = OpsHttpServer(cfg.service.http.listen, view, registry, backend_name(cfg.backend), alive=view.all_alive)
         try:
             await http.start()
         except OSError as exc:
@@ -139,6 +125,13 @@ async def _supervise(cfg: Config, procs: Sequence[BaseProcess], view: WorkersRea
         view.close()
         if http is not None:
             await http.stop()
+
+
+def _process_ids(procs: Sequence[BaseProcess]) -> dict[str, int]:
+    """``process`` label -> pid: the supervisor and each live worker."""
+    ids = {"supervisor": os.getpid()}
+    ids.update({f"worker-{i}": proc.pid for i, proc in enumerate(procs) if proc.pid is not None and proc.is_alive()})
+    return ids
 
 
 async def _run_until_exit(procs: Sequence[BaseProcess], worker_ends: Sequence[Connection], metrics_dir: str) -> int:

@@ -12,17 +12,19 @@ is in the local spool on disk, the store gets it later), REJECTED (the store ref
 it for good: set aside, logged, counted; the other ops of its batch are written)
 or REFUSED (neither the store nor the spool could take it: not stored, counted).
 
-Spool mode. When a store write fails, or a caller's deadline is about to pass while
-its op waits for a slow store (``spill``), the unwritten ops (the batch in flight
-first, then the queue) go to the spool, and from then on every new op too, in
-order, until a drainer has moved the whole spool into the store; then the writer
-writes to the store directly again. Ops are idempotent, so an op that was both in a
+Spool mode. A failed store write is tried again (backoff with jitter) for as long
+as its callers can wait. When a caller's deadline is about to pass (``spill``), too
+many ops pile up (``max_pending``), or the writer closes, the unwritten ops (the
+batch in flight first, then the queue) go to the spool, and from then on every new
+op too, in order, until a drainer has moved the whole spool into the store; then the
+writer writes to the store directly again. Ops are idempotent, so an op that was both in a
 write that succeeded late and in the spool is applied twice without harm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -108,11 +110,13 @@ class OrderedWriter:
         self._direct_idle.set()
         self._idle = asyncio.Event()
         self._spool_lock = asyncio.Lock()
+        self._spill_wanted = asyncio.Event()  # wakes a batch waiting to try the store again
         self._spooling = spool.count > 0  # an earlier run left ops: they go first
         self._closing = False
         self._failing: _Failing | None = None
         self._refusals = _RateLimitedLog()
         self._lost = 0
+        self._spool_shown = (-1, -1)
         self._single_seq: int | None = None  # the op a one-at-a-time drain keeps failing on, and how often
         self._single_failures = 0
         self._drainer: asyncio.Task[None] | None = None
@@ -148,7 +152,10 @@ class OrderedWriter:
             # memory is bounded: a store that cannot keep up sends the backlog to disk
             self._spooling = True
             self._has_work.set()
-        self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
+            self._spill_wanted.set()
+        if len(self._queue) > self._cfg.batch_size:
+            # a backlog: the gauge must show it growing (otherwise each batch updates it)
+            self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
         return entry
 
     async def spill(self, entry: Entry) -> None:
@@ -195,18 +202,36 @@ class OrderedWriter:
         self._in_flight_since = time.monotonic()
         self._direct_idle.clear()
         try:
-            async with asyncio.timeout(self._cfg.stall_after_s):
-                await self._write_isolating(batch)
-        except Exception as exc:  # the store is down or failing: the spool takes over
-            self._note_failure(exc)
-            await self._spool_pending(start=True)
-        else:
-            self._note_success()
+            await self._write_until_done(batch)
         finally:
             self._in_flight = []
             self._in_flight_since = None
             self._direct_idle.set()
             self._update_gauges()
+
+    async def _write_until_done(self, batch: list[Entry]) -> None:
+        """Write the batch, trying again after a failure for as long as its callers
+        can wait: when one of them needs an answer (``spill``), too much piles up
+        behind it, or the writer closes, the spool takes over."""
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._cfg.stall_after_s):
+                    await self._write_isolating(batch)
+            except Exception as exc:  # the store is down or failing
+                self._note_failure(exc)
+                failures += 1
+                if not self._spooling and not self._closing:
+                    self._spill_wanted.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._cfg.backoff.delay(failures)):
+                            await self._spill_wanted.wait()
+                if self._spooling or self._closing or all(e.settled for e in batch):
+                    await self._spool_pending(start=True)
+                    return
+                continue
+            self._note_success()
+            return
 
     async def _write_isolating(self, entries: list[Entry]) -> None:
         """Write ``entries`` in order; an op the store refuses for good is set aside
@@ -267,6 +292,7 @@ class OrderedWriter:
         async with self._spool_lock:
             if start:
                 self._spooling = True
+                self._spill_wanted.set()
             if not self._spooling:
                 return  # the spool was drained meanwhile: the queue is written directly
             entries = [e for e in self._in_flight if not e.settled] + list(self._queue)
@@ -411,8 +437,11 @@ class OrderedWriter:
         if self._idle_now():
             self._idle.set()
         self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
-        self._metrics.spool_pending.set(self._spool.count)
-        self._metrics.spool_bytes.set(self._spool.bytes)
+        spool = (self._spool.count, self._spool.bytes)
+        if spool != self._spool_shown:  # once per batch, and the spool rarely changes
+            self._spool_shown = spool
+            self._metrics.spool_pending.set(spool[0])
+            self._metrics.spool_bytes.set(spool[1])
 
     # -- shutdown -------------------------------------------------------------------------
     async def close(self, timeout: float) -> int:

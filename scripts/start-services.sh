@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the local MariaDB and Redis that the tests use, if they are not running;
-# installs them from Debian's packages first on a machine that lacks them.
+# installs them (and promtool) from Debian's packages first on a machine that lacks them.
 set -euo pipefail
 
 need_pkgs=()
@@ -8,8 +8,20 @@ command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-sentinel >/dev/null || need_pkgs+=(redis-sentinel)
 [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+# promtool checks and unit-tests monitoring/alerts.yml (tests/test_alerts.py); only the tool is needed,
+# not the Prometheus server's recommends
+need_tools=()
+command -v promtool >/dev/null || need_tools+=(prometheus)
+if [ ${#need_pkgs[@]} -gt 0 ] || [ ${#need_tools[@]} -gt 0 ]; then
+    apt-get update -qq
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+fi
+if [ ${#need_tools[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_tools[@]}"
+    # the package would also run a Prometheus server where systemd starts services: the tests need none
+    if command -v systemctl >/dev/null; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -9,15 +9,15 @@ from storage.config import BackendConfig, MysqlConfig, RedisConfig, SqliteConfig
 
 def create_store(cfg: BackendConfig) -> Store:
     if isinstance(cfg, RedisConfig):
-        from storage.redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.redis import RedisStore
 
         return RedisStore(cfg)
     if isinstance(cfg, MysqlConfig):
-        from storage.mysql_store import MysqlStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.mysql import MysqlStore
 
         return MysqlStore(cfg)
     if isinstance(cfg, SqliteConfig):
-        from storage.sqlite_store import SqliteStore  # type: ignore[import-not-found,unused-ignore]
+        from storage.sqlite import SqliteStore
 
         return SqliteStore(cfg)
     raise TypeError(f"unknown backend config {type(cfg).__name__}")

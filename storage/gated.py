@@ -19,6 +19,11 @@ from typing import Any, cast
 from storage.base import Store, StoreError
 from storage.errors import first_line
 
+
+class StoreNotOpen(StoreError):
+    """The store has not been opened yet; the text says why the last try failed."""
+
+
 # Operations not reported as failures: readiness reports a failing ping itself.
 _UNCOUNTED = frozenset({"ping"})
 _OPERATIONS = frozenset(Store.__abstractmethods__) - {"open", "close"}
@@ -54,7 +59,7 @@ class GatedStore:
     def _check(self) -> Store:
         if not self.is_open:
             why = f" ({self.open_error})" if self.open_error else ""
-            raise StoreError(f"{self.name} is not connected yet{why}")
+            raise StoreNotOpen(f"{self.name} is not connected yet{why}")
         return self.inner
 
     def __getattr__(self, operation: str) -> Any:

@@ -1,5 +1,6 @@
-# Real Redis topologies (sentinel, cluster, TLS, ACL) started by fixtures on loopback ports.
-pytest_plugins = ["tests.redis_fixtures"]
+# Real Redis topologies (sentinel, cluster, TLS, ACL) started by fixtures on loopback ports;
+# a database of its own per MySQL test module.
+pytest_plugins = ["tests.redis_fixtures", "tests.mysql_fixtures"]
 
 from collections.abc import Iterator  # noqa: E402
 

@@ -149,7 +149,7 @@ def test_old_check_config_flag_does_the_same(tmp_path: Path, capsys: pytest.Capt
 
 @pytest.mark.parametrize(("text", "line"), [
     ("sqlite { enable = true, batch_size = 0 }",
-     "offline-exhook: config error: sqlite.batch_size: must be >= 1 and 10000, got 0"),
+     "offline-exhook: config error: sqlite.batch_size: must be between 1 and 10000, got 0"),
     ("redis { enable = true, pasword = x }", "offline-exhook: config error: redis.pasword: unknown field"),
     ("exhook { }", "offline-exhook: config error: redis.enable / mysql.enable / sqlite.enable: "
                    "no backend is enabled (enable exactly one)"),
@@ -176,3 +176,31 @@ def test_check_config_as_a_subprocess_never_shows_a_secret(tmp_path: Path) -> No
     assert REDIS_PASSWORD not in proc.stdout + proc.stderr and API_SECRET not in proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"# effective configuration of {path}")
     assert "redis {" in proc.stdout and "enable = true" in proc.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("offline-exhook 0.1.0 (python 3.") and ", grpcio 1." in out
+
+
+def test_check_config_prints_the_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, 'sqlite { enable = true, topics = [] }\nexhook { publish_deadline = 6s }')
+    assert run_cli(["check-config", "--config", str(path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[2].strip() for line in err[:3]] == [
+        "sqlite.topics is empty", "exhook.publish_deadline 6s is not below EMQX's default exhook request_timeout (5s)",
+        "exhook.emqx.api_key is empty"]
+    assert all(line.startswith("offline-exhook: warning: ") for line in err[:3])
+    assert err[3] == f"offline-exhook: {path} is valid (backend sqlite)"
+
+
+def test_store_commands_name_the_absolute_path_of_a_relative_sqlite_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    write(etc, 'sqlite { enable = true, path = "data/store.sqlite3", topics = ["t/#"] }')
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["messages", "--config", "etc/c.hocon", "--topic", "t/#"]) == 2
+    assert capsys.readouterr().err == f"offline-exhook: sqlite.path: no database at {etc}/data/store.sqlite3\n"

@@ -83,7 +83,8 @@ async def test_register_posts_then_does_nothing_then_puts_what_changed(
                    f"in EMQX at {api_url(emqx)}\n")
     assert emqx.exhooks.servers == [{
         "name": "offline-exhook", "enable": True, "url": "http://127.0.0.1:9000", "request_timeout": "5s",
-        "failed_action": "deny", "auto_reconnect": "60s", "pool_size": 8,
+        # the defaults: a down service must not deny publishes; EMQX retries loading it after 10 s
+        "failed_action": "ignore", "auto_reconnect": "10s", "pool_size": 8,
         "socket_options": {"keepalive": True, "nodelay": True}, "ssl": {**SSL_DEFAULTS, "enable": False},
     }]
 
@@ -94,14 +95,14 @@ async def test_register_posts_then_does_nothing_then_puts_what_changed(
         "offline-exhook: exhook 'offline-exhook' is already registered with these settings: nothing to do\n")
 
     # other settings: one PUT with the whole entry
-    argv = ["register", "--config", cfg, "--pool-size", "16", "--failed-action", "ignore",
+    argv = ["register", "--config", cfg, "--pool-size", "16", "--failed-action", "deny",
             "--request-timeout", "5000ms"]  # 5000ms = 5s: not a change
     assert await cli(argv) == 0
     assert calls(emqx) == [("GET", PATH, 200), ("PUT", PATH, 200)]
     assert capsys.readouterr().out == (
         "offline-exhook: updated exhook 'offline-exhook' (changed: failed_action, pool_size)\n")
     server = emqx.exhooks.servers[0]
-    assert (server["pool_size"], server["failed_action"], server["request_timeout"]) == (16, "ignore", "5s")
+    assert (server["pool_size"], server["failed_action"], server["request_timeout"]) == (16, "deny", "5s")
     assert len(emqx.exhooks.servers) == 1
 
     assert await cli(argv) == 0
@@ -120,7 +121,7 @@ async def test_register_takes_over_an_entry_made_by_hand(
     assert await cli(argv) == 0
     assert calls(emqx) == [("GET", "/exhooks/ox", 200), ("PUT", "/exhooks/ox", 200)]
     assert capsys.readouterr().out == (
-        "offline-exhook: updated exhook 'ox' (changed: enable, url, request_timeout, auto_reconnect)\n")
+        "offline-exhook: updated exhook 'ox' (changed: enable, url, request_timeout, failed_action, auto_reconnect)\n")
     ox = emqx.exhooks.find("ox")
     assert ox is not None
     assert (ox["enable"], ox["url"], ox["auto_reconnect"], ox["request_timeout"]) == (
@@ -141,7 +142,9 @@ async def test_a_registration_racing_ours_is_updated(
     monkeypatch.setattr(exhooks_api, "check_server_config", someone_else_was_faster)
     assert await cli(["register", "--config", str(write_config(tmp_path, emqx))]) == 0
     assert calls(emqx) == [("GET", PATH, 404), ("POST", "/exhooks", 400), ("GET", PATH, 200), ("PUT", PATH, 200)]
-    assert capsys.readouterr().out == "offline-exhook: updated exhook 'offline-exhook' (changed: url)\n"
+    # the hand-made entry has EMQX's defaults (deny, 60s), not the command's
+    assert capsys.readouterr().out == (
+        "offline-exhook: updated exhook 'offline-exhook' (changed: url, failed_action, auto_reconnect)\n")
     assert [s["url"] for s in emqx.exhooks.servers] == ["http://127.0.0.1:9000"]
 
 

@@ -24,7 +24,8 @@ from exhook.config import Config, RedisConfig, load_config
 from storage.base import Store
 from storage.factory import create_store
 from storage.model import SaveMessage, StoredMessage
-from storage.redis_store import REDIS_COMMANDS, RedisStore
+from storage.redis import REDIS_COMMANDS
+from storage.redis.reads import Reader
 from tests.cli_run import run_cli
 from tests.e2e.harness import free_port
 from tests.redis_fixtures import RedisTopologies
@@ -304,13 +305,13 @@ def test_counting_works_for_a_redis_user_without_zcount(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ranged: list[bytes] = []
-    real = RedisStore._count_by_range
+    real = Reader.count_by_range
 
-    async def count_by_range(self: RedisStore, key: bytes, live_min: bytes) -> int:
+    async def count_by_range(self: Reader, key: bytes, live_min: bytes) -> int:
         ranged.append(key)
         return await real(self, key, live_min)
 
-    monkeypatch.setattr(RedisStore, "_count_by_range", count_by_range)
+    monkeypatch.setattr(Reader, "count_by_range", count_by_range)
     ns = "oxacl"
     rules = (f"resetkeys ~{ns}:msg:* ~{ns}:msg~ox:* ~{ns}:sub:* resetchannels -@all "
              + " ".join(f"+{c.lower()}" for c in REDIS_COMMANDS))  # the service's commands: no ZCOUNT

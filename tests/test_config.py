@@ -13,6 +13,7 @@ from exhook.config import (
     MysqlConfig,
     RedisConfig,
     SqliteConfig,
+    config_warnings,
     load_config,
     load_config_string,
 )
@@ -185,3 +186,123 @@ def test_exhook_ssl_errors_name_the_field(
 def test_exhook_ssl_disabled_ignores_missing_files(tmp_path: Path) -> None:
     cfg = load_config_string(_listener_tls(f'enable = false, certfile = "{tmp_path / "nowhere.pem"}"'))
     assert not cfg.service.ssl.enable
+
+
+# --- issue 13: the listed cases, one line each naming the field ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('sqlite { enable = true, topics = [""] }',
+         'sqlite.topics: "" is not a topic filter (an empty list, not an empty filter, makes the backend inactive)'),
+        ('redis { enable = true, topics = ["a/#", ""] }', 'redis.topics: "" is not a topic filter'),
+        ('mysql { enable = true, topics = [\n  "a/#"\n  ""\n] }', 'mysql.topics: "" is not a topic filter'),
+        ('sqlite { enable = true, topics = ["$share/g/a/#"] }',
+         "sqlite.topics: '$share/g/a/#' is a shared subscription, not a topic filter"),
+        ('sqlite { enable = true, topics = ["$queue/a"] }', "sqlite.topics: '$queue/a' is a shared subscription"),
+        ('sqlite { enable = true, batch_size = 0 }', "sqlite.batch_size: must be between 1 and 10000, got 0"),
+        ('sqlite { enable = true }\nexhook { replay_batch_size = 10001 }',
+         "exhook.replay_batch_size: must be between 1 and 10000, got 10001"),
+        ('sqlite { enable = true }\nexhook { max_pending_writes = 0 }',
+         "exhook.max_pending_writes: must be at least 1, got 0"),
+        ('sqlite { enable = true }\nexhook { listen = "nohostport" }',
+         "exhook.listen: expected host:port such as 0.0.0.0:9000, got 'nohostport' (no port)"),
+        ('sqlite { enable = true }\nexhook { http { listen = "localhost" } }',
+         "exhook.http.listen: expected host:port"),
+        ('sqlite { enable = true }\nexhook { listen = "127.0.0.1:9000", http { listen = "127.0.0.1:9000" } }',
+         "exhook.http.listen: 127.0.0.1:9000 takes the port of exhook.listen (127.0.0.1:9000)"),
+        ('sqlite { enable = true }\nexhook { listen = "127.0.0.1:9000", http { listen = "0.0.0.0:9000" } }',
+         "exhook.http.listen: 0.0.0.0:9000 takes the port of exhook.listen"),
+        ('sqlite { enable = true, message_ttl = 1500ms }', 'sqlite.message_ttl: expected whole seconds, got 1500ms'),
+        ('sqlite { enable = true, message_ttl = "soon" }',
+         'sqlite.message_ttl: expected a duration such as 500ms, 1.5s, 1m30s, 2h, 1d, got "soon"'),
+        ('sqlite { enable = true }\nexhook { publish_deadline = 0 }',
+         "exhook.publish_deadline: must be at least 1ms, got 0ms"),
+        ('sqlite { enable = true }\nexhook { spool { max_bytes = "12XB" } }',
+         'exhook.spool.max_bytes: expected a size such as 1048576, 64MB, 1GiB, got "12XB"'),
+        ('sqlite { enable = true }\nexhook { spool { max_bytes = 1000 } }',
+         "exhook.spool.max_bytes: must be at least 1048576 bytes, got 1000"),
+        ('sqlite { enable = true, path = "/" }', "sqlite.path: / is a directory, not a database file"),
+        ('sqlite { enable = true, path = "/etc/hostname/x.sqlite3" }',
+         "sqlite.path: cannot create /etc/hostname/x.sqlite3: /etc/hostname is not a directory"),
+        ('sqlite { enable = true }\nexhook { spool { path = "/" } }', "exhook.spool.path: / is a directory"),
+    ],
+)
+def test_listed_config_mistakes_are_one_line_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config_string(text)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value) and "timedelta" not in str(err.value)
+
+
+def test_the_http_port_may_equal_the_grpc_port_when_it_is_off() -> None:
+    cfg = load_config_string('sqlite { enable = true }\nexhook { listen = "127.0.0.1:9000", '
+                             'http { enable = false, listen = "127.0.0.1:9000" } }')
+    assert not cfg.service.http.enable
+
+
+@pytest.mark.parametrize(
+    ("deadline", "ms"), [('"1h"', 3_600_000), ('"1.5s"', 1500), ("1m30s", 90_000), ("1.5s", 1500), ("750", 750)])
+def test_publish_deadline_takes_what_emqx_takes(deadline: str, ms: int) -> None:
+    assert load_config_string(f"sqlite {{ enable = true }}\nexhook {{ publish_deadline = {deadline} }}"
+                              ).service.publish_deadline_ms == ms
+
+
+def test_message_ttl_in_hours_is_seconds() -> None:
+    cfg = load_config_string('redis { enable = true, message_ttl = 2h, wait_timeout = 1.5s, batch_time = "1m" }')
+    assert isinstance(cfg.backend, RedisConfig)
+    assert (cfg.backend.message_ttl, cfg.backend.wait_timeout_ms, cfg.backend.batch_time_ms) == (7200, 1500, 60_000)
+    assert load_config_string("sqlite { enable = true, message_ttl = 600 }").backend.message_ttl == 600
+
+
+def test_spool_size_counts_as_emqx_does() -> None:
+    cfg = load_config_string('sqlite { enable = true }\nexhook { spool { max_bytes = 64MB } }')
+    assert cfg.service.spool.max_bytes == 64 * 1024 * 1024
+
+
+def test_relative_paths_are_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pem_files: dict[str, Path]
+) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    for name, pem in pem_files.items():
+        (conf_dir / f"{name}.pem").write_bytes(pem.read_bytes())
+    (conf_dir / "c.hocon").write_text(
+        'sqlite { enable = true, path = "data/store.sqlite3", topics = ["t/#"] }\n'
+        'exhook { spool { path = "../spool/spool.sqlite3" },\n'
+        '  ssl { enable = true, certfile = "cert.pem", keyfile = "./key.pem", cacertfile = "ca.pem", '
+        'verify = verify_peer } }\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../etc/c.hocon")
+    assert isinstance(cfg.backend, SqliteConfig)
+    assert cfg.backend.path == str(conf_dir / "data" / "store.sqlite3")
+    assert cfg.service.spool.path == str(tmp_path / "spool" / "spool.sqlite3")
+    ssl = cfg.service.ssl
+    assert (ssl.certfile, ssl.keyfile) == (str(conf_dir / "cert.pem"), str(conf_dir / "key.pem"))
+    # and an error names the absolute path it looked at
+    (conf_dir / "ca.pem").unlink()
+    with pytest.raises(ConfigError, match=f"exhook.ssl.cacertfile: file not found: {conf_dir / 'ca.pem'}$"):
+        load_config("../etc/c.hocon")
+    with pytest.raises(ConfigError, match=f"^config file not found: {tmp_path / 'etc' / 'missing.hocon'}$"):
+        load_config("../etc/missing.hocon")
+
+
+def test_warnings_for_what_is_valid_but_not_meant() -> None:
+    def warnings(text: str) -> list[str]:
+        return list(config_warnings(load_config_string(text)))
+
+    quiet = 'sqlite { enable = true, topics = ["t/#"] }\nexhook.emqx { api_key = k, api_secret = s }'
+    assert warnings(quiet) == []
+    assert warnings('sqlite { enable = true, topics = [] }\nexhook.emqx { api_key = k }') == [
+        "sqlite.topics is empty: the backend is inactive, no hook is registered and nothing is stored"]
+    assert warnings('redis { enable = true, topics = ["$SYS/#"] }\nexhook.emqx { api_key = k }') == [
+        "redis.topics: '$SYS/#' never matches: EMQX does not pass $SYS messages to exhooks",
+        "redis.topics: no filter can match a message: nothing will be stored"]
+    [deadline] = warnings(quiet + "\nexhook.publish_deadline = 5s")
+    assert deadline.startswith("exhook.publish_deadline 5s is not below EMQX's default exhook request_timeout (5s)")
+    assert warnings(quiet + "\nexhook.publish_deadline = 4999ms") == []
+    [key] = warnings('sqlite { enable = true, topics = ["t/#"] }')
+    assert key.startswith("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401)")

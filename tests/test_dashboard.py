@@ -10,6 +10,8 @@ from typing import Any
 from exhook.metrics import PREFIX, Metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "monitoring" / "grafana-dashboard.json"
+# the service's own families, and the standard process_* ones (prometheus-client's ProcessCollector)
+METRIC = re.compile(rf"\b(?:{PREFIX}|process_)[a-z_]+")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
@@ -31,7 +33,7 @@ def test_every_query_names_an_exposed_metric() -> None:
     for panel in panels():
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            used = re.findall(rf"\b{PREFIX}[a-z_]+", target["expr"])
+            used = METRIC.findall(target["expr"])
             assert used, target["expr"]
             unknown = [name for name in used if name not in names]
             assert not unknown, f"{panel['title']}: {unknown}"
@@ -39,7 +41,7 @@ def test_every_query_names_an_exposed_metric() -> None:
 
 
 def test_every_metric_family_has_a_panel() -> None:
-    used = {name for p in panels() for t in p["targets"] for name in re.findall(rf"\b{PREFIX}[a-z_]+", t["expr"])}
+    used = {name for p in panels() for t in p["targets"] for name in METRIC.findall(t["expr"])}
     names = exposed()
     assert {names[n] for n in used} == set(names.values())
 

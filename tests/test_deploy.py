@@ -9,6 +9,7 @@ values parsed as HOCON; ``api_key.bootstrap_file`` lines ``key:secret[:role]``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,7 +23,7 @@ import pytest
 import yaml
 from pyhocon import ConfigFactory  # type: ignore[import-untyped]
 
-from exhook.config import MysqlConfig, RedisConfig, load_config
+from exhook.config import MysqlConfig, RedisConfig, SqliteConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -106,10 +107,17 @@ def test_compose_parses_and_has_the_four_services_with_their_images() -> None:
     services = compose()["services"]
     assert set(services) == {"emqx", SERVICE, "mysql", "redis"}
     assert services["emqx"]["image"] == "emqx/emqx:5.10.4"
-    assert services["mysql"]["image"] == "mysql:8"
-    assert services["redis"]["image"] == "redis:7"
+    assert services["mysql"]["image"] == "mysql:8.4.3"
+    assert services["redis"]["image"] == "redis:7.4.1"
     assert services[SERVICE]["build"] == "."
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_every_image_is_pinned_to_a_release() -> None:
+    """A floating tag (mysql:8, redis:7, latest) changes under a deployment without a change here."""
+    for name, svc in compose()["services"].items():
+        if "image" in svc and "build" not in svc:
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+", svc["image"]), (name, svc["image"])
 
 
 def _interpolations(text: str) -> list[tuple[str, str | None]]:
@@ -140,13 +148,23 @@ def _hocon_env_refs(path: Path) -> set[str]:
     return {m.group(1) for m in re.finditer(r"\$\{\??([A-Z][A-Z0-9_]*)\}", code)}
 
 
+def image_env() -> dict[str, str]:
+    """The ENV of the Dockerfile's final stage."""
+    env: dict[str, str] = {}
+    for line in _instructions(_stages()[-1], "ENV"):
+        env.update(item.split("=", 1) for item in shlex.split(line))
+    return env
+
+
 def test_every_variable_the_deploy_config_reads_is_set_by_compose_and_none_is_unused() -> None:
     env = set(config_env())
     read = set().union(*(_hocon_env_refs(p) for p in DEPLOY.glob("*.hocon")))
     assert read, "deploy/config.hocon reads its addresses and secrets from the environment"
     optional = {"OFFLINE_EXHOOK_WORKERS", "OFFLINE_EXHOOK_LOG_LEVEL", "REDIS_PASSWORD"}  # defaults in the file
-    assert read - optional <= env, f"not set by compose: {sorted(read - optional - env)}"
-    assert env <= read, f"set by compose but read by no config: {sorted(env - read)}"
+    from_image = set(image_env())
+    assert read - optional <= env | from_image, f"not set by compose: {sorted(read - optional - env - from_image)}"
+    # the image's own HEALTHCHECK reads OFFLINE_EXHOOK_HEALTH_URL
+    assert env - {"OFFLINE_EXHOOK_HEALTH_URL"} <= read, f"set by compose but read by no config: {sorted(env - read)}"
 
 
 def test_emqx_environment_names_are_real_emqx_config_paths_with_the_right_values() -> None:
@@ -259,8 +277,47 @@ def test_start_order_and_healthchecks() -> None:
     for name in ("emqx", "mysql", "redis"):
         assert services[name]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
     assert "healthcheck" not in services[SERVICE]  # the image's own HEALTHCHECK applies
-    assert "HEALTHCHECK" in (ROOT / "Dockerfile").read_text()
     assert "mysqladmin ping -h 127.0.0.1" in " ".join(services["mysql"]["healthcheck"]["test"])
+
+
+def test_compose_health_is_readiness_without_emqx_so_emqx_starts_once_the_service_can_store() -> None:
+    """Wrong MySQL credentials must leave the service unhealthy (EMQX waits, visibly), not loop as
+    "healthy"; and EMQX's own API cannot be a condition, since EMQX starts after the service."""
+    [health] = _instructions(_stages()[-1], "HEALTHCHECK")
+    assert "os.environ.get('OFFLINE_EXHOOK_HEALTH_URL'" in health
+    url = config_env()["OFFLINE_EXHOOK_HEALTH_URL"]
+    assert url == "http://127.0.0.1:9001/readyz?exclude=emqx_api"
+    assert image_env()["OFFLINE_EXHOOK_HEALTH_URL"] == "http://127.0.0.1:9001/healthz"  # plain docker run: liveness
+
+
+def test_the_data_volume_holds_every_file_the_service_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    final = _stages()[-1]
+    [volume] = _instructions(final, "VOLUME")
+    [data] = json.loads(volume)
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in service(SERVICE)["volumes"]}
+    assert mounts[data] in compose()["volumes"], "compose mounts a named volume at the image's VOLUME"
+    for name in ("EMQX_API_SECRET", "MYSQL_PASSWORD", "OFFLINE_EXHOOK_SQLITE_PATH", "OFFLINE_EXHOOK_SPOOL_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in image_env().items():
+        monkeypatch.setenv(name, value)
+    shipped = load_config(ROOT / "config.hocon")  # as /etc/offline-exhook/config.hocon in the image
+    assert isinstance(shipped.backend, SqliteConfig)
+    for name, value in config_env().items():
+        monkeypatch.setenv(name, value)
+    paths = [shipped.backend.path, shipped.service.spool.path]
+    paths += [load_config(p).service.spool.path for p in DEPLOY.glob("*.hocon")]
+    for path in paths:
+        assert Path(path).parent == Path(data), path
+
+
+def test_the_image_installs_the_pinned_versions() -> None:
+    builder = _stages()[0]
+    installs = [run for run in _instructions(builder, "RUN") if "pip install" in run]
+    assert installs and all(run.count("pip install -c constraints.txt") == run.count("pip install")
+                            for run in installs), installs
+    assert any(copy.split()[0] == "constraints.txt" for copy in _instructions(builder, "COPY"))
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+]+", pin) for pin in pins), pins
 
 
 # ---------------------------------------------------------------------------- Dockerfile
@@ -332,5 +389,6 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "exhook/pb", "tests", "data"} <= ignored
     # what the Dockerfile copies must stay in the context
-    for needed in ("pyproject.toml", "protos", "exhook", "storage", "config.hocon"):
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "constraints.txt", "protos", "exhook", "storage",
+                   "config.hocon"):
         assert needed not in ignored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from exhook.config import EmqxApiConfig, SslOptions
 from exhook.emqx_api import REPLAY_PROPERTY, EmqxApi, EmqxApiError, ReplayItem
+from exhook.metrics import Metrics
 from tests.e2e.harness import free_port
 from tests.redis_servers import TlsMaterial, make_tls_material
 
@@ -25,17 +27,29 @@ class FakeEmqx:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
         self.bulk_status = 200
+        self.delay = 0.0
+        self.role = "administrator"
 
     async def publish_bulk(self, request: web.Request) -> web.Response:
         expected = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
         if request.headers.get("Authorization") != expected:
             return web.json_response({"code": "BAD_API_KEY_OR_SECRET"}, status=401)
+        await asyncio.sleep(self.delay)
         body = await request.json()
         self.bodies.append(body)
         if self.bulk_status == 202:
             return web.json_response([{"reason_code": 16, "message": "no_matching_subscribers"}] * len(body),
                                      status=202)
         return web.json_response([{"id": "A" * 32} for _ in body], status=self.bulk_status)
+
+    async def exhooks(self, request: web.Request) -> web.Response:
+        """GET /api/v5/exhooks: any valid key but a publisher's may read it."""
+        expected = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"code": "BAD_API_KEY_OR_SECRET"}, status=401)
+        if self.role == "publisher":
+            return web.json_response({"code": "UNAUTHORIZED_ROLE"}, status=403)
+        return web.json_response([])
 
     async def subscribe_bulk(self, request: web.Request) -> web.Response:
         if request.match_info["clientid"] == "gone":
@@ -48,6 +62,7 @@ async def serve(fake: FakeEmqx, ssl_context: ssl.SSLContext | None) -> tuple[web
     app = web.Application()
     app.router.add_post("/api/v5/publish/bulk", fake.publish_bulk)
     app.router.add_post("/api/v5/clients/{clientid}/subscribe/bulk", fake.subscribe_bulk)
+    app.router.add_get("/api/v5/exhooks", fake.exhooks)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -68,8 +83,10 @@ async def plain() -> AsyncIterator[tuple[FakeEmqx, int]]:
     await runner.cleanup()
 
 
-async def client(url: str, key: str = KEY, ssl_opts: SslOptions | None = None) -> EmqxApi:
-    api = EmqxApi(EmqxApiConfig(url=url, api_key=key, api_secret=SECRET, ssl=ssl_opts or SslOptions()))
+async def client(url: str, key: str = KEY, ssl_opts: SslOptions | None = None, metrics: Metrics | None = None,
+                 timeout_ms: int = 5000) -> EmqxApi:
+    api = EmqxApi(EmqxApiConfig(url=url, api_key=key, api_secret=SECRET, ssl=ssl_opts or SslOptions(),
+                                request_timeout_ms=timeout_ms), metrics)
     await api.start()
     return api
 
@@ -161,3 +178,50 @@ def test_certificate_files_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"exhook\.emqx\.ssl\.certfile"):
         load_config_string('sqlite { enable = true }\n'
                            f'exhook {{ emqx {{ ssl {{ enable = true, certfile = "{tmp_path}/missing.pem" }} }} }}')
+
+
+async def test_failures_are_counted_with_one_status_vocabulary(plain: tuple[FakeEmqx, int]) -> None:
+    """The HTTP code when EMQX answered, else ``unreachable`` or ``timeout``: never a vague ``error``."""
+    fake, port = plain
+    metrics = Metrics()
+    item = [ReplayItem("t", b"x", 1, "0" * 32)]
+    wrong = await client(f"http://127.0.0.1:{port}", key="wrong", metrics=metrics)
+    down = await client(f"http://127.0.0.1:{free_port()}", metrics=metrics)
+    slow = await client(f"http://127.0.0.1:{port}", metrics=metrics, timeout_ms=50)
+    try:
+        fake.bulk_status = 503
+        for api in (wrong, down, await client(f"http://127.0.0.1:{port}", metrics=metrics)):
+            try:
+                await api.publish_bulk(item)
+            except EmqxApiError:
+                pass
+        fake.bulk_status, fake.delay = 200, 0.5
+        with pytest.raises(EmqxApiError, match="no answer within 50 ms") as err:
+            await slow.publish_bulk(item)
+        assert err.value.status == "timeout" and err.value.retryable
+    finally:
+        for api in (wrong, down, slow):
+            await api.close()
+    counted = {s.labels["status"]: s.value for f in metrics.registry.collect() if f.name.endswith("emqx_api_errors")
+               for s in f.samples if s.name.endswith("_total")}
+    assert counted == {"401": 1, "unreachable": 1, "503": 1, "timeout": 1}
+
+
+async def test_the_readiness_check_says_what_is_wrong(plain: tuple[FakeEmqx, int]) -> None:
+    fake, port = plain
+    metrics = Metrics()
+    good, wrong = await client(f"http://127.0.0.1:{port}", metrics=metrics), await client(
+        f"http://127.0.0.1:{port}", key="wrong", metrics=metrics)
+    down = await client(f"http://127.0.0.1:{free_port()}", metrics=metrics)
+    try:
+        assert await good.check() is None
+        assert await wrong.check() == "401 unauthorized (check exhook.emqx.api_key / api_secret)"
+        assert (await down.check() or "").startswith("unreachable at http://127.0.0.1:")
+        fake.role = "publisher"
+        assert await good.check() == "403 forbidden (the API key needs the administrator role)"
+    finally:
+        for api in (good, wrong, down):
+            await api.close()
+    # the check is readiness's, shown by emqx_api_up: not counted as a failed call
+    assert metrics.sample("emqx_api_errors_total", endpoint="check", status="401") == 0
+    assert not [s for f in metrics.registry.collect() if f.name.endswith("emqx_api_errors") for s in f.samples]

@@ -131,7 +131,8 @@ def is_guid(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", ["v2", "v3"])
 async def test_connect_subscribe_disconnect_order_and_client_info(version: str) -> None:
-    async with harness(version) as (rec, emu):
+    # a v2 broker that sends peer ports (EMQX 5.4-5.8): this test tells connections apart by them
+    async with harness(version, emqx_version=None if version == "v3" else "5.8.1") as (rec, emu):
         loaded = rec.of("OnProviderLoaded")[0]
         assert loaded.broker.version and loaded.broker.sysdescr == "EMQX" and loaded.meta.node == emu.node
 
@@ -348,7 +349,7 @@ async def test_rest_subscribe_from_inside_a_hook_is_applied_after_it_returns() -
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
 async def test_persistent_session_resume_queues_offline_messages(version: str) -> None:
-    async with harness(version) as (rec, emu):
+    async with harness(version, emqx_version=None if version == "v3" else "5.8.1") as (rec, emu):
         p = emu.client("p", clean_start=False, session_expiry=60)
         assert await p.connect() is False
         await p.subscribe("q/#", qos=2)
@@ -653,3 +654,18 @@ async def test_failed_action_applies_to_folded_hooks(failed_action: str) -> None
         got = await c.wait_for_deliveries(1)
         assert got[0].payload == b"still published"
         assert [x.status for x in emu.calls_of("message.publish")] == ["error"]
+
+
+@pytest.mark.parametrize(("emqx_version", "sends"), [("5.3.2", False), ("5.4.0", True), ("5.8.1", True)])
+async def test_emqx_before_5_4_sends_no_peer_port(emqx_version: str, sends: bool) -> None:
+    async with harness("v2", emqx_version=emqx_version) as (rec, emu):
+        c = emu.client("c1")
+        await c.connect()
+        await c.disconnect()
+        await c.connect()
+        ports = [req.clientinfo.peerport for req in rec.of("OnClientConnected")]
+        conn_ports = [req.conninfo.peerport for req in rec.of("OnClientConnect")]
+        if sends:
+            assert len(set(ports)) == 2 and 0 not in ports and conn_ports == ports
+        else:
+            assert ports == [0, 0] and conn_ports == [0, 0]

@@ -1,4 +1,4 @@
-"""storage/mysql_store.py against a real MariaDB (127.0.0.1:3306, root, no password).
+"""storage/mysql/ (MysqlStore) against a real MariaDB (127.0.0.1:3306, root, no password).
 
 Each test module works in its own database ``ox_<random>`` (dropped afterwards); each
 test starts from an empty database. The TLS tests start a second, private mariadbd
@@ -13,21 +13,21 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import aiomysql
 import pymysql
 import pytest
 
-from exhook.config import DEFAULT_SQL, HostPort, MysqlConfig, SslOptions
-from storage.base import StoreConfigError, StoreError
-from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, StoredMessage
-from storage.mysql_store import STATE_TABLES_DDL, MysqlStore
+from exhook.config import HostPort, SslOptions
+from storage.base import StoreConfigError, StoreError, WriteRejected
+from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage
+from storage.mysql import STATE_TABLES_DDL
+from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, rejected, spy_statements
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
 from tests.store_reads import read_all
-
-ROOT: dict[str, Any] = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 
 # The plugin 2.0.0's own DDL, verbatim (blob payload, no msgid index).
 PLUGIN_DDL = (
@@ -43,77 +43,6 @@ PLUGIN_INSERT = (  # the plugin's default insert_message_sql, as its connector p
     "insert into mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
     "values(%s, %s, %s, %s, %s, %s, FROM_UNIXTIME(%s/1000))"
 )
-
-
-def _raw(database: str | None = None) -> pymysql.connections.Connection:
-    return pymysql.connect(**ROOT, database=database, autocommit=True)
-
-
-@pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    conn = _raw()  # `make test` starts MariaDB; its absence is a failure, not a skip
-    name = f"ox_{secrets.token_hex(5)}"
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}`")
-    try:
-        yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
-
-
-@pytest.fixture
-def raw(database: str) -> Iterator[pymysql.connections.Connection]:
-    """A plain connection to the test database, emptied first."""
-    conn = _raw(database)
-    with conn.cursor() as cur:
-        cur.execute("SHOW TABLES")
-        for (table,) in cur.fetchall():
-            cur.execute(f"DROP TABLE `{table}`")
-    yield conn
-    conn.close()
-
-
-def q(conn: pymysql.connections.Connection, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return list(cur.fetchall())
-
-
-MakeStore = Callable[..., Any]
-
-
-@pytest.fixture
-async def make_store(database: str, raw: pymysql.connections.Connection) -> AsyncIterator[MakeStore]:
-    stores: list[MysqlStore] = []
-
-    async def make(open_: bool = True, sql: dict[str, str] | None = None, **kw: Any) -> MysqlStore:
-        kw.setdefault("database", database)
-        kw.setdefault("init_default_schema", True)
-        kw.setdefault("pool_size", 3)
-        store = MysqlStore(MysqlConfig(sql={**DEFAULT_SQL, **(sql or {})}, **kw))
-        stores.append(store)
-        if open_:
-            await store.open()
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
-
-
-_counter = iter(range(1, 1 << 30))
-
-
-def msg(topic: str = "t/1", payload: bytes = b"hello", *, ts: int | None = None, sender: str = "pub",
-        msgid: str | None = None, retain: bool = False, qos: int = 1) -> StoredMessage:
-    return StoredMessage(msgid or f"{next(_counter):032X}", sender, topic, qos, retain, payload,
-                         int(time.time() * 1000) if ts is None else ts)
-
-
-async def read_topic(store: MysqlStore, topic: str) -> list[StoredMessage]:
-    return await read_all(store, {topic: (None, 1e15)})
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +94,7 @@ async def test_plugin_tables_and_rows_written_by_the_plugin(
         q(raw, PLUGIN_INSERT, row)
     q(raw, "insert into mqtt_sub(clientid, topic, qos) values(%s, %s, %s) on duplicate key update qos = %s",
       ("sub-1", "plant/+/temp", 1, 1))
-    with caplog.at_level(logging.WARNING, logger="storage.mysql_store"):
+    with caplog.at_level(logging.WARNING, logger="storage.mysql"):
         store = await make_store(init_default_schema=False)
     assert "msgid_index" in caplog.text and "longblob" in caplog.text  # advice for the plugin's DDL
     got = await read_topic(store, "plant/1/temp")
@@ -175,12 +104,13 @@ async def test_plugin_tables_and_rows_written_by_the_plugin(
     assert [m.timestamp for m in got] == [ts // 1000 * 1000, (ts + 1000) // 1000 * 1000]  # DATETIME: seconds
     assert got[0].position < got[1].position
     assert [(s.topic, s.qos) for s in await store.subscriptions("sub-1")] == [("plant/+/temp", 1)]
-    # BLOB holds 65535 bytes: a larger payload is not stored (and logged), the rest of the batch is
+    # BLOB holds 65535 bytes: a larger payload is refused by index before anything is
+    # written; the rest of the batch is written when the caller sends it without it
     big, small = msg("plant/2", b"x" * 70_000), msg("plant/2", b"ok")
-    caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="storage.mysql_store"):
-        await store.write([SaveMessage(big), SaveMessage(small)])
-    assert big.msgid in caplog.text
+    err = await rejected(store, [SaveMessage(small), SaveMessage(big)])
+    assert (err.reason, err.index) == ("too_large", 1) and "column payload" in err.detail
+    assert await read_topic(store, "plant/2") == []
+    await store.write([SaveMessage(small)])
     assert [m.msgid for m in await read_topic(store, "plant/2")] == [small.msgid]
 
 
@@ -252,7 +182,7 @@ async def test_custom_templates_with_renamed_tables_and_columns(make_store: Make
         (m1.msgid, b"\x00one", True, "dev-9", now), (m2.msgid, b"two", False, "pub", now + 1)
     ]  # the expired one is never replayed
     assert await store.purge_expired(100) == 1
-    new_id = f"{next(_counter):032X}"
+    new_id = ids()
     await store.write([RekeyMessage(m1.msgid, new_id, m1.topic), DeleteMessage(new_id, m1.topic, True),
                        DeleteMessage(m2.msgid, m2.topic)])
     assert q(raw, "SELECT COUNT(*) FROM offline_messages") == [(0,)]
@@ -301,29 +231,18 @@ async def test_large_batch_is_split_under_max_allowed_packet(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = await make_store()
-    store._max_packet = 4 << 20  # as if the server allowed 4 MiB
+    store._opened = replace(store.schema, max_packet=4 << 20)  # as if the server allowed 4 MiB
     statements = spy_statements(monkeypatch)
     big = [msg("big/t", os.urandom(900_000)) for _ in range(10)]
     too_big = msg("big/t", b"\x00" * (3 << 20))  # escaped: 6 MiB > 4 MiB
-    with caplog.at_level(logging.ERROR, logger="storage.mysql_store"):
-        await store.write([SaveMessage(m) for m in [*big[:5], too_big, *big[5:]]])
-    assert too_big.msgid in caplog.text and "max_allowed_packet" in caplog.text
+    batch = [SaveMessage(m) for m in [*big[:5], too_big, *big[5:]]]
+    err = await rejected(store, batch)
+    assert (err.reason, err.index) == ("too_large", 5) and "max_allowed_packet" in err.detail
+    assert statements == []  # refused before the first round trip
+    await store.write(batch[:5] + batch[6:])
     inserts = [s for s in statements if s.lstrip().lower().startswith("insert into mqtt_msg")]
     assert 3 <= len(inserts) <= 5 and all(len(s) < 4 << 20 for s in inserts)
     assert [m.payload for m in await read_topic(store, "big/t")] == [m.payload for m in big]
-
-
-def spy_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every statement text executed through aiomysql cursors."""
-    seen: list[str] = []
-    original = aiomysql.Cursor.execute
-
-    async def execute(self: Any, query: str, args: Any = None) -> Any:
-        seen.append(query)
-        return await original(self, query, args)
-
-    monkeypatch.setattr(aiomysql.Cursor, "execute", execute)
-    return seen
 
 
 async def test_many_saves_are_one_statement_in_one_transaction(
@@ -356,20 +275,21 @@ async def test_many_saves_are_one_statement_in_one_transaction(
     assert await read_all(store, {f"batch/{i}": (None, 1e15) for i in range(3)}) == []
 
 
-async def test_values_a_column_cannot_hold(
-    make_store: MakeStore, raw: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_values_a_column_cannot_hold(make_store: MakeStore, raw: Any) -> None:
     store = await make_store()
     long_topic = msg("t/" + "x" * 200)  # mqtt_msg.topic is varchar(180)
     long_sender = msg("cap/t", sender="s" * 100)  # mqtt_msg.sender is varchar(64): cut, it is informational
-    with caplog.at_level(logging.ERROR, logger="storage.mysql_store"):
-        await store.write([SaveMessage(long_topic), SaveMessage(long_sender)])
-    assert long_topic.msgid in caplog.text
+    err = await rejected(store, [SaveMessage(long_sender), SaveMessage(long_topic)])
+    assert (err.reason, err.index) == ("too_long", 1) and "column topic" in err.detail
+    await store.write([SaveMessage(long_sender)])
     assert q(raw, "SELECT msgid, sender FROM mqtt_msg") == [(long_sender.msgid, "s" * 64)]
-    with pytest.raises(StoreConfigError, match="clientid"):
+    # a subscription the plugin's varchar(64) / varchar(180) cannot hold: refused, not a config error
+    with pytest.raises(WriteRejected, match="clientid") as sub_err:
         await store.save_subscription("c" * 65, "t/#", 1)
-    with pytest.raises(StoreConfigError, match="topic"):
+    assert sub_err.value.reason == "too_long" and not isinstance(sub_err.value, StoreConfigError)
+    with pytest.raises(WriteRejected, match="topic"):
         await store.save_subscription("c", "t/" + "x" * 200, 1)
+    assert q(raw, "SELECT COUNT(*) FROM mqtt_sub") == [(0,)]
 
 
 async def test_other_insert_shapes_use_executemany_in_one_transaction(
@@ -455,16 +375,12 @@ async def test_pool_is_bounded_by_pool_size(make_store: MakeStore) -> None:
     await store.write([SaveMessage(msg("pool/t")) for _ in range(5)])
     results = await asyncio.gather(*(read_topic(store, "pool/t") for _ in range(12)))
     assert all(len(r) == 5 for r in results)
-    assert store._pool.size <= 2
+    assert store._db.pool.size <= 2
 
 
 # ---------------------------------------------------------------------------
 # re-key, tombstones, retries
 # ---------------------------------------------------------------------------
-
-
-def ids() -> str:
-    return f"{next(_counter):032X}"
 
 
 async def count(raw: Any, msgid: str) -> int:
@@ -539,7 +455,7 @@ async def test_retry_after_lost_commit_does_not_duplicate(
     assert [await count(raw, x.msgid) for x in (m1, m2, gone)] == [1, 1, 0]  # no duplicate so far
     await store.write(batch)  # the writer's retry of the whole batch
     assert [await count(raw, x.msgid) for x in (m1, m2, gone)] == [1, 1, 0]
-    assert store._uncertain == {}
+    assert store._writes.uncertain == {}
     # a duplicate row that got in anyway is replayed once, and one ack removes both rows
     q(raw, PLUGIN_INSERT, (m1.msgid, "pub", "retry/t", 1, 0, b"dup", int(time.time() * 1000)))
     assert [x.msgid for x in await read_topic(store, "retry/t")] == [m1.msgid, m2.msgid]
@@ -726,8 +642,8 @@ async def test_pool_recovers_when_mariadb_restarts(
     store = await make_store(pool_size=3, **tls_config(server, verify=True, cacertfile=str(certs.ca)))
     before = msg("restart/t")
     await store.write([SaveMessage(before)])
-    await asyncio.gather(*(store._query("SELECT SLEEP(0.1)", ()) for _ in range(3)))
-    assert store._pool.size == 3  # three pooled connections
+    await asyncio.gather(*(store._db.query("SELECT SLEEP(0.1)", ()) for _ in range(3)))
+    assert store._db.pool.size == 3  # three pooled connections
     server.stop()
     with pytest.raises(StoreError):
         await store.write([SaveMessage(msg("restart/t"))])
@@ -735,11 +651,11 @@ async def test_pool_recovers_when_mariadb_restarts(
         await store.ping()
     # Restarted while the event loop is blocked: the pool still holds connections it
     # does not know are dead. The first operation must succeed anyway.
-    await asyncio.gather(*(store._query("SELECT SLEEP(0.1)", ()) for _ in range(3)), return_exceptions=True)
+    await asyncio.gather(*(store._db.query("SELECT SLEEP(0.1)", ()) for _ in range(3)), return_exceptions=True)
     server.stop()
     server.start()
     after = msg("restart/t")
     await store.write([SaveMessage(after)])
     got = [m.msgid for m in await read_topic(store, "restart/t")]
     assert before.msgid in got and after.msgid in got
-    assert store._pool.size <= 3
+    assert store._db.pool.size <= 3

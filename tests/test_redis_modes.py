@@ -17,17 +17,18 @@ import pytest
 from redis.crc import key_slot
 
 from exhook.config import RedisConfig, load_config_string
-from storage.base import StoreConfigError, StoreError
+from storage.base import StoreConfigError, StoreError, WriteRejected
 from storage.base62 import msgid_to_b62
 from storage.model import (
     DeleteMessage,
+    DropPendingReplay,
     PendingReplay,
     RekeyMessage,
     SaveMessage,
     StoredMessage,
     Subscription,
 )
-from storage.redis_store import REDIS_COMMANDS, RedisStore
+from storage.redis import REDIS_COMMANDS, RedisStore
 
 # the topology helpers are another engineer's work in progress: skip until they are there
 if any(importlib.util.find_spec(m) is None for m in ("tests.redis_servers", "tests.redis_fixtures")):
@@ -107,6 +108,10 @@ async def exercise(store: RedisStore, topics: tuple[str, ...] = ("core/a", "core
     await store.register_pending_replays([PendingReplay(topics[0], "d" * 64, msgs[0].msgid)])
     assert await store.take_pending_replay(topics[0], "d" * 64) == msgs[0].msgid
     assert await store.take_pending_replay(topics[0], "d" * 64) is None
+    await store.register_pending_replays([PendingReplay(topics[1], "e" * 64, m.msgid) for m in msgs[:2]])
+    await store.write([DropPendingReplay(topics[1], "e" * 64, msgs[0].msgid)])  # recognised by its publisher
+    assert await store.take_pending_replay(topics[1], "e" * 64) == msgs[1].msgid
+    assert await store.take_pending_replay(topics[1], "e" * 64) is None
 
     # re-key keeps the position; ack-before-rekey tombstone; plain ack
     new0, new1 = guid(base + 1_000_000, 1000), guid(base + 1_000_001, 1001)
@@ -251,9 +256,34 @@ async def test_cluster_wildcard_replay_spanning_nodes(redis_cluster_clean: Redis
         await store.close()
 
 
+async def test_cluster_refuses_one_op_by_its_reply(redis_cluster_clean: RedisClusterSet) -> None:
+    """A topic spelled like a stored message's id (its key is that message's hash, on
+    some node): the cluster pipeline's reply names the op; nothing of it is left."""
+    cfg = store_config(redis_cluster_clean.config())
+    topics = _spread_topics(redis_cluster_clean, cfg.message_key_prefix)
+    store = await opened(cfg)
+    try:
+        base = now_us()
+        m0 = smsg(guid(base, 0), topics[0])
+        await store.write([SaveMessage(m0)])
+        clash = msgid_to_b62(m0.msgid)
+        ops = [SaveMessage(smsg(guid(base + i, i), t)) for i, t in ((1, topics[1]), (2, clash), (3, topics[2]))]
+        with pytest.raises(WriteRejected) as err:
+            await store.write(ops)
+        assert (err.value.reason, err.value.index) == ("wrong_type", 1)
+        await store.write([ops[0], ops[2]])  # the caller writes the others again
+        assert sorted(await store.stored_topics("core/")) == sorted(topics)
+        got = await read_all(store, dict.fromkeys(topics, EVERYTHING), page_size=7)
+        assert [m.msgid for m in got] == [guid(base + i, i) for i in (0, 1, 3)]
+        listed = await store._link.one(("ZRANGE", store._keys.topics, 0, -1), "test")
+        assert clash.encode() not in listed  # the refused op's topic was taken back
+    finally:
+        await store.close()
+
+
 async def test_cluster_database_is_ignored_with_a_warning(redis_cluster_clean: RedisClusterSet,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="storage.redis_store")
+    caplog.set_level(logging.WARNING, logger="storage.redis.link")
     store = await opened(store_config(redis_cluster_clean.config(database=5)))
     try:
         assert any("database" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)

@@ -12,9 +12,7 @@ import asyncio
 import itertools
 import os
 import re
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -30,95 +28,30 @@ from storage.model import (
     SaveMessage,
     StoredMessage,
     Subscription,
+    WriteOp,
 )
-from storage.redis_store import REDIS_COMMANDS, RedisStore
+from storage.redis import REDIS_COMMANDS, RedisStore
+from tests.redis_store_support import (
+    EVERYTHING,
+    NODE,
+    StoreFactory,
+    acl_user,
+    admin,
+    guid,
+    key_rules,
+    make_store,
+    mkey,
+    now_us,
+    prefix,
+    save,
+    smsg,
+    store,
+    store_cfg,
+    write_setting_aside,
+)
 from tests.store_reads import read_all
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-NODE = 0x0A0B0C0D0E0F
-
-
-def guid(us: int, seq: int = 0, node: int = NODE) -> str:
-    """An EMQX GUID: 64-bit microsecond timestamp, 48-bit node, 16-bit sequence."""
-    return f"{us:016X}{node:012X}{seq:04X}"
-
-
-def now_us() -> int:
-    return int(time.time() * 1_000_000)
-
-
-def smsg(msgid: str, topic: str, payload: bytes = b"p", *, sender: str = "pub", qos: int = 1,
-         retain: bool = False, ts: int | None = None) -> StoredMessage:
-    return StoredMessage(msgid=msgid, sender=sender, topic=topic, qos=qos, retain=retain, payload=payload,
-                         timestamp=ts if ts is not None else int(msgid[:16], 16) // 1000)
-
-
-def save(*msgs: StoredMessage) -> list[SaveMessage]:
-    return [SaveMessage(m) for m in msgs]
-
-
-EVERYTHING = (None, float("inf"))
-
-
-# ---------------------------------------------------------------------------
-# fixtures
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def admin() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT)
-    try:
-        await client.ping()
-    except Exception as exc:  # pragma: no cover - environment
-        pytest.skip(f"no Redis at {REDIS_HOST}:{REDIS_PORT}: {exc}")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def prefix(admin: aioredis.Redis) -> AsyncIterator[str]:
-    token = "oxt" + secrets.token_hex(5)
-    yield token
-    keys = [k async for k in admin.scan_iter(match=token + "*", count=1000)]
-    if keys:
-        await admin.delete(*keys)
-
-
-StoreFactory = Callable[..., Awaitable[RedisStore]]
-
-
-@pytest.fixture(params=["single", "cluster-phases"])
-async def make_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[StoreFactory]:
-    stores: list[RedisStore] = []
-
-    async def factory(ttl: int = 7200, **kw: Any) -> RedisStore:
-        cfg = RedisConfig(
-            servers=(HostPort(REDIS_HOST, REDIS_PORT),),
-            message_key_prefix=f"{prefix}:msg",
-            subscription_key_prefix=f"{prefix}:sub",
-            message_ttl=ttl,
-            **kw,
-        )
-        store = RedisStore(cfg)
-        await store.open()
-        if request.param == "cluster-phases":
-            store._cluster = True  # exercise the cluster write phases
-        stores.append(store)
-        return store
-
-    yield factory
-    for store in stores:
-        await store.close()
-
-
-@pytest.fixture
-async def store(make_store: StoreFactory) -> RedisStore:
-    return await make_store()
-
-
-def mkey(prefix: str, rest: str | bytes) -> bytes:
-    return f"{prefix}:msg:".encode() + (rest.encode() if isinstance(rest, str) else rest)
+__all__ = ["acl_user", "admin", "make_store", "prefix", "store"]  # fixtures
 
 
 def _erl_zscore(raw: bytes) -> float:
@@ -344,7 +277,7 @@ async def test_topic_leaves_index_when_empty(store: RedisStore, admin: aioredis.
     assert await store.stored_topics("gone/") == ["gone/2"]
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # a topic with messages is never dropped by a clean-up
-    await store._cleanup_topics([b"gone/2"])
+    await store._janitor.cleanup_topics([b"gone/2"])
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [b"gone/2"]
     # and comes back with its next message
     await store.write(save(smsg(guid(now_us() + 5), "gone/1")))
@@ -360,7 +293,7 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
     await store.write([DeleteMessage(m.msgid, topic)])
     newer = smsg(guid(now_us() + 10), topic)
     injected = False
-    real_run, real_one = store._run, store._one
+    real_run, real_one = store._link.run, store._link.one
 
     async def publish_once() -> None:
         nonlocal injected
@@ -368,8 +301,8 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
             injected = True
             await store.write(save(newer))
 
-    async def run(cmds: Any, what: str) -> list[Any]:
-        res = await real_run(cmds, what)
+    async def run(cmds: Any, what: str, **kw: Any) -> list[Any]:
+        res = await real_run(cmds, what, **kw)
         if what == "topic clean-up":  # after the emptiness check (cluster) / the atomic script (single)
             await publish_once()
         return res
@@ -380,11 +313,11 @@ async def test_cleanup_racing_a_publish_keeps_the_topic(store: RedisStore, admin
             await publish_once()
         return res
 
-    store._run, store._one = run, one  # type: ignore[method-assign]
+    store._link.run, store._link.one = run, one  # type: ignore[method-assign]
     try:
-        await store._cleanup_topics([topic.encode()])
+        await store._janitor.cleanup_topics([topic.encode()])
     finally:
-        store._run, store._one = real_run, real_one  # type: ignore[method-assign]
+        store._link.run, store._link.one = real_run, real_one  # type: ignore[method-assign]
     assert injected
     assert await admin.zrange(f"{prefix}:msg~ox:topics", 0, -1) == [topic.encode()]
     assert await store.stored_topics("race/") == [topic]
@@ -632,33 +565,9 @@ async def test_message_ttl_zero_keeps_until_acked(make_store: StoreFactory, admi
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def acl_user(admin: aioredis.Redis) -> AsyncIterator[Callable[..., Awaitable[tuple[str, str]]]]:
-    created: list[str] = []
-
-    async def make(*rules: str) -> tuple[str, str]:
-        name, password = "oxt-" + secrets.token_hex(4), secrets.token_hex(12)
-        await admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *rules)
-        created.append(name)
-        return name, password
-
-    yield make
-    for name in created:
-        await admin.execute_command("ACL", "DELUSER", name)
-
-
-def _cfg(prefix: str, **kw: Any) -> RedisConfig:
-    return RedisConfig(servers=(HostPort(REDIS_HOST, REDIS_PORT),), message_key_prefix=f"{prefix}:msg",
-                       subscription_key_prefix=f"{prefix}:sub", **kw)
-
-
-def _key_rules(prefix: str) -> list[str]:
-    return [f"~{prefix}:msg:*", f"~{prefix}:msg~ox:*", f"~{prefix}:sub:*"]
-
-
 async def test_acl_user_with_the_documented_commands_works(acl_user: Any, prefix: str) -> None:
-    name, password = await acl_user(*_key_rules(prefix), *(f"+{c.lower()}" for c in REDIS_COMMANDS))
-    store = RedisStore(_cfg(prefix, username=name, password=password))
+    name, password = await acl_user(*key_rules(prefix), *(f"+{c.lower()}" for c in REDIS_COMMANDS))
+    store = RedisStore(store_cfg(prefix, username=name, password=password))
     await store.open()
     try:
         m = smsg(guid(now_us()), "acl/t")
@@ -678,8 +587,8 @@ async def test_acl_user_with_the_documented_commands_works(acl_user: Any, prefix
 
 async def test_acl_user_missing_commands_is_named(acl_user: Any, prefix: str) -> None:
     allowed = [c for c in REDIS_COMMANDS if c not in ("RPUSH", "EVAL", "PTTL")]
-    name, password = await acl_user(*_key_rules(prefix), *(f"+{c.lower()}" for c in allowed))
-    store = RedisStore(_cfg(prefix, username=name, password=password))
+    name, password = await acl_user(*key_rules(prefix), *(f"+{c.lower()}" for c in allowed))
+    store = RedisStore(store_cfg(prefix, username=name, password=password))
     with pytest.raises(StoreConfigError) as err:
         await store.open()
     text = str(err.value)
@@ -693,22 +602,22 @@ async def test_acl_user_missing_key_pattern_is_named(acl_user: Any, prefix: str)
     name, password = await acl_user(f"~{prefix}:msg:*", f"~{prefix}:sub:*",
                                      *(f"+{c.lower()}" for c in REDIS_COMMANDS))
     with pytest.raises(StoreConfigError) as err:
-        await RedisStore(_cfg(prefix, username=name, password=password)).open()
+        await RedisStore(store_cfg(prefix, username=name, password=password)).open()
     assert f"{prefix}:msg~ox:*" in str(err.value)
 
 
 async def test_acl_user_missing_a_script_command_is_named(acl_user: Any, prefix: str) -> None:
     allowed = [c for c in REDIS_COMMANDS if c != "HGET"]
-    name, password = await acl_user(*_key_rules(prefix), *(f"+{c.lower()}" for c in allowed))
+    name, password = await acl_user(*key_rules(prefix), *(f"+{c.lower()}" for c in allowed))
     with pytest.raises(StoreConfigError) as err:
-        await RedisStore(_cfg(prefix, username=name, password=password)).open()
+        await RedisStore(store_cfg(prefix, username=name, password=password)).open()
     assert "HGET" in str(err.value)
 
 
 async def test_bad_password_is_a_config_error(acl_user: Any, prefix: str) -> None:
     name, password = await acl_user("~*", "+@all")
     with pytest.raises(StoreConfigError) as err:
-        await RedisStore(_cfg(prefix, username=name, password="wrong-" + password)).open()
+        await RedisStore(store_cfg(prefix, username=name, password="wrong-" + password)).open()
     assert "authentication" in str(err.value) and password not in str(err.value)
 
 
@@ -734,17 +643,17 @@ async def test_runtime_failure_is_a_store_error(store: RedisStore) -> None:
 async def test_a_batch_of_saves_is_one_round_trip(make_store: StoreFactory) -> None:
     store = await make_store()
     calls: list[str] = []
-    real = store._run
+    real = store._link.run
 
-    async def counting(cmds: Any, what: str) -> list[Any]:
+    async def counting(cmds: Any, what: str, **kw: Any) -> list[Any]:
         calls.append(what)
-        return await real(cmds, what)
+        return await real(cmds, what, **kw)
 
-    store._run = counting  # type: ignore[method-assign]
+    store._link.run = counting  # type: ignore[method-assign]
     base = now_us()
     await store.write(save(*(smsg(guid(base + i), f"rt/{i % 5}") for i in range(100))))
     await store.write([DeleteMessage(guid(base + i), f"rt/{i % 5}", replay_ack=True) for i in range(50)])
-    expected = 6 if store._cluster else 2  # cluster: hashes, indexes, topics per batch
+    expected = 6 if store._link.cluster else 2  # cluster: hashes, indexes, topics per batch
     assert len(calls) == expected, calls
 
 
@@ -752,8 +661,10 @@ async def test_an_invalid_message_id_does_not_block_the_batch(store: RedisStore)
     good = smsg(guid(now_us()), "inv/t")
     bad = StoredMessage(msgid="not-a-guid", sender="s", topic="inv/t", qos=1, retain=False, payload=b"x",
                         timestamp=0)
-    await store.write([SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
-                       RekeyMessage("zz", good.msgid, "inv/t")])
+    ops: list[WriteOp] = [SaveMessage(bad), SaveMessage(good), DeleteMessage("zz", "inv/t"),
+                          RekeyMessage("zz", good.msgid, "inv/t")]
+    rejected = await write_setting_aside(store, ops)
+    assert rejected == [(0, "invalid_id"), (2, "invalid_id"), (3, "invalid_id")]
     assert [m.msgid for m in await read_all(store, {"inv/t": EVERYTHING})] == [good.msgid]
 
 

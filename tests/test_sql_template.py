@@ -1,4 +1,4 @@
-"""storage/sql_template.py: ${var} templates -> %s parameters (no database needed)."""
+"""storage/mysql/sql_template.py: ${var} templates -> %s parameters (no database needed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from exhook.config import DEFAULT_SQL, ConfigError, check_sql_template
 from storage.model import StoredMessage
-from storage.sql_template import (
+from storage.mysql.sql_template import (
     SqlTemplateError,
     compile_template,
     first_table,

@@ -29,7 +29,7 @@ from storage.model import (
     Subscription,
     WriteOp,
 )
-from storage.sqlite_store import SqliteStore, prefix_upper_bound
+from storage.sqlite import SqliteStore, prefix_upper_bound
 from tests.store_reads import read_all
 
 

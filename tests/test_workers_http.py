@@ -19,6 +19,7 @@ from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
 from tests.cli_run import service_process
 from tests.e2e.harness import free_port
 from tests.e2e.test_outages import RedisProcess, redis_process
+from tests.test_alerts import promtool
 
 __all__ = ["redis_process"]  # a fixture used here
 
@@ -33,9 +34,13 @@ def get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def wait_readyz(base: str, status: int, timeout: float = 60) -> dict[str, str]:
+# no EMQX runs for these tests: readiness without its REST API (as compose's health check asks it)
+WITHOUT_EMQX = "/readyz?exclude=emqx_api"
+
+
+def wait_readyz(base: str, status: int, timeout: float = 60, path: str = WITHOUT_EMQX) -> dict[str, str]:
     deadline = time.monotonic() + timeout
-    while (answer := get(f"{base}/readyz"))[0] != status:
+    while (answer := get(f"{base}{path}"))[0] != status:
         assert time.monotonic() < deadline, answer
         time.sleep(0.1)
     body: dict[str, str] = json.loads(answer[1])
@@ -65,10 +70,11 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def two_workers_config(tmp_path: Path, backend: str) -> tuple[Path, int, str]:
     """A config of two workers over ``backend`` (a HOCON block); with its gRPC port and HTTP base URL."""
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, no_emqx = free_port(), free_port(), free_port()
     cfg = tmp_path / "workers.hocon"
     cfg.write_text(
         f'exhook {{ listen = "127.0.0.1:{grpc_port}", workers = 2, log_format = json,\n'
+        f'  emqx {{ api_url = "http://127.0.0.1:{no_emqx}" }}\n'
         f'  http {{ listen = "127.0.0.1:{http_port}", check_interval = 200ms }}, spool.path = "{tmp_path}/spool" }}\n'
         f'{backend}\n')
     return cfg, grpc_port, f"http://127.0.0.1:{http_port}"
@@ -79,18 +85,29 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         tmp_path, f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}')
     with service_process(cfg) as proc:
         wait_ready(base)
-        status, body = get(f"{base}/readyz")
+        status, body = get(f"{base}{WITHOUT_EMQX}")
         assert (status, json.loads(body)) == (200, {"status": "ready", "backend": "sqlite"})
         assert get(f"{base}/healthz") == (200, b'{"status": "up"}')
+        # all of readiness: each worker says that EMQX's API is not there
+        reasons = wait_readyz(base, 503, path="/readyz")["reason"].split("; ")
+        assert sorted(r.split(": unreachable at ")[0] for r in reasons) == ["worker 0: emqx_api", "worker 1: emqx_api"]
 
         publish(grpc_port, connections=8, per_connection=5)
         status, body = get(f"{base}/metrics")
         assert status == 200
         metrics = samples(body.decode())
+        # the summed exposition of the parent passes promtool's lint as a single process's does
+        lint = promtool("check", "metrics", stdin=body.decode())
+        assert lint.returncode == 0, lint.stdout + lint.stderr
         assert metrics[("offline_exhook_messages_stored_total", frozenset())] == 40
         assert metrics[("offline_exhook_hook_calls_total", frozenset({("hook", "message.publish")}))] == 40
         assert metrics[("offline_exhook_publish_duration_seconds_count", frozenset())] == 40
         assert metrics[("offline_exhook_backend_up", frozenset())] == 1
+        assert metrics[("offline_exhook_emqx_api_up", frozenset())] == 0
+        # process metrics of the supervisor and of each worker, from /proc
+        for process in ("supervisor", "worker-0", "worker-1"):
+            assert metrics[("process_resident_memory_bytes", frozenset({("process", process)}))] > 0
+            assert metrics[("process_open_fds", frozenset({("process", process)}))] > 0
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -124,7 +141,7 @@ def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis
         assert all(str(redis_process.port) in why for why in reasons.values())
         redis_process.start()
         wait_ready(base)
-        assert json.loads(get(f"{base}/readyz")[1]) == {"status": "ready", "backend": "redis"}
+        assert json.loads(get(f"{base}{WITHOUT_EMQX}")[1]) == {"status": "ready", "backend": "redis"}
         redis_process.kill()
         reasons = both_report("redis unreachable: ")
         assert all("redis is not connected yet" not in why for why in reasons.values())

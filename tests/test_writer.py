@@ -169,12 +169,29 @@ async def test_an_op_that_makes_the_store_crash_is_isolated_like_a_refusal(spool
     await w.close()
 
 
+async def test_a_failing_store_is_tried_again_until_a_caller_needs_its_answer(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool)
+    entry = w.writer.submit(save(0))
+    while store.calls < 3:  # tried again and again, nothing settled: the caller still waits
+        store.called.clear()
+        await store.called.wait()
+    assert entry.outcome is None and spool.count == 0
+    store.down = False
+    assert await outcomes([entry]) == [Outcome.STORED]
+    assert spool.count == 0 and w.health[0][0] is False and w.health[-1] == (True, "")
+    await w.close()
+
+
 async def test_a_failing_store_sends_writes_to_the_spool_and_gets_them_back_in_order(spool: Spool) -> None:
     store = RecordingStore()
     store.down = True
     w = Running(store, spool, batch_size=4)
     ops: list[WriteOp] = [save(0), save(1), delete(0), save(2), save(3), delete(3), save(4)]
     entries = [w.writer.submit(op) for op in ops]
+    await store.called.wait()
+    await w.writer.spill(entries[-1])  # the last caller's deadline is near: everything before it goes too
     assert await outcomes(entries) == [Outcome.SPOOLED] * len(ops)
     assert spool.count == len(ops) and w.writer.spooling
     assert "store writes failing" in w.writer.problem() or "spool draining" in w.writer.problem()
@@ -214,6 +231,7 @@ async def test_a_full_spool_refuses_messages_but_keeps_acks(spool: Spool) -> Non
     w = Running(store, spool, spool_max_bytes=400)
     saves = [w.writer.submit(save(i)) for i in range(6)]
     acks = [w.writer.submit(delete(i)) for i in range(6)]
+    await w.writer.spill(acks[-1])
     got = await outcomes(saves)
     assert Outcome.SPOOLED in got and Outcome.REFUSED in got
     assert got == sorted(got, key=lambda o: o is Outcome.REFUSED)  # the first ones fit, then none

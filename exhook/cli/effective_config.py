@@ -17,20 +17,13 @@ import dataclasses
 import json
 from typing import Any
 
-from exhook.config import BackendConfig, Config, EmqxApiConfig, HostPort, MysqlConfig, RedisConfig
+from exhook.config import Config, EmqxApiConfig, HostPort, backend_name
 from exhook.logs import MASK
+from exhook.units import format_duration
 
 SECRET_FIELDS = frozenset({"password", "api_secret"})
 # (dataclass, field) -> name in the config file, where they differ
 _RENAMES: dict[tuple[type, str], str] = {(EmqxApiConfig, "url"): "api_url"}
-
-
-def backend_name(backend: BackendConfig) -> str:
-    if isinstance(backend, RedisConfig):
-        return "redis"
-    if isinstance(backend, MysqlConfig):
-        return "mysql"
-    return "sqlite"
 
 
 def effective_tree(cfg: Config) -> dict[str, Any]:
@@ -60,14 +53,6 @@ def render(cfg: Config, as_json: bool, source: str) -> str:
     return "\n".join([head, *render_hocon(tree)])
 
 
-def _duration(ms: int) -> str:
-    if ms and ms % 60000 == 0:
-        return f"{ms // 60000}m"
-    if ms and ms % 1000 == 0:
-        return f"{ms // 1000}s"
-    return f"{ms}ms"
-
-
 def _struct(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
@@ -80,7 +65,7 @@ def _struct(obj: Any) -> dict[str, Any]:
             out[key] = MASK if value else ""
             continue
         if key.endswith("_ms") and isinstance(value, int) and not isinstance(value, bool):
-            out[key[:-3]] = _duration(value)
+            out[key[:-3]] = format_duration(value)
             continue
         if key in ("verify", "verify_peer") and isinstance(value, bool):
             # SslOptions.verify and ServerTlsConfig.verify_peer are both `verify` in the file

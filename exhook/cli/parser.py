@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from exhook.buildinfo import version_line
 from exhook.cli.register import DEFAULT_NAME
 
-COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index")
+COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index",
+            "set-aside", "spool")
 
 
 def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline messages for EMQX through ExHook. Without a command: run the service.",
         epilog="The operator's guide is docs/operate.md.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     _config_option(parser, os.environ.get("OFFLINE_EXHOOK_CONFIG", "config.hocon"))
     _workers_option(parser, None)
     parser.add_argument("--check-config", action="store_true", help="the same as the check-config command")
@@ -61,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--url", help="how EMQX reaches this service, e.g. http://offline-exhook:9000 "
                                    "(default: this host and the port of exhook.listen)")
     reg.add_argument("--request-timeout", default="5s", metavar="DURATION", help="EMQX's call timeout (default 5s)")
-    reg.add_argument("--failed-action", choices=("deny", "ignore"), default="deny",
-                     help="what EMQX does when a call fails (default deny)")
+    # ignore: a service that is down or slow must not make EMQX deny the hook chain's later servers
+    reg.add_argument("--failed-action", choices=("deny", "ignore"), default="ignore",
+                     help="what EMQX does when a call fails (default ignore)")
     reg.add_argument("--pool-size", type=int, default=8, help="gRPC connections per EMQX node (default 8)")
-    reg.add_argument("--auto-reconnect", default="60s", metavar="DURATION",
-                     help="EMQX's reconnect interval, or false (default 60s)")
+    reg.add_argument("--auto-reconnect", default="10s", metavar="DURATION",
+                     help="how soon EMQX retries loading the service after a failure, or false (default 10s)")
     tls = reg.add_argument_group("TLS (exhook.ssl.enable = true; paths as EMQX sees them)")
     tls.add_argument("--ssl-cacertfile", help="CA EMQX verifies the service's certificate with")
     tls.add_argument("--ssl-certfile", help="EMQX's client certificate (required with exhook.ssl.verify_peer)")
@@ -89,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--topic", required=True, metavar="FILTER", help="topic filter, wildcards allowed")
     purge.add_argument("--yes", action="store_true", help="really delete (without it: only count)")
     _output_options(purge)
+
+    aside = sub.add_parser("set-aside", help="write ops the store refused for good (kept in the spool file)")
+    _config_option(aside, keep)
+    aside.add_argument("--limit", type=int, default=100, help="newest ops listed at most (default 100)")
+    _output_options(aside, progress=False)
+
+    spool = sub.add_parser("spool", help="write ops waiting in the local spool for the store")
+    _config_option(spool, keep)
+    spool.add_argument("--list", action="store_true", help="also list the oldest waiting ops")
+    spool.add_argument("--limit", type=int, default=100, help="ops listed at most per file (default 100)")
+    _output_options(spool, progress=False)
 
     rebuild = sub.add_parser("rebuild-topic-index",
                              help="Redis: index the topics of a store written by the Erlang plugin "

@@ -30,35 +30,24 @@ import aiohttp
 
 from exhook.cli.output import CliError
 from exhook.config import Config, EmqxApiConfig
-from exhook.emqx_api import basic_auth
+from exhook.emqx_api import basic_auth, read_answer
+from exhook.units import format_duration, parse_duration_ms
 from storage.tls import client_context
 
 DEFAULT_NAME = "offline-exhook"
 _NAME = re.compile(r"^[A-Za-z0-9]+[A-Za-z0-9_-]*$")  # emqx_exhook_schema:validate_name/1
-_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 # EMQX's defaults for the TLS fields this command may set (emqx_schema client_ssl_opts)
 _SSL_DEFAULTS: dict[str, Any] = {"enable": False, "verify": "verify_none", "cacertfile": "", "certfile": "",
                                  "keyfile": "", "server_name_indication": ""}
 
 
-def parse_duration_ms(value: Any) -> int | None:
-    """An EMQX duration (``"5s"``, ``"1m30s"``, ``"500ms"``, or an integer of ms); None if
-    it is not one."""
-    if isinstance(value, bool):
+def emqx_duration_ms(value: Any) -> int | None:
+    """A duration as EMQX's API shows or takes it (``"5s"``, ``"1m30s"``, an integer of
+    ms); None if it is not one."""
+    try:
+        return parse_duration_ms(value)
+    except ValueError:
         return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().lower()
-    if text.isdigit():
-        return int(text)
-    if not text or _DURATION_PART.sub("", text):
-        return None
-    return sum(int(n) * _UNITS_MS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
-def format_duration(ms: int) -> str:
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +81,14 @@ class Exhook:
             diffs.append("enable")
         if current.get("url") != self.url:
             diffs.append("url")
-        if parse_duration_ms(current.get("request_timeout", "5s")) != self.request_timeout_ms:
+        if emqx_duration_ms(current.get("request_timeout", "5s")) != self.request_timeout_ms:
             diffs.append("request_timeout")
         if current.get("failed_action", "deny") != self.failed_action:
             diffs.append("failed_action")
         if current.get("pool_size", 8) != self.pool_size:
             diffs.append("pool_size")
         reconnect = current.get("auto_reconnect", "60s")
-        reconnect_ms = None if reconnect in (False, "false") else parse_duration_ms(reconnect)
+        reconnect_ms = None if reconnect in (False, "false") else emqx_duration_ms(reconnect)
         if reconnect_ms != self.auto_reconnect_ms:
             diffs.append("auto_reconnect")
         have = current.get("ssl") or {}
@@ -151,10 +140,10 @@ def desired_exhook(cfg: Config, args: argparse.Namespace) -> Exhook:
         ssl.update({key: value for key, value in given.items() if value})
         if sni:
             ssl["server_name_indication"] = sni
-    timeout = parse_duration_ms(args.request_timeout)
+    timeout = emqx_duration_ms(args.request_timeout)
     if timeout is None or timeout <= 0:
         raise CliError(f"--request-timeout: expected a duration such as 5s, got {args.request_timeout!r}", 2)
-    reconnect = None if args.auto_reconnect == "false" else parse_duration_ms(args.auto_reconnect)
+    reconnect = None if args.auto_reconnect == "false" else emqx_duration_ms(args.auto_reconnect)
     if args.auto_reconnect != "false" and (reconnect is None or reconnect <= 0):
         raise CliError(f"--auto-reconnect: expected a duration such as 60s or false, got {args.auto_reconnect!r}", 2)
     if args.pool_size < 1:
@@ -182,10 +171,7 @@ class EmqxAdmin:
         url = self._cfg.url
         try:
             async with self._session.request(method, path, json=body) as resp:
-                try:
-                    answer = await resp.json(content_type=None)
-                except ValueError:
-                    answer = await resp.text()
+                answer = await read_answer(resp)
                 status = resp.status
         except aiohttp.ClientError as exc:
             raise CliError(f"EMQX API unreachable at {url}: {type(exc).__name__}: {exc}") from None

@@ -223,7 +223,7 @@ def _report_purge(args: argparse.Namespace, flt: str, counts: dict[str, int], de
 async def rebuild_topic_index(cfg: Config) -> int:
     if not isinstance(cfg.backend, RedisConfig):
         raise CliError("rebuild-topic-index applies to the redis backend only", 2)
-    from storage.redis_store import RedisStore
+    from storage.redis import RedisStore
 
     async with opened_store(cfg) as store:
         assert isinstance(store, RedisStore)

@@ -36,6 +36,9 @@ class Harness:
     publish_deadline: str = "500ms"
     extra_hocon: str = ""
     request_timeout: float = 5.0
+    api_role: str = "administrator"  # of the API key the emulated EMQX gives the service
+    # the broker played: EMQX 5.3.2 for v2 (no peer port), 5.10.4 for v3 (tests/emulator)
+    emqx_version: str | None = None
     rest_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
@@ -77,8 +80,8 @@ class Harness:
         await self.backend.setup()
         await self.start_service()
         self.emu = EmqxEmulator(f"127.0.0.1:{self.grpc_port}", self.version, api_key=API_KEY,
-                                api_secret=API_SECRET, rest_port=self.rest_port, pool_size=4,
-                                request_timeout=self.request_timeout)
+                                api_secret=API_SECRET, api_role=self.api_role, rest_port=self.rest_port, pool_size=4,
+                                request_timeout=self.request_timeout, emqx_version=self.emqx_version)
         await self.emu.start()
 
     async def restart_service(self) -> Service:

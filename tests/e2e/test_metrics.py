@@ -10,6 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import Harness
 
+# Backends whose store writes DropPendingReplay already (the integrator adds each as its
+# branch lands; once all do, the condition goes).
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -58,6 +61,8 @@ async def test_counters_follow_publish_replay_and_ack(h: Harness) -> None:
     await h.settle()
     assert await h.backend.count_messages() == 0
     after = await scrape(h)
+    # 3 re-keys + 3 deletes; a v2 broker's replays are recognised in memory and each also
+    # drops its pending-replay registry entry (DropPendingReplay)
     assert {
         "messages_replayed_total": delta(stored, after, "messages_replayed_total"),
         "messages_acked_total": delta(stored, after, "messages_acked_total"),
@@ -73,7 +78,7 @@ async def test_counters_follow_publish_replay_and_ack(h: Harness) -> None:
     } == {
         "messages_replayed_total": 3, "messages_acked_total": 3, "messages_deleted_total": 3,
         "messages_rekeyed_total": 3, "replay": 3, "stored": 0, "publish calls": 3, "acked calls": 3,
-        "subscribed calls": 1, "write ops": 6, "failures": 0,
+        "subscribed calls": 1, "write ops": 9 if h.version == "v2" else 6, "failures": 0,
     }
     # every write was durable before the scrape: nothing is left buffered
     assert after[("offline_exhook_pending_writes", frozenset())] == 0

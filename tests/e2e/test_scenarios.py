@@ -240,3 +240,26 @@ async def test_resumed_persistent_session_gets_no_duplicates(h: Harness) -> None
     assert h.bulk_items() == []
     assert h.emu is not None and h.emu.rest_bodies("/clients/persistent/subscribe/bulk") == []
     assert await h.backend.count_messages() == 0
+
+
+async def test_a_replay_left_unacked_comes_again_on_the_next_connection(h: Harness) -> None:
+    # EMQX 5.3 (v2 here) sends no peer port: both connections come from the same host and
+    # port 0, so only the reset of the replay marks on connect lets the message come again
+    sub = h.client("forgetful", auto_ack=False)
+    await sub.connect()
+    await sub.subscribe("t/u", qos=1)
+    await sub.disconnect()
+    await h.settle()
+    await publish_all(h, [("t/u", b"not acked")])
+    await sub.connect()
+    await sub.wait_for_deliveries(1, timeout=10)
+    await sub.drop()  # gone before its PUBACK
+    await h.settle()
+    assert await h.backend.count_messages() == 1
+    sub.deliveries.clear()
+    sub.auto_ack = True
+    await sub.connect()
+    await sub.wait_for_deliveries(1, timeout=10)
+    await h.settle()
+    assert payloads(sub) == [b"not acked"]
+    assert await h.backend.count_messages() == 0

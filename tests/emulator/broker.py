@@ -244,8 +244,13 @@ class Channel:
             mountpoint="",
             is_superuser=False,
             anonymous=True,
-            peerport=self.peerport,
+            peerport=self.sent_peerport,
         )
+
+    @property
+    def sent_peerport(self) -> int:
+        # EMQX added peerport to ClientInfo/ConnInfo in 5.4 (emqx_exhook_handler); 5.3 sends none (0)
+        return self.peerport if self.emu.sends_peerport else 0
 
     def conninfo(self) -> Any:
         c = self.client
@@ -258,7 +263,7 @@ class Channel:
             proto_name="MQTT",
             proto_ver=str(c.proto_ver),
             keepalive=c.keepalive,
-            peerport=self.peerport,
+            peerport=self.sent_peerport,
         )
 
     def _props(self, pairs: Iterable[tuple[str, str]]) -> list[Any]:
@@ -1057,6 +1062,9 @@ class EmqxEmulator:
         self.api_secret = api_secret
         self.api_role = api_role
         self.rest_port = rest_port
+        self.emqx_version = emqx_version or ("5.10.4" if version == "v3" else "5.3.2")
+        # EMQX 5.3 (ExHook v2) sends no peer port; 5.4 and later do (v2 and v3 alike)
+        self.sends_peerport = _version_tuple(self.emqx_version) >= (5, 4)
         self.hooks = ExHookClient(
             target,
             version,
@@ -1064,7 +1072,7 @@ class EmqxEmulator:
             request_timeout=request_timeout,
             failed_action=failed_action,
             node=node,
-            emqx_version=emqx_version or ("5.10.4" if version == "v3" else "5.3.2"),
+            emqx_version=self.emqx_version,
             cluster_name=cluster_name,
             ssl=ssl,
         )
@@ -1381,3 +1389,7 @@ class EmqxEmulator:
                     await self.hooks.call("message.dropped", req, msg.from_)
         self.published.append(PublishRecord(source, original, msg, answer, routes, time.monotonic()))
         return routes
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("-")[0].split(".")[:3] if part.isdigit())

@@ -1,0 +1,186 @@
+"""Replay bookkeeping in this service's own tables (``ddl.py``): per-connection replay
+marks, tombstones of replay acks and the v2 pending-replay registry.
+
+Keys that can be long (connection ids, topics) are SHA-256 digests; ``expires`` is
+unix seconds on the server's clock (UNIX_TIMESTAMP()), so instances with skewed
+clocks agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, TOMBSTONE_TTL_S
+from storage.model import DropPendingReplay, PendingReplay
+from storage.mysql.columns import text
+from storage.mysql.connection import Connections
+from storage.mysql.ddl import MARK_TABLE, PENDING_TABLE, TOMBSTONE_TABLE
+
+_REGISTER_CHUNK = 500
+
+
+def sha(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+def pending_key(topic: str, digest: str) -> bytes:
+    return sha(f"{topic}\0{digest}")
+
+
+def placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+# -- inside a write transaction ------------------------------------------------------
+
+
+async def write_tombstones(cur: Any, msgids: Sequence[str]) -> None:
+    """Remember replay acks (before their delete, in the same transaction): a re-key
+    to one of these ids that is not written yet finds it and deletes its row."""
+    values = ", ".join(["(%s, UNIX_TIMESTAMP() + %s)"] * len(msgids))
+    args: list[object] = []
+    for msgid in msgids:
+        args += [msgid, TOMBSTONE_TTL_S]
+    await cur.execute(
+        f"INSERT INTO {TOMBSTONE_TABLE} (msgid, expires) VALUES {values} "
+        "ON DUPLICATE KEY UPDATE expires = VALUES(expires)",
+        tuple(args),
+    )
+
+
+async def lock_tombstone(cur: Any, msgid: str) -> bool:
+    """Whether a live tombstone exists for ``msgid``. Locks the key first (record lock
+    if present, gap lock if not): a concurrent replay ack on another instance either
+    committed its tombstone before (we see it) or waits until we commit (its delete
+    then finds the row under the new id)."""
+    await cur.execute(
+        f"SELECT expires >= UNIX_TIMESTAMP() FROM {TOMBSTONE_TABLE} WHERE msgid = %s FOR UPDATE", (msgid,)
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def drop_pending(cur: Any, op: DropPendingReplay) -> None:
+    """Delete one registry entry of this topic, payload digest and id (the oldest, as
+    ``take_pending_replay`` would pop it). Entries are interchangeable when all three
+    match: two replays of one message to two subscribers register two, and each
+    replay removes one. A repeat of the op deletes nothing once its entry is gone;
+    only if the batch is repeated after a lost commit while a second identical entry
+    exists does it take that one too, and the worst that follows is that the other
+    replay, coming back through another instance, is stored again (a duplicate),
+    never that an entry outlives its replay and swallows an unrelated publish."""
+    await cur.execute(
+        f"DELETE FROM {PENDING_TABLE} WHERE key_hash = %s AND msgid = %s ORDER BY id LIMIT 1",
+        (pending_key(op.topic, op.digest), op.msgid),
+    )
+
+
+# -- own transactions ----------------------------------------------------------------
+
+
+class Bookkeeping:
+    def __init__(self, connections: Connections) -> None:
+        self._db = connections
+
+    async def claim_replay(self, connection: str, highs: dict[str, float]) -> dict[str, float | None]:
+        if not highs:
+            return {}
+        conn_key = sha(connection)
+        # Sorted keys: every claim locks rows in the same order (no lock cycles).
+        items = sorted((sha(topic), topic, float(high)) for topic, high in highs.items())
+        committing = False
+
+        async def attempt() -> dict[bytes, float | None]:
+            nonlocal committing
+            async with self._db.connection() as conn, conn.cursor() as cur:
+                await conn.begin()
+                previous = await _claim(cur, conn_key, [(key, high) for key, _, high in items])
+                committing = True
+                await conn.commit()
+                return previous
+
+        # A claim is not idempotent (a repeat would see its own marks): repeat after
+        # a lost connection only if the commit was not sent yet.
+        previous = await self._db.retrying(attempt, lambda: not committing)
+        return {topic: previous.get(key) for key, topic, _ in items}
+
+    async def reset_replay_marks(self, connection: str) -> None:
+        await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (sha(connection),))
+
+    async def register_pending_replays(self, items: Sequence[PendingReplay]) -> None:
+        # One statement per chunk: auto-increment ids follow the list order, and
+        # take_pending_replay pops the lowest id first (FIFO per topic and digest).
+        # Not repeated after a lost connection: a second copy of an entry could later
+        # claim an unrelated publish with the same topic and payload.
+        for start in range(0, len(items), _REGISTER_CHUNK):
+            chunk = items[start : start + _REGISTER_CHUNK]
+            args: list[object] = []
+            for item in chunk:
+                args += [pending_key(item.topic, item.digest), item.msgid, PENDING_REPLAY_TTL_S]
+            values = ", ".join(["(%s, %s, UNIX_TIMESTAMP() + %s)"] * len(chunk))
+            await self._db.query(
+                f"INSERT INTO {PENDING_TABLE} (key_hash, msgid, expires) VALUES {values}", tuple(args), repeat=False
+            )
+
+    async def take_pending_replay(self, topic: str, digest: str) -> str | None:
+        key = pending_key(topic, digest)
+        committing = False
+
+        async def attempt() -> str | None:
+            nonlocal committing
+            async with self._db.connection() as conn, conn.cursor() as cur:
+                await conn.begin()
+                await cur.execute(
+                    f"SELECT id, msgid FROM {PENDING_TABLE} WHERE key_hash = %s "
+                    "AND expires >= UNIX_TIMESTAMP() ORDER BY id LIMIT 1 FOR UPDATE",
+                    (key,),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    await conn.commit()
+                    return None
+                await cur.execute(f"DELETE FROM {PENDING_TABLE} WHERE id = %s", (row[0],))
+                committing = True
+                await conn.commit()
+                return text(row[1])
+
+        return await self._db.retrying(attempt, lambda: not committing)
+
+
+async def _claim(cur: Any, conn_key: bytes, items: list[tuple[bytes, float]]) -> dict[bytes, float | None]:
+    """Raise the marks of ``items`` (topic key, high) and return the previous ones."""
+    # 1. Create missing marks / forget expired ones. INSERT ... ON DUPLICATE KEY UPDATE
+    #    takes exclusive locks on new and existing rows alike, so two first claims
+    #    queue up instead of deadlocking (INSERT IGNORE would take shared locks and
+    #    deadlock on the upgrade).
+    values = ", ".join(["(%s, %s, NULL, UNIX_TIMESTAMP() + %s)"] * len(items))
+    args: list[object] = []
+    for topic_key, _ in items:
+        args += [conn_key, topic_key, REPLAY_MARK_TTL_S]
+    await cur.execute(
+        f"INSERT INTO {MARK_TABLE} (conn_hash, topic_hash, position, expires) VALUES {values} "
+        "ON DUPLICATE KEY UPDATE position = IF(expires < UNIX_TIMESTAMP(), NULL, position), "
+        "expires = VALUES(expires)",
+        tuple(args),
+    )
+    # 2. The previous marks (rows are locked by us now).
+    await cur.execute(
+        f"SELECT topic_hash, position FROM {MARK_TABLE} WHERE conn_hash = %s "
+        f"AND topic_hash IN ({placeholders(len(items))}) FOR UPDATE",
+        (conn_key, *[key for key, _ in items]),
+    )
+    previous = {bytes(key): (float(pos) if pos is not None else None) for key, pos in await cur.fetchall()}
+    # 3. Raise them.
+    values = ", ".join(["(%s, %s, %s, UNIX_TIMESTAMP() + %s)"] * len(items))
+    args = []
+    for topic_key, high in items:
+        args += [conn_key, topic_key, high, REPLAY_MARK_TTL_S]
+    await cur.execute(
+        f"INSERT INTO {MARK_TABLE} (conn_hash, topic_hash, position, expires) VALUES {values} "
+        "ON DUPLICATE KEY UPDATE position = IF(position IS NULL OR position < VALUES(position), "
+        "VALUES(position), position)",
+        tuple(args),
+    )
+    return previous

@@ -1,0 +1,236 @@
+"""HookLogic and Replayer over an in-memory store (issue 12 item 5): the guarantees of
+the hook paths, fast and without a server. The REST API is a recorder standing in
+for EMQX: what the broker would do with the calls is the emulator's business
+(tests/e2e); here it is what the service asks of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from exhook.client_queue import ClientQueues
+from exhook.emqx_api import BulkResult, EmqxApi, ReplayItem
+from exhook.hooks import HTTP_API, ClientRef, HookLogic
+from exhook.metrics import Metrics
+from exhook.replay import BrokerFlags, Replayer, payload_digest
+from exhook.spool import Spool
+from exhook.topics import TopicSet
+from exhook.writer import OrderedWriter, WriterSettings
+from tests.memory_store import MemoryStore
+
+TRACKED = ("t/#", "w/+/x")
+
+
+def guid(i: int) -> str:
+    return f"{i:032X}"
+
+
+@dataclass
+class RecordingApi:
+    """Stands in for EMQX's REST API: records publish/bulk and subscribe/bulk."""
+
+    published: list[list[ReplayItem]] = field(default_factory=list)
+    subscribed: list[tuple[str, list[tuple[str, int]]]] = field(default_factory=list)
+
+    async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
+        self.published.append(items)
+        return BulkResult(200, len(items), 0)
+
+    async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        self.subscribed.append((clientid, subscriptions))
+        return True
+
+    @property
+    def replayed(self) -> list[ReplayItem]:
+        return [item for batch in self.published for item in batch]
+
+
+class Rig:
+    def __init__(self, store: MemoryStore, spool: Spool, v2: bool = False) -> None:
+        self.store = store
+        self.api = RecordingApi()
+        self.metrics = Metrics()
+        self.flags = BrokerFlags()
+        self.flags.v2_seen = v2
+        self.writer = OrderedWriter(store, spool, self.metrics, WriterSettings(100, 1000, 1 << 20))
+        self.queues = ClientQueues(self.metrics)
+        tracked = TopicSet(TRACKED)
+        self.replayer = Replayer(store, cast(EmqxApi, self.api), self.metrics, tracked, self.flags, batch_size=3)
+        self.logic = HookLogic(tracked, store, self.writer, self.replayer, self.queues, self.metrics, self.flags,
+                               publish_deadline_ms=500)
+
+    async def publish(self, i: int, topic: str = "t/a", qos: int = 1, sender: str = "pub",
+                      payload: bytes | None = None, replay_of: str | None = None) -> None:
+        await self.logic.message_publish(guid(i), sender, topic, qos, payload or f"m{i}".encode(), 1000 + i,
+                                         replay_of)
+
+    async def settle(self) -> None:
+        await self.queues.idle()
+        await self.writer.drained()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    rig = Rig(MemoryStore(), spool)
+    task = asyncio.create_task(rig.writer.run())
+    yield rig
+    await rig.queues.close(1)
+    await rig.writer.close(1)
+    await asyncio.gather(task, return_exceptions=True)
+    await spool.close()
+
+
+def client(clientid: str = "sub", peerport: int = 0) -> ClientRef:
+    # peerport 0: EMQX 5.3 sends none, so every connection of a client from one host looks alike
+    return ClientRef(clientid, "emqx@127.0.0.1", "10.0.0.7", peerport)
+
+
+async def test_a_tracked_qos1_publish_is_stored_before_the_answer(rig: Rig) -> None:
+    await rig.publish(1)
+    assert [m.msgid for m in rig.store.stored()] == [guid(1)]  # no settle: stored when answered
+    assert rig.store.stored()[0].payload == b"m1"
+    await rig.publish(2, qos=0)
+    await rig.publish(3, topic="other/a")
+    await rig.publish(4, topic="$SYS/x")
+    assert [m.msgid for m in rig.store.stored()] == [guid(1)]
+    assert rig.metrics.sample("messages_stored_total") == 1
+    for reason in ("qos0", "untracked", "sys"):
+        assert rig.metrics.sample("messages_skipped_total", reason=reason) == 1
+
+
+async def test_a_wildcard_replay_covers_every_matching_topic_in_position_order(rig: Rig) -> None:
+    order = [("t/b", 1), ("t/a", 2), ("w/1/x", 3), ("t/b/c", 4), ("t/a", 5), ("w/2/y", 6), ("t/b", 7)]
+    for topic, i in order:
+        await rig.publish(i, topic=topic)
+    rig.logic.session_subscribed(client(), "t/#", 1)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(i) for t, i in order if t.startswith("t/")]
+    assert [len(batch) for batch in rig.api.published] == [3, 2]  # replay_batch_size 3
+    rig.logic.session_subscribed(client(), "$share/g/w/+/x", 1)
+    await rig.settle()
+    assert rig.api.replayed[-1].origin == guid(3)
+
+
+async def test_a_second_subscribe_in_one_connection_replays_nothing_twice(rig: Rig) -> None:
+    await rig.publish(1)
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    rig.logic.session_subscribed(client(), "t/#", 1)  # the client's own SUBSCRIBE racing our restore
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+
+
+async def test_a_reconnect_resets_the_marks_so_the_unacked_message_is_replayed_again(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.client_connected(client())
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+    # the subscriber went away before acking; it reconnects from the same host (same
+    # connection key without a peer port): the message must come again
+    rig.logic.client_connected(client())
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(1)]
+    assert rig.api.subscribed == [("sub", [("t/a", 1)]), ("sub", [("t/a", 1)])]
+
+
+async def test_a_resumed_session_is_not_restored(rig: Rig) -> None:
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.session_resumed(client())
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert rig.api.subscribed == []
+    assert "subscriptions" not in rig.store.calls
+    rig.logic.client_connected(client())  # the next connect without a resumed session is restored
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+
+
+async def test_a_replay_is_rekeyed_to_its_new_id_so_the_subscribers_ack_deletes_it(rig: Rig) -> None:
+    await rig.publish(1, payload=b"hello")
+    # v3: the replay comes back through message.publish with our user property
+    await rig.publish(900, sender=HTTP_API, payload=b"hello", replay_of=guid(1))
+    await rig.settle()
+    assert [m.msgid for m in rig.store.stored()] == [guid(900)]
+    assert rig.metrics.sample("messages_skipped_total", reason="replay") == 1
+    rig.logic.message_acked(guid(900), HTTP_API, "t/a")
+    await rig.settle()
+    assert rig.store.stored() == []
+
+
+async def test_the_ack_of_a_replay_leaves_a_tombstone_that_a_late_rekey_honours(rig: Rig) -> None:
+    await rig.publish(1)
+    rig.logic.message_acked(guid(900), HTTP_API, "t/a")  # the ack arrives before the re-key is written
+    await rig.settle()
+    assert guid(900) in rig.store.tombstones
+    await rig.publish(900, sender=HTTP_API, replay_of=guid(1))
+    await rig.settle()
+    assert rig.store.stored() == []  # moved to the acked id, and so deleted
+
+
+async def test_a_plain_ack_writes_no_tombstone(rig: Rig) -> None:
+    await rig.publish(1)
+    rig.logic.message_acked(guid(1), "pub", "t/a")
+    await rig.settle()
+    assert rig.store.stored() == [] and rig.store.tombstones == set()
+
+
+async def test_v2_replays_this_process_published_are_recognised_without_a_store_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    rig = Rig(MemoryStore(), spool, v2=True)
+    task = asyncio.create_task(rig.writer.run())
+    try:
+        await rig.publish(1, payload=b"same")
+        rig.logic.session_subscribed(client(), "t/a", 1)
+        await rig.settle()
+        assert rig.store.pending[("t/a", payload_digest(b"same"))] == deque([guid(1)])
+        rig.store.calls.clear()
+        # v2 hides the user property: the replay comes back as a plain REST publish
+        await rig.publish(900, sender=HTTP_API, payload=b"same")
+        assert "take_pending_replay" not in rig.store.calls
+        await rig.settle()
+        assert [m.msgid for m in rig.store.stored()] == [guid(900)]
+        assert not rig.store.pending[("t/a", payload_digest(b"same"))]  # the registry entry is gone too
+        # a REST publish that is not ours is stored as usual
+        await rig.publish(901, sender=HTTP_API, payload=b"other")
+        assert "take_pending_replay" in rig.store.calls
+        assert guid(901) in {m.msgid for m in rig.store.stored()}
+    finally:
+        await rig.queues.close(1)
+        await rig.writer.close(1)
+        await asyncio.gather(task, return_exceptions=True)
+        await spool.close()
+
+
+async def test_a_subscription_the_store_cannot_hold_still_gets_its_replay(rig: Rig) -> None:
+    long_id = "c" * 100
+    rig.store.refuse_clientids.add(long_id)
+    await rig.publish(1)
+    rig.logic.session_subscribed(client(long_id), "t/a", 1)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+    assert rig.metrics.sample("writes_rejected_total", backend="memory", reason="too_long") == 1
+
+
+async def test_unsubscribe_forgets_the_subscription(rig: Rig) -> None:
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    rig.logic.session_unsubscribed(client(), "t/a")
+    await rig.settle()
+    assert rig.store.subs == {"sub": {}}
+
+
+def test_a_replay_carries_its_origin_and_is_never_retained() -> None:
+    item = ReplayItem("t/a", b"\x00\xff", 2, guid(5))
+    body = item.to_json()
+    assert body["retain"] is False and body["qos"] == 2
+    assert body["properties"]["user_properties"] == {"offline-exhook-replay": guid(5)}
