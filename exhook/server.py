@@ -52,6 +52,7 @@ _OPEN_BACKOFF = Backoff(base=0.2, cap=5.0)
 _PURGE_EVERY_S = 60.0
 _PURGE_CHUNK = 1000
 _SHUTDOWN_GRACE_S = 5.0
+_FIRST_OPEN_WAIT_S = 2.0
 
 
 def spool_path(path: str, worker: int | None) -> Path:
@@ -108,8 +109,18 @@ class Service:
         await spool.open()
         stack.push_async_callback(spool.close)
         await self._adopt_orphan_spools(spool)
-        if not await self._open_store(gate):
-            loops.start("open-store", lambda: self._open_loop(gate))
+        # A store that hangs (a stopped server still accepts connections) must not keep
+        # the gRPC port closed for the backend's whole timeout: the broker needs answers.
+        # The first open gets a short while; if it is still running it goes on in the
+        # background, owned by the open loop (and cancelled at stop if it still runs).
+        opening = asyncio.create_task(self._open_store(gate), name="open-store-first")
+        stack.push_async_callback(_cancel, opening)
+        await asyncio.wait({opening}, timeout=_FIRST_OPEN_WAIT_S)
+        if not opening.done():
+            log.warning("%s has not answered within %.0f s: serving, opening it in the background", gate.name,
+                        _FIRST_OPEN_WAIT_S, extra={"event": "store_open_slow", "backend": gate.name})
+        if not opening.done() or not opening.result():  # an unexpected error fails the start-up, as before
+            loops.start("open-store", lambda: self._open_loop(gate, opening))
         await self.readiness.check()
         loops.start("readiness", self.readiness.run)
         self._writer = writer = self._make_writer(gate.store, spool)
@@ -193,17 +204,20 @@ class Service:
         log.error("%s %s at start-up, retrying in the background", gate.name, kind,
                   extra={"event": "store_unreachable", "backend": gate.name, "error": str(exc)})
 
-    async def _open_loop(self, gate: GatedStore) -> None:
+    async def _open_loop(self, gate: GatedStore, first: asyncio.Task[bool]) -> None:
+        await asyncio.wait({first})  # the start-up attempt, if it still runs (never raises)
         for pause in _OPEN_BACKOFF.delays():
+            if gate.is_open:  # the start-up attempt got through after all
+                break
             await asyncio.sleep(pause)
             try:
                 await gate.open()
             except StoreError as exc:
                 log.debug("%s still not open: %s", gate.name, exc)
                 continue
-            log.warning("%s is open now", gate.name, extra={"event": "store_opened", "backend": gate.name})
-            await self.readiness.check()
-            return
+            break
+        log.warning("%s is open now", gate.name, extra={"event": "store_opened", "backend": gate.name})
+        await self.readiness.check()
 
     async def _purge_loop(self, store: Store) -> None:
         while True:
@@ -220,3 +234,8 @@ class Service:
         log.info("listening on %s:%d (exhook v2 and v3%s), backend %s, topics %s",
                  svc.listen.host, self.port, ", TLS" if svc.ssl.enable else "", backend,
                  ", ".join(tracked.filters) or "-")
+
+
+async def _cancel(task: asyncio.Task[bool]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

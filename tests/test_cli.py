@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +14,7 @@ from exhook.pb.v3 import exhook_pb2 as pb
 from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
 from tests.cli_run import ROOT, service_process
 from tests.e2e.harness import free_port
+from tests.service_proc import StderrLines
 
 
 def write_config(tmp_path: Path, port: int, workers: int) -> Path:
@@ -28,43 +26,6 @@ def write_config(tmp_path: Path, port: int, workers: int) -> Path:
         f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"], batch_size = 10 }}\n'
     )
     return cfg
-
-
-class StderrLines:
-    """Reads a child's stderr in a thread, so a test waits with a deadline instead of
-    blocking on a line that never comes."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, needle: str, count: int, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while sum(needle in line for line in self.seen) < count:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-        text = "".join(self.seen)
-        assert sum(needle in line for line in self.seen) >= count, text
-        return text
-
-    def rest(self, timeout: float = 30) -> str:
-        """Everything up to the end of the stream (the process has exited)."""
-        deadline = time.monotonic() + timeout
-        while (line := self.lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-            self.seen.append(line)
-        return "".join(self.seen)
 
 
 def publish_one(port: int) -> int:
