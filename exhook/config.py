@@ -630,4 +630,20 @@ def config_warnings(cfg: Config) -> tuple[str, ...]:
     if not cfg.service.emqx.api_key:
         out.append("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401) until it is set "
                    "(an API key with the administrator role, e.g. through EMQX_API_KEY / EMQX_API_SECRET)")
+    out += _short_secret_warnings(cfg)
     return tuple(out)
+
+
+# Secrets are masked wherever their text appears in a log line: a very short one turns
+# ordinary words into masks (and is weak anyway).
+_SHORT_SECRET = 8
+
+
+def _short_secret_warnings(cfg: Config) -> list[str]:
+    backend = cfg.backend
+    fields = [("exhook.emqx.api_secret", cfg.service.emqx.api_secret)]
+    if isinstance(backend, (RedisConfig, MysqlConfig)):
+        fields.append((f"{backend_name(backend)}.password", backend.password))
+    return [f"{name} is shorter than {_SHORT_SECRET} characters: it is masked wherever its text appears in the "
+            "logs, which garbles them (and it is easy to guess); use a longer one"
+            for name, secret in fields if 0 < len(secret) < _SHORT_SECRET]

@@ -151,8 +151,8 @@ class Spool:
             raise SpoolError(f"spool {self.path} is closed")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool {self.path}: {exc}") from None
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:  # the file, or an op it cannot hold
+            raise SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}") from None
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn

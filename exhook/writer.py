@@ -319,8 +319,12 @@ class OrderedWriter:
         try:
             await self._spool.append([e.op for e in accepted])
         except SpoolError as exc:
+            if len(accepted) == 1:
+                self._refuse(accepted[0], one_line(exc))
+                return
+            # one op the spool cannot hold must not cost the others their place: one by one
             for entry in accepted:
-                self._refuse(entry, one_line(exc))
+                await self._append([entry])
             return
         self._metrics.spooled.inc(len(accepted))
         for entry in accepted:

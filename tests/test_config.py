@@ -307,7 +307,7 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
     def warnings(text: str) -> list[str]:
         return list(config_warnings(load_config_string(text)))
 
-    quiet = 'sqlite { enable = true, topics = ["t/#"] }\nexhook.emqx { api_key = k, api_secret = s }'
+    quiet = 'sqlite { enable = true, topics = ["t/#"] }\nexhook.emqx { api_key = k, api_secret = s3cret-value }'
     assert warnings(quiet) == []
     assert warnings('sqlite { enable = true, topics = [] }\nexhook.emqx { api_key = k }') == [
         "sqlite.topics is empty: the backend is inactive, no hook is registered and nothing is stored"]
@@ -319,3 +319,5 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
     assert warnings(quiet + "\nexhook.publish_deadline = 4999ms") == []
     [key] = warnings('sqlite { enable = true, topics = ["t/#"] }')
     assert key.startswith("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401)")
+    short = 'mysql { enable = true, topics = ["t/#"], password = "pw" }\nexhook.emqx { api_key = k, api_secret = s }'
+    assert [w.split(" is shorter")[0] for w in warnings(short)] == ["exhook.emqx.api_secret", "mysql.password"]

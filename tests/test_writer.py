@@ -243,6 +243,19 @@ async def test_a_full_spool_refuses_messages_but_keeps_acks(spool: Spool) -> Non
     await w.close()
 
 
+async def test_an_op_the_spool_cannot_hold_costs_only_itself(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool)
+    bad = SaveMessage(StoredMessage(msgid(9), "c", "t", 1, False, b"p", 2**64 - 1))  # past the gate's check
+    entries = [w.writer.submit(save(1)), w.writer.submit(bad), w.writer.submit(save(2))]
+    await store.called.wait()
+    await w.writer.spill(entries[-1])
+    assert [e.outcome for e in entries] == [Outcome.SPOOLED, Outcome.REFUSED, Outcome.SPOOLED]
+    assert [s.op for s in await spool.head(10)] == [save(1), save(2)]
+    await w.close()
+
+
 async def test_too_many_queued_ops_go_to_the_spool_instead_of_memory(spool: Spool) -> None:
     store = RecordingStore()
     store.gate = asyncio.Event()
