@@ -20,7 +20,7 @@ import pytest
 import exhook.hooks
 import exhook.server
 from exhook.config import HostPort, load_config_string
-from exhook.expiring import ExpiringKeys
+from exhook.expiring import ExpiringMap
 from exhook.server import Service
 from tests.hook_calls import PB, clientinfo, stub
 
@@ -29,7 +29,7 @@ OVER_GRPC = 2_000
 BOUND = 1_000  # the service's bound, lowered so that the flood goes well past it
 
 
-class CountingDict(OrderedDict[str, float]):
+class CountingDict(OrderedDict[str, tuple[float, bool]]):
     """Counts every entry handed out by iterating it: the work the state costs."""
 
     touched = 0
@@ -45,12 +45,12 @@ class CountingDict(OrderedDict[str, float]):
             yield key
 
 
-class Recorded(ExpiringKeys):
+class Recorded(ExpiringMap[str, bool]):
     made: ClassVar[list[Recorded]] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._added = CountingDict()
+        self._items = CountingDict()
         Recorded.made.append(self)
 
 
@@ -64,8 +64,8 @@ class Logic(exhook.hooks.HookLogic):
 
 async def test_a_session_resumed_flood_keeps_the_state_bounded_at_o1_per_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exhook.hooks, "_RESUMED_MAX", BOUND)
-    monkeypatch.setattr(exhook.hooks, "ExpiringKeys", Recorded)
+    monkeypatch.setattr(exhook.hooks, "_CONNECT_ENTRIES", BOUND)
+    monkeypatch.setattr(exhook.hooks, "ExpiringMap", Recorded)
     monkeypatch.setattr(exhook.server, "HookLogic", Logic)
     Recorded.made.clear()
     Logic.made.clear()
@@ -77,7 +77,9 @@ async def test_a_session_resumed_flood_keeps_the_state_bounded_at_o1_per_call(
     service = Service(dataclasses.replace(cfg, service=svc))
     await service.start()
     try:
-        (resumed,), (logic,) = Recorded.made, Logic.made
+        (logic,) = Logic.made
+        resumed = logic._resumed
+        assert isinstance(resumed, Recorded)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             for version in ("v3", "v2"):
                 hooks = stub(channel, version)
@@ -91,7 +93,7 @@ async def test_a_session_resumed_flood_keeps_the_state_bounded_at_o1_per_call(
             assert len(resumed) == BOUND
             # O(1) each: a call looks at the oldest entries only (a rebuild per call would touch them all,
             # and one into a new container is caught by the type check)
-            assert type(resumed._added) is CountingDict
+            assert type(resumed._items) is CountingDict
             assert CountingDict.touched <= 3 * FLOOD
             # the newest resumed session is still known: its client.connected restores nothing
             newest = f"flood-{FLOOD - 1}"
