@@ -139,7 +139,6 @@ class OrderedWriter:
             return f"{where}: {self._failing.error}"
         return ""
 
-
     def submit(self, op: WriteOp) -> Entry:
         """Queue ``op``; its entry's ``done`` resolves with the outcome."""
         if self._closing:
