@@ -36,9 +36,9 @@ MYSQL_ADDR = (HOST, 3306)
 
 def missing_backend(name: str) -> str | None:
     """Why the service cannot run on ``name`` (None = it can)."""
-    module = f"storage.{name}_store"
+    module = f"storage.{name}"
     if importlib.util.find_spec(module) is None:
-        return f"storage/{name}_store.py does not exist (yet)"
+        return f"storage/{name}/ does not exist (yet)"
     try:
         __import__(module)
     except Exception as exc:

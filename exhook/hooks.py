@@ -147,7 +147,7 @@ class HookLogic:
 
     async def _save(self, message: StoredMessage, started: float) -> None:
         try:
-            entry = self._writer.submit(SaveMessage(message))
+            entry = self._writer.submit(SaveMessage(message), source=message.sender)
         except WriterClosed:
             self._answer_unstored("spool_full", "shutting down: message NOT stored", message)
             return
@@ -177,16 +177,17 @@ class HookLogic:
                                      "topic": message.topic[:200], "deadline_answers_so_far": count})
 
     # -- message.acked -----------------------------------------------------------
-    def message_acked(self, msgid: str, sender: str, topic: str) -> None:
+    def message_acked(self, msgid: str, sender: str, topic: str, subscriber: str = "") -> None:
         if not self.tracked.match(topic):
             return
         self._metrics.acks.inc()
-        self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API))
+        self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API), subscriber)
 
-    def _submit_background(self, op: WriteOp) -> None:
-        """Queue a write nobody waits for (the writer never blocks: it spools)."""
+    def _submit_background(self, op: WriteOp, source: str = HTTP_API) -> None:
+        """Queue a write nobody waits for (the writer never blocks: it spools);
+        ``source``: the client it came from (re-keys come from the broker's REST API)."""
         try:
-            self._writer.submit(op)
+            self._writer.submit(op, source)
         except WriterClosed:
             self._metrics.writes_dropped.inc()
 

@@ -163,7 +163,7 @@ class Service:
     def _make_writer(self, store: Store, spool: Spool) -> OrderedWriter:
         svc, backend = self.config.service, self.config.backend
         settings = WriterSettings(batch_size=backend.batch_size, max_pending=svc.max_pending_writes,
-                                  spool_max_bytes=svc.spool.max_bytes)
+                                  spool_max_bytes=svc.spool.max_bytes, linger_s=backend.batch_time_ms / 1000)
         return OrderedWriter(store, spool, self.metrics, settings,
                              on_health=lambda ok, reason: self.readiness.set_condition("writer", ok, reason))
 

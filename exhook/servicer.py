@@ -225,7 +225,7 @@ class HookProvider:
 
     async def _message_acked(self, request: Any, context: Ctx) -> Any:
         msg = request.message
-        self._logic.message_acked(msg.id, getattr(msg, "from"), msg.topic)
+        self._logic.message_acked(msg.id, getattr(msg, "from"), msg.topic, request.clientinfo.clientid)
         return self._empty
 
     async def _session_subscribed(self, request: Any, context: Ctx) -> Any:

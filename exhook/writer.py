@@ -3,9 +3,9 @@
 Every write of a process (message saves, ack deletes, re-keys) goes through one
 FIFO queue drained by one task, so a delete can never overtake the insert it
 deletes. Group commit: a store round trip carries whatever was queued when it
-started (up to ``batch_size`` ops); nothing waits for company, so a lone publisher
-pays one round trip and a busy service gets big batches from the calls that arrived
-while the previous round trip was in flight.
+started (up to ``batch_size`` ops), and waits for more only while other active
+clients may send some (``exhook.group_commit``): a lone publisher pays one round
+trip, a busy service makes few, full ones.
 
 Outcomes. Every op ends in exactly one of: STORED (the store has it), SPOOLED (it
 is in the local spool on disk, the store gets it later), REJECTED (the store refuses
@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from exhook.group_commit import ACTIVE_S, GAP_S, ActiveSources, others_may_come
 from exhook.metrics import Metrics
 from exhook.spool import Spool, SpoolError, op_size
 from storage.base import Store, StoreError, WriteRejected
@@ -74,6 +75,7 @@ class Entry:
     done: asyncio.Future[Outcome] | None = None
     seq: int | None = None
     outcome: Outcome | None = None
+    source: str = ""  # the client it came from (group commit waits only for others)
 
     @property
     def settled(self) -> bool:
@@ -92,6 +94,9 @@ class WriterSettings:
     spool_max_bytes: int
     backoff: Backoff = Backoff(base=0.05, cap=2.0)
     stall_after_s: float = STALL_AFTER_S
+    linger_s: float = 0.0  # batch_time: the longest a partial batch waits for other clients' ops
+    gap_s: float = GAP_S  # ... and for the next one
+    active_window_s: float = ACTIVE_S  # a client is active while its last op is younger
 
 
 class OrderedWriter:
@@ -117,6 +122,7 @@ class OrderedWriter:
         self._refusals = _RateLimitedLog()
         self._lost = 0
         self._spool_shown = (-1, -1)
+        self._active = ActiveSources(settings.active_window_s)
         self._single_seq: int | None = None  # the op a one-at-a-time drain keeps failing on, and how often
         self._single_failures = 0
         self._drainer: asyncio.Task[None] | None = None
@@ -139,11 +145,12 @@ class OrderedWriter:
             return f"{where}: {self._failing.error}"
         return ""
 
-    def submit(self, op: WriteOp) -> Entry:
-        """Queue ``op``; its entry's ``done`` resolves with the outcome."""
+    def submit(self, op: WriteOp, source: str = "") -> Entry:
+        """Queue ``op`` from client ``source``; its entry's ``done`` resolves with the outcome."""
         if self._closing:
             raise WriterClosed
-        entry = Entry(op, asyncio.get_running_loop().create_future())
+        entry = Entry(op, asyncio.get_running_loop().create_future(), source=source)
+        self._active.note(source)
         self._queue.append(entry)
         self._has_work.set()
         self._idle.clear()
@@ -201,12 +208,37 @@ class OrderedWriter:
         self._in_flight_since = time.monotonic()
         self._direct_idle.clear()
         try:
+            if len(batch) < self._cfg.batch_size and self._cfg.linger_s > 0:
+                await self._linger(batch)
             await self._write_until_done(batch)
         finally:
             self._in_flight = []
             self._in_flight_since = None
             self._direct_idle.set()
             self._update_gauges()
+
+    async def _linger(self, batch: list[Entry]) -> None:
+        """Let a partial batch take the ops other active clients send meanwhile
+        (``exhook.group_commit``): each next op within ``gap_s``, at most ``linger_s`` in all."""
+        sources = {entry.source for entry in batch}
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._cfg.linger_s
+        while len(batch) < self._cfg.batch_size and not self._spooling \
+                and others_may_come(self._active.count(), len(sources)):
+            if not self._queue:
+                remaining = give_up - loop.time()
+                if remaining <= 0:
+                    return
+                self._has_work.clear()
+                try:
+                    async with asyncio.timeout(min(self._cfg.gap_s, remaining)):
+                        await self._has_work.wait()
+                except TimeoutError:
+                    return
+                continue
+            entry = self._queue.popleft()
+            batch.append(entry)  # the same list as _in_flight: a spill sees it
+            sources.add(entry.source)
 
     async def _write_until_done(self, batch: list[Entry]) -> None:
         """Write the batch, trying again after a failure for as long as its callers

@@ -67,8 +67,11 @@ class GatedStore:
             return getattr(self.inner, operation)
         counted = operation not in _UNCOUNTED
         if inspect.iscoroutinefunction(getattr(Store, operation)):
-            return self._gated_call(operation, counted)
-        return self._gated_pages(operation, counted)  # read_messages: an async iterator
+            gated = self._gated_call(operation, counted)
+        else:
+            gated = self._gated_pages(operation, counted)  # read_messages: an async iterator
+        setattr(self, operation, gated)  # built once: later lookups find it without __getattr__
+        return gated
 
     def _gated_call(self, operation: str, counted: bool) -> Callable[..., Any]:
         async def call(*args: Any, **kwargs: Any) -> Any:

@@ -85,12 +85,14 @@ class Running:
     """A writer with its loop running, and the spool under it."""
 
     def __init__(self, store: RecordingStore, spool: Spool, batch_size: int = 10, max_pending: int = 1000,
-                 spool_max_bytes: int = 1 << 20) -> None:
+                 spool_max_bytes: int = 1 << 20, linger_s: float = 0.0) -> None:
         self.store = store
         self.spool = spool
         self.metrics = Metrics()
         self.health: list[tuple[bool, str]] = []
-        settings = WriterSettings(batch_size, max_pending, spool_max_bytes, backoff=Backoff(base=0.001, cap=0.002))
+        # a linger is ended by what arrives, never by a clock: gap and window far beyond any test
+        settings = WriterSettings(batch_size, max_pending, spool_max_bytes, backoff=Backoff(base=0.001, cap=0.002),
+                                  linger_s=linger_s, gap_s=linger_s, active_window_s=3600)
         self.writer = OrderedWriter(cast(Store, store), spool, self.metrics, settings,
                                     on_health=lambda ok, why: self.health.append((ok, why)))
         self.task = asyncio.create_task(self.writer.run())
@@ -125,6 +127,28 @@ async def test_ops_queued_during_a_write_share_the_next_round_trip_in_order(spoo
     assert [len(b) for b in store.batches] == [1, 10, 10, 4]
     assert store.written == [save(i) for i in range(25)]
     assert await w.close() == 0
+
+
+async def test_a_lone_publisher_never_waits_for_company(spool: Spool) -> None:
+    store = RecordingStore()
+    w = Running(store, spool, linger_s=3600)
+    for i in range(3):  # one client, one op in flight: each goes out alone, at once
+        assert await outcomes([w.writer.submit(save(i), source="a")]) == [Outcome.STORED]
+    assert [len(b) for b in store.batches] == [1, 1, 1]
+    await w.close()
+
+
+async def test_a_batch_waits_for_the_other_active_clients_and_no_longer(spool: Spool) -> None:
+    store = RecordingStore()
+    w = Running(store, spool, linger_s=3600)
+    await outcomes([w.writer.submit(save(0), source="a"), w.writer.submit(save(1), source="b")])
+    first = w.writer.submit(save(2), source="a")  # b is active and has no op in this batch: wait for it
+    await asyncio.sleep(0)  # one turn of the loop: the writer (woken first) takes the op and waits
+    assert [e.op for e in w.writer._in_flight] == [save(2)] and len(store.batches) == 1
+    second = w.writer.submit(save(3), source="b")  # every active client is in the batch now: it goes
+    assert await outcomes([first, second]) == [Outcome.STORED] * 2
+    assert store.batches[-1] == [save(2), save(3)]
+    await w.close()
 
 
 async def test_a_delete_never_overtakes_its_insert(spool: Spool) -> None:
