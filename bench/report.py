@@ -236,6 +236,25 @@ def _raw_rows(res: Results, args: argparse.Namespace) -> list[list[str]]:
     return rows
 
 
+def _spool_section(res: Results, args: argparse.Namespace) -> list[str]:
+    if res.spool is None and not res.recoveries:
+        return []
+    parts = ["**Spool** (the service's own `exhook/spool.py`: SQLite WAL, synchronous=FULL): what a message costs "
+             "when the store cannot take it in time, and how fast an outage's backlog lands once the store is back "
+             "(the service's own writer draining a spool of that many messages into the store)", ""]
+    rows = []
+    if res.spool is not None:
+        sp = res.spool
+        rows.append(["append", f"one message per append p50 / p99 {_ms(sp.one_p50_ms)} / {_ms(sp.one_p99_ms)} ms "
+                     f"({sp.n} appends); batches of 100: {sp.batch_us_per_msg:.0f} µs a message", ""])
+    for name in args.backends:
+        rec = res.recoveries.get(name)
+        if rec is not None:
+            rows.append([f"recovery into {name}", f"{rec.messages:,} messages in {rec.seconds:.2f} s",
+                         f"{_num(rec.rate)} msg/s"])
+    return parts + _table(["what", "measured", "rate"], rows)
+
+
 def _big_rows(res: Results) -> list[list[str]]:
     rows = []
     for run in res.runs:
@@ -392,6 +411,7 @@ def build_report(res: Results, args: argparse.Namespace, *, command: str, date: 
                   "other, with the server's durability settings named in the notes", ""]
         parts += _table(["backend", "write msg/s", "delete msg/s", "one commit p50 / p99 ms", "baseline ms", "notes"],
                         raw_rows)
+    parts += _spool_section(res, args)
     big_rows = _big_rows(res)
     if big_rows:
         parts += [f"**{args.big_count:,} messages** (`--big`)", ""]

@@ -10,6 +10,7 @@ from typing import Any
 from bench.common import Latency
 from bench.loadgen import PhaseResult
 from bench.raw import CommitCost, RawResult
+from bench.spool_cost import Recovery, SpoolCost
 from bench.storm import StormResult
 
 NOOP = "no-op"
@@ -109,6 +110,8 @@ class Results:
     storms: dict[tuple[int, int, str], StormResult] = field(default_factory=dict)
     raw: dict[str, RawResult] = field(default_factory=dict)
     commits: dict[str, CommitCost] = field(default_factory=dict)
+    spool: SpoolCost | None = None
+    recoveries: dict[str, Recovery] = field(default_factory=dict)
     runs: list[TargetRun] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     hook_note: str = ""

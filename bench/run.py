@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import raw as rawmod
+from bench import spool_cost
 from bench.common import PROTOCOLS, busy_seconds, cpu_seconds, free_port, loadavg, machine
 from bench.loadgen import GenConfig, LoadGen, topic_of
 from bench.noop import DEFAULT_HOOKS
@@ -54,10 +55,12 @@ PHASES = ("publish", "mixed", "replay", "raw", "storm")
 DEFAULTS: dict[str, Any] = {
     "clients": "1,4,32,256", "mixed_clients": "32,256", "duration": 5.0, "warmup": 1.0, "replay": 10_000,
     "storm": "500,2000", "storm_workers": "1,2", "raw_seconds": 5.0, "commit_count": 300, "wait_idle": 30.0,
+    "recovery": 10_000,
 }
 QUICK: dict[str, Any] = {
     "clients": "1,32", "mixed_clients": "32", "duration": 2.0, "warmup": 0.5, "replay": 1_000,
     "storm": "200", "storm_workers": "1", "raw_seconds": 1.0, "commit_count": 50, "wait_idle": 0.0,
+    "recovery": 1_000,
 }
 
 
@@ -114,7 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storm-net-delay", type=float, default=0.001, help="emulator: one-way client latency (s)")
     p.add_argument("--request-timeout", type=float, default=5.0, help="emulator: exhook request_timeout (s)")
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds of each raw backend ceiling")
-    p.add_argument("--commit-count", type=int, default=None, help="single-row commits timed per backend")
+    p.add_argument("--commit-count", type=int, default=None,
+                   help="single-row commits timed per backend (and single-message spool appends)")
+    p.add_argument("--recovery", type=int, default=None,
+                   help="messages spooled, then drained into each store (outage recovery; phase raw)")
     p.add_argument("--ack-max-seconds", type=float, default=120.0, help="cap on each ack phase of --big")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="wait at most this long for the store to return to its size after acks")
@@ -472,9 +478,29 @@ class Bench:
             except Exception as exc:
                 self.res.skipped.append(f"raw {name}: failed: {type(exc).__name__}: {exc}")
                 say(f"{name}: raw ceiling failed: {exc}")
+            await self.recovery_cell(name, backend)
         finally:
             with contextlib.suppress(Exception):
                 await backend.cleanup()
+
+    async def spool_phase(self) -> None:
+        a = self.args
+        say(f"spool: {a.commit_count} single-message appends, then batches of 100")
+        try:
+            self.res.spool = await spool_cost.append_cost(self.dir, a.commit_count, a.payload, self.topics())
+        except Exception as exc:
+            self.res.skipped.append(f"spool append: failed: {type(exc).__name__}: {exc}")
+
+    async def recovery_cell(self, name: str, backend: Backend) -> None:
+        """A store outage's backlog: the spool drained into ``name`` by the service's own writer."""
+        a = self.args
+        say(f"{name}: recovery, {a.recovery:,} spooled messages drained into the store")
+        try:
+            self.res.recoveries[name] = await spool_cost.recovery(
+                self.dir, backend.hocon(a.batch_size, a.batch_time), a.recovery, a.payload, self.topics(),
+                a.batch_size)
+        except Exception as exc:
+            self.res.skipped.append(f"recovery {name}: failed: {type(exc).__name__}: {exc}")
 
     async def create_schema(self, backend: Backend) -> None:
         """Let the service create its tables (SQL backends), so the raw figures use its schema."""
@@ -564,6 +590,7 @@ class Bench:
                 for target in self.res.targets:
                     await self.run_target(protocol, target)
         if "raw" in a.phases:
+            await self.spool_phase()
             for name in a.backends:
                 await self.raw_phase(name)
         if "storm" in a.phases:
