@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
+from exhook.ratelog import RateLimitedLog
 from storage.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ClientQueues:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._refusals = RateLimitedLog()
         self._stopped = False  # shutdown gave up waiting: start nothing more
 
     def note_connect(self) -> None:
@@ -49,6 +51,14 @@ class ClientQueues:
         """Queue ``job`` behind the client's earlier jobs. False if refused
         (shutting down, or the client has too much queued)."""
         if self._closing:
+            # shutting down: the client's hook was answered, its work is not done (a later
+            # connect restores and replays again); counted, and one line a minute
+            self._metrics.jobs_dropped.inc()
+            count = self._refusals.note("closing")
+            if count:
+                log.warning("shutting down: background job not started", extra={
+                    "event": "job_dropped", "clientid": clientid[:200], "job": what[:200],
+                    "dropped_since_last_line": count})
             return False
         jobs = self._jobs.setdefault(clientid, deque())
         if len(jobs) >= self._max_per_client:

@@ -15,8 +15,9 @@ what arrives while the loop answers their calls.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+
+from exhook.expiring import ExpiringMap
 
 # An op arriving later than this after the previous one ends the wait. Calls reach
 # the event loop in bursts (grpc hands them over one at a time from its own thread),
@@ -27,27 +28,17 @@ GAP_S = 0.004
 # A client is active while its last op is at most this old (much longer than one
 # round trip of a busy client, much shorter than a human's pause).
 ACTIVE_S = 0.05
+_MAX_SOURCES = 100_000
 
 
 class ActiveSources:
-    """The clients (any hashable key) that sent an op within ``window_s``: O(1) per
-    note, the oldest always first, so forgetting never scans."""
+    """The clients (sources of ops) that sent one within ``window_s``."""
 
     def __init__(self, window_s: float = ACTIVE_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self._window = window_s
-        self._clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: ExpiringMap[str, bool] = ExpiringMap(window_s, _MAX_SOURCES, clock)
 
     def note(self, source: str) -> None:
-        now = self._clock()
-        seen = self._seen
-        seen[source] = now
-        seen.move_to_end(source)
-        while seen:
-            oldest = next(iter(seen))
-            if now - seen[oldest] <= self._window:
-                break
-            del seen[oldest]
+        self._seen.put(source, True)
 
     def count(self) -> int:
         return len(self._seen)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from exhook.client_queue import ClientQueues
 from exhook.expiring import ExpiringMap
 from exhook.metrics import Metrics
+from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags, Replayer, payload_digest
 from exhook.retry import retrying
 from exhook.topics import TopicError, TopicSet, real_filter
@@ -83,7 +84,7 @@ class HookLogic:
         self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
-        self._deadline_answers = 0
+        self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
         """Hooks to register. No tracked topics means nothing to do: registering
@@ -170,11 +171,10 @@ class HookLogic:
 
     def _answer_unstored(self, reason: str, text: str, message: StoredMessage) -> None:
         self._metrics.deadline[reason].inc()
-        self._deadline_answers += 1
-        count = self._deadline_answers
-        if count == 1 or count % 1000 == 0:  # one line per burst, not per message
+        count = self._deadline_logs.note(reason)  # each reason its own line: first, then one a minute
+        if count:
             log.warning(text, extra={"event": "publish_deadline", "reason": reason, "msgid": message.msgid,
-                                     "topic": message.topic[:200], "deadline_answers_so_far": count})
+                                     "topic": message.topic[:200], "answers_since_last_line": count})
 
     # -- message.acked -----------------------------------------------------------
     def message_acked(self, msgid: str, sender: str, topic: str, subscriber: str = "") -> None:

@@ -131,13 +131,14 @@ class Service:
         await api.start()
         stack.push_async_callback(api.close)
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up)
-        await self.readiness.probe_now(EMQX_API)  # at start-up, then at every check
         self._queues = ClientQueues(self.metrics)
         server = await self._start_grpc(self._logic(gate.store, writer, api))
         stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
         # registered after the server's stop, so it runs before it: replays finish while gRPC still answers
         stack.push_async_callback(self._queues.close, _SHUTDOWN_GRACE_S)
         stack.push_async_callback(self.readiness.shutting_down)
+        # once the port answers (EMQX blackholed must not keep it closed), then at every check
+        await self.readiness.probe_now(EMQX_API)
         loops.start("purge-expired", lambda: self._purge_loop(gate.store))
         self._log_started(gate.name, TopicSet(backend.topics))
 
@@ -163,7 +164,8 @@ class Service:
     def _make_writer(self, store: Store, spool: Spool) -> OrderedWriter:
         svc, backend = self.config.service, self.config.backend
         settings = WriterSettings(batch_size=backend.batch_size, max_pending=svc.max_pending_writes,
-                                  spool_max_bytes=svc.spool.max_bytes, linger_s=backend.batch_time_ms / 1000)
+                                  spool_max_bytes=svc.spool.max_bytes, linger_s=backend.batch_time_ms / 1000,
+                                  spill_after_s=svc.publish_deadline_ms / 1000)
         return OrderedWriter(store, spool, self.metrics, settings,
                              on_health=lambda ok, reason: self.readiness.set_condition("writer", ok, reason))
 

@@ -29,6 +29,7 @@ from exhook.hooks import ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
+from exhook.ratelog import RateLimitedLog
 from exhook.validate import (
     acked_problem,
     client_hook_problem,
@@ -50,7 +51,6 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "OnSessionResumed": client_hook_problem,
     "OnClientConnected": client_hook_problem,
 }
-_REJECT_LOG_EVERY_S = 60.0
 _PEER_CACHE_MAX = 4096
 
 
@@ -106,18 +106,14 @@ class RejectLog:
     """One line per (hook, reason) per minute, with how many calls it stands for."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._limit = RateLimitedLog()
 
     def note(self, hook: str, reason: str, detail: str) -> None:
-        now = time.monotonic()
-        last, skipped = self._last.get((hook, reason), (-_REJECT_LOG_EVERY_S, 0))
-        if now - last < _REJECT_LOG_EVERY_S:
-            self._last[(hook, reason)] = (last, skipped + 1)
-            return
-        self._last[(hook, reason)] = (now, 0)
-        log.warning("%s request rejected: %s", hook, reason,
-                    extra={"event": "request_rejected", "hook": hook, "reason": reason, "detail": detail,
-                           "rejected_since_last_line": skipped + 1})
+        count = self._limit.note((hook, reason))
+        if count:
+            log.warning("%s request rejected: %s", hook, reason,
+                        extra={"event": "request_rejected", "hook": hook, "reason": reason, "detail": detail,
+                               "rejected_since_last_line": count})
 
 
 class HookProvider:

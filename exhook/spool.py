@@ -48,6 +48,7 @@ _SCHEMA = (
 _COLUMNS = "kind, msgid, topic, sender, qos, flag, other, payload, ts"
 # set_aside keeps the newest rows only: it is for inspection, not a second store
 SET_ASIDE_KEEP = 10_000
+SET_ASIDE_MAX_BYTES = 256 << 20  # ... and at most this much payload (16 MiB messages pass the gate)
 # bytes a row costs beyond its strings and payload (row header, index entry)
 _ROW_OVERHEAD = 64
 
@@ -219,6 +220,10 @@ class Spool:
             conn.execute(f"INSERT INTO set_aside (at_ms, backend, reason, detail, {_COLUMNS}) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             conn.execute("DELETE FROM set_aside WHERE id <= (SELECT max(id) FROM set_aside) - ?", (SET_ASIDE_KEEP,))
+            # the newest rows whose payloads fit SET_ASIDE_MAX_BYTES (a rare, bounded scan)
+            conn.execute("DELETE FROM set_aside WHERE id IN (SELECT id FROM (SELECT id, sum(length(payload)) "
+                         "OVER (ORDER BY id DESC) AS newer FROM set_aside) WHERE newer > ?) "
+                         "AND id < (SELECT max(id) FROM set_aside)", (SET_ASIDE_MAX_BYTES,))
 
         await self._run(lambda: self._tx(insert))
 
@@ -245,18 +250,27 @@ class Spool:
         return moved
 
 
+def spool_files(base: str | Path) -> list[Path]:
+    """The spool files of ``base`` on disk: ``base`` itself (one process) and the
+    workers' ``base.N``, in that order."""
+    base = Path(base).resolve()
+    numbered = [p for p in base.parent.glob(base.name + ".*") if p.name[len(base.name) + 1:].isdigit()]
+    numbered.sort(key=lambda p: int(p.name[len(base.name) + 1:]))
+    return ([base] if base.exists() else []) + numbered
+
+
 def orphan_paths(base: str | Path, worker: int | None, workers: int) -> list[Path]:
     """Spool files an earlier run left that no process of this run owns: a single
     process (``worker`` None) adopts every worker's ``base.N``; worker 0 of ``workers``
     adopts the single process's ``base`` and ``base.N`` for N >= ``workers``."""
-    base = Path(base).resolve()
+    own = Path(base).resolve()
     found = []
-    for candidate in sorted(base.parent.glob(base.name + ".*")):
-        suffix = candidate.name[len(base.name) + 1:]
-        if suffix.isdigit() and (worker is None or int(suffix) >= workers):
-            found.append(candidate)
-    if worker == 0 and base.exists():
-        found.insert(0, base)
+    for path in spool_files(own):
+        if path == own:
+            if worker == 0:
+                found.append(path)
+        elif worker is None or int(path.name[len(own.name) + 1:]) >= workers:
+            found.append(path)
     return found
 
 

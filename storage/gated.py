@@ -86,7 +86,12 @@ class GatedStore:
 
     def _gated_pages(self, operation: str, counted: bool) -> Callable[..., AsyncIterator[Any]]:
         async def pages(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            inner_pages = getattr(self._check(), operation)(*args, **kwargs)
+            try:
+                inner_pages = getattr(self._check(), operation)(*args, **kwargs)
+            except StoreError:
+                if counted:
+                    self._on_failure(operation)
+                raise
             try:
                 async for page in inner_pages:
                     yield page

@@ -85,14 +85,15 @@ class Running:
     """A writer with its loop running, and the spool under it."""
 
     def __init__(self, store: RecordingStore, spool: Spool, batch_size: int = 10, max_pending: int = 1000,
-                 spool_max_bytes: int = 1 << 20, linger_s: float = 0.0) -> None:
+                 spool_max_bytes: int = 1 << 20, linger_s: float = 0.0, spill_after_s: float = 3600) -> None:
         self.store = store
         self.spool = spool
         self.metrics = Metrics()
         self.health: list[tuple[bool, str]] = []
         # a linger is ended by what arrives, never by a clock: gap and window far beyond any test
         settings = WriterSettings(batch_size, max_pending, spool_max_bytes, backoff=Backoff(base=0.001, cap=0.002),
-                                  linger_s=linger_s, gap_s=linger_s, active_window_s=3600)
+                                  linger_s=linger_s, gap_s=linger_s, active_window_s=3600,
+                                  spill_after_s=spill_after_s)
         self.writer = OrderedWriter(cast(Store, store), spool, self.metrics, settings,
                                     on_health=lambda ok, why: self.health.append((ok, why)))
         self.task = asyncio.create_task(self.writer.run())
@@ -181,16 +182,38 @@ async def test_a_refused_op_is_set_aside_and_the_rest_of_its_batch_is_written(sp
         await w.close()
 
 
-async def test_an_op_that_makes_the_store_crash_is_isolated_like_a_refusal(spool: Spool) -> None:
+async def test_an_op_that_breaks_the_store_without_a_reason_is_found_and_set_aside(spool: Spool) -> None:
     store = RecordingStore()
-    store.crash_on = {msgid(2)}
-    store.gate = asyncio.Event()
+    store.crash_on = {msgid(2)}  # a driver's TypeError on this op's data, not a refusal
     w = Running(store, spool)
     entries = [w.writer.submit(save(i)) for i in range(5)]
-    store.gate.set()
-    assert await outcomes(entries) == [Outcome.STORED] * 2 + [Outcome.REJECTED] + [Outcome.STORED] * 2
+    await store.called.wait()
+    await w.writer.spill(entries[-1])  # retried like a passing failure until the callers' deadline
+    assert await outcomes(entries) == [Outcome.SPOOLED] * 5
+    await w.writer.drained()  # the drainer goes one by one, sees the op after it go through
+    assert store.written == [save(0), save(1), save(3), save(4)]
     assert w.metrics.sample("writes_rejected_total", backend="recording", reason="refused") == 1
+    assert [r.op for r in await spool.set_aside_rows(10)] == [save(2)]
     await w.close()
+
+
+async def test_a_store_that_fails_everything_has_nothing_set_aside(spool: Spool) -> None:
+    for broken in ("down", "crash"):  # a store error, and a bug that breaks every write
+        store = RecordingStore()
+        store.down = broken == "down"
+        store.crash_on = {msgid(i) for i in range(4)} if broken == "crash" else set()
+        w = Running(store, spool)
+        entries = [w.writer.submit(save(i)) for i in range(4)]
+        await store.called.wait()
+        await w.writer.spill(entries[-1])
+        while store.calls < 30:  # the drainer keeps trying, one op at a time after a while
+            store.called.clear()
+            await store.called.wait()
+        assert spool.count == 4 and await spool.set_aside_rows(10) == []
+        store.down, store.crash_on = False, set()
+        await w.writer.drained()
+        assert store.written == [save(i) for i in range(4)]
+        await w.close()
 
 
 async def test_a_failing_store_is_tried_again_until_a_caller_needs_its_answer(spool: Spool) -> None:
@@ -205,6 +228,18 @@ async def test_a_failing_store_is_tried_again_until_a_caller_needs_its_answer(sp
     store.down = False
     assert await outcomes([entry]) == [Outcome.STORED]
     assert spool.count == 0 and w.health[0][0] is False and w.health[-1] == (True, "")
+    await w.close()
+
+
+async def test_ops_nobody_waits_for_go_to_the_spool_once_the_store_failed_long_enough(spool: Spool) -> None:
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool, spill_after_s=0)  # "long enough" = at once here
+    ack = w.writer.submit(delete(1), source="subscriber")
+    assert await outcomes([ack]) == [Outcome.SPOOLED]  # no caller asked: the writer did
+    store.down = False
+    await w.writer.drained()
+    assert store.written == [delete(1)]
     await w.close()
 
 
@@ -344,3 +379,59 @@ async def test_pending_gauge_is_live_while_the_store_hangs(spool: Spool) -> None
     await w.writer.drained()
     assert w.metrics.sample("pending_writes") == 0
     await w.close()
+
+
+async def test_a_caller_cancelled_during_its_spill_leaves_nothing_behind(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # hangs
+    w = Running(store, spool)
+    entries = [w.writer.submit(save(i)) for i in range(5)]
+    await store.called.wait()
+    spilling = asyncio.create_task(w.writer.spill(entries[-1]))
+    await asyncio.sleep(0)  # the spill has started its append...
+    spilling.cancel()  # ...when the broker gives up on the caller
+    await asyncio.gather(spilling, return_exceptions=True)
+    await asyncio.wait_for(asyncio.gather(*(cast(asyncio.Future[Outcome], e.done) for e in entries)), 5)
+    assert [e.outcome for e in entries] == [Outcome.SPOOLED] * 5
+    assert spool.count == 5 and [s.op for s in await spool.head(10)] == [save(i) for i in range(5)]
+    store.gate.set()
+    await w.close()
+
+
+async def test_a_crash_of_the_writer_loop_puts_its_batch_back_first(spool: Spool) -> None:
+    store = RecordingStore()
+    w = Running(store, spool)
+    health_calls = 0
+
+    def broken_health(ok: bool, why: str) -> None:  # a listener that raises, inside the loop
+        nonlocal health_calls
+        health_calls += 1
+        raise RuntimeError("listener bug")
+
+    w.writer._on_health = broken_health
+    store.down = True
+    entries = [w.writer.submit(save(i)) for i in range(3)]
+    [crash] = await asyncio.gather(w.task, return_exceptions=True)
+    assert isinstance(crash, RuntimeError)
+    assert [e.op for e in w.writer._queue] == [save(0), save(1), save(2)]  # back in the queue, in order
+    store.down = False
+    w.writer._on_health = lambda ok, why: None
+    w.task = asyncio.create_task(w.writer.run())  # as the supervisor restarts it
+    assert await outcomes(entries) == [Outcome.STORED] * 3
+    assert store.written == [save(i) for i in range(3)] and health_calls == 1
+    await w.close()
+
+
+async def test_the_set_aside_table_keeps_the_newest_within_its_byte_bound(spool: Spool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import exhook.spool
+
+    monkeypatch.setattr(exhook.spool, "SET_ASIDE_MAX_BYTES", 2500)
+    for i in range(5):
+        op = SaveMessage(StoredMessage(msgid(i), "c", "t", 1, False, b"x" * 1000, 0))
+        await spool.set_aside("recording", "too_large", "big", op)
+    kept = await spool.set_aside_rows(10)
+    assert [r.op.message.msgid for r in kept if isinstance(r.op, SaveMessage)] == [msgid(4), msgid(3)]
+    huge = SaveMessage(StoredMessage(msgid(9), "c", "t", 1, False, b"x" * 5000, 0))
+    await spool.set_aside("recording", "too_large", "huge", huge)  # the newest row always stays
+    assert [r.op for r in await spool.set_aside_rows(10)] == [huge]

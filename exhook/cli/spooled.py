@@ -18,16 +18,15 @@ from typing import Any
 
 from exhook.cli.output import CliError, escape, iso_ms, preview, record
 from exhook.config import Config
-from exhook.spool import SetAside, Spool, SpoolError
+from exhook.spool import SetAside, Spool, SpoolError, spool_files
 from storage.model import SaveMessage, WriteOp
 
 
 def _spool_files(cfg: Config) -> list[Path]:
-    base = Path(cfg.service.spool.path)
-    found = [base] if base.exists() else []
-    found += sorted(p for p in base.parent.glob(base.name + ".*") if p.name[len(base.name) + 1:].isdigit())
+    found = spool_files(cfg.service.spool.path)
     if not found:
-        raise CliError(f"exhook.spool.path: no spool at {base} (nothing was ever spooled)", 1)
+        raise CliError(f"exhook.spool.path: no spool at {Path(cfg.service.spool.path).resolve()} "
+                       "(nothing was ever spooled)", 1)
     return found
 
 
