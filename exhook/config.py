@@ -10,21 +10,34 @@ absolute once parsed. Durations and sizes go through ``exhook.units``.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pyhocon import ConfigTree  # type: ignore[import-untyped]
-from pyhocon.exceptions import ConfigException  # type: ignore[import-untyped]
 
+from exhook.config_fields import ConfigError as ConfigError
+from exhook.config_fields import (
+    check_file_path,
+    get_value,
+    parse_host_port,
+    read_bool,
+    read_duration_ms,
+    read_duration_s,
+    read_host_ports,
+    read_int,
+    read_path,
+    read_size_bytes,
+    read_ssl,
+    read_str,
+    read_subtree,
+    read_topics,
+)
 from exhook.hocon_text import parse_hocon
-from exhook.topics import QUEUE_PREFIX, SHARE_PREFIX, TopicError, validate_filter
-from exhook.units import format_duration, parse_duration_ms, parse_duration_s, parse_size_bytes
 from storage.config import DEFAULT_SQL as DEFAULT_SQL
 from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
 from storage.config import SQL_TEMPLATE_FIELDS as SQL_TEMPLATE_FIELDS
@@ -36,10 +49,6 @@ from storage.config import RedisConfig as RedisConfig
 from storage.config import SqliteConfig as SqliteConfig
 from storage.config import SslOptions as SslOptions
 from storage.errors import first_line
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; ``str()`` is one line naming the field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,173 +121,8 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
-# parsing helpers: each takes (tree, dotted path) and raises ConfigError
+# the blocks of the file (the readers of one field are in exhook.config_fields)
 # ---------------------------------------------------------------------------
-
-T = TypeVar("T")
-_MISSING = object()
-
-
-def _get(tree: ConfigTree, key: str, default: Any) -> Any:
-    try:
-        value = tree.get(key, _MISSING)
-    except ConfigException as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    return default if value is _MISSING or value is None else value
-
-
-def _bool(tree: ConfigTree, key: str, default: bool, where: str) -> bool:
-    value = _get(tree, key, default)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "on", "off"):
-        return value.lower() in ("true", "on")
-    raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
-
-
-def _int(
-    tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0, maximum: int | None = None
-) -> int:
-    value = _get(tree, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}") from None
-    if maximum is not None and not minimum <= number <= maximum:
-        raise ConfigError(f"{where}{key}: must be between {minimum} and {maximum}, got {number}")
-    if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {minimum}, got {number}")
-    return number
-
-
-def _parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Callable[[Any], int],
-            minimum: int = 0, show: Callable[[int], str] = str) -> int:
-    """A value read by one of exhook.units' parsers, with its field named in any error."""
-    try:
-        number = parse(_get(tree, key, default))
-    except ValueError as exc:
-        raise ConfigError(f"{where}{key}: {exc}") from None
-    if number < minimum:
-        raise ConfigError(f"{where}{key}: must be at least {show(minimum)}, got {show(number)}")
-    return number
-
-
-def _duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
-    """A duration in milliseconds; a bare integer is milliseconds (as the plugin's
-    ``batch_time``). Every form EMQX accepts: ``"500ms"``, ``1.5s``, ``1m30s``, ``2h``."""
-    return _parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration)
-
-
-def _duration_s(tree: ConfigTree, key: str, default: int, where: str) -> int:
-    """A duration in whole seconds; a bare integer is seconds (the plugin's ``message_ttl``)."""
-    return _parsed(tree, key, default, where, parse_duration_s)
-
-
-def _str(tree: ConfigTree, key: str, default: str, where: str) -> str:
-    value = _get(tree, key, default)
-    if isinstance(value, (dict, list, ConfigTree)):
-        raise ConfigError(f"{where}{key}: expected a string")
-    return str(value)
-
-
-def parse_host_port(text: str, default_port: int | None, field_name: str) -> HostPort:
-    """``host:port``, ``[v6]:port`` or, with a ``default_port``, ``host`` alone."""
-    raw = text.strip()
-    if raw.startswith("["):
-        host, sep, rest = raw[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"{field_name}: bad host:port {text!r}")
-    elif raw.count(":") == 1:
-        host, port_text = raw.split(":")
-        if not port_text:
-            raise ConfigError(f"{field_name}: bad host:port {text!r} (missing port)")
-    elif ":" in raw:
-        raise ConfigError(f"{field_name}: bad host:port {text!r} (write IPv6 as [addr]:port)")
-    else:
-        host, port_text = raw, ""
-    if not host or any(c.isspace() for c in host):
-        raise ConfigError(f"{field_name}: bad host:port {text!r} (empty or invalid host)")
-    if port_text == "":
-        if default_port is None:
-            raise ConfigError(f"{field_name}: expected host:port such as 0.0.0.0:9000, got {text!r} (no port)")
-        return HostPort(host, default_port)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"{field_name}: bad host:port {text!r} (port must be 1-65535)")
-    return HostPort(host, int(port_text))
-
-
-def _host_ports(text: str, default_port: int, field_name: str) -> tuple[HostPort, ...]:
-    items = [part for part in text.split(",") if part.strip()]
-    if not items:
-        raise ConfigError(f"{field_name}: at least one host:port is required")
-    return tuple(parse_host_port(item, default_port, field_name) for item in items)
-
-
-def _topics(tree: ConfigTree, where: str) -> tuple[str, ...]:
-    value = _get(tree, "topics", [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}topics: expected a list of topic filters")
-    out = []
-    for item in value:
-        if not isinstance(item, str):
-            raise ConfigError(f"{where}topics: expected a list of topic filters, got {item!r}")
-        if not item:
-            raise ConfigError(f'{where}topics: "" is not a topic filter (an empty list, not an empty filter, '
-                              "makes the backend inactive)")
-        if item.startswith((SHARE_PREFIX, QUEUE_PREFIX)):
-            # messages are published to the real topic; a shared filter never matches one
-            raise ConfigError(f"{where}topics: {item!r} is a shared subscription, not a topic filter: "
-                              "list the topic filter itself (what follows $share/<group>/)")
-        try:
-            out.append(validate_filter(item))
-        except TopicError as exc:
-            raise ConfigError(f"{where}topics: {exc}") from None
-    return tuple(dict.fromkeys(out))
-
-
-def _subtree(tree: ConfigTree, key: str, where: str) -> ConfigTree:
-    value = _get(tree, key, ConfigTree())
-    if not isinstance(value, ConfigTree):
-        raise ConfigError(f"{where}{key}: expected an object {{ ... }}")
-    return value
-
-
-def _path(tree: ConfigTree, key: str, default: str, where: str, base: Path) -> str:
-    """A file path; relative to ``base`` (the config file's directory), made absolute."""
-    text = _str(tree, key, default, where)
-    return os.path.normpath(base / text) if text else ""
-
-
-def _ssl(tree: ConfigTree, where: str, base: Path) -> SslOptions:
-    sub = _subtree(tree, "ssl", where)
-    at = f"{where}ssl."
-    verify_raw = _get(sub, "verify", True)
-    if verify_raw in ("verify_peer", "verify_none"):
-        verify = verify_raw == "verify_peer"
-    else:
-        verify = _bool(sub, "verify", True, at)
-    opts = SslOptions(
-        enable=_bool(sub, "enable", False, at),
-        verify=verify,
-        cacertfile=_path(sub, "cacertfile", "", at, base),
-        certfile=_path(sub, "certfile", "", at, base),
-        keyfile=_path(sub, "keyfile", "", at, base),
-        server_name_indication=_str(sub, "server_name_indication", "", at),
-    )
-    if opts.enable:
-        for name in ("cacertfile", "certfile", "keyfile"):
-            path = getattr(opts, name)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"{at}{name}: file not found: {path}")
-        if bool(opts.certfile) != bool(opts.keyfile):
-            raise ConfigError(f"{at}certfile: certfile and keyfile must be given together")
-    return opts
-
 
 _COMMON_FIELDS = {"enable", "topics", "batch_size", "batch_time", "message_ttl"}
 _SSL_FIELDS = {"enable", "verify", "cacertfile", "certfile", "keyfile", "server_name_indication"}
@@ -317,29 +161,29 @@ def _reject_unknown(tree: ConfigTree, where: str) -> None:
 
 def _common(tree: ConfigTree, where: str, ttl_default: int) -> dict[str, Any]:
     return {
-        "topics": _topics(tree, where),
-        "batch_size": _int(tree, "batch_size", 1, where, minimum=1, maximum=10000),
-        "batch_time_ms": _duration_ms(tree, "batch_time", 100, where),
-        "message_ttl": _duration_s(tree, "message_ttl", ttl_default, where),
+        "topics": read_topics(tree, where),
+        "batch_size": read_int(tree, "batch_size", 1, where, minimum=1, maximum=10000),
+        "batch_time_ms": read_duration_ms(tree, "batch_time", 100, where),
+        "message_ttl": read_duration_s(tree, "message_ttl", ttl_default, where),
     }
 
 
 def _parse_redis(tree: ConfigTree, base: Path) -> RedisConfig:
     where = "redis."
-    redis_type = _str(tree, "redis_type", "single", where)
+    redis_type = read_str(tree, "redis_type", "single", where)
     if redis_type not in ("single", "sentinel", "cluster"):
         raise ConfigError(
             f"redis.redis_type: unknown value {redis_type!r} (expected single, sentinel or cluster)"
         )
     default_port = 26379 if redis_type == "sentinel" else 6379
-    servers = _host_ports(_str(tree, "servers", "127.0.0.1:6379", where), default_port, "redis.servers")
+    servers = read_host_ports(read_str(tree, "servers", "127.0.0.1:6379", where), default_port, "redis.servers")
     if redis_type == "single" and len(servers) != 1:
         raise ConfigError("redis.servers: redis_type single takes exactly one host:port")
-    sentinel = _str(tree, "sentinel", "", where)
+    sentinel = read_str(tree, "sentinel", "", where)
     if redis_type == "sentinel" and not sentinel:
         raise ConfigError("redis.sentinel: the master name is required when redis_type = sentinel")
-    msg_prefix = _str(tree, "message_key_prefix", "mqtt:msg", where)
-    sub_prefix = _str(tree, "subscription_key_prefix", "mqtt:sub", where)
+    msg_prefix = read_str(tree, "message_key_prefix", "mqtt:msg", where)
+    sub_prefix = read_str(tree, "subscription_key_prefix", "mqtt:sub", where)
     if not msg_prefix or not sub_prefix or msg_prefix == sub_prefix:
         raise ConfigError("redis.message_key_prefix: must be non-empty and differ from subscription_key_prefix")
     return RedisConfig(
@@ -347,15 +191,15 @@ def _parse_redis(tree: ConfigTree, base: Path) -> RedisConfig:
         servers=servers,
         redis_type=redis_type,  # type: ignore[arg-type]
         sentinel=sentinel,
-        pool_size=_int(tree, "pool_size", 8, where, minimum=1, maximum=1024),
-        username=_str(tree, "username", "", where),
-        password=_str(tree, "password", "", where),
-        database=_int(tree, "database", 0, where),
+        pool_size=read_int(tree, "pool_size", 8, where, minimum=1, maximum=1024),
+        username=read_str(tree, "username", "", where),
+        password=read_str(tree, "password", "", where),
+        database=read_int(tree, "database", 0, where),
         message_key_prefix=msg_prefix,
         subscription_key_prefix=sub_prefix,
-        wait_replicas=_int(tree, "wait_replicas", 0, where, maximum=16),
-        wait_timeout_ms=_duration_ms(tree, "wait_timeout", 1000, where, minimum=1),
-        ssl=_ssl(tree, where, base),
+        wait_replicas=read_int(tree, "wait_replicas", 0, where, maximum=16),
+        wait_timeout_ms=read_duration_ms(tree, "wait_timeout", 1000, where, minimum=1),
+        ssl=read_ssl(tree, where, base),
     )
 
 
@@ -373,54 +217,41 @@ def _parse_mysql(tree: ConfigTree, base: Path) -> MysqlConfig:
     where = "mysql."
     sql = {}
     for name in SQL_TEMPLATE_FIELDS:
-        sql[name] = _str(tree, name, DEFAULT_SQL[name], where)
+        sql[name] = read_str(tree, name, DEFAULT_SQL[name], where)
         check_sql_template(where + name, sql[name])
     return MysqlConfig(
         **_common(tree, where, ttl_default=0),
-        server=parse_host_port(_str(tree, "server", "127.0.0.1:3306", where), 3306, "mysql.server"),
-        pool_size=_int(tree, "pool_size", 8, where, minimum=1, maximum=1024),
-        username=_str(tree, "username", "root", where),
-        password=_str(tree, "password", "", where),
-        database=_str(tree, "database", "mqtt", where),
-        init_default_schema=_bool(tree, "init_default_schema", False, where),
+        server=parse_host_port(read_str(tree, "server", "127.0.0.1:3306", where), 3306, "mysql.server"),
+        pool_size=read_int(tree, "pool_size", 8, where, minimum=1, maximum=1024),
+        username=read_str(tree, "username", "root", where),
+        password=read_str(tree, "password", "", where),
+        database=read_str(tree, "database", "mqtt", where),
+        init_default_schema=read_bool(tree, "init_default_schema", False, where),
         sql=sql,
-        ssl=_ssl(tree, where, base),
+        ssl=read_ssl(tree, where, base),
     )
 
 
 def _parse_sqlite(tree: ConfigTree, base: Path) -> SqliteConfig:
     where = "sqlite."
-    path = _path(tree, "path", "data/offline-messages.sqlite3", where, base)
+    path = read_path(tree, "path", "data/offline-messages.sqlite3", where, base)
     if not path:
         raise ConfigError("sqlite.path: must not be empty")
-    _check_file_path(path, "sqlite.path")
+    check_file_path(path, "sqlite.path")
     return SqliteConfig(**_common(tree, where, ttl_default=0), path=path)
 
 
-def _check_file_path(path: str, field_name: str) -> None:
-    """A database file the service creates if missing: it must not be a directory,
-    and no existing part of its directory may be a file."""
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"{field_name}: {path} is a directory, not a database file")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{field_name}: cannot create {path}: {parent} is not a directory")
-            return
-
-
 def _server_tls(tree: ConfigTree, base: Path) -> ServerTlsConfig:
-    sub = _subtree(tree, "ssl", "exhook.")
+    sub = read_subtree(tree, "ssl", "exhook.")
     at = "exhook.ssl."
-    verify = _get(sub, "verify", "verify_none")
+    verify = get_value(sub, "verify", "verify_none")
     if verify not in ("verify_peer", "verify_none"):
         raise ConfigError(f"{at}verify: expected verify_peer or verify_none, got {verify!r}")
     opts = ServerTlsConfig(
-        enable=_bool(sub, "enable", False, at),
-        certfile=_path(sub, "certfile", "", at, base),
-        keyfile=_path(sub, "keyfile", "", at, base),
-        cacertfile=_path(sub, "cacertfile", "", at, base),
+        enable=read_bool(sub, "enable", False, at),
+        certfile=read_path(sub, "certfile", "", at, base),
+        keyfile=read_path(sub, "keyfile", "", at, base),
+        cacertfile=read_path(sub, "cacertfile", "", at, base),
         verify_peer=verify == "verify_peer",
     )
     if not opts.enable:
@@ -438,12 +269,12 @@ def _server_tls(tree: ConfigTree, base: Path) -> ServerTlsConfig:
 
 
 def _http(tree: ConfigTree, grpc_listen: HostPort) -> HttpConfig:
-    sub = _subtree(tree, "http", "exhook.")
+    sub = read_subtree(tree, "http", "exhook.")
     at = "exhook.http."
     http = HttpConfig(
-        enable=_bool(sub, "enable", True, at),
-        listen=parse_host_port(_str(sub, "listen", "0.0.0.0:9001", at), None, f"{at}listen"),
-        check_interval_ms=_duration_ms(sub, "check_interval", 5000, at, minimum=100),
+        enable=read_bool(sub, "enable", True, at),
+        listen=parse_host_port(read_str(sub, "listen", "0.0.0.0:9001", at), None, f"{at}listen"),
+        check_interval_ms=read_duration_ms(sub, "check_interval", 5000, at, minimum=100),
     )
     if http.enable and _same_socket(http.listen, grpc_listen):
         raise ConfigError(f"{at}listen: {http.listen} takes the port of exhook.listen ({grpc_listen}): "
@@ -467,24 +298,19 @@ def _same_socket(a: HostPort, b: HostPort) -> bool:
     return a.port == b.port and (a.host == b.host or a.host in _ANY_HOST or b.host in _ANY_HOST)
 
 
-def _size_bytes(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
-    """A size in bytes: an integer or ``"64MB"`` (= 64 MiB, as EMQX counts), ``"1GiB"``."""
-    return _parsed(tree, key, default, where, parse_size_bytes, minimum, lambda n: f"{n} bytes")
-
-
 def _spool(tree: ConfigTree, base: Path) -> SpoolConfig:
-    sub = _subtree(tree, "spool", "exhook.")
+    sub = read_subtree(tree, "spool", "exhook.")
     at = "exhook.spool."
-    path = _path(sub, "path", _SPOOL_DEFAULT.path, at, base)
+    path = read_path(sub, "path", _SPOOL_DEFAULT.path, at, base)
     if not path:
         raise ConfigError(f"{at}path: must not be empty")
-    _check_file_path(path, f"{at}path")
-    return SpoolConfig(path=path, max_bytes=_size_bytes(sub, "max_bytes", _SPOOL_DEFAULT.max_bytes, at,
+    check_file_path(path, f"{at}path")
+    return SpoolConfig(path=path, max_bytes=read_size_bytes(sub, "max_bytes", _SPOOL_DEFAULT.max_bytes, at,
                                                                 minimum=1 << 20))
 
 
 def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
-    value = _get(tree, "allowed_clients", [])
+    value = get_value(tree, "allowed_clients", [])
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
@@ -500,33 +326,33 @@ def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
 
 def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     where = "exhook."
-    api = _subtree(tree, "emqx", where)
+    api = read_subtree(tree, "emqx", where)
     at = "exhook.emqx."
-    url = _str(api, "api_url", "http://127.0.0.1:18083", at).rstrip("/")
+    url = read_str(api, "api_url", "http://127.0.0.1:18083", at).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"exhook.emqx.api_url: expected http://host:port or https://host:port, got {url!r}")
-    level = _str(tree, "log_level", "info", where).lower()
+    level = read_str(tree, "log_level", "info", where).lower()
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"exhook.log_level: unknown level {level!r} (debug, info, warning, error)")
-    workers = _int(tree, "workers", 0, where, maximum=256)
-    log_format = _str(tree, "log_format", "text", where).lower()
+    workers = read_int(tree, "workers", 0, where, maximum=256)
+    log_format = read_str(tree, "log_format", "text", where).lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"exhook.log_format: expected text or json, got {log_format!r}")
-    listen = parse_host_port(_str(tree, "listen", "0.0.0.0:9000", where), None, "exhook.listen")
+    listen = parse_host_port(read_str(tree, "listen", "0.0.0.0:9000", where), None, "exhook.listen")
     return ServiceConfig(
         listen=listen,
         workers=workers or usable_cpus(),
-        publish_deadline_ms=_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
-        replay_batch_size=_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
+        publish_deadline_ms=read_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
+        replay_batch_size=read_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]
-        max_pending_writes=_int(tree, "max_pending_writes", 10000, where, minimum=1),
+        max_pending_writes=read_int(tree, "max_pending_writes", 10000, where, minimum=1),
         emqx=EmqxApiConfig(
             url=url,
-            api_key=_str(api, "api_key", "", at),
-            api_secret=_str(api, "api_secret", "", at),
-            request_timeout_ms=_duration_ms(api, "request_timeout", 5000, at, minimum=1),
-            ssl=_ssl(api, at, base),
+            api_key=read_str(api, "api_key", "", at),
+            api_secret=read_str(api, "api_secret", "", at),
+            request_timeout_ms=read_duration_ms(api, "request_timeout", 5000, at, minimum=1),
+            ssl=read_ssl(api, at, base),
         ),
         ssl=_server_tls(tree, base),
         http=_http(tree, listen),
@@ -549,15 +375,15 @@ def parse_config(tree: ConfigTree, base: Path | None = None) -> Config:
     _reject_unknown(tree, "")
     enabled = []
     for name in _BACKENDS:
-        sub = _subtree(tree, name, "")
-        if _bool(sub, "enable", False, f"{name}."):
+        sub = read_subtree(tree, name, "")
+        if read_bool(sub, "enable", False, f"{name}."):
             enabled.append(name)
     if not enabled:
         raise ConfigError("redis.enable / mysql.enable / sqlite.enable: no backend is enabled (enable exactly one)")
     if len(enabled) > 1:
         raise ConfigError(f"{'.enable / '.join(enabled)}.enable: more than one backend is enabled (enable exactly one)")
-    backend = _BACKENDS[enabled[0]](_subtree(tree, enabled[0], ""), where_from)
-    return Config(service=_parse_service(_subtree(tree, "exhook", ""), where_from), backend=backend)
+    backend = _BACKENDS[enabled[0]](read_subtree(tree, enabled[0], ""), where_from)
+    return Config(service=_parse_service(read_subtree(tree, "exhook", ""), where_from), backend=backend)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -585,17 +411,6 @@ def load_config_string(text: str, base: Path | None = None) -> Config:
     return parse_config(tree, base)
 
 
-def config_secrets(cfg: Config) -> tuple[str, ...]:
-    """Values that must never appear in logs or printed config: the passwords, the
-    API secret, and the secret as it travels (base64 of ``key:secret`` in the
-    Authorization header, as an echoed request may show it)."""
-    backend = cfg.backend
-    password = backend.password if isinstance(backend, (RedisConfig, MysqlConfig)) else ""
-    api = cfg.service.emqx
-    token = base64.b64encode(f"{api.api_key}:{api.api_secret}".encode()).decode() if api.api_secret else ""
-    return tuple(s for s in (password, api.api_secret, token) if s)
-
-
 def backend_name(backend: BackendConfig) -> str:
     """The config block of ``backend``: ``redis``, ``mysql`` or ``sqlite``."""
     if isinstance(backend, RedisConfig):
@@ -603,47 +418,3 @@ def backend_name(backend: BackendConfig) -> str:
     if isinstance(backend, MysqlConfig):
         return "mysql"
     return "sqlite"
-
-
-# EMQX's default exhook request_timeout (emqx_exhook_schema): it gives up on a call after it
-EMQX_REQUEST_TIMEOUT_MS = 5000
-
-
-def config_warnings(cfg: Config) -> tuple[str, ...]:
-    """What is valid but almost certainly not meant: one line each, naming the field
-    (logged at start-up, printed by check-config)."""
-    out = []
-    where = f"{backend_name(cfg.backend)}.topics"
-    topics = cfg.backend.topics
-    if not topics:
-        out.append(f"{where} is empty: the backend is inactive, no hook is registered and nothing is stored")
-    for flt in topics:
-        if flt.startswith("$SYS/") or flt == "$SYS":
-            out.append(f"{where}: {flt!r} never matches: EMQX does not pass $SYS messages to exhooks")
-    if topics and all(flt.startswith("$SYS") for flt in topics):
-        out.append(f"{where}: no filter can match a message: nothing will be stored")
-    deadline = cfg.service.publish_deadline_ms
-    if deadline >= EMQX_REQUEST_TIMEOUT_MS:
-        out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below EMQX's default exhook "
-                   f"request_timeout ({format_duration(EMQX_REQUEST_TIMEOUT_MS)}): EMQX gives up on message.publish "
-                   "first and applies its failed_action; keep it well below (the default is 500ms)")
-    if not cfg.service.emqx.api_key:
-        out.append("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401) until it is set "
-                   "(an API key with the administrator role, e.g. through EMQX_API_KEY / EMQX_API_SECRET)")
-    out += _short_secret_warnings(cfg)
-    return tuple(out)
-
-
-# Secrets are masked wherever their text appears in a log line: a very short one turns
-# ordinary words into masks (and is weak anyway).
-_SHORT_SECRET = 8
-
-
-def _short_secret_warnings(cfg: Config) -> list[str]:
-    backend = cfg.backend
-    fields = [("exhook.emqx.api_secret", cfg.service.emqx.api_secret)]
-    if isinstance(backend, (RedisConfig, MysqlConfig)):
-        fields.append((f"{backend_name(backend)}.password", backend.password))
-    return [f"{name} is shorter than {_SHORT_SECRET} characters: it is masked wherever its text appears in the "
-            "logs, which garbles them (and it is easy to guess); use a longer one"
-            for name, secret in fields if 0 < len(secret) < _SHORT_SECRET]

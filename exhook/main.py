@@ -18,7 +18,8 @@ from dataclasses import replace
 
 from exhook.cli.output import CliError, fail
 from exhook.cli.parser import parse_args
-from exhook.config import Config, ConfigError, backend_name, config_secrets, config_warnings, load_config
+from exhook.config import Config, ConfigError, backend_name, load_config
+from exhook.config_checks import config_secrets, config_warnings
 from exhook.logs import stderr_handler
 from exhook.runner import run
 from storage.base import StoreConfigError, StoreError

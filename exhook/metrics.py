@@ -69,8 +69,16 @@ class _LabelsOnDemand(dict[str, Counter]):
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = reg = registry if registry is not None else CollectorRegistry()
-        p = PREFIX
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._process_and_hooks()
+        self._messages()
+        self._background()
+        self._store()
+        self._spool_and_rejections()
+        self._emqx_api()
+
+    def _process_and_hooks(self) -> None:
+        reg, p = self.registry, PREFIX
         ProcessCollector(registry=reg)
         info = build_info()
         Gauge(f"{p}build_info", "Always 1; the labels say which build runs", list(info), registry=reg,
@@ -79,6 +87,8 @@ class Metrics:
         self.hook_calls = _LabelsOnDemand(self._hook_calls)
         self.expect_hooks(())
 
+    def _messages(self) -> None:
+        reg, p = self.registry, PREFIX
         self.messages_stored = Counter(
             f"{p}messages_stored", "Messages durably stored before message.publish was answered", registry=reg)
         skipped = Counter(f"{p}messages_skipped", "Published messages not stored, by reason "
@@ -102,6 +112,8 @@ class Metrics:
             f"{p}writes_dropped", "Acks or re-keys dropped because the write buffer and its overflow were full",
             registry=reg)
 
+    def _background(self) -> None:
+        reg, p = self.registry, PREFIX
         self.replayed = Counter(f"{p}messages_replayed", "Stored messages published again to subscribers",
                                 registry=reg)
         self.replay_failures = Counter(f"{p}replay_failures", "Replays that failed (EMQX API errors after retries)",
@@ -109,8 +121,11 @@ class Metrics:
         self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
                                 registry=reg)
         self.jobs_dropped = Counter(
-            f"{p}client_jobs_dropped", "Background jobs dropped because a client's queue was full", registry=reg)
+            f"{p}client_jobs_dropped", "Background jobs dropped (a client's queue full, or the service shutting "
+            "down)", registry=reg)
 
+    def _store(self) -> None:
+        reg, p = self.registry, PREFIX
         self._store_failures = Counter(f"{p}store_failures", "Failed backend operations, by operation (write, "
                                        "latest_positions, ...; each is retried)", ["operation"], registry=reg)
         self.write_latency = Histogram(
@@ -124,6 +139,8 @@ class Metrics:
         self.backend_up = Gauge(f"{p}backend_up", "1 when the backend answered its last check", registry=reg,
                                 multiprocess_mode="livemin")
 
+    def _spool_and_rejections(self) -> None:
+        reg, p = self.registry, PREFIX
         self.spool_bytes = Gauge(f"{p}spool_bytes", "Bytes of write ops waiting in the local spool", registry=reg,
                                  multiprocess_mode="livesum")
         self.spool_pending = Gauge(f"{p}spool_pending", "Write ops waiting in the local spool for the store",
@@ -142,6 +159,8 @@ class Metrics:
             f"{p}loop_restarts", "Background loops restarted after an unexpected failure, by loop", ["loop"],
             registry=reg)
 
+    def _emqx_api(self) -> None:
+        reg, p = self.registry, PREFIX
         self._api_errors = Counter(f"{p}emqx_api_errors", "Failed EMQX REST API calls, by endpoint and status: "
                                    "the HTTP status code (\"401\", \"503\", ...), \"unreachable\" (no connection) "
                                    "or \"timeout\" (no answer within exhook.emqx.request_timeout)",

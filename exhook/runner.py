@@ -9,7 +9,8 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from exhook.config import Config, config_secrets, config_warnings
+from exhook.config import Config
+from exhook.config_checks import config_secrets, config_warnings
 from exhook.health import Conditions, ReadinessListener
 from exhook.logs import setup_logging
 from exhook.spool import SpoolError

@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # = health.aio.HealthServicer, which mypy cannot follow
 
 from exhook.client_queue import ClientQueues
-from exhook.config import Config, config_secrets
+from exhook.config import Config
+from exhook.config_checks import config_secrets
 from exhook.emqx_api import EmqxApi
 from exhook.grpc_options import server_options
 from exhook.health import EMQX_API, Readiness, ReadinessListener

@@ -14,10 +14,10 @@ from exhook.config import (
     MysqlConfig,
     RedisConfig,
     SqliteConfig,
-    config_warnings,
     load_config,
     load_config_string,
 )
+from exhook.config_checks import config_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 

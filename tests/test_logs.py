@@ -83,7 +83,8 @@ def test_setup_logging_installs_one_masking_handler(restore_root_logger: None,
 def test_the_api_secret_is_masked_in_every_form_it_travels() -> None:
     import base64
 
-    from exhook.config import config_secrets, load_config_string
+    from exhook.config import load_config_string
+    from exhook.config_checks import config_secrets
 
     cfg = load_config_string('sqlite { enable = true }\nexhook.emqx { api_key = "ops", api_secret = "' + SECRET + '" }')
     token = base64.b64encode(f"ops:{SECRET}".encode()).decode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from exhook.buildinfo import version_line
 from exhook.cli.register import DEFAULT_NAME
@@ -58,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(check, keep)
     check.add_argument("--json", action="store_true", help="print JSON instead of HOCON")
 
+    _register_parser(sub, keep)
+    _store_parsers(sub, keep)
+    rebuild = sub.add_parser("rebuild-topic-index",
+                             help="Redis: index the topics of a store written by the Erlang plugin "
+                                  "(needed once for wildcard replays after a migration)")
+    _config_option(rebuild, keep)
+    return parser
+
+
+def _register_parser(sub: Any, keep: Any) -> None:
     reg = sub.add_parser("register", help="add or update this service in EMQX (POST/PUT /api/v5/exhooks)")
     _config_option(reg, keep)
     reg.add_argument("--name", default=DEFAULT_NAME, help=f"exhook server name in EMQX (default {DEFAULT_NAME})")
@@ -76,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ssl-keyfile", help="its key")
     tls.add_argument("--ssl-server-name", help="server name EMQX sends (SNI) and checks the certificate for")
 
+
+def _store_parsers(sub: Any, keep: Any) -> None:
+    """The commands that look into the store and the spool."""
     msgs = sub.add_parser("messages", help="list stored messages of a topic filter and count them per topic")
     _config_option(msgs, keep)
     msgs.add_argument("--topic", required=True, metavar="FILTER", help="topic filter, wildcards allowed")
@@ -104,12 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     spool.add_argument("--list", action="store_true", help="also list the oldest waiting ops")
     spool.add_argument("--limit", type=int, default=100, help="ops listed at most per file (default 100)")
     _output_options(spool, progress=False)
-
-    rebuild = sub.add_parser("rebuild-topic-index",
-                             help="Redis: index the topics of a store written by the Erlang plugin "
-                                  "(needed once for wildcard replays after a migration)")
-    _config_option(rebuild, keep)
-    return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
