@@ -42,6 +42,11 @@ def config_warnings(cfg: Config) -> tuple[str, ...]:
         out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below EMQX's default exhook "
                    f"request_timeout ({format_duration(EMQX_REQUEST_TIMEOUT_MS)}): EMQX gives up on message.publish "
                    "first and applies its failed_action; keep it well below (the default is 500ms)")
+    batch_time = cfg.backend.batch_time_ms
+    if cfg.backend.batch_size > 1 and batch_time >= deadline:
+        out.append(f"{backend_name(cfg.backend)}.batch_time {format_duration(batch_time)} is not below "
+                   f"exhook.publish_deadline ({format_duration(deadline)}): a batch waiting for company can make "
+                   "its publishes spill to the spool with the store healthy; keep it well below")
     if not cfg.service.emqx.api_key:
         out.append("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401) until it is set "
                    "(an API key with the administrator role, e.g. through EMQX_API_KEY / EMQX_API_SECRET)")

@@ -319,5 +319,8 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
     assert warnings(quiet + "\nexhook.publish_deadline = 4999ms") == []
     [key] = warnings('sqlite { enable = true, topics = ["t/#"] }')
     assert key.startswith("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401)")
+    [linger] = warnings(quiet.replace('"t/#"]', '"t/#"], batch_size = 100, batch_time = 500'))
+    assert linger.startswith("sqlite.batch_time 500ms is not below exhook.publish_deadline (500ms)")
+    assert warnings(quiet.replace('"t/#"]', '"t/#"], batch_size = 1, batch_time = 500')) == []
     short = 'mysql { enable = true, topics = ["t/#"], password = "pw" }\nexhook.emqx { api_key = k, api_secret = s }'
     assert [w.split(" is shorter")[0] for w in warnings(short)] == ["exhook.emqx.api_secret", "mysql.password"]
