@@ -10,9 +10,10 @@ work to the client's ordered background queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exhook.client_queue import ClientQueues
 from exhook.expiring import ExpiringMap
@@ -40,9 +41,22 @@ _CONNECT_TTL_S = 30.0
 # what one connect's first hook leaves for its client.connected: one entry per client
 # connecting right now, so this only has to hold a reconnect storm's worth
 _CONNECT_ENTRIES = 100_000
+# how long a restore session.created started waits for client.connected before it
+# asks the broker anyway (then it retries a 404 for seconds: replay.UNTIL_REGISTERED);
+# a client.connected that was lost costs its client this much delay
+_REGISTER_WAIT_S = 1.0
 # A publish that waits for a slow store goes to the spool this long before its
 # deadline, so that the spool's fsync fits in (measured well under 5 ms here).
 _SPILL_MARGIN_S = 0.05
+
+
+@dataclass(slots=True, eq=False)
+class PendingRestore:
+    """A restore session.created started, waiting for the client to be registered."""
+
+    connection: str
+    registered: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,7 +97,7 @@ class HookLogic:
         # clients whose session was resumed (no restore on client.connected)
         self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
-        self._restoring: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -198,15 +212,15 @@ class HookLogic:
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        # EMQX runs session.created before it registers the client's channel, so the
-        # restore's REST call may find no client yet: let it wait for one a little.
-        self._resumed.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
-        if self._submit_restore(client, wait_for_client=True):
-            self._restoring.put(client.clientid, client.connection)
+        self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
+        self._resumed.pop(client.clientid)
+        pending = PendingRestore(client.connection)
+        if self._submit_restore(client, pending):
+            self._restoring.put(client.clientid, pending)
 
     def session_resumed(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        self._restoring.pop(client.clientid)  # left by an earlier connect whose client.connected was lost
+        self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
 
     def client_connected(self, client: ClientRef) -> None:
@@ -215,14 +229,34 @@ class HookLogic:
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself.
             return
-        if self._restoring.pop(client.clientid) == client.connection:
-            return  # session.created of this connect started the restore
-        self._submit_restore(client, wait_for_client=False)
+        pending = self._restoring.pop(client.clientid)
+        if pending is not None:
+            pending.registered.set()  # the client is registered now: its restore may go ahead
+            if pending.connection == client.connection:
+                return  # session.created of this connect started the restore
+        self._submit_restore(client, None)
 
-    def _submit_restore(self, client: ClientRef, wait_for_client: bool) -> bool:
-        return self._queues.submit(
-            client.clientid, "restore subscriptions",
-            lambda: self._replayer.restore(client.clientid, client.connection, wait_for_client))
+    def _cancel_restore(self, clientid: str) -> None:
+        pending = self._restoring.pop(clientid)
+        if pending is not None:
+            pending.cancelled = True
+            pending.registered.set()
+
+    def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
+        return self._queues.submit(client.clientid, "restore subscriptions",
+                                   lambda: self._restore(client, pending))
+
+    async def _restore(self, client: ClientRef, pending: PendingRestore | None) -> None:
+        if pending is not None:
+            # Started by session.created: EMQX registers the client only after it, and
+            # in a storm that can take seconds; client.connected says it is done (if
+            # that call is lost, ask anyway after a moment, retrying a 404 for a while).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_REGISTER_WAIT_S):
+                    await pending.registered.wait()
+            if pending.cancelled:
+                return  # the client came back with a resumed session meanwhile
+        await self._replayer.restore(client.clientid, client.connection, wait_for_client=pending is not None)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))

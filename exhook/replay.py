@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 # (emqx_cm:create_register_session: emqx_session:create runs the hook, then
 # register_channel), so a restore started from that hook can reach the REST API
 # before the client is visible there (404). Wait for it, through the one retry policy
-# (pauses 0.05, 0.1, 0.2, 0.4, 0.8 s at most, jittered: ~1.5 s in all), before
-# concluding the client left.
-UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=0.8), attempts=6, retryable=transient)
+# (pauses 0.05, 0.1, 0.2, 0.4, 0.8, then 1 s, jittered: ~7 s in all: a broker busy
+# with a reconnect storm registers clients seconds late), before concluding the
+# client left.
+UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryable=transient)
 
 
 def payload_digest(payload: bytes) -> str:

@@ -234,3 +234,23 @@ def test_a_replay_carries_its_origin_and_is_never_retained() -> None:
     body = item.to_json()
     assert body["retain"] is False and body["qos"] == 2
     assert body["properties"]["user_properties"] == {"offline-exhook-replay": guid(5)}
+
+
+async def test_a_restore_session_created_started_waits_for_client_connected(rig: Rig) -> None:
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.session_created(client())
+    for _ in range(20):  # the restore has read the store and waits for the broker to register the client
+        await asyncio.sleep(0)
+    assert rig.api.subscribed == [] and "subscriptions" not in rig.store.calls
+    rig.logic.client_connected(client())  # it is registered: one restore, not two
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+
+
+async def test_a_resumed_session_cancels_the_restore_of_an_earlier_connect(rig: Rig) -> None:
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.session_created(client())  # its client.connected is lost...
+    rig.logic.session_resumed(client())  # ...and the client comes back to a kept session
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert rig.api.subscribed == []

@@ -82,9 +82,19 @@ async def test_both_connect_hooks_answered_restore_and_replay_once(h: Harness) -
 async def test_restore_from_session_created_waits_for_the_client_to_be_registered(h: Harness) -> None:
     sub = await returning_client(h, "slow-broker", "t/slow")
     assert h.emu is not None
-    h.emu.register_delay = 0.3  # the restore's first subscribe/bulk finds no client yet (404)
+    h.emu.register_delay = 0.3  # the client is registered 0.3 s after session.created
     await reconnect_and_settle(h, sub)
     answers = [r.status for r in h.emu.rest_requests if r.path == "/clients/slow-broker/subscribe/bulk"]
-    assert answers[0] == 404 and answers[-1] == 200
-    assert answers.count(200) == 1
+    assert answers == [200]  # it waited for client.connected: no 404 to retry
+    assert payloads(sub) == [b"while away"]
+
+
+async def test_restore_finds_a_client_registered_late_even_without_client_connected(h: Harness) -> None:
+    sub = await returning_client(h, "slow-and-lost", "t/slowlost")
+    assert h.emu is not None
+    h.emu.register_delay = 1.5  # a broker busy with a storm: seconds before the client is visible...
+    h.emu.hooks.fail("client.connected", key="slow-and-lost")  # ...and its client.connected lost
+    await reconnect_and_settle(h, sub)
+    answers = [r.status for r in h.emu.rest_requests if r.path == "/clients/slow-and-lost/subscribe/bulk"]
+    assert answers[0] == 404 and answers[-1] == 200 and answers.count(200) == 1
     assert payloads(sub) == [b"while away"]
