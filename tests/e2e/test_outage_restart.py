@@ -58,7 +58,8 @@ class KilledRedis(StoreUnderTest):
         self.server.kill()
 
     def back(self) -> None:
-        self.server.start()
+        if self.server.proc is None:  # the fixture's teardown calls back() again
+            self.server.start()
 
 
 class HungStore(StoreUnderTest):
