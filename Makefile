@@ -50,6 +50,7 @@ services:
 # (BENCHMARKS.md, "How to run the benchmark").
 bench: $(PB_STAMP) services
 	command -v tcpdump >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump)
+	test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # after changing a dependency: install without the old pins, run `make test`, then pin what passed

@@ -256,7 +256,14 @@ class HookLogic:
                     await pending.registered.wait()
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
-        await self._replayer.restore(client.clientid, client.connection, wait_for_client=pending is not None)
+        restored = await self._replayer.restore(client.clientid, client.connection,
+                                                wait_for_client=pending is not None)
+        # The broker fires session.subscribed for each restored filter and that call
+        # replays it, but in a storm the call can time out and the broker carries on
+        # without it: replay here too. The replay marks make the later of the two
+        # replay nothing (the client's queue runs this before that hook's job).
+        for topic in restored:
+            await self._replay_filter(client, topic)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
@@ -272,6 +279,9 @@ class HookLogic:
             log.error("subscription not stored: %s", exc.detail, extra={
                 "event": "subscription_rejected", "clientid": client.clientid[:200], "topic": topic[:200],
                 "reason": exc.reason})
+        await self._replay_filter(client, topic)
+
+    async def _replay_filter(self, client: ClientRef, topic: str) -> None:
         try:
             real = real_filter(topic)
         except TopicError as exc:

@@ -113,20 +113,22 @@ class Replayer:
         self._batch_size = batch_size
         self._page_size = max(page_size, batch_size)
 
-    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False) -> None:
+    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False) -> list[str]:
         """Re-subscribe a client that connected without a session to its stored
         subscriptions; the broker then fires ``session.subscribed`` for each.
         ``wait_for_client``: the client may not be registered at the broker yet
-        (restore started from ``session.created``)."""
+        (restore started from ``session.created``). Returns the filters the client
+        now has (none when it left first)."""
         await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
         if not subs:
-            return
+            return []
         pairs = [(s.topic, s.qos) for s in subs]
         found = await self._subscribe(clientid, pairs, wait_for_client)
         self._metrics.restores.inc()
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
                  extra={"event": "restore", "clientid": clientid, "subscriptions": len(pairs), "client_found": found})
+        return [topic for topic, _ in pairs] if found else []
 
     async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool) -> bool:
         """subscribe/bulk; False if the client is not connected (after waiting for it

@@ -98,3 +98,16 @@ async def test_restore_finds_a_client_registered_late_even_without_client_connec
     answers = [r.status for r in h.emu.rest_requests if r.path == "/clients/slow-and-lost/subscribe/bulk"]
     assert answers[0] == 404 and answers[-1] == 200 and answers.count(200) == 1
     assert payloads(sub) == [b"while away"]
+
+
+async def test_a_restored_subscription_is_replayed_once_when_its_session_subscribed_is_lost(h: Harness) -> None:
+    # the restore's subscribe/bulk makes the broker fire session.subscribed; in a storm that
+    # call times out and the broker carries on: the client must still get its message, once
+    sub = await returning_client(h, "no-subscribed", "t/nsub")
+    assert h.emu is not None
+    h.emu.hooks.fail("session.subscribed", key="no-subscribed", code="DEADLINE_EXCEEDED")
+    await reconnect_and_settle(h, sub)
+    assert statuses(h, "session.subscribed", "no-subscribed")[-1] != "ok"
+    assert restores(h, "no-subscribed") == 1
+    assert payloads(sub) == [b"while away"]
+    assert await h.backend.count_messages() == 0
