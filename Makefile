@@ -18,7 +18,7 @@ test: $(PB_STAMP) services lint typecheck pytest
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,fast]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,fast,bench]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -50,7 +50,6 @@ services:
 # (BENCHMARKS.md, "How to run the benchmark").
 bench: $(PB_STAMP) services
 	command -v tcpdump >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump)
-	test -x $(BIN)/py-spy || $(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # after changing a dependency: install without the old pins, run `make test`, then pin what passed
