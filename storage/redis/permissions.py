@@ -48,6 +48,8 @@ from storage.redis.link import Link
 from storage.redis.scripts import CLAIM_LUA, REMOVE_TOPIC_LUA
 
 # Every command the service sends in every set-up (see the module docstring).
+PROBE_TAG = b"~ox-probe-"  # in the names of the throwaway keys (a reader scanning {mp}:* skips them)
+
 REDIS_COMMANDS: tuple[str, ...] = (
     "HSET", "HDEL", "HGETALL", "DEL", "EXPIRE", "ZADD", "ZRANGE", "ZREMRANGEBYSCORE", "ZREM",
     "PING", "ZSCORE", "PTTL", "PEXPIRE", "EXISTS", "SET", "RPUSH", "LPOP", "LREM", "EVAL", "HGET",
@@ -90,7 +92,7 @@ async def check_permissions(link: Link, keys: Keys, *, wait: bool) -> None:
     """Run every command the service uses on throwaway keys of each key family;
     raise StoreConfigError naming every command and key pattern refused."""
     cfg = link.cfg
-    tag = b"~ox-probe-" + secrets.token_hex(6).encode()
+    tag = PROBE_TAG + secrets.token_hex(6).encode()
     families = {keys.messages + tag: f"{cfg.message_key_prefix}:*",
                 keys.messages + tag + b"-z": f"{cfg.message_key_prefix}:*",
                 keys.subscriptions + tag: f"{cfg.subscription_key_prefix}:*"}

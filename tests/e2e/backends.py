@@ -12,6 +12,9 @@ from typing import Any
 import aiomysql
 import redis.asyncio as aioredis
 
+# a service starting meanwhile briefly holds its permission-probe keys among the plugin's
+from storage.redis.permissions import PROBE_TAG
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 
@@ -83,10 +86,11 @@ class RedisBackend(BackendUnderTest):
     async def layout_keys(self) -> list[bytes]:
         """Keys of the plugin's layout (what its own cleanup test looks at)."""
         found = await self._scan(f"{self.msg_prefix}:*") + await self._scan(f"{self.sub_prefix}:*")
-        return [key for _, key in found]
+        return [key for _, key in found if PROBE_TAG not in key]
 
     async def count_messages(self) -> int:
-        return sum([await node.type(key) == b"hash" for node, key in await self._scan(f"{self.msg_prefix}:*")])
+        found = await self._scan(f"{self.msg_prefix}:*")
+        return sum([await node.type(key) == b"hash" for node, key in found if PROBE_TAG not in key])
 
     async def count_subscriptions(self) -> int:
         return sum([await node.hlen(key) for node, key in await self._scan(f"{self.sub_prefix}:*")])

@@ -11,6 +11,7 @@ from typing import Any
 import pymysql
 
 from storage.base62 import msgid_to_b62
+from storage.redis.permissions import PROBE_TAG
 from tests.e2e.backends import MYSQL, BackendUnderTest, MysqlBackend, RedisBackend, SqliteBackend
 
 
@@ -68,8 +69,8 @@ async def redis_rows(backend: RedisBackend) -> list[Row]:
     out = []
     prefix = backend.msg_prefix.encode() + b":"
     async for key in backend.client.scan_iter(match=prefix + b"*", count=1000):
-        if await backend.client.type(key) != b"hash":
-            continue  # the per-topic index zsets share the prefix
+        if PROBE_TAG in key or await backend.client.type(key) != b"hash":
+            continue  # the per-topic index zsets share the prefix, as do the start-up permission probes
         fields = await backend.client.hgetall(key)
         if not fields:
             continue  # deleted since the scan saw it (an ack being applied)
