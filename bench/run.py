@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-count", type=int, default=1_000_000, help="messages of the --big fill")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="file whose generated section is written")
     p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="keep the servers' configs and logs (their directory is printed at the end)")
     p.add_argument("--wait-idle", type=float, default=None,
                    help="before each server, wait up to this many seconds for the machine to be idle "
                         "(other processes < 0.2 cores); 0: do not wait")
@@ -665,7 +667,10 @@ async def amain(args: argparse.Namespace, command: str) -> int:
         await bench.run()
     finally:
         await bench.standin.close()
-        remove_workdir(bench.dir)
+        if args.keep_workdir:
+            say(f"kept the servers' configs and logs in {bench.dir}")
+        else:
+            remove_workdir(bench.dir)
     elapsed = time.monotonic() - started
     text = build_report(bench.res, args, command=command,
                         date=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from exhook.client_queue import ClientQueues
@@ -261,9 +262,11 @@ class HookLogic:
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
         # without it: replay here too. The replay marks make the later of the two
-        # replay nothing (the client's queue runs this before that hook's job).
+        # replay nothing (the client's queue runs this before that hook's job). The
+        # broker may not have applied the subscription yet: a replay that reaches
+        # nobody tries again once the writer has caught up (Replayer.replay).
         for topic in restored:
-            await self._replay_filter(client, topic)
+            await self._replay_filter(client, topic, settle=self._writer.caught_up)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
@@ -281,14 +284,15 @@ class HookLogic:
                 "reason": exc.reason})
         await self._replay_filter(client, topic)
 
-    async def _replay_filter(self, client: ClientRef, topic: str) -> None:
+    async def _replay_filter(self, client: ClientRef, topic: str,
+                             settle: Callable[[], Awaitable[None]] | None = None) -> None:
         try:
             real = real_filter(topic)
         except TopicError as exc:
             log.warning("client %s: not replaying %s: %s", client.clientid, topic, exc)
             return
         if self.tracked.overlaps(real):
-            await self._replayer.replay(client.clientid, client.connection, topic)
+            await self._replayer.replay(client.clientid, client.connection, topic, settle)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
         self._queues.submit(client.clientid, f"unsubscribe {topic}",

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from exhook.emqx_api import EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 # with a reconnect storm registers clients seconds late), before concluding the
 # client left.
 UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryable=transient)
+
+
+class NotSubscribedYet(Exception):
+    """A restore's replay reached no subscriber: the broker has not applied the
+    restored subscription yet (or the client left)."""
+
+
+# REST subscribe/bulk answers before the broker applies the subscription: the client's
+# process applies it once it is out of the hook it is in (the facts: a publish from
+# inside client.connected reached nobody), and in a storm a hook can hold it for up to
+# EMQX's request_timeout. So a restore's replay that reached nobody tries the same
+# range again, with the same pauses as UNTIL_REGISTERED, before concluding the client left.
+UNTIL_SUBSCRIBED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14,
+                               retryable=lambda exc: isinstance(exc, NotSubscribedYet) or transient(exc))
 
 
 def payload_digest(payload: bytes) -> str:
@@ -103,6 +117,7 @@ class Replayer:
         batch_size: int,
         local: LocalReplays | None = None,
         page_size: int = 500,
+        until_subscribed: RetryPolicy = UNTIL_SUBSCRIBED,
     ) -> None:
         self.local = local if local is not None else LocalReplays()
         self._store = store
@@ -112,6 +127,7 @@ class Replayer:
         self._flags = flags
         self._batch_size = batch_size
         self._page_size = max(page_size, batch_size)
+        self._until_subscribed = until_subscribed
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False) -> list[str]:
         """Re-subscribe a client that connected without a session to its stored
@@ -148,26 +164,61 @@ class Replayer:
                 return False
             raise
 
-    async def replay(self, clientid: str, connection: str, flt: str) -> int:
+    async def replay(self, clientid: str, connection: str, flt: str,
+                     settle: Callable[[], Awaitable[None]] | None = None) -> int:
         """Publish every stored message matching ``flt`` that this connection has
-        not been given yet. Returns how many were published."""
+        not been given yet. Returns how many the broker routed to someone. ``settle`` (given by a
+        restore, whose subscription the broker may not have applied yet): a replay
+        that reached nobody waits for it, then tries again (UNTIL_SUBSCRIBED)."""
         ranges = await self._claim(connection, real_filter(flt))
         if not ranges:
             return 0
-        published = 0
+        if settle is None:
+            published, delivered = await self._publish_ranges(ranges)
+        else:
+            published, delivered = await self._publish_once_subscribed(ranges, settle)
+        if delivered < published:
+            log.info("replay stopped: no subscriber matched (client gone)",
+                     extra={"event": "replay_stopped", "clientid": clientid, "filter": flt})
+        if delivered:
+            log.info("replayed stored messages", extra={"event": "replay", "clientid": clientid, "filter": flt,
+                                                        "messages": delivered, "topics": len(ranges)})
+        return delivered
+
+    async def _publish_once_subscribed(
+        self, ranges: dict[str, tuple[float | None, float]], settle: Callable[[], Awaitable[None]]
+    ) -> tuple[int, int]:
+        last = (0, 0)
+
+        async def attempt() -> tuple[int, int]:
+            nonlocal last
+            published, delivered = last = await self._publish_ranges(ranges)
+            if published and not delivered:
+                # Nothing was delivered, so the same range can go again. Its re-keys (the
+                # broker's message.publish of what reached nobody) are queued: let them
+                # land, so that the next read sees the ids the broker gave.
+                await settle()
+                raise NotSubscribedYet
+            return published, delivered
+
+        try:
+            return await self._until_subscribed.call("replay after a restore", attempt)
+        except NotSubscribedYet:
+            return last
+
+    async def _publish_ranges(self, ranges: dict[str, tuple[float | None, float]]) -> tuple[int, int]:
+        """Publish the stored messages of ``ranges`` in order, until a batch reaches
+        nobody; (messages published, messages the broker routed to someone)."""
+        published = delivered = 0
         pages = self._store.read_messages(ranges, self._page_size)
         async for batch in _prefetched_batches(pages, self._batch_size):
             delivered_to_nobody = await self._publish(batch)
             published += len(batch)
-            self._metrics.replayed.inc(len(batch))
             if delivered_to_nobody:
-                log.info("replay stopped: no subscriber matched (client gone)",
-                         extra={"event": "replay_stopped", "clientid": clientid, "filter": flt})
                 break
-        if published:
-            log.info("replayed stored messages", extra={"event": "replay", "clientid": clientid, "filter": flt,
-                                                        "messages": published, "topics": len(ranges)})
-        return published
+            delivered += len(batch)
+            self._metrics.replayed.inc(len(batch))
+        return published, delivered
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
         if is_wildcard(real):

@@ -147,6 +147,13 @@ class OrderedWriter:
                         extra={"event": "spooling", "backend": self._store.name})
         await self._spool_pending(start=True)
 
+    async def caught_up(self) -> None:
+        """Wait until every op queued so far has its outcome (stored, spooled or set
+        aside); ops queued meanwhile are not waited for. Ops settle in queue order."""
+        last = self._queue[-1] if self._queue else (self._in_flight[-1] if self._in_flight else None)
+        if last is not None and last.done is not None and not last.settled:
+            await asyncio.wait({last.done})
+
     async def drained(self) -> None:
         """Wait until every op queued so far is in the store (tests, benchmarks)."""
         while not self._idle_now():

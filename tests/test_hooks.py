@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -18,13 +18,16 @@ from exhook.client_queue import ClientQueues
 from exhook.emqx_api import BulkResult, EmqxApi, ReplayItem
 from exhook.hooks import HTTP_API, ClientRef, HookLogic
 from exhook.metrics import Metrics
-from exhook.replay import BrokerFlags, Replayer, payload_digest
+from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, Replayer, payload_digest
 from exhook.spool import Spool
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter, WriterSettings
+from storage.retry import Backoff
 from tests.memory_store import MemoryStore
 
 TRACKED = ("t/#", "w/+/x")
+# a restore's replay that reached nobody is tried 3 times in all (the service: 14, over ~7 s)
+QUICK_PATIENCE = replace(UNTIL_SUBSCRIBED, backoff=Backoff(base=0.001, cap=0.002), attempts=3)
 
 
 def guid(i: int) -> str:
@@ -37,9 +40,15 @@ class RecordingApi:
 
     published: list[list[ReplayItem]] = field(default_factory=list)
     subscribed: list[tuple[str, list[tuple[str, int]]]] = field(default_factory=list)
+    # publish/bulk calls that reach no subscriber (the broker applies a REST
+    # subscription only once the client's process is out of the hook it is in)
+    unrouted: int = 0
 
     async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
         self.published.append(items)
+        if self.unrouted > 0:
+            self.unrouted -= 1
+            return BulkResult(200, 0, len(items))
         return BulkResult(200, len(items), 0)
 
     async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
@@ -61,7 +70,8 @@ class Rig:
         self.writer = OrderedWriter(store, spool, self.metrics, WriterSettings(100, 1000, 1 << 20))
         self.queues = ClientQueues(self.metrics)
         tracked = TopicSet(TRACKED)
-        self.replayer = Replayer(store, cast(EmqxApi, self.api), self.metrics, tracked, self.flags, batch_size=3)
+        self.replayer = Replayer(store, cast(EmqxApi, self.api), self.metrics, tracked, self.flags, batch_size=3,
+                                 until_subscribed=QUICK_PATIENCE)
         self.logic = HookLogic(tracked, store, self.writer, self.replayer, self.queues, self.metrics, self.flags,
                                publish_deadline_ms=500)
 
@@ -271,6 +281,44 @@ async def test_a_restore_replays_even_when_its_session_subscribed_call_is_lost(r
     rig.logic.session_subscribed(client(), "other/a", 1)
     await rig.settle()
     assert [item.origin for item in rig.api.replayed] == [guid(1)]
+
+
+async def test_a_restore_replays_again_when_the_broker_had_not_applied_the_subscription_yet(rig: Rig) -> None:
+    # subscribe/bulk answers before the client's process applies the subscription (it is
+    # still in a hook): the first replay reaches nobody and the marks are already claimed,
+    # so without a second try this connection would never get the message
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/#", 1)
+    rig.api.unrouted = 2
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert [[item.origin for item in batch] for batch in rig.api.published] == [[guid(1)]] * 3
+    assert rig.metrics.sample("messages_replayed_total") == 1  # delivered once
+    rig.logic.session_subscribed(client(), "t/#", 1)  # the broker's call once it applied it
+    await rig.settle()
+    assert len(rig.api.published) == 3
+
+
+async def test_a_restore_gives_up_on_a_client_that_left_after_its_subscribe(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/#", 1)
+    rig.api.unrouted = 100
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert len(rig.api.published) == 3  # QUICK_PATIENCE: three tries in all
+    assert rig.metrics.sample("messages_replayed_total") == 0
+    assert [m.msgid for m in rig.store.stored()] == [guid(1)]  # kept for the next connect
+
+
+async def test_a_replay_on_session_subscribed_that_reaches_nobody_is_not_repeated(rig: Rig) -> None:
+    # the broker fires session.subscribed once the subscription exists: nobody matched
+    # means the client left, and trying again would only cost the broker calls
+    await rig.publish(1)
+    rig.api.unrouted = 1
+    rig.logic.session_subscribed(client(), "t/#", 1)
+    await rig.settle()
+    assert len(rig.api.published) == 1
+    assert rig.metrics.sample("messages_replayed_total") == 0
 
 
 async def test_a_restore_of_a_client_that_left_replays_nothing(rig: Rig) -> None:

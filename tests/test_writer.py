@@ -130,6 +130,25 @@ async def test_ops_queued_during_a_write_share_the_next_round_trip_in_order(spoo
     assert await w.close() == 0
 
 
+async def test_caught_up_waits_until_the_ops_queued_so_far_have_their_outcome(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()
+    w = Running(store, spool, batch_size=2)
+    entries = [w.writer.submit(save(i)) for i in range(3)]  # 0 in flight; 1, 2 queued
+    await store.called.wait()
+    caught_up = asyncio.create_task(w.writer.caught_up())
+    await asyncio.sleep(0)
+    later = w.writer.submit(save(3))
+    await asyncio.sleep(0.01)
+    assert not caught_up.done()  # the store holds them all
+    store.gate.set()
+    await caught_up
+    assert all(e.outcome is Outcome.STORED for e in entries)
+    await outcomes([later])
+    await w.writer.caught_up()  # nothing queued: at once
+    assert await w.close() == 0
+
+
 async def test_a_lone_publisher_never_waits_for_company(spool: Spool) -> None:
     store = RecordingStore()
     w = Running(store, spool, linger_s=3600)

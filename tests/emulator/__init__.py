@@ -69,7 +69,9 @@ Failure injection (tests only): ``emu.hooks.fail("client.connected", key="c1", t
 makes the next matching call end with that status without reaching the server, as the calls a saturated
 gRPC server rejects do; the broker then carries on as EMQX does (``failed_action`` for the folded hooks).
 ``emu.register_delay = 0.3`` keeps a new session's channel unregistered (REST: 404) that long after its
-``session.created`` returned, as on a loaded broker.
+``session.created`` returned, as on a loaded broker. ``emu.hooks.answer_late("client.connected", "c1", 0.5)``
+makes that client's process get its answers to the hook 0.5 s after the server gave them (it stays in
+the hook meanwhile, so a REST subscribe is applied only after it), as on a loaded broker.
 """
 
 from .broker import (

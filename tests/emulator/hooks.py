@@ -262,6 +262,7 @@ class ExHookClient:
         self.in_flight = 0
         self.max_in_flight = 0
         self._failures: list[_Failure] = []
+        self._late_answers: dict[tuple[str, str], float] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[Any] = []
 
@@ -365,6 +366,12 @@ class ExHookClient:
         the gRPC C-core rejects under a burst do (EMQX then logs ``exhook_call_error`` and carries on)."""
         self._failures.append(_Failure(hook, key, times, code))
 
+    def answer_late(self, hook: str, key: str, seconds: float) -> None:
+        """Test-only: the answers to ``hook`` for ``key`` reach the client's process ``seconds``
+        after the server gave them (a loaded broker whose schedulers run that process late):
+        the process stays in the hook meanwhile, so a REST subscribe waits behind it."""
+        self._late_answers[(hook, key)] = seconds
+
     def _injected_failure(self, hook: str, key: str) -> str | None:
         for failure in self._failures:
             if failure.hook == hook and failure.key in (None, key) and failure.left > 0:
@@ -424,4 +431,7 @@ class ExHookClient:
         finally:
             self.in_flight -= 1
         self._finish(call, "ok", response=resp)
+        late = self._late_answers.get((hook, key))
+        if late:
+            await asyncio.sleep(late)
         return resp, call
