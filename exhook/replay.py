@@ -45,8 +45,9 @@ class NotSubscribedYet(Exception):
 # inside client.connected reached nobody), and in a storm a hook can hold it for up to
 # EMQX's request_timeout. So a restore's replay that reached nobody tries the same
 # range again, with the same pauses as UNTIL_REGISTERED, before concluding the client left.
+# (A failure inside a try is not retried here: the calls retry their own.)
 UNTIL_SUBSCRIBED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14,
-                               retryable=lambda exc: isinstance(exc, NotSubscribedYet) or transient(exc))
+                               retryable=lambda exc: isinstance(exc, NotSubscribedYet))
 
 
 def payload_digest(payload: bytes) -> str:
@@ -167,9 +168,10 @@ class Replayer:
     async def replay(self, clientid: str, connection: str, flt: str,
                      settle: Callable[[], Awaitable[None]] | None = None) -> int:
         """Publish every stored message matching ``flt`` that this connection has
-        not been given yet. Returns how many the broker routed to someone. ``settle`` (given by a
-        restore, whose subscription the broker may not have applied yet): a replay
-        that reached nobody waits for it, then tries again (UNTIL_SUBSCRIBED)."""
+        not been given yet; return how many the broker routed to someone.
+        ``settle`` (given by a restore, whose subscription the broker may not have
+        applied yet): a replay that reached nobody awaits it, then tries again
+        (UNTIL_SUBSCRIBED)."""
         ranges = await self._claim(connection, real_filter(flt))
         if not ranges:
             return 0

@@ -47,9 +47,9 @@ from storage.redis.keys import Cmd, Keys
 from storage.redis.link import Link
 from storage.redis.scripts import CLAIM_LUA, REMOVE_TOPIC_LUA
 
-# Every command the service sends in every set-up (see the module docstring).
 PROBE_TAG = b"~ox-probe-"  # in the names of the throwaway keys (a reader scanning {mp}:* skips them)
 
+# Every command the service sends in every set-up (see the module docstring).
 REDIS_COMMANDS: tuple[str, ...] = (
     "HSET", "HDEL", "HGETALL", "DEL", "EXPIRE", "ZADD", "ZRANGE", "ZREMRANGEBYSCORE", "ZREM",
     "PING", "ZSCORE", "PTTL", "PEXPIRE", "EXISTS", "SET", "RPUSH", "LPOP", "LREM", "EVAL", "HGET",
