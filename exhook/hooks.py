@@ -20,7 +20,7 @@ from exhook.client_queue import ClientQueues
 from exhook.expiring import ExpiringMap
 from exhook.metrics import Metrics
 from exhook.ratelog import RateLimitedLog
-from exhook.replay import BrokerFlags, Replayer, payload_digest
+from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import retrying
 from exhook.topics import TopicError, TopicSet, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
@@ -49,6 +49,9 @@ _REGISTER_WAIT_S = 1.0
 # A publish that waits for a slow store goes to the spool this long before its
 # deadline, so that the spool's fsync fits in (measured well under 5 ms here).
 _SPILL_MARGIN_S = 0.05
+# a restore's replay that reached nobody waits at most this long for the re-keys it
+# caused to land before it reads the range again (a later read is only at least once)
+_CAUGHT_UP_WAIT_S = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -265,8 +268,13 @@ class HookLogic:
         # replay nothing (the client's queue runs this before that hook's job). The
         # broker may not have applied the subscription yet: a replay that reaches
         # nobody tries again once the writer has caught up (Replayer.replay).
+        settle: Callable[[], Awaitable[None]] | None = self._writer_caught_up
         for topic in restored:
-            await self._replay_filter(client, topic, settle=self._writer.caught_up)
+            if (await self._replay_filter(client, topic, settle)).reached_nobody:
+                settle = None  # the client left: its other filters do not wait for it again
+
+    async def _writer_caught_up(self) -> None:
+        await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
@@ -285,14 +293,15 @@ class HookLogic:
         await self._replay_filter(client, topic)
 
     async def _replay_filter(self, client: ClientRef, topic: str,
-                             settle: Callable[[], Awaitable[None]] | None = None) -> None:
+                             settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
         try:
             real = real_filter(topic)
         except TopicError as exc:
             log.warning("client %s: not replaying %s: %s", client.clientid, topic, exc)
-            return
-        if self.tracked.overlaps(real):
-            await self._replayer.replay(client.clientid, client.connection, topic, settle)
+            return Replayed(0, 0)
+        if not self.tracked.overlaps(real):
+            return Replayed(0, 0)
+        return await self._replayer.replay(client.clientid, client.connection, topic, settle)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
         self._queues.submit(client.clientid, f"unsubscribe {topic}",

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 from exhook.emqx_api import EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
@@ -33,6 +34,18 @@ log = logging.getLogger(__name__)
 # with a reconnect storm registers clients seconds late), before concluding the
 # client left.
 UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryable=transient)
+
+
+class Replayed(NamedTuple):
+    """What a replay sent: ``published`` messages, of which the broker routed
+    ``delivered`` to a subscriber."""
+
+    published: int
+    delivered: int
+
+    @property
+    def reached_nobody(self) -> bool:
+        return self.published > 0 and self.delivered == 0
 
 
 class NotSubscribedYet(Exception):
@@ -166,15 +179,15 @@ class Replayer:
             raise
 
     async def replay(self, clientid: str, connection: str, flt: str,
-                     settle: Callable[[], Awaitable[None]] | None = None) -> int:
+                     settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
         """Publish every stored message matching ``flt`` that this connection has
-        not been given yet; return how many the broker routed to someone.
+        not been given yet.
         ``settle`` (given by a restore, whose subscription the broker may not have
         applied yet): a replay that reached nobody awaits it, then tries again
         (UNTIL_SUBSCRIBED)."""
         ranges = await self._claim(connection, real_filter(flt))
         if not ranges:
-            return 0
+            return Replayed(0, 0)
         if settle is None:
             published, delivered = await self._publish_ranges(ranges)
         else:
@@ -185,7 +198,7 @@ class Replayer:
         if delivered:
             log.info("replayed stored messages", extra={"event": "replay", "clientid": clientid, "filter": flt,
                                                         "messages": delivered, "topics": len(ranges)})
-        return delivered
+        return Replayed(published, delivered)
 
     async def _publish_once_subscribed(
         self, ranges: dict[str, tuple[float | None, float]], settle: Callable[[], Awaitable[None]]
@@ -198,7 +211,8 @@ class Replayer:
             if published and not delivered:
                 # Nothing was delivered, so the same range can go again. Its re-keys (the
                 # broker's message.publish of what reached nobody) are queued: let them
-                # land, so that the next read sees the ids the broker gave.
+                # land, so that the next read sees the ids the broker gave (if one is not
+                # in the store in time, that message is replayed once more later).
                 await settle()
                 raise NotSubscribedYet
             return published, delivered
@@ -214,12 +228,12 @@ class Replayer:
         published = delivered = 0
         pages = self._store.read_messages(ranges, self._page_size)
         async for batch in _prefetched_batches(pages, self._batch_size):
-            delivered_to_nobody = await self._publish(batch)
+            unmatched = await self._publish(batch)
             published += len(batch)
-            if delivered_to_nobody:
+            if unmatched >= len(batch):
                 break
-            delivered += len(batch)
-            self._metrics.replayed.inc(len(batch))
+            delivered += len(batch) - unmatched
+            self._metrics.replayed.inc(len(batch) - unmatched)
         return published, delivered
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
@@ -243,8 +257,8 @@ class Replayer:
                 ranges[topic] = (low, high)
         return ranges
 
-    async def _publish(self, batch: list[StoredMessage]) -> bool:
-        """Publish one batch; True if the broker routed none of it to anyone."""
+    async def _publish(self, batch: list[StoredMessage]) -> int:
+        """Publish one batch; how many of its messages the broker routed to nobody."""
         if self._flags.v2_seen:
             pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
             await retrying("register pending replays", lambda: self._store.register_pending_replays(pending))
@@ -255,7 +269,7 @@ class Replayer:
         except Exception:
             self._metrics.replay_failures.inc()
             raise
-        return result.unmatched == len(batch)
+        return result.unmatched
 
 
 async def _prefetched_batches(

@@ -90,6 +90,7 @@ class OrderedWriter:
         self._direct_idle = asyncio.Event()
         self._direct_idle.set()
         self._idle = asyncio.Event()
+        self._progress = asyncio.Event()  # a batch ended or the mode changed (caught_up)
         self._spool_lock = asyncio.Lock()
         self._spill_wanted = asyncio.Event()  # wakes a batch waiting to try the store again
         self._spooling = spool.count > 0  # an earlier run left ops: they go first
@@ -147,12 +148,17 @@ class OrderedWriter:
                         extra={"event": "spooling", "backend": self._store.name})
         await self._spool_pending(start=True)
 
-    async def caught_up(self) -> None:
-        """Wait until every op queued so far has its outcome (stored, spooled or set
-        aside); ops queued meanwhile are not waited for. Ops settle in queue order."""
+    async def caught_up(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` s, until the ops queued so far are in the store:
+        settled (ops settle in queue order), and, if the writer is spooling, drained
+        from the spool. Woken by each batch's end (the last op's ``done`` may have
+        been cancelled by its caller)."""
         last = self._queue[-1] if self._queue else (self._in_flight[-1] if self._in_flight else None)
-        if last is not None and last.done is not None and not last.settled:
-            await asyncio.wait({last.done})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while (last is not None and not last.settled) or self._spooling:
+                    self._progress.clear()
+                    await self._progress.wait()
 
     async def drained(self) -> None:
         """Wait until every op queued so far is in the store (tests, benchmarks)."""
@@ -359,6 +365,8 @@ class OrderedWriter:
         self._on_health(True, "")
 
     def _update_gauges(self) -> None:
+        """After each batch (written or spooled) and each change of mode."""
+        self._progress.set()
         if self._idle_now():
             self._idle.set()
         self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))

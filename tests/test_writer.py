@@ -136,7 +136,7 @@ async def test_caught_up_waits_until_the_ops_queued_so_far_have_their_outcome(sp
     w = Running(store, spool, batch_size=2)
     entries = [w.writer.submit(save(i)) for i in range(3)]  # 0 in flight; 1, 2 queued
     await store.called.wait()
-    caught_up = asyncio.create_task(w.writer.caught_up())
+    caught_up = asyncio.create_task(w.writer.caught_up(60))
     await asyncio.sleep(0)
     later = w.writer.submit(save(3))
     await asyncio.sleep(0.01)
@@ -145,7 +145,34 @@ async def test_caught_up_waits_until_the_ops_queued_so_far_have_their_outcome(sp
     await caught_up
     assert all(e.outcome is Outcome.STORED for e in entries)
     await outcomes([later])
-    await w.writer.caught_up()  # nothing queued: at once
+    await w.writer.caught_up(60)  # nothing queued: at once
+    assert await w.close() == 0
+
+
+async def test_caught_up_waits_even_when_the_caller_of_the_last_op_stopped_waiting(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()
+    w = Running(store, spool)
+    entry = w.writer.submit(save(0))
+    await store.called.wait()
+    cast(asyncio.Future[Outcome], entry.done).cancel()  # its publisher answered at the deadline
+    caught_up = asyncio.create_task(w.writer.caught_up(60))
+    await asyncio.sleep(0.01)
+    assert not caught_up.done()
+    store.gate.set()
+    await caught_up
+    assert entry.outcome is Outcome.STORED
+    assert await w.close() == 0
+
+
+async def test_caught_up_gives_up_after_its_timeout(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # the store hangs
+    w = Running(store, spool)
+    entry = w.writer.submit(save(0))
+    await w.writer.caught_up(0.05)
+    assert not entry.settled
+    store.gate.set()
     assert await w.close() == 0
 
 
