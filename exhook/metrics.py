@@ -114,7 +114,7 @@ class Metrics:
 
     def _background(self) -> None:
         reg, p = self.registry, PREFIX
-        self.replayed = Counter(f"{p}messages_replayed", "Stored messages published again to subscribers",
+        self.replayed = Counter(f"{p}messages_replayed", "Stored messages published again that reached a subscriber",
                                 registry=reg)
         self.replay_failures = Counter(f"{p}replay_failures", "Replays that failed (EMQX API errors after retries)",
                                        registry=reg)

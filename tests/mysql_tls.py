@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pymysql
 
 from tests.certs import Certs, make_certs, openssl_available
+from tests.ports import free_port
 
 __all__ = ["Certs", "MariaDbServer", "free_port", "make_certs", "tools_available"]
 
@@ -24,12 +24,6 @@ INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_d
 
 def tools_available() -> bool:
     return openssl_available() and os.path.exists(MARIADBD) and bool(INSTALL_DB)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MariaDbServer:

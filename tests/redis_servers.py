@@ -52,6 +52,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.ports import free_port as any_free_port
+
 HOST = "127.0.0.1"
 RUN_TOKEN = os.environ.get("EXHOOK_REDIS_RUN_TOKEN") or f"{os.getpid()}x{secrets.token_hex(4)}"
 MARKER = f"exhook-redis-{RUN_TOKEN}"
@@ -237,12 +239,10 @@ def _bindable(port: int) -> bool:
 
 
 def free_port(taken: Iterable[int] = ()) -> int:
-    """A currently free loopback port (bind to port 0)."""
+    """A currently free loopback port, none of ``taken``."""
     avoid = set(taken)
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port = int(sock.getsockname()[1])
+        port = any_free_port()
         if port not in avoid:
             return port
     raise RedisTopologyError("no free port found")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +13,11 @@ from exhook.config import Config, HostPort, load_config_string
 from exhook.server import Service
 from tests.e2e.backends import BackendUnderTest
 from tests.emulator import EmqxEmulator, EmuClient
+from tests.ports import free_port
 
 API_KEY = "offline-exhook"
 API_SECRET = "e2e-secret"
 TOPICS = ["t/#", "w/#", "s/#", "o/#", "x/+/y"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
