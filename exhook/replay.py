@@ -9,6 +9,7 @@ other, so the subscriber sees them in stored (arrival) order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -59,8 +60,7 @@ class NotSubscribedYet(Exception):
 # EMQX's request_timeout. So a restore's replay that reached nobody tries the same
 # range again, with the same pauses as UNTIL_REGISTERED, before concluding the client left.
 # (A failure inside a try is not retried here: the calls retry their own.)
-UNTIL_SUBSCRIBED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14,
-                               retryable=lambda exc: isinstance(exc, NotSubscribedYet))
+UNTIL_SUBSCRIBED = dataclasses.replace(UNTIL_REGISTERED, retryable=lambda exc: isinstance(exc, NotSubscribedYet))
 
 
 def payload_digest(payload: bytes) -> str:

@@ -17,6 +17,16 @@ def _ephemeral_start() -> int:
         return 32_768
 
 
+def bindable(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A loopback port that is free now, below the kernel's ephemeral range: a port the
     OS hands out from that range (bind to port 0) can be taken by an outgoing
@@ -24,10 +34,6 @@ def free_port() -> int:
     top = max(_ephemeral_start(), _LOWEST + 1_000)
     for _ in range(500):
         port = random.randrange(_LOWEST, top)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
+        if bindable(port):
+            return port
     raise RuntimeError(f"no free loopback port between {_LOWEST} and {top}")

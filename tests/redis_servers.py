@@ -37,7 +37,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -52,6 +51,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.ports import bindable
 from tests.ports import free_port as any_free_port
 
 HOST = "127.0.0.1"
@@ -229,15 +229,6 @@ def terminate_processes(processes: Iterable[ManagedProcess], timeout: float = 5.
 # ---------------------------------------------------------------------------
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port(taken: Iterable[int] = ()) -> int:
     """A currently free loopback port, none of ``taken``."""
     avoid = set(taken)
@@ -256,7 +247,7 @@ def free_cluster_port(taken: Iterable[int] = ()) -> int:
         bus = port + 10000
         if bus > 65535 or {port, bus} & avoid:
             continue
-        if _bindable(bus):
+        if bindable(bus):
             return port
     raise RedisTopologyError("no free port with a free cluster bus port found")
 

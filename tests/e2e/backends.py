@@ -12,7 +12,6 @@ from typing import Any
 import aiomysql
 import redis.asyncio as aioredis
 
-# a service starting meanwhile briefly holds its permission-probe keys among the plugin's
 from storage.redis.permissions import PROBE_TAG
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -83,18 +82,21 @@ class RedisBackend(BackendUnderTest):
             found += [(node, k) async for k in node.scan_iter(match=pattern, count=1000)]
         return found
 
+    async def _plugin_keys(self, prefix: str) -> list[tuple[aioredis.Redis, bytes]]:
+        """Keys under one of the plugin's prefixes, without the permission-probe keys a
+        service starting meanwhile briefly holds there."""
+        return [(node, key) for node, key in await self._scan(f"{prefix}:*") if PROBE_TAG not in key]
+
     async def layout_keys(self) -> list[bytes]:
         """Keys of the plugin's layout (what its own cleanup test looks at)."""
-        found = await self._scan(f"{self.msg_prefix}:*") + await self._scan(f"{self.sub_prefix}:*")
-        return [key for _, key in found if PROBE_TAG not in key]
+        found = await self._plugin_keys(self.msg_prefix) + await self._plugin_keys(self.sub_prefix)
+        return [key for _, key in found]
 
     async def count_messages(self) -> int:
-        found = await self._scan(f"{self.msg_prefix}:*")
-        return sum([await node.type(key) == b"hash" for node, key in found if PROBE_TAG not in key])
+        return sum([await node.type(key) == b"hash" for node, key in await self._plugin_keys(self.msg_prefix)])
 
     async def count_subscriptions(self) -> int:
-        found = await self._scan(f"{self.sub_prefix}:*")
-        return sum([await node.hlen(key) for node, key in found if PROBE_TAG not in key])
+        return sum([await node.hlen(key) for node, key in await self._plugin_keys(self.sub_prefix)])
 
     async def teardown(self) -> None:
         for node, key in await self._scan(f"{self.ns}*"):
