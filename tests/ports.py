@@ -8,6 +8,10 @@ import socket
 from pathlib import Path
 
 _LOWEST = 10_000
+# every port handed out in this process: two picks in a row are not bound yet, so a
+# bind check alone would let the second repeat the first (and a port a stopped server
+# left in TIME_WAIT is better not reused in the same run)
+_handed_out: set[int] = set()
 
 
 def _ephemeral_start() -> int:
@@ -34,6 +38,7 @@ def free_port() -> int:
     top = max(_ephemeral_start(), _LOWEST + 1_000)
     for _ in range(500):
         port = random.randrange(_LOWEST, top)
-        if bindable(port):
+        if port not in _handed_out and bindable(port):
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free loopback port between {_LOWEST} and {top}")
