@@ -280,3 +280,31 @@ async def test_statements_of_one_op_name_it(make_store: MakeStore, raw: Any) -> 
     err = await rejected(store, [SaveMessage(msg("rk/t")), RekeyMessage(m.msgid, "Z" * 32, m.topic)])
     assert (err.index, err.reason) == (1, "constraint")
     assert [x.msgid for x in await read_topic(store, "rk/t")] == [m.msgid]
+
+
+async def test_mixed_batch_is_one_statement_per_kind_and_a_refusal_names_its_op(
+        make_store: MakeStore, raw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixed load's batches (a save, another message's ack, a save, ...) are
+    regrouped (storage.runs): one INSERT and one DELETE, not a round trip per op; the
+    outcome is the batch's order's, and a refusal still names the op's place in it."""
+    q(raw, MESSAGE_TABLE.format(extra=", CONSTRAINT no_forbidden CHECK (payload <> 'forbidden')"))
+    store = await make_store()
+    acked = [msg("mix/t", b"old%d" % i) for i in range(3)]
+    await store.write([SaveMessage(m) for m in acked])
+    new = [msg("mix/t", b"new%d" % i) for i in range(3)]
+    seen = spy_statements(monkeypatch)
+    ops: list[WriteOp] = [SaveMessage(new[0]), DeleteMessage(acked[0].msgid, "mix/t"), SaveMessage(new[1]),
+                          DeleteMessage(acked[1].msgid, "mix/t"), SaveMessage(new[2]),
+                          DeleteMessage(new[1].msgid, "mix/t")]  # a message saved and acked in one batch
+    await store.write(ops)
+    writes = [s.split()[0].upper() for s in seen if s.split()[0].upper() in ("INSERT", "DELETE")]
+    assert writes == ["INSERT", "DELETE"]
+    assert [m.payload for m in await read_topic(store, "mix/t")] == [b"old2", b"new0", b"new2"]
+    # a delete and then a save of the same id (a resend after its ack): the save stays
+    again = acked[2]
+    await store.write([DeleteMessage(again.msgid, "mix/t"), SaveMessage(again)])
+    assert again.msgid in [m.msgid for m in await read_topic(store, "mix/t")]
+    # a single-row statement of a regrouped batch names the op by its place in the batch
+    bad = msg("mix/t", b"forbidden")
+    err = await rejected(store, [DeleteMessage(new[0].msgid, "mix/t"), SaveMessage(bad)])
+    assert (err.index, err.reason) == (1, "constraint")

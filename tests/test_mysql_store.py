@@ -262,7 +262,8 @@ async def test_many_saves_are_one_statement_in_one_transaction(
     await store.write([*(SaveMessage(m) for m in msgs[:40]), DeleteMessage(msgs[0].msgid, msgs[0].topic),
                        *(SaveMessage(m) for m in msgs[40:])])
     inserts = [s for s in statements if "insert into mqtt_msg" in s]
-    assert len(inserts) == 2 and inserts[0].count("FROM_UNIXTIME") == 40 and inserts[1].count("FROM_UNIXTIME") == 10
+    # the delete of another message does not cut the saves (storage.runs regroups the batch)
+    assert len(inserts) == 1 and inserts[0].count("FROM_UNIXTIME") == 50
     assert len(commits) == 1
     got = await read_all(store, {f"batch/{i}": (None, 1e15) for i in range(3)})
     assert [m.msgid for m in got] == [m.msgid for m in msgs[1:]]

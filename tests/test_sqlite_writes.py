@@ -365,3 +365,28 @@ async def test_read_with_text_sqlite_cannot_take_is_not_retryable(store: SqliteS
     with pytest.raises(StoreError) as caught:
         await store.subscriptions("c\ud800")
     assert not caught.value.retryable and not isinstance(caught.value, WriteRejected)
+
+
+async def test_mixed_batch_regrouped_keeps_the_outcome_and_names_the_refused_op(
+        store: SqliteStore, db_path: Path) -> None:
+    """A batch regrouped by kind (storage.runs) has the outcome of its order, and a
+    refusal inside a regrouped run names the op's place in the batch."""
+    acked = [msg("mixs/t", b"old%d" % i) for i in range(3)]
+    await store.write(saves(*acked))
+    new = [msg("mixs/t", b"new%d" % i) for i in range(3)]
+    await store.write([SaveMessage(new[0]), DeleteMessage(acked[0].msgid, "mixs/t"), SaveMessage(new[1]),
+                       DeleteMessage(acked[1].msgid, "mixs/t"), SaveMessage(new[2]),
+                       DeleteMessage(new[1].msgid, "mixs/t")])
+    assert [m.payload for m in await read_topic(store, "mixs/t")] == [b"old2", b"new0", b"new2"]
+    await store.write([DeleteMessage(acked[2].msgid, "mixs/t"), SaveMessage(acked[2])])  # resent after its ack
+    assert acked[2].msgid in await stored_ids(store, "mixs/t")
+    admin = other_connection(db_path)
+    admin.execute("CREATE TRIGGER no_forbidden BEFORE INSERT ON mqtt_msg WHEN NEW.payload = x'666f7262' "
+                  "BEGIN SELECT RAISE(ABORT, 'forbidden'); END")
+    admin.close()
+    bad = msg("mixs/t", b"forb")
+    ops: list[WriteOp] = [SaveMessage(msg("mixs/t")), DeleteMessage(new[0].msgid, "mixs/t"), SaveMessage(bad),
+                          DeleteMessage(new[2].msgid, "mixs/t")]
+    with pytest.raises(WriteRejected) as caught:
+        await store.write(ops)
+    assert (caught.value.reason, caught.value.index) == ("constraint", 2)

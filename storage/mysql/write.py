@@ -2,10 +2,12 @@
 
 * every op is checked first (``checks.py``): an op that cannot be written is refused
   by index before anything is sent;
-* consecutive saves = one multi-row INSERT when insert_message_sql is a plain
+* the batch is regrouped into runs of one kind (``storage.runs``), so that the
+  mixed load's alternating saves and deletes are two statements, not one per op;
+* a run of saves = one multi-row INSERT when insert_message_sql is a plain
   single-row insert (split only to stay under max_allowed_packet), else the template
   once per message (so that a refusal names the message);
-* consecutive deletes = the tombstones of the replay acks among them, then one
+* a run of deletes = the tombstones of the replay acks among them, then one
   ``DELETE ... IN (...)`` (default template) or the template per op;
 * a refusal by the server that is about an op's data rolls the transaction back and
   becomes ``WriteRejected``, with the op's index when the failed statement wrote one
@@ -14,7 +16,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from storage.mysql.errors import Deadlock, DuplicateKey, rejection
 from storage.mysql.schema import Schema
 from storage.mysql.sql_template import PlainInsert, message_values, quote_ident
 from storage.mysql.templates import Templates
+from storage.runs import runs
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,8 @@ class WritePath:
 
 
 def _groups(ops: Sequence[WriteOp]) -> list[tuple[type, Indexed]]:
-    """Runs of consecutive ops of one kind, each op with its index in the batch."""
-    return [(kind, list(run)) for kind, run in itertools.groupby(enumerate(ops), key=lambda item: type(item[1]))]
+    """Runs of ops of one kind (``storage.runs``), each op with its index in the batch."""
+    return [(kind, [(i, ops[i]) for i in indexes]) for kind, indexes in runs(ops)]
 
 
 def _packet_chunks(

@@ -1,7 +1,8 @@
 """The ordered write path: a batch of ops applied in order inside one transaction.
 
-Consecutive ops of one kind run as one ``executemany`` (a run); a re-key runs op by
-op, as its three statements must see the previous re-key's result. Every op is
+The batch is regrouped into runs of one kind (``storage.runs``: the same outcome as
+its order) and each run is one ``executemany``; a re-key runs op by op, as its
+three statements must see the previous re-key's result. Every op is
 idempotent, because the writer retries a batch whose outcome it did not learn:
 
 - a save is ``INSERT OR IGNORE`` on the unique ``msgid`` index. A save that
@@ -19,12 +20,12 @@ repeating the ones already applied changes nothing, as they are idempotent.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from itertools import groupby
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from storage.base import TOMBSTONE_TTL_S, WriteRejected
 from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+from storage.runs import runs
 from storage.sqlite.bookkeeping import DELETE_IF_TOMBSTONED, DROP_PENDING, UPSERT_TOMBSTONE
 from storage.sqlite.errors import data_rejection
 
@@ -38,51 +39,44 @@ _DELETE_MSG = "DELETE FROM mqtt_msg WHERE msgid = ?"
 # forever on the unique index; the old row is then dropped by _DELETE_MSG.
 _REKEY_MSG = "UPDATE OR IGNORE mqtt_msg SET msgid = ? WHERE msgid = ?"
 
-Run = Callable[[sqlite3.Connection, list[Any], int], None]
+Apply = Callable[[sqlite3.Connection, list[Any], int], None]
 
 
 def apply(conn: sqlite3.Connection, ops: Sequence[WriteOp], now_ms: int) -> None:
     """Apply ``ops`` in order on ``conn`` (inside the caller's transaction); raise
     ``WriteRejected`` naming the op's index when SQLite refuses one op's data."""
-    for start, kind, run in _runs(ops):
+    for op_type, indexes in runs(ops):
+        kind, run = _KINDS[op_type], [ops[i] for i in indexes]
         try:
             kind(conn, run, now_ms)
         except WriteRejected as exc:  # index within the run
-            raise WriteRejected(exc.reason, exc.detail, None if exc.index is None else start + exc.index) from exc
+            raise WriteRejected(exc.reason, exc.detail, None if exc.index is None else indexes[exc.index]) from exc
         except Exception as exc:
             if data_rejection(exc) is None:
                 raise
-            raise _locate(conn, kind, run, now_ms, exc, start) from exc
-
-
-def _runs(ops: Sequence[WriteOp]) -> Iterator[tuple[int, Run, list[Any]]]:
-    """``(index of the first op, how to apply them, ops)`` per run of one kind."""
-    start = 0
-    for op_type, group in groupby(ops, key=type):
-        run = list(group)
-        yield start, _KINDS[op_type], run
-        start += len(run)
+            raise _locate(conn, kind, run, now_ms, exc, indexes) from exc
 
 
 def _locate(
-    conn: sqlite3.Connection, kind: Run, run: list[Any], now_ms: int, exc: Exception, start: int
+    conn: sqlite3.Connection, kind: Apply, run: list[Any], now_ms: int, exc: Exception, indexes: list[int]
 ) -> WriteRejected:
-    """The refusal ``exc`` of a run, naming the op it is about."""
+    """The refusal ``exc`` of a run, naming the op it is about (``indexes``: the run's
+    ops' indexes in the batch)."""
     reason, detail = data_rejection(exc) or ("refused", str(exc))
     if len(run) == 1:
-        return WriteRejected(reason, detail, start)
+        return WriteRejected(reason, detail, indexes[0])
     if not conn.in_transaction:  # SQLite ended the transaction: trying ops now would commit them
         return WriteRejected(reason, detail)
     for offset, op in enumerate(run):
         try:
             kind(conn, [op], now_ms)
         except WriteRejected as again:
-            return WriteRejected(again.reason, again.detail, start + offset)
+            return WriteRejected(again.reason, again.detail, indexes[offset])
         except Exception as again:
             found = data_rejection(again)
             if found is None:
                 raise
-            return WriteRejected(*found, index=start + offset)
+            return WriteRejected(*found, index=indexes[offset])
     return WriteRejected(reason, detail)
 
 
@@ -133,7 +127,7 @@ def _drop_pending(conn: sqlite3.Connection, ops: list[DropPendingReplay], now_ms
     conn.executemany(DROP_PENDING, [(op.topic, op.digest, op.msgid) for op in ops])
 
 
-_KINDS: dict[type, Run] = {
+_KINDS: dict[type, Apply] = {
     SaveMessage: _save,
     DeleteMessage: _delete,
     RekeyMessage: _rekey,
