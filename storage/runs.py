@@ -5,8 +5,9 @@ on MySQL every statement is a round trip. Cutting the batch where the kind chang
 turns the mixed load's alternation (a publish's save, another message's ack delete,
 a save, ...) into one statement per op. So the ops are regrouped by kind, in the
 order saves, re-keys, deletes, pending-replay drops, keeping their order within a
-kind. That gives the same outcome as the batch's order whenever no two ops about the
-same message (or the same pending replay) swap places; a batch where they would
+kind. That gives the same outcome as the batch's order whenever each op touches only
+the rows of its own message id (the backend says so) and no two ops about the same
+message (or the same pending replay) swap places; a batch where they would
 (e.g. a delete, then a save of that id again) keeps its order and is cut where the
 kind changes.
 """
@@ -25,10 +26,12 @@ _RANK: dict[type, int] = {SaveMessage: 0, RekeyMessage: 1, DeleteMessage: 2, Dro
 Run = tuple[type, list[int]]  # the kind, and the indexes in the batch of its ops
 
 
-def runs(ops: Sequence[WriteOp]) -> list[Run]:
+def runs(ops: Sequence[WriteOp], regroup: bool = True) -> list[Run]:
     """``ops`` as runs of one kind, each a list of indexes into ``ops``, in an order
-    with the same outcome as ``ops`` in their order."""
-    if _regroupable(ops):
+    with the same outcome as ``ops`` in their order. ``regroup=False``: the backend's
+    statements may touch rows of other messages (an operator's SQL template keyed by
+    topic), so the runs are only cut where the kind changes."""
+    if regroup and _regroupable(ops):
         order = sorted(range(len(ops)), key=lambda i: _RANK[type(ops[i])])  # stable
     else:
         order = list(range(len(ops)))

@@ -308,3 +308,13 @@ async def test_mixed_batch_is_one_statement_per_kind_and_a_refusal_names_its_op(
     bad = msg("mix/t", b"forbidden")
     err = await rejected(store, [DeleteMessage(new[0].msgid, "mix/t"), SaveMessage(bad)])
     assert (err.index, err.reason) == (1, "constraint")
+
+
+async def test_a_delete_template_keyed_by_topic_keeps_the_batch_order(make_store: MakeStore, raw: Any) -> None:
+    """A delete by topic moved after a save on that topic would delete the save: with
+    such a template the batch is not regrouped."""
+    store = await make_store(sql={"delete_message_sql": "delete from mqtt_msg where topic = ${topic}"})
+    old, new = msg("bytopic/t", b"old"), msg("bytopic/t", b"new")
+    await store.write([SaveMessage(old)])
+    await store.write([DeleteMessage(old.msgid, "bytopic/t"), SaveMessage(new)])
+    assert [m.payload for m in await read_topic(store, "bytopic/t")] == [b"new"]

@@ -55,3 +55,10 @@ def test_the_old_id_counts_too() -> None:
 def test_empty_and_single() -> None:
     assert runs([]) == []
     assert kinds([delete("a")]) == [("DeleteMessage", [0])]
+
+
+def test_a_backend_whose_statements_reach_other_rows_keeps_the_order() -> None:
+    ops: list[WriteOp] = [save("a"), delete("x"), save("b")]
+    assert kinds(ops) == [("SaveMessage", [0, 2]), ("DeleteMessage", [1])]
+    assert [(k.__name__, i) for k, i in runs(ops, regroup=False)] == [
+        ("SaveMessage", [0]), ("DeleteMessage", [1]), ("SaveMessage", [2])]

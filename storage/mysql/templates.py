@@ -73,6 +73,13 @@ class Templates:
             delete_by_id=parse_delete_by_id(t["delete_message_sql"]),
         )
 
+    @property
+    def regroupable(self) -> bool:
+        """May a batch be regrouped by kind (``storage.runs``)? Only when deletes and
+        re-keys touch rows by message id alone (a template keyed by topic would let a
+        delete moved after a save remove that save's row)."""
+        return self.delete_by_id is not None and set(self.rekey_message.params) <= {"id", "new_id"}
+
     def all(self) -> tuple[SqlTemplate, ...]:
         return (self.insert_message, self.delete_message, self.select_message, self.insert_subscription,
                 self.select_subscriptions, self.delete_subscription, self.rekey_message)

@@ -3,7 +3,9 @@
 * every op is checked first (``checks.py``): an op that cannot be written is refused
   by index before anything is sent;
 * the batch is regrouped into runs of one kind (``storage.runs``), so that the
-  mixed load's alternating saves and deletes are two statements, not one per op;
+  mixed load's alternating saves and deletes are two statements, not one per op
+  (only with the default delete and re-key templates, which touch rows by id alone;
+  with others, runs are cut where the kind changes);
 * a run of saves = one multi-row INSERT when insert_message_sql is a plain
   single-row insert (split only to stay under max_allowed_packet), else the template
   once per message (so that a refusal names the message);
@@ -53,7 +55,7 @@ class WritePath:
     async def write(self, ops: Sequence[WriteOp], schema: Schema) -> None:
         if not ops:
             return
-        groups = _groups(checked(ops, schema))
+        groups = _groups(checked(ops, schema), self._t.regroupable)
 
         async def once() -> None:
             await self._once(groups, schema)
@@ -162,9 +164,9 @@ class WritePath:
             await _execute_for(index, cur.execute(delete.sql, delete.args({"id": op.new_id, "topic": op.topic})))
 
 
-def _groups(ops: Sequence[WriteOp]) -> list[tuple[type, Indexed]]:
+def _groups(ops: Sequence[WriteOp], regroup: bool) -> list[tuple[type, Indexed]]:
     """Runs of ops of one kind (``storage.runs``), each op with its index in the batch."""
-    return [(kind, [(i, ops[i]) for i in indexes]) for kind, indexes in runs(ops)]
+    return [(kind, [(i, ops[i]) for i in indexes]) for kind, indexes in runs(ops, regroup)]
 
 
 def _packet_chunks(
