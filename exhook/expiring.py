@@ -29,8 +29,9 @@ class ExpiringMap(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         now = self._clock()
-        self._items.pop(key, None)
-        self._items[key] = (now, value)
+        items = self._items
+        items[key] = (now, value)
+        items.move_to_end(key)  # a re-put is the youngest again
         self._evict(now)
 
     def pop(self, key: K) -> V | None:

@@ -165,18 +165,16 @@ class HookLogic:
             return None
 
     async def _save(self, message: StoredMessage, started: float) -> None:
+        # Answering must not lose the message: if the store has not taken it by the
+        # spill time, the writer puts it in the spool first (and then settles it).
+        spill_in = max(0.0, self._spill_at - (time.monotonic() - started))
         try:
-            entry = self._writer.submit(SaveMessage(message), source=message.sender)
+            entry = self._writer.submit(SaveMessage(message), source=message.sender, spill_in=spill_in)
         except WriterClosed:
             self._answer_unstored("spool_full", "shutting down: message NOT stored", message)
             return
         if not entry.settled and entry.done is not None:
-            try:
-                async with asyncio.timeout(max(0.0, self._spill_at - (time.monotonic() - started))):
-                    await entry.done
-            except TimeoutError:
-                # Answering now must not lose the message: it goes to the spool first.
-                await self._writer.spill(entry)
+            await entry.done
         outcome = entry.outcome
         if outcome is Outcome.STORED:
             self._metrics.messages_stored.inc()

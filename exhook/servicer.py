@@ -73,6 +73,11 @@ class PeerFilter:
         self._networks = [ipaddress.ip_network(b) for b in blocks]
         self._seen: dict[str, bool] = {}
 
+    @property
+    def restricted(self) -> bool:
+        """Is there a list at all? (Without one, the peer is not even asked for.)"""
+        return bool(self._networks)
+
     def allows(self, peer: str) -> bool:
         if not self._networks:
             return True
@@ -153,7 +158,7 @@ class HookProvider:
         async def gate(request: Any, context: Ctx) -> Any:
             # looked up per call: a hook's counter appears at its first call (Metrics.hook_calls)
             self._calls[rpc].inc()
-            if not self._peers.allows(context.peer()):
+            if self._peers.restricted and not self._peers.allows(context.peer()):
                 return self._reject(context, hook, "not_allowed", grpc.StatusCode.PERMISSION_DENIED,
                                     context.peer(), valued)
             if request is UNDECODABLE:

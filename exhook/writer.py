@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exhook.batches import BatchWriter, Entry, Outcome, identity
+from exhook.deadlines import Deadlines
 from exhook.drainer import SpoolDrainer
 from exhook.group_commit import ACTIVE_S, GAP_S, ActiveSources, others_may_come
 from exhook.metrics import Metrics
@@ -101,6 +102,8 @@ class OrderedWriter:
         self._spool_shown = (-1, -1)
         self._active = ActiveSources(settings.active_window_s)
         self._drainer: asyncio.Task[None] | None = None
+        # one timer for all waiting callers' deadlines, not one per publish
+        self._deadlines = Deadlines(self.spill)
         self._run_task: asyncio.Task[Any] | None = None
         self._update_gauges()
 
@@ -120,11 +123,16 @@ class OrderedWriter:
             return f"{where}: {self._failing.error}"
         return ""
 
-    def submit(self, op: WriteOp, source: str = "") -> Entry:
-        """Queue ``op`` from client ``source``; its entry's ``done`` resolves with the outcome."""
+    def submit(self, op: WriteOp, source: str = "", spill_in: float | None = None) -> Entry:
+        """Queue ``op`` from client ``source``; its entry's ``done`` resolves with the
+        outcome. ``spill_in``: a caller waits for it; if the store has not taken it
+        within that many seconds, it goes to the spool (``spill``)."""
         if self._closing:
             raise WriterClosed
-        entry = Entry(op, asyncio.get_running_loop().create_future(), source=source)
+        loop = asyncio.get_running_loop()
+        entry = Entry(op, loop.create_future(), source=source)
+        if spill_in is not None:
+            self._deadlines.add(entry, loop.time() + spill_in)
         self._active.note(source)
         self._queue.append(entry)
         self._has_work.set()
@@ -216,15 +224,18 @@ class OrderedWriter:
         while len(batch) < self._cfg.batch_size and not self._spooling \
                 and others_may_come(self._active.count(), len(sources)):
             if not self._queue:
-                remaining = give_up - loop.time()
-                if remaining <= 0:
+                now = loop.time()
+                if now >= give_up:
                     return
+                # a bare timer, not asyncio.timeout: this runs for most ops of a busy service
                 self._has_work.clear()
+                timer = loop.call_at(min(now + self._cfg.gap_s, give_up), self._has_work.set)
                 try:
-                    async with asyncio.timeout(min(self._cfg.gap_s, remaining)):
-                        await self._has_work.wait()
-                except TimeoutError:
-                    return
+                    await self._has_work.wait()
+                finally:
+                    timer.cancel()
+                if not self._queue:
+                    return  # nothing came within the gap
                 continue
             entry = self._queue.popleft()
             batch.append(entry)  # the same list as _in_flight: a spill sees it
@@ -389,6 +400,7 @@ class OrderedWriter:
                 await self.drained()
         # whatever is still queued or in flight goes to the spool before the tasks stop
         await self._spool_pending(start=bool(self._queue or self._in_flight))
+        await self._deadlines.close()
         for task in (self._drainer, self._run_task):  # a write still in flight is abandoned
             if task is not None and not task.done() and task is not asyncio.current_task():
                 task.cancel()

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+from exhook.deadlines import Deadlines
 from exhook.metrics import Metrics
 from exhook.spool import Spool
 from exhook.writer import Entry, OrderedWriter, Outcome, WriterClosed, WriterSettings
@@ -481,3 +482,55 @@ async def test_the_set_aside_table_keeps_the_newest_within_its_byte_bound(spool:
     huge = SaveMessage(StoredMessage(msgid(9), "c", "t", 1, False, b"x" * 5000, 0))
     await spool.set_aside("recording", "too_large", "huge", huge)  # the newest row always stays
     assert [r.op for r in await spool.set_aside_rows(10)] == [huge]
+
+
+# -- the callers' deadlines (exhook.deadlines): one timer spills what is late ----------
+async def test_a_waiting_op_goes_to_the_spool_at_its_deadline_by_itself(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # the store does not answer
+    w = Running(store, spool, batch_size=2)
+    late = [w.writer.submit(save(0), spill_in=0.02), w.writer.submit(save(1), spill_in=0.03)]
+    acked = w.writer.submit(delete(7))  # nobody waits for it, but it is queued before a later caller
+    later = w.writer.submit(save(2), spill_in=0.04)
+    assert await asyncio.wait_for(outcomes([*late, later]), 10) == [Outcome.SPOOLED] * 3
+    assert acked.outcome is Outcome.SPOOLED
+    store.gate.set()
+    await w.close()
+
+
+async def test_an_earlier_deadline_submitted_later_is_kept_too(spool: Spool) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()
+    w = Running(store, spool, batch_size=1)
+    patient = w.writer.submit(save(0), spill_in=3600)
+    hurried = w.writer.submit(save(1), spill_in=0.02)  # e.g. a publish that waited before its submit
+    assert await asyncio.wait_for(outcomes([hurried]), 10) == [Outcome.SPOOLED]
+    assert patient.outcome is Outcome.SPOOLED  # everything before it goes too
+    store.gate.set()
+    await w.close()
+
+
+async def test_an_op_stored_in_time_is_not_spooled_when_its_deadline_passes(spool: Spool) -> None:
+    w = Running(RecordingStore(), spool)
+    entry = w.writer.submit(save(0), spill_in=0.02)
+    assert await outcomes([entry]) == [Outcome.STORED]
+    await asyncio.sleep(0.05)  # the deadline's timer has fired meanwhile
+    assert spool.count == 0 and not w.writer.spooling
+    assert await outcomes([w.writer.submit(save(1), spill_in=0.02)]) == [Outcome.STORED]
+    await w.close()
+
+
+async def test_a_spill_that_fails_still_answers_the_late_callers(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken_spill(entry: Entry) -> None:
+        raise RuntimeError("a bug")
+
+    deadlines = Deadlines(broken_spill)
+    loop = asyncio.get_running_loop()
+    late = Entry(save(0), loop.create_future())
+    patient = Entry(save(1), loop.create_future())
+    deadlines.add(patient, loop.time() + 3600)
+    deadlines.add(late, loop.time())
+    assert await asyncio.wait_for(outcomes([late]), 10) == [Outcome.REFUSED]
+    assert patient.outcome is None
+    assert "spilling writes at a publish deadline failed" in caplog.text
+    await deadlines.close()

@@ -1,0 +1,81 @@
+"""The publish deadline of every waiting caller, kept by one timer.
+
+A ``message.publish`` waits for its save until shortly before the broker's deadline;
+then its save (and everything queued before it) goes to the spool and the caller is
+answered. A timer per publish (``asyncio.timeout``) cost several µs of every call on
+the hot path; one timer armed for the earliest deadline still unsettled serves all
+the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from exhook.batches import Entry, Outcome
+
+log = logging.getLogger("exhook.writer")
+
+
+class Deadlines:
+    """Calls ``spill(entry)`` for an entry still unsettled at its deadline (the
+    writer's ``spill``: the entry and every op before it go to the spool)."""
+
+    def __init__(self, spill: Callable[[Entry], Awaitable[None]]) -> None:
+        self._spill = spill
+        self._heap: list[tuple[float, int, Entry]] = []  # (deadline, submit order, entry)
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self._spilling: asyncio.Task[None] | None = None
+
+    def add(self, entry: Entry, at: float) -> None:
+        """``at``: the event loop's time by which ``entry`` must be settled."""
+        heapq.heappush(self._heap, (at, next(self._order), entry))
+        if self._spilling is None and (self._timer is None or at < self._armed_at):
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_at = at
+        self._timer = asyncio.get_running_loop().call_at(at, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        heap = self._heap
+        while heap and heap[0][2].settled:
+            heapq.heappop(heap)
+        if not heap:
+            return
+        at, _, entry = heap[0]
+        if at > asyncio.get_running_loop().time():
+            self._arm(at)
+            return
+        self._spilling = asyncio.create_task(self._spill_due(entry), name="publish-deadline-spill")
+
+    async def _spill_due(self, entry: Entry) -> None:
+        try:
+            await self._spill(entry)
+        except Exception:  # a bug: the callers whose deadline passed must still get an answer
+            log.exception("spilling writes at a publish deadline failed")
+            now = asyncio.get_running_loop().time()
+            for at, _, waiting in self._heap:
+                if at <= now:
+                    waiting.settle(Outcome.REFUSED)
+        finally:
+            self._spilling = None
+        self._due()
+
+    async def close(self) -> None:
+        """Stop the timer; let a spill under way finish (the writer spools the rest)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._spilling is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._spilling)
