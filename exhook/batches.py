@@ -48,6 +48,17 @@ class Entry:
     def settled(self) -> bool:
         return self.outcome is not None
 
+    def give_up(self) -> None:
+        """The caller stops waiting without an outcome (it answers "not stored"); the
+        op keeps its place and may still be stored or spooled."""
+        if self.done is not None and not self.done.done():
+            self.done.set_result(Outcome.REFUSED)
+
+    @property
+    def awaited(self) -> bool:
+        """Does a caller still wait for this op's outcome?"""
+        return self.outcome is None and self.done is not None and not self.done.done()
+
     def settle(self, outcome: Outcome) -> None:
         if self.outcome is not None:
             return  # e.g. spooled, then the write in flight landed after all: it stays spooled

@@ -3,27 +3,31 @@
 A ``message.publish`` waits for its save until shortly before the broker's deadline;
 then its save (and everything queued before it) goes to the spool and the caller is
 answered. A timer per publish (``asyncio.timeout``) cost several µs of every call on
-the hot path; one timer armed for the earliest deadline still unsettled serves all
-the callers.
+the hot path; one timer armed for the earliest deadline of a caller still waiting
+serves them all. Entries stay in the heap until the timer passes them (about the
+publish rate times the deadline: bounded).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
-from exhook.batches import Entry, Outcome
+from exhook.batches import Entry
 
 log = logging.getLogger("exhook.writer")
 
+# uvloop's clock and timers have millisecond resolution: a timer may fire up to a
+# millisecond early, and re-arming for the rest would spin until the tick
+_EARLY_S = 0.001
+
 
 class Deadlines:
-    """Calls ``spill(entry)`` for an entry still unsettled at its deadline (the
-    writer's ``spill``: the entry and every op before it go to the spool)."""
+    """Calls ``spill(entry)`` for an entry whose caller still waits at its deadline
+    (the writer's ``spill``: the entry and every op before it go to the spool)."""
 
     def __init__(self, spill: Callable[[Entry], Awaitable[None]]) -> None:
         self._spill = spill
@@ -48,12 +52,12 @@ class Deadlines:
     def _due(self) -> None:
         self._timer = None
         heap = self._heap
-        while heap and heap[0][2].settled:
+        while heap and not heap[0][2].awaited:  # settled, or its caller is gone
             heapq.heappop(heap)
         if not heap:
             return
         at, _, entry = heap[0]
-        if at > asyncio.get_running_loop().time():
+        if at > asyncio.get_running_loop().time() + _EARLY_S:
             self._arm(at)
             return
         self._spilling = asyncio.create_task(self._spill_due(entry), name="publish-deadline-spill")
@@ -61,14 +65,17 @@ class Deadlines:
     async def _spill_due(self, entry: Entry) -> None:
         try:
             await self._spill(entry)
-        except Exception:  # a bug: the callers whose deadline passed must still get an answer
+        except Exception:  # a bug: the late callers must still get an answer
             log.exception("spilling writes at a publish deadline failed")
-            now = asyncio.get_running_loop().time()
-            for at, _, waiting in self._heap:
-                if at <= now:
-                    waiting.settle(Outcome.REFUSED)
         finally:
             self._spilling = None
+        # A spill that could not settle an op (e.g. it failed) must not be tried
+        # again at once for ever: its late callers answer "not stored", and the ops
+        # keep their place in the writer (they may still be stored).
+        now = asyncio.get_running_loop().time() + _EARLY_S
+        for at, _, waiting in self._heap:
+            if at <= now:
+                waiting.give_up()
         self._due()
 
     async def close(self) -> None:
@@ -77,5 +84,4 @@ class Deadlines:
             self._timer.cancel()
             self._timer = None
         if self._spilling is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._spilling)
+            await asyncio.gather(asyncio.shield(self._spilling), return_exceptions=True)

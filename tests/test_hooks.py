@@ -336,3 +336,28 @@ async def test_a_restore_of_a_client_that_left_replays_nothing(rig: Rig) -> None
     rig.logic.client_connected(client())
     await rig.settle()
     assert rig.api.replayed == []
+
+
+class HangingStore(MemoryStore):
+    """A store whose writes never return (a paused server)."""
+
+    async def write(self, ops: object) -> None:  # type: ignore[override]
+        await asyncio.Event().wait()
+
+
+async def test_a_publish_the_store_cannot_take_is_answered_at_its_deadline_and_spooled(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    rig = Rig(HangingStore(), spool)  # publish_deadline 500 ms: spilled 50 ms before
+    task = asyncio.create_task(rig.writer.run())
+    try:
+        await asyncio.wait_for(asyncio.gather(rig.publish(1, sender="a"), rig.publish(2, sender="b")), 10)
+        assert [op.message.msgid for op in (s.op for s in await spool.head(10))  # type: ignore[union-attr]
+                ] == [guid(1), guid(2)]
+        assert rig.metrics.deadline["store_slow"]._value.get() == 2
+        assert rig.metrics.messages_stored._value.get() == 0
+    finally:
+        await rig.writer.close(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await spool.close()

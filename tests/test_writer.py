@@ -510,27 +510,51 @@ async def test_an_earlier_deadline_submitted_later_is_kept_too(spool: Spool) -> 
     await w.close()
 
 
-async def test_an_op_stored_in_time_is_not_spooled_when_its_deadline_passes(spool: Spool) -> None:
-    w = Running(RecordingStore(), spool)
-    entry = w.writer.submit(save(0), spill_in=0.02)
-    assert await outcomes([entry]) == [Outcome.STORED]
-    await asyncio.sleep(0.05)  # the deadline's timer has fired meanwhile
-    assert spool.count == 0 and not w.writer.spooling
-    assert await outcomes([w.writer.submit(save(1), spill_in=0.02)]) == [Outcome.STORED]
-    await w.close()
+class SpillSpy:
+    """A stand-in for the writer's spill: records the entries it is called for and
+    settles them as ``settles`` says (None: leaves them unsettled)."""
+
+    def __init__(self, settles: Outcome | None = Outcome.SPOOLED, fails: bool = False) -> None:
+        self.calls: list[Entry] = []
+        self.settles = settles
+        self.fails = fails
+
+    async def __call__(self, entry: Entry) -> None:
+        self.calls.append(entry)
+        if self.fails:
+            raise RuntimeError("a bug")
+        if self.settles is not None:
+            entry.settle(self.settles)
 
 
-async def test_a_spill_that_fails_still_answers_the_late_callers(caplog: pytest.LogCaptureFixture) -> None:
-    async def broken_spill(entry: Entry) -> None:
-        raise RuntimeError("a bug")
+def waiting_entry(i: int) -> Entry:
+    return Entry(save(i), asyncio.get_running_loop().create_future())
 
-    deadlines = Deadlines(broken_spill)
-    loop = asyncio.get_running_loop()
-    late = Entry(save(0), loop.create_future())
-    patient = Entry(save(1), loop.create_future())
-    deadlines.add(patient, loop.time() + 3600)
-    deadlines.add(late, loop.time())
-    assert await asyncio.wait_for(outcomes([late]), 10) == [Outcome.REFUSED]
-    assert patient.outcome is None
-    assert "spilling writes at a publish deadline failed" in caplog.text
+
+async def test_deadlines_skip_settled_ops_and_gone_callers_and_rearm_after_a_spill() -> None:
+    spy = SpillSpy()
+    deadlines = Deadlines(spy)
+    now = asyncio.get_running_loop().time()
+    stored, gone, first, second = (waiting_entry(i) for i in range(4))
+    stored.settle(Outcome.STORED)  # stored in time
+    assert gone.done is not None
+    gone.done.cancel()  # the broker gave up on this publish
+    for entry, at in ((stored, now), (gone, now), (first, now + 0.01), (second, now + 0.02)):
+        deadlines.add(entry, at)
+    assert await asyncio.wait_for(outcomes([first, second]), 10) == [Outcome.SPOOLED] * 2
+    assert spy.calls == [first, second]  # one spill per due caller, none for the others
     await deadlines.close()
+
+
+async def test_a_spill_that_settles_nothing_answers_the_caller_once() -> None:
+    for spy in (SpillSpy(settles=None), SpillSpy(fails=True)):
+        deadlines = Deadlines(spy)
+        late, patient = waiting_entry(0), waiting_entry(1)
+        loop = asyncio.get_running_loop()
+        deadlines.add(patient, loop.time() + 3600)
+        deadlines.add(late, loop.time())
+        assert late.done is not None
+        await asyncio.wait_for(late.done, 10)  # answered ...
+        assert late.outcome is None  # ... as not stored: the op keeps its place in the writer
+        assert patient.awaited and spy.calls == [late]  # no spin, no answer before its time
+        await deadlines.close()
