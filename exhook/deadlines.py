@@ -69,13 +69,12 @@ class Deadlines:
             log.exception("spilling writes at a publish deadline failed")
         finally:
             self._spilling = None
-        # A spill that could not settle an op (e.g. it failed) must not be tried
-        # again at once for ever: its late callers answer "not stored", and the ops
-        # keep their place in the writer (they may still be stored).
-        now = asyncio.get_running_loop().time() + _EARLY_S
-        for at, _, waiting in self._heap:
-            if at <= now:
-                waiting.give_up()
+        # Only a spill that failed leaves its own op unsettled: trying it again at
+        # once would spin, so its caller answers "not stored" (the op keeps its
+        # place in the writer and may still be stored). Other callers due by now
+        # (e.g. submitted while this spill ran) get a spill of their own: they are
+        # answered only once their op is durable.
+        entry.give_up()
         self._due()
 
     async def close(self) -> None:

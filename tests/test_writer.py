@@ -546,6 +546,26 @@ async def test_deadlines_skip_settled_ops_and_gone_callers_and_rearm_after_a_spi
     await deadlines.close()
 
 
+async def test_a_caller_due_after_a_spill_began_gets_a_spill_of_its_own() -> None:
+    """An op submitted while a spill runs is not in that spill; if its deadline passes
+    meanwhile, its caller must wait for its own spill, never be answered unspooled."""
+    loop = asyncio.get_running_loop()
+    first, during = waiting_entry(0), waiting_entry(1)
+
+    class SpillSubmittingMeanwhile(SpillSpy):
+        async def __call__(self, entry: Entry) -> None:
+            if entry is first:
+                deadlines.add(during, loop.time())  # due at once, while this spill runs
+            await super().__call__(entry)
+
+    spy = SpillSubmittingMeanwhile()
+    deadlines = Deadlines(spy)
+    deadlines.add(first, loop.time())
+    assert await asyncio.wait_for(outcomes([first, during]), 10) == [Outcome.SPOOLED] * 2
+    assert spy.calls == [first, during]
+    await deadlines.close()
+
+
 async def test_a_spill_that_settles_nothing_answers_the_caller_once() -> None:
     for spy in (SpillSpy(settles=None), SpillSpy(fails=True)):
         deadlines = Deadlines(spy)
