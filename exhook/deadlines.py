@@ -36,6 +36,7 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
         self._spilling: asyncio.Task[None] | None = None
+        self._closed = False
 
     def add(self, entry: Entry, at: float) -> None:
         """``at``: the event loop's time by which ``entry`` must be settled."""
@@ -60,25 +61,34 @@ class Deadlines:
         if at > asyncio.get_running_loop().time() + _EARLY_S:
             self._arm(at)
             return
-        self._spilling = asyncio.create_task(self._spill_due(entry), name="publish-deadline-spill")
+        self._start_spill(entry)
 
-    async def _spill_due(self, entry: Entry) -> None:
+    def _start_spill(self, entry: Entry) -> None:
+        task = asyncio.create_task(self._spill_logged(entry), name="publish-deadline-spill")
+        # a done callback: it runs however the task ends (even cancelled before it started)
+        task.add_done_callback(lambda _: self._after_spill(entry))
+        self._spilling = task
+
+    async def _spill_logged(self, entry: Entry) -> None:
         try:
             await self._spill(entry)
-        except Exception:  # a bug: the late callers must still get an answer
+        except Exception:  # a bug: the late caller must still get an answer
             log.exception("spilling writes at a publish deadline failed")
-        finally:
-            self._spilling = None
+
+    def _after_spill(self, entry: Entry) -> None:
+        self._spilling = None
         # Only a spill that failed leaves its own op unsettled: trying it again at
         # once would spin, so its caller answers "not stored" (the op keeps its
         # place in the writer and may still be stored). Other callers due by now
         # (e.g. submitted while this spill ran) get a spill of their own: they are
         # answered only once their op is durable.
         entry.give_up()
-        self._due()
+        if not self._closed:
+            self._due()
 
     async def close(self) -> None:
         """Stop the timer; let a spill under way finish (the writer spools the rest)."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -283,9 +283,15 @@ class OrderedWriter:
                 self._spill_wanted.set()
             if not self._spooling:
                 return  # the spool was drained meanwhile: the queue is written directly
-            entries = [e for e in self._in_flight if not e.settled] + list(self._queue)
+            queued = list(self._queue)
             self._queue.clear()
-            await self._append(entries)
+            try:
+                await self._append([e for e in self._in_flight if not e.settled] + queued)
+            except BaseException:
+                # not SpoolError (handled inside): a bug must not drop the queued ops
+                # nobody has spooled yet; they go back first (the batch in flight stays)
+                self._queue.extendleft(reversed([e for e in queued if not e.settled]))
+                raise
         self._update_gauges()
         self._start_drainer()
 

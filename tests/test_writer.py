@@ -578,3 +578,28 @@ async def test_a_spill_that_settles_nothing_answers_the_caller_once() -> None:
         assert late.outcome is None  # ... as not stored: the op keeps its place in the writer
         assert patient.awaited and spy.calls == [late]  # no spin, no answer before its time
         await deadlines.close()
+
+
+async def test_a_spool_append_that_breaks_unexpectedly_drops_no_queued_op(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # the store hangs: ops wait in the queue
+    w = Running(store, spool, batch_size=1)
+    w.writer.submit(save(0))
+    await store.called.wait()
+    queued = [w.writer.submit(save(1)), w.writer.submit(delete(1))]
+    real_append = spool.append
+
+    async def broken_append(ops: Any) -> None:
+        raise RuntimeError("a bug, not a SpoolError")
+
+    monkeypatch.setattr(spool, "append", broken_append)
+    with pytest.raises(RuntimeError):
+        await w.writer.spill(queued[-1])
+    assert [e.outcome for e in queued] == [None, None]  # not answered, not lost: still queued
+    monkeypatch.setattr(spool, "append", real_append)
+    await w.writer.spill(queued[-1])
+    assert await asyncio.wait_for(outcomes(queued), 10) == [Outcome.SPOOLED] * 2
+    assert [s.op for s in await spool.head(10)] == [save(0), save(1), delete(1)]
+    store.gate.set()
+    await w.close()
