@@ -88,9 +88,16 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         status, body = get(f"{base}{WITHOUT_EMQX}")
         assert (status, json.loads(body)) == (200, {"status": "ready", "backend": "sqlite"})
         assert get(f"{base}/healthz") == (200, b'{"status": "up"}')
-        # all of readiness: each worker says that EMQX's API is not there
-        reasons = wait_readyz(base, 503, path="/readyz")["reason"].split("; ")
-        assert sorted(r.split(": unreachable at ")[0] for r in reasons) == ["worker 0: emqx_api", "worker 1: emqx_api"]
+        # all of readiness: each worker says that EMQX's API is not there (once each has
+        # asked it: a worker that started later may not have yet)
+        deadline = time.monotonic() + 60
+        while True:
+            reasons = wait_readyz(base, 503, path="/readyz")["reason"].split("; ")
+            named = sorted(r.split(": unreachable at ")[0] for r in reasons)
+            if len(named) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert named == ["worker 0: emqx_api", "worker 1: emqx_api"]
 
         publish(grpc_port, connections=8, per_connection=5)
         status, body = get(f"{base}/metrics")
