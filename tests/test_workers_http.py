@@ -90,14 +90,9 @@ def test_parent_serves_summed_metrics_and_readiness(tmp_path: Path) -> None:
         assert get(f"{base}/healthz") == (200, b'{"status": "up"}')
         # all of readiness: each worker says that EMQX's API is not there (once each has
         # asked it: a worker that started later may not have yet)
-        deadline = time.monotonic() + 60
-        while True:
-            reasons = wait_readyz(base, 503, path="/readyz")["reason"].split("; ")
-            named = sorted(r.split(": unreachable at ")[0] for r in reasons)
-            if len(named) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert named == ["worker 0: emqx_api", "worker 1: emqx_api"]
+        reasons = both_report(base, ": unreachable at ", path="/readyz")
+        assert {who: why.split(": unreachable at ")[0] for who, why in reasons.items()} == {
+            "0": "emqx_api", "1": "emqx_api"}
 
         publish(grpc_port, connections=8, per_connection=5)
         status, body = get(f"{base}/metrics")
@@ -129,28 +124,31 @@ def worker_reasons(body: dict[str, str]) -> dict[str, str]:
     return {who.removeprefix("worker "): why for who, why in pairs}
 
 
+def both_report(base: str, text: str, path: str = WITHOUT_EMQX) -> dict[str, str]:
+    """The parent's readiness reasons once both workers report ``text`` (each worker
+    reports in its own time)."""
+    deadline = time.monotonic() + 60
+    while True:
+        body = wait_readyz(base, 503, path=path)
+        reasons = worker_reasons(body)
+        if set(reasons) == {"0", "1"} and all(text in why for why in reasons.values()):
+            return reasons
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+
+
 def test_parent_readiness_names_each_worker_and_its_reason(tmp_path: Path, redis_process: RedisProcess) -> None:
     cfg, _, base = two_workers_config(
         tmp_path, f'redis {{ enable = true, servers = "127.0.0.1:{redis_process.port}", topics = ["t/#"] }}')
     with service_process(cfg, stderr=subprocess.DEVNULL) as proc:
-        def both_report(text: str) -> dict[str, str]:
-            deadline = time.monotonic() + 60
-            while True:
-                body = wait_readyz(base, 503)
-                reasons = worker_reasons(body)
-                if set(reasons) == {"0", "1"} and all(text in why for why in reasons.values()):
-                    return reasons
-                assert time.monotonic() < deadline, body
-                time.sleep(0.1)
-
         # Redis is not running yet: each worker says why it is not ready
-        reasons = both_report("redis is not connected yet (")
+        reasons = both_report(base, "redis is not connected yet (")
         assert all(str(redis_process.port) in why for why in reasons.values())
         redis_process.start()
         wait_ready(base)
         assert json.loads(get(f"{base}{WITHOUT_EMQX}")[1]) == {"status": "ready", "backend": "redis"}
         redis_process.kill()
-        reasons = both_report("redis unreachable: ")
+        reasons = both_report(base, "redis unreachable: ")
         assert all("redis is not connected yet" not in why for why in reasons.values())
         redis_process.start()
         wait_ready(base)

@@ -43,7 +43,8 @@ Apply = Callable[[sqlite3.Connection, list[Any], int], None]
 
 
 def apply(conn: sqlite3.Connection, ops: Sequence[WriteOp], now_ms: int) -> None:
-    """Apply ``ops`` in order on ``conn`` (inside the caller's transaction); raise
+    """Apply ``ops`` on ``conn`` with the outcome of their order (inside the caller's
+    transaction; ``storage.runs`` may regroup them); raise
     ``WriteRejected`` naming the op's index when SQLite refuses one op's data."""
     for op_type, indexes in runs(ops):
         kind, run = _KINDS[op_type], [ops[i] for i in indexes]
