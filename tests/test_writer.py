@@ -199,6 +199,17 @@ async def test_a_batch_waits_for_the_other_active_clients_and_no_longer(spool: S
     await w.close()
 
 
+async def test_a_batch_waiting_for_an_active_client_that_sends_nothing_goes_after_its_linger(
+        spool: Spool) -> None:
+    store = RecordingStore()
+    w = Running(store, spool, linger_s=0.02)  # the gap and batch_time end the wait, not an arrival
+    await outcomes([w.writer.submit(save(0), source="a"), w.writer.submit(save(1), source="b")])
+    alone = w.writer.submit(save(2), source="a")  # b stays active (window 3600 s) but sends nothing
+    assert await asyncio.wait_for(outcomes([alone]), 10) == [Outcome.STORED]
+    assert store.batches[-1] == [save(2)]
+    await w.close()
+
+
 async def test_a_delete_never_overtakes_its_insert(spool: Spool) -> None:
     store = RecordingStore()
     w = Running(store, spool, batch_size=3)
