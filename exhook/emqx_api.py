@@ -1,5 +1,6 @@
 """Client of EMQX's REST API: publish/bulk for replays, subscribe/bulk for restores,
-and the cheap authenticated call readiness makes (``check``).
+the list of fresh sessions for the sweep after lost connect calls, and the cheap
+authenticated call readiness makes (``check``).
 
 Failures are counted in ``emqx_api_errors_total{endpoint, status}`` with one
 vocabulary for ``status``: the HTTP status code when EMQX answered with an error
@@ -13,8 +14,9 @@ import base64
 import logging
 import ssl
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
@@ -72,6 +74,18 @@ class BulkResult:
     unmatched: int
 
 
+@dataclass(slots=True, frozen=True)
+class ListedClient:
+    """A connected client as ``GET /api/v5/clients`` lists it."""
+
+    clientid: str
+    node: str
+    peerhost: str
+    peerport: int
+    subscriptions: int
+    created_at: float | None  # the session's creation, epoch seconds (None when not given)
+
+
 class EmqxApi:
     def __init__(self, cfg: EmqxApiConfig, metrics: Metrics | None = None) -> None:
         self._cfg = cfg
@@ -117,6 +131,23 @@ class EmqxApi:
             raise EmqxApiError(f"subscribe/bulk answered {status}: {_short(answer)}", status, status >= 500)
         return True
 
+    async def fresh_sessions(self, since_ms: int, page: int, limit: int) -> tuple[list[ListedClient], bool]:
+        """One page of the connected clients whose session was created at or after
+        ``since_ms`` (epoch ms), and whether there are more pages."""
+        query = urlencode({"conn_state": "connected", "gte_created_at": since_ms, "page": page, "limit": limit})
+        try:
+            status, answer = await self._send("GET", f"/api/v5/clients?{query}", None)
+        except EmqxApiError as exc:
+            self._count_error("clients", exc.status)
+            raise
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+            self._count_error("clients", status)
+            raise EmqxApiError(f"GET /api/v5/clients answered {status}: {_short(answer)}", status,
+                               refusal(status) is None)
+        listed = [client for client in map(_listed, answer["data"]) if client is not None]
+        meta = answer.get("meta")
+        return listed, isinstance(meta, dict) and meta.get("hasnext") is True
+
     async def check(self) -> str | None:
         """One authenticated read (``GET /api/v5/exhooks``, allowed to the viewer and
         administrator roles): None if EMQX accepted the key, else why not, in one line.
@@ -157,6 +188,28 @@ class EmqxApi:
         except TimeoutError as exc:
             raise EmqxApiError(f"no answer within {self._cfg.request_timeout_ms} ms at {self._cfg.url}",
                                TIMEOUT) from exc
+
+
+def _listed(item: Any) -> ListedClient | None:
+    """A client entry of ``GET /api/v5/clients``, or None when it is not one."""
+    if not isinstance(item, dict) or not isinstance(item.get("clientid"), str):
+        return None
+    port, subs = item.get("port"), item.get("subscriptions_cnt")
+    return ListedClient(item["clientid"], str(item.get("node", "")), str(item.get("ip_address", "")),
+                        port if isinstance(port, int) else 0, subs if isinstance(subs, int) else 0,
+                        _epoch_s(item.get("created_at")))
+
+
+def _epoch_s(value: Any) -> float | None:
+    """EMQX shows times as RFC 3339 text (older releases: epoch milliseconds)."""
+    if isinstance(value, int):
+        return value / 1000
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
 
 
 def refusal(status: int) -> str | None:

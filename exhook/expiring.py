@@ -42,6 +42,13 @@ class ExpiringMap(Generic[K, V]):
         put_at, value = entry
         return value if self._clock() - put_at < self._ttl else None
 
+    def get(self, key: K) -> V | None:
+        """The live value for ``key`` (kept), or None."""
+        entry = self._items.get(key)
+        if entry is None or self._clock() - entry[0] >= self._ttl:
+            return None
+        return entry[1]
+
     def __len__(self) -> int:
         return len(self._items)
 

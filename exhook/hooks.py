@@ -42,6 +42,10 @@ _CONNECT_TTL_S = 30.0
 # what one connect's first hook leaves for its client.connected: one entry per client
 # connecting right now, so this only has to hold a reconnect storm's worth
 _CONNECT_ENTRIES = 100_000
+# connections this process started a restore for, so that a sweep after lost connect
+# calls (missed_connects.py) does not restore them again: longer than the sweep's
+# look-back plus the time it takes to notice a loss
+_RESTORED_TTL_S = 120.0
 # how long a restore session.created started waits for client.connected before it
 # asks the broker anyway (then it retries a 404 for seconds: replay.UNTIL_REGISTERED);
 # a client.connected that was lost costs its client this much delay
@@ -102,6 +106,8 @@ class HookLogic:
         self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # connection -> when (epoch s) this process started its restore (a hook's or a sweep's)
+        self._restore_started: ExpiringMap[str, float] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -244,11 +250,34 @@ class HookLogic:
             pending.cancelled = True
             pending.registered.set()
 
-    def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
-        return self._queues.submit(client.clientid, "restore subscriptions",
-                                   lambda: self._restore(client, pending))
+    def restore_missed(self, client: ClientRef, session_created: float | None) -> bool:
+        """Restore a client whose connect hooks never reached a handler (the sweep of
+        ``missed_connects.py`` found it connected without subscriptions); False if
+        this process restores that connection already or the job was refused.
+        ``session_created`` (epoch s): without a peer port the key is the same for
+        every connect of the client, so only a restore started since counts (when in
+        doubt, restore: a second restore of one connection costs a subscribe, its
+        replay marks keep it from replaying anything twice)."""
+        started = self._restore_started.get(client.connection)
+        if started is not None and (client.peerport or (session_created is not None
+                                                        and started >= session_created)):
+            return False
+        return self._submit_restore(client, None, reset_marks=False)
 
-    async def _restore(self, client: ClientRef, pending: PendingRestore | None) -> None:
+    def _submit_restore(self, client: ClientRef, pending: PendingRestore | None,
+                        reset_marks: bool | None = None) -> bool:
+        # A connection key with a peer port is new at each connect: its marks need no
+        # reset, and not resetting them lets a sweep's restore of the same connection
+        # (in any worker) replay nothing twice. Without a peer port (EMQX 5.3) the key
+        # repeats, and a hook's restore must forget what the last connection was given.
+        reset = client.peerport == 0 if reset_marks is None else reset_marks
+        submitted = self._queues.submit(client.clientid, "restore subscriptions",
+                                        lambda: self._restore(client, pending, reset))
+        if submitted:
+            self._restore_started.put(client.connection, time.time())
+        return submitted
+
+    async def _restore(self, client: ClientRef, pending: PendingRestore | None, reset_marks: bool) -> None:
         if pending is not None:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
@@ -259,7 +288,7 @@ class HookLogic:
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
-                                                wait_for_client=pending is not None)
+                                                wait_for_client=pending is not None, reset_marks=reset_marks)
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
         # without it: replay here too. The replay marks make the later of the two

@@ -120,6 +120,11 @@ class Metrics:
                                        registry=reg)
         self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
                                 registry=reg)
+        self.connect_calls_lost = Counter(
+            f"{p}connect_calls_lost", "session.created / client.connected calls that reached the service after the "
+            "broker gave up on them (their handler never ran)", registry=reg)
+        self.missed_connect_restores = Counter(
+            f"{p}missed_connect_restores", "Clients restored by the sweep after lost connect calls", registry=reg)
         self.jobs_dropped = Counter(
             f"{p}client_jobs_dropped", "Background jobs dropped (a client's queue full, or the service shutting "
             "down)", registry=reg)

@@ -70,12 +70,15 @@ def payload_digest(payload: bytes) -> str:
 class BrokerFlags:
     """What the service learned about the broker from its calls."""
 
-    __slots__ = ("v2_seen",)
+    __slots__ = ("v2_seen", "peerports_seen")
 
     def __init__(self) -> None:
         # A v2 broker hides user properties from message.publish, so replays must
         # also be registered in the store to be recognised when they come back.
         self.v2_seen = False
+        # EMQX 5.4 and later send the client's peer port in hook calls, 5.3 does not:
+        # then a connection is known without one (see hooks.ClientRef.connection)
+        self.peerports_seen = False
 
 
 class LocalReplays:
@@ -143,13 +146,17 @@ class Replayer:
         self._page_size = max(page_size, batch_size)
         self._until_subscribed = until_subscribed
 
-    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False) -> list[str]:
+    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
+                      reset_marks: bool = True) -> list[str]:
         """Re-subscribe a client that connected without a session to its stored
         subscriptions; the broker then fires ``session.subscribed`` for each.
         ``wait_for_client``: the client may not be registered at the broker yet
-        (restore started from ``session.created``). Returns the filters the client
-        now has (none when it left first)."""
-        await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
+        (restore started from ``session.created``). ``reset_marks``: forget what an
+        earlier connection with the same key was given (only needed when the key has
+        no peer port). Returns the filters the client now has (none when it left
+        first)."""
+        if reset_marks:
+            await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
         if not subs:
             return []

@@ -10,7 +10,8 @@ reached. The order of teardown is the shutdown contract:
 3. the gRPC server stops (in-flight hook calls complete);
 4. the writer writes what is queued to the store, or spools it, and reports how many
    ops were lost (the exit status is 0 only when none were);
-5. the loops, the REST client, the spool, the store and the HTTP port close.
+5. the loops (the sweep after lost connect calls among them), the REST client, the
+   spool, the store and the HTTP port close.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from exhook.listen import add_grpc_port
 from exhook.logs import redactor
 from exhook.loops import Loops
 from exhook.metrics import Metrics
+from exhook.missed_connects import ConnectCalls, MissedConnectSweep
 from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
@@ -133,7 +135,8 @@ class Service:
         stack.push_async_callback(api.close)
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up)
         self._queues = ClientQueues(self.metrics)
-        server = await self._start_grpc(self._logic(gate.store, writer, api))
+        logic, connect_calls = self._logic(gate.store, writer, api), ConnectCalls()
+        server = await self._start_grpc(logic, connect_calls)
         stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
         # registered after the server's stop, so it runs before it: replays finish while gRPC still answers
         stack.push_async_callback(self._queues.close, _SHUTDOWN_GRACE_S)
@@ -141,6 +144,8 @@ class Service:
         # once the port answers (EMQX blackholed must not keep it closed), then at every check
         await self.readiness.probe_now(EMQX_API)
         loops.start("purge-expired", lambda: self._purge_loop(gate.store))
+        sweep = MissedConnectSweep(connect_calls, api, logic.restore_missed, logic.flags, self.metrics)
+        loops.start("missed-connects", sweep.run)
         self._log_started(gate.name, TopicSet(backend.topics))
 
     async def _start_http(self, stack: AsyncExitStack) -> None:
@@ -181,11 +186,11 @@ class Service:
         return HookLogic(tracked, store, writer, replayer, self._queues, self.metrics, flags,
                          svc.publish_deadline_ms)
 
-    async def _start_grpc(self, logic: HookLogic) -> grpc.aio.Server:
+    async def _start_grpc(self, logic: HookLogic, connect_calls: ConnectCalls) -> grpc.aio.Server:
         svc = self.config.service
         server = grpc.aio.server(options=server_options(self.reuse_port))
         self.metrics.expect_hooks(name for name, _ in logic.hook_specs())
-        add_servicers(server, logic, self.metrics, svc.allowed_clients)
+        add_servicers(server, logic, self.metrics, svc.allowed_clients, connect_calls)
         health_pb2_grpc.add_HealthServicer_to_server(self.readiness.grpc_health, server)
         # a bad or taken address: one OSError naming exhook.listen (exit status 2)
         self.port = await add_grpc_port(server, svc.listen, svc.ssl, reuse_port=self.reuse_port)

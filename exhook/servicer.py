@@ -11,6 +11,10 @@ answer the broker ignores) with INVALID_ARGUMENT or PERMISSION_DENIED. Each such
 call is counted in ``requests_rejected_total{hook,reason}`` and logged as one line
 per hook and reason per minute. Hooks the service does not register are answered
 with an empty success in case a broker calls them anyway.
+
+The two connect hooks are served through a generic handler that notes each call
+when grpc looks its method up, before the request is read, and again when its
+handler starts. A call noted only once was lost (``missed_connects.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import grpc
 from exhook.emqx_api import REPLAY_PROPERTY
 from exhook.hooks import ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
+from exhook.missed_connects import ConnectCalls
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
 from exhook.ratelog import RateLimitedLog
@@ -52,6 +57,8 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "OnClientConnected": client_hook_problem,
 }
 _PEER_CACHE_MAX = 4096
+# the calls that hold a fresh session's restore (see missed_connects.py)
+CONNECT_RPCS = frozenset({"OnSessionCreated", "OnClientConnected"})
 
 
 class _Undecodable:
@@ -59,10 +66,6 @@ class _Undecodable:
 
 
 UNDECODABLE = _Undecodable()
-
-
-def _client(info: Any) -> ClientRef:
-    return ClientRef(info.clientid, info.node, info.peerhost, info.peerport)
 
 
 class PeerFilter:
@@ -192,6 +195,11 @@ class HookProvider:
         return unused
 
     # -- the hooks ---------------------------------------------------------------------------
+    def _client(self, info: Any) -> ClientRef:
+        if info.peerport:
+            self._logic.flags.peerports_seen = True
+        return ClientRef(info.clientid, info.node, info.peerhost, info.peerport)
+
     def _seen(self) -> None:
         if self.is_v2:
             self._logic.flags.v2_seen = True
@@ -231,25 +239,25 @@ class HookProvider:
 
     async def _session_subscribed(self, request: Any, context: Ctx) -> Any:
         self._seen()
-        self._logic.session_subscribed(_client(request.clientinfo), request.topic, request.subopts.qos)
+        self._logic.session_subscribed(self._client(request.clientinfo), request.topic, request.subopts.qos)
         return self._empty
 
     async def _session_unsubscribed(self, request: Any, context: Ctx) -> Any:
-        self._logic.session_unsubscribed(_client(request.clientinfo), request.topic)
+        self._logic.session_unsubscribed(self._client(request.clientinfo), request.topic)
         return self._empty
 
     async def _session_created(self, request: Any, context: Ctx) -> Any:
         self._seen()
-        self._logic.session_created(_client(request.clientinfo))
+        self._logic.session_created(self._client(request.clientinfo))
         return self._empty
 
     async def _session_resumed(self, request: Any, context: Ctx) -> Any:
-        self._logic.session_resumed(_client(request.clientinfo))
+        self._logic.session_resumed(self._client(request.clientinfo))
         return self._empty
 
     async def _client_connected(self, request: Any, context: Ctx) -> Any:
         self._seen()
-        self._logic.client_connected(_client(request.clientinfo))
+        self._logic.client_connected(self._client(request.clientinfo))
         return self._empty
 
 
@@ -280,10 +288,35 @@ def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
+class _NotingConnectCalls(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Serves the connect hooks with a handler per call that notes it started: grpc
+    looks the method up before it reads the request, and never runs the handler of
+    a call the broker cancelled meanwhile (``missed_connects.py``)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], methods: frozenset[str], calls: ConnectCalls) -> None:
+        self._inner = inner
+        self._methods = methods
+        self._calls = calls
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None or handler_call_details.method not in self._methods:  # type: ignore[attr-defined]
+            return handler
+        call = self._calls.arrived()
+        gate: Handler = handler.unary_unary  # type: ignore[assignment]
+
+        async def noted(request: Any, context: Ctx) -> Any:
+            call.handled = True
+            return await gate(request, context)
+
+        return handler._replace(unary_unary=noted)  # type: ignore[attr-defined, no-any-return]
+
+
 def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
-                  allowed_clients: tuple[str, ...] = ()) -> None:
+                  allowed_clients: tuple[str, ...] = (), connect_calls: ConnectCalls | None = None) -> None:
     peers = PeerFilter(allowed_clients)
     rejects = RejectLog()
+    calls = connect_calls or ConnectCalls()
     for pb in (v3_pb2, v2_pb2):
         provider = HookProvider(pb, logic, metrics, peers, rejects)
         service = pb.DESCRIPTOR.services_by_name["HookProvider"]
@@ -295,6 +328,10 @@ def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
             )
             for method in service.methods
         }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-        # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind)
-        server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+        generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+        noted = frozenset(f"/{service.full_name}/{rpc}" for rpc in CONNECT_RPCS)
+        server.add_generic_rpc_handlers((_NotingConnectCalls(generic, noted, calls),))
+        # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind),
+        # for all but the connect hooks: grpc looks a registered method up without asking us
+        registered = {rpc: handler for rpc, handler in handlers.items() if rpc not in CONNECT_RPCS}
+        server.add_registered_method_handlers(service.full_name, registered)  # type: ignore[attr-defined]

@@ -173,6 +173,7 @@ class Session:
         self.channel: Channel | None = None
         self.terminated = False
         self.created_at = time.monotonic()
+        self.created_at_ms = int(time.time() * 1000)  # what GET /clients shows and filters on
         self._pid = 0
 
     def next_packet_id(self) -> int:
@@ -219,6 +220,7 @@ class Channel:
         self.conn_no = conn_no
         self.peerport = emu._next_peerport()
         self.state = "idle"  # idle | connecting | connected | disconnected | dead
+        self.connected_at_ms = 0  # set when its CONNECT is taken in (conninfo.connected_at)
         # in EMQX's channel table, where the REST API looks clients up (emqx_cm:register_channel)
         self.registered = False
         self.takeover = False
@@ -302,6 +304,7 @@ class Channel:
     async def in_connect(self) -> None:
         emu, pb, c = self.emu, self.pb, self.client
         self.state = "connecting"
+        self.connected_at_ms = int(time.time() * 1000)
         connect_props: list[tuple[str, str]] = []
         if c.proto_ver == 5 and c.session_expiry:
             connect_props.append(("Session-Expiry-Interval", str(int(c.session_expiry))))

@@ -24,12 +24,18 @@ Read from ``emqx_mgmt_api_publish.erl``, ``emqx_mgmt_api_clients.erl``, ``emqx_m
   (``{topic, qos, nl, rap, rh, node, clientid}``, a list for bulk). The channel applies it after whatever it
   is busy with and fires ``session.subscribed``.
 * ``/unsubscribe``, ``/unsubscribe/bulk`` (204), ``GET /clients/{clientid}`` and ``.../subscriptions``.
+* ``GET /clients`` with the query filters ``conn_state``, ``gte_created_at`` / ``lte_created_at`` and
+  ``gte_connected_at`` / ``lte_connected_at`` (epoch milliseconds), paged by ``page`` (from 1) and ``limit``
+  (1-10000, default 100): ``{"data": [client, ...], "meta": {"page", "limit", "count", "hasnext"}}``, a client
+  as ``GET /clients/{clientid}`` shows it (times as RFC 3339 text). Channels are listed once they are in the
+  channel table (registered), in the order their sessions were created.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import functools
 import json
 import time
@@ -39,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .broker import Message, SubOpts
+from .broker import Channel, Message, SubOpts
 from .exhooks_api import ExhooksApi
 from .guid import GuidGen
 from .topics import TopicError, parse_subscription, validate_name
@@ -86,6 +92,18 @@ class _Reply(Exception):
         super().__init__(status)
         self.status = status
         self.body = body
+
+
+_TIME_FILTERS = ("gte_created_at", "lte_created_at", "gte_connected_at", "lte_connected_at")
+
+
+def _within(name: str, times: dict[str, int], bound: int) -> bool:
+    at = times[name[4:]]
+    return at >= bound if name.startswith("gte_") else at <= bound
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _bad_request(message: str) -> _Reply:
@@ -218,6 +236,7 @@ class RestApi:
         r.add_post("/api/v5/clients/{clientid}/subscribe/bulk", h(self._subscribe_bulk))
         r.add_post("/api/v5/clients/{clientid}/unsubscribe", h(self._unsubscribe))
         r.add_post("/api/v5/clients/{clientid}/unsubscribe/bulk", h(self._unsubscribe_bulk))
+        r.add_get("/api/v5/clients", h(self._list_clients))
         r.add_get("/api/v5/clients/{clientid}", h(self._client_info))
         r.add_get("/api/v5/clients/{clientid}/subscriptions", h(self._client_subscriptions))
         self.exhooks = ExhooksApi(self.emu.node).route(r, h)  # /api/v5/exhooks (exhooks_api.py)
@@ -404,12 +423,41 @@ class RestApi:
         ch.process.post(functools.partial(ch.rest_unsubscribe, [i["topic"] for i in body]))
         return 204, None
 
+    async def _list_clients(self, request: web.Request, body: Any) -> tuple[int, Any]:
+        q = request.query
+        try:
+            page, limit = int(q.get("page", "1")), int(q.get("limit", "100"))
+            bounds = {name: int(q[name]) for name in _TIME_FILTERS if name in q}
+        except ValueError:
+            raise _bad_request("page, limit and the *_at filters must be integers") from None
+        if page < 1 or not 1 <= limit <= 10_000:
+            return 400, {"code": "INVALID_PARAMETER", "message": "page_limit_invalid"}
+        state = q.get("conn_state")
+        listed = []
+        for session in list(self.emu.sessions.values()):
+            ch = session.channel
+            if session.terminated or ch is None or ch.state == "dead" or not ch.registered:
+                continue
+            if state is not None and ch.state != state:
+                continue
+            times = {"created_at": session.created_at_ms, "connected_at": ch.connected_at_ms}
+            if all(_within(name, times, at) for name, at in bounds.items()):
+                listed.append(ch)
+        chunk = listed[(page - 1) * limit:page * limit]
+        return 200, {"data": [self._client_view(ch) for ch in chunk],
+                     "meta": {"page": page, "limit": limit, "count": len(listed),
+                              "hasnext": page * limit < len(listed)}}
+
     async def _client_info(self, request: web.Request, body: Any) -> tuple[int, Any]:
         clientid = request.match_info["clientid"]
         ch = self.emu.live_channel(clientid)
         if ch is None:
             return 404, CLIENTID_NOT_FOUND
-        return 200, {
+        return 200, self._client_view(ch)
+
+    def _client_view(self, ch: Channel) -> dict[str, Any]:
+        clientid = ch.clientid
+        return {
             "clientid": clientid,
             "node": self.emu.node,
             "connected": ch.state == "connected",
@@ -420,6 +468,8 @@ class RestApi:
             "username": ch.client.username,
             "proto_ver": ch.client.proto_ver,
             "subscriptions_cnt": len(ch.session.subscriptions) if ch.session else 0,
+            "connected_at": _rfc3339(ch.connected_at_ms),
+            "created_at": _rfc3339(ch.session.created_at_ms if ch.session else ch.connected_at_ms),
         }
 
     async def _client_subscriptions(self, request: web.Request, body: Any) -> tuple[int, Any]:
