@@ -107,6 +107,11 @@ class ClientQueues:
                 self._slots.idle()
                 self._idle.set()
 
+    @property
+    def waiting(self) -> bool:
+        """Is a client's job waiting for a slot (held back by the pacing)?"""
+        return bool(self._ready)
+
     async def idle(self) -> None:
         """Wait until no job is queued or running (tests, shutdown)."""
         await self._idle.wait()

@@ -14,7 +14,6 @@ import base64
 import logging
 import ssl
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -83,7 +82,6 @@ class ListedClient:
     peerhost: str
     peerport: int
     subscriptions: int
-    created_at: float | None  # the session's creation, epoch seconds (None when not given)
 
 
 class EmqxApi:
@@ -196,20 +194,7 @@ def _listed(item: Any) -> ListedClient | None:
         return None
     port, subs = item.get("port"), item.get("subscriptions_cnt")
     return ListedClient(item["clientid"], str(item.get("node", "")), str(item.get("ip_address", "")),
-                        port if isinstance(port, int) else 0, subs if isinstance(subs, int) else 0,
-                        _epoch_s(item.get("created_at")))
-
-
-def _epoch_s(value: Any) -> float | None:
-    """EMQX shows times as RFC 3339 text (older releases: epoch milliseconds)."""
-    if isinstance(value, int):
-        return value / 1000
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return None
-    return None
+                        port if isinstance(port, int) else 0, subs if isinstance(subs, int) else 0)
 
 
 def refusal(status: int) -> str | None:

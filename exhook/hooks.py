@@ -106,8 +106,8 @@ class HookLogic:
         self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
-        # connection -> when (epoch s) this process started its restore (a hook's or a sweep's)
-        self._restore_started: ExpiringMap[str, float] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
+        # connections whose restore a hook of this process started
+        self._restore_started: ExpiringMap[str, bool] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -250,34 +250,32 @@ class HookLogic:
             pending.cancelled = True
             pending.registered.set()
 
-    def restore_missed(self, client: ClientRef, session_created: float | None) -> bool:
-        """Restore a client whose connect hooks never reached a handler (the sweep of
-        ``missed_connects.py`` found it connected without subscriptions); False if
+    def restore_missed(self, client: ClientRef) -> bool:
+        """Re-subscribe a client whose connect hooks never reached a handler (the sweep
+        of ``missed_connects.py`` found it connected without subscriptions); False if
         this process restores that connection already or the job was refused.
-        ``session_created`` (epoch s): without a peer port the key is the same for
-        every connect of the client, so only a restore started since counts (when in
-        doubt, restore: a second restore of one connection costs a subscribe, its
-        replay marks keep it from replaying anything twice)."""
-        started = self._restore_started.get(client.connection)
-        if started is not None and (client.peerport or (session_created is not None
-                                                        and started >= session_created)):
-            return False
-        return self._submit_restore(client, None, reset_marks=False)
 
-    def _submit_restore(self, client: ClientRef, pending: PendingRestore | None,
-                        reset_marks: bool | None = None) -> bool:
-        # A connection key with a peer port is new at each connect: its marks need no
-        # reset, and not resetting them lets a sweep's restore of the same connection
-        # (in any worker) replay nothing twice. Without a peer port (EMQX 5.3) the key
-        # repeats, and a hook's restore must forget what the last connection was given.
-        reset = client.peerport == 0 if reset_marks is None else reset_marks
+        Only the subscriptions: the broker then fires ``session.subscribed`` for each
+        filter to the worker that owns the client's calls, whose job replays it after
+        any restore its own hooks queued. Replaying here, from another worker, could
+        run before that restore, whose mark reset would then replay everything again.
+        The replay marks are kept for the same reason."""
+        if self._restore_started.get(client.connection) is not None:
+            return False
+        return self._queues.submit(client.clientid, "restore subscriptions (connect hooks lost)",
+                                   lambda: self._resubscribe(client))
+
+    async def _resubscribe(self, client: ClientRef) -> None:
+        await self._replayer.restore(client.clientid, client.connection, reset_marks=False)
+
+    def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
         submitted = self._queues.submit(client.clientid, "restore subscriptions",
-                                        lambda: self._restore(client, pending, reset))
+                                        lambda: self._restore(client, pending))
         if submitted:
-            self._restore_started.put(client.connection, time.time())
+            self._restore_started.put(client.connection, True)
         return submitted
 
-    async def _restore(self, client: ClientRef, pending: PendingRestore | None, reset_marks: bool) -> None:
+    async def _restore(self, client: ClientRef, pending: PendingRestore | None) -> None:
         if pending is not None:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
@@ -288,7 +286,7 @@ class HookLogic:
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
-                                                wait_for_client=pending is not None, reset_marks=reset_marks)
+                                                wait_for_client=pending is not None)
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
         # without it: replay here too. The replay marks make the later of the two

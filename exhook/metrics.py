@@ -120,9 +120,9 @@ class Metrics:
                                        registry=reg)
         self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
                                 registry=reg)
-        self.connect_calls_lost = Counter(
+        self._connect_calls_lost = Counter(
             f"{p}connect_calls_lost", "session.created / client.connected calls that reached the service after the "
-            "broker gave up on them (their handler never ran)", registry=reg)
+            "broker gave up on them (their handler never ran), by hook", ["hook"], registry=reg)
         self.missed_connect_restores = Counter(
             f"{p}missed_connect_restores", "Clients restored by the sweep after lost connect calls", registry=reg)
         self.jobs_dropped = Counter(
@@ -190,6 +190,9 @@ class Metrics:
 
     def loop_restarted(self, loop: str) -> None:
         self._loop_restarts.labels(loop).inc()
+
+    def connect_call_lost(self, hook: str) -> None:
+        self._connect_calls_lost.labels(hook).inc()
 
     def api_error(self, endpoint: str, status: int | str) -> None:
         """``status``: the HTTP status code, or ``"unreachable"`` / ``"timeout"``."""

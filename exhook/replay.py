@@ -77,7 +77,8 @@ class BrokerFlags:
         # also be registered in the store to be recognised when they come back.
         self.v2_seen = False
         # EMQX 5.4 and later send the client's peer port in hook calls, 5.3 does not:
-        # then a connection is known without one (see hooks.ClientRef.connection)
+        # then a connection's key repeats at every connect (hooks.ClientRef.connection),
+        # and the sweep after lost connect calls cannot run (missed_connects.py)
         self.peerports_seen = False
 
 
@@ -152,8 +153,8 @@ class Replayer:
         subscriptions; the broker then fires ``session.subscribed`` for each.
         ``wait_for_client``: the client may not be registered at the broker yet
         (restore started from ``session.created``). ``reset_marks``: forget what an
-        earlier connection with the same key was given (only needed when the key has
-        no peer port). Returns the filters the client now has (none when it left
+        earlier connection with the same key was given (a connect's own restore does;
+        the sweep after lost connect calls does not). Returns the filters the client now has (none when it left
         first)."""
         if reset_marks:
             await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))

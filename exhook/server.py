@@ -144,7 +144,8 @@ class Service:
         # once the port answers (EMQX blackholed must not keep it closed), then at every check
         await self.readiness.probe_now(EMQX_API)
         loops.start("purge-expired", lambda: self._purge_loop(gate.store))
-        sweep = MissedConnectSweep(connect_calls, api, logic.restore_missed, logic.flags, self.metrics)
+        sweep = MissedConnectSweep(connect_calls, api, logic.restore_missed, logic.flags, self.metrics,
+                                   busy=lambda: self._queues.waiting)
         loops.start("missed-connects", sweep.run)
         self._log_started(gate.name, TopicSet(backend.topics))
 

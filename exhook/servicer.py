@@ -31,7 +31,7 @@ import grpc
 from exhook.emqx_api import REPLAY_PROPERTY
 from exhook.hooks import ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
-from exhook.missed_connects import ConnectCalls
+from exhook.missed_connects import CONNECT_RPCS, ConnectCalls
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
 from exhook.ratelog import RateLimitedLog
@@ -57,8 +57,6 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "OnClientConnected": client_hook_problem,
 }
 _PEER_CACHE_MAX = 4096
-# the calls that hold a fresh session's restore (see missed_connects.py)
-CONNECT_RPCS = frozenset({"OnSessionCreated", "OnClientConnected"})
 
 
 class _Undecodable:
@@ -293,16 +291,17 @@ class _NotingConnectCalls(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     looks the method up before it reads the request, and never runs the handler of
     a call the broker cancelled meanwhile (``missed_connects.py``)."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], methods: frozenset[str], calls: ConnectCalls) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], methods: dict[str, str], calls: ConnectCalls) -> None:
         self._inner = inner
-        self._methods = methods
+        self._methods = methods  # full method name -> rpc
         self._calls = calls
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = self._inner.service(handler_call_details)
-        if handler is None or handler_call_details.method not in self._methods:  # type: ignore[attr-defined]
+        rpc = self._methods.get(handler_call_details.method)  # type: ignore[attr-defined]
+        if handler is None or rpc is None:
             return handler
-        call = self._calls.arrived()
+        call = self._calls.arrived(rpc)
         gate: Handler = handler.unary_unary  # type: ignore[assignment]
 
         async def noted(request: Any, context: Ctx) -> Any:
@@ -329,7 +328,7 @@ def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
             for method in service.methods
         }
         generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-        noted = frozenset(f"/{service.full_name}/{rpc}" for rpc in CONNECT_RPCS)
+        noted = {f"/{service.full_name}/{rpc}": rpc for rpc in CONNECT_RPCS}
         server.add_generic_rpc_handlers((_NotingConnectCalls(generic, noted, calls),))
         # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind),
         # for all but the connect hooks: grpc looks a registered method up without asking us
