@@ -287,35 +287,41 @@ def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _NotingConnectCalls(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Serves the connect hooks with a handler per call that notes it started: grpc
-    looks the method up before it reads the request, and never runs the handler of
-    a call the broker cancelled meanwhile (``missed_connects.py``)."""
+    """Serves the connect hooks with a request decoder per call that notes the call was
+    read: grpc looks the method up before it reads the request, and never reads the
+    request (nor runs the handler) of a call the broker cancelled meanwhile
+    (``missed_connects.py``). Per call: one small object and one closure."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], methods: dict[str, str], calls: ConnectCalls) -> None:
-        self._inner = inner
-        self._methods = methods  # full method name -> rpc
+    def __init__(self, calls: ConnectCalls) -> None:
         self._calls = calls
+        # full method name -> (rpc, its handler's fields), for both packages
+        self._handlers: dict[str, tuple[str, Any]] = {}
+
+    def add(self, service: str, handlers: dict[str, Any]) -> None:
+        for rpc in CONNECT_RPCS:
+            self._handlers[f"/{service}/{rpc}"] = (rpc, handlers[rpc])
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = self._inner.service(handler_call_details)
-        rpc = self._methods.get(handler_call_details.method)  # type: ignore[attr-defined]
-        if handler is None or rpc is None:
-            return handler
+        found = self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
+        if found is None:
+            return None
+        rpc, handler = found
         call = self._calls.arrived(rpc)
-        gate: Handler = handler.unary_unary  # type: ignore[assignment]
+        decode = handler.request_deserializer
 
-        async def noted(request: Any, context: Ctx) -> Any:
+        def noted(data: bytes) -> Any:
             call.handled = True
-            return await gate(request, context)
+            return decode(data)
 
-        return handler._replace(unary_unary=noted)  # type: ignore[attr-defined, no-any-return]
+        # the handler with this call's decoder (a named tuple: built directly, _replace costs more)
+        return tuple.__new__(type(handler), (handler[0], handler[1], noted, *handler[3:]))  # type: ignore[no-any-return]
 
 
 def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
                   allowed_clients: tuple[str, ...] = (), connect_calls: ConnectCalls | None = None) -> None:
     peers = PeerFilter(allowed_clients)
     rejects = RejectLog()
-    calls = connect_calls or ConnectCalls()
+    noting = _NotingConnectCalls(connect_calls or ConnectCalls())
     for pb in (v3_pb2, v2_pb2):
         provider = HookProvider(pb, logic, metrics, peers, rejects)
         service = pb.DESCRIPTOR.services_by_name["HookProvider"]
@@ -327,10 +333,9 @@ def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
             )
             for method in service.methods
         }
-        generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-        noted = {f"/{service.full_name}/{rpc}": rpc for rpc in CONNECT_RPCS}
-        server.add_generic_rpc_handlers((_NotingConnectCalls(generic, noted, calls),))
+        noting.add(service.full_name, handlers)
         # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind),
         # for all but the connect hooks: grpc looks a registered method up without asking us
         registered = {rpc: handler for rpc, handler in handlers.items() if rpc not in CONNECT_RPCS}
         server.add_registered_method_handlers(service.full_name, registered)  # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((noting,))
