@@ -112,10 +112,15 @@ class Readiness:
         if self._on_change is not None:
             self._on_change(self.conditions())
 
-    def add_probe(self, name: str, probe: Probe, gauge: Gauge | None = None) -> None:
+    def add_probe(self, name: str, probe: Probe, gauge: Gauge | None = None, checked: bool = True) -> None:
         """Ask ``probe`` at every check (the next ``check()`` included); ``gauge`` follows
-        it (1 ok, 0 not)."""
+        it (1 ok, 0 not). ``checked=False``: not ready until it has answered once (no
+        line is logged for that, it is no failure)."""
         self._probes[name] = (probe, gauge)
+        if not checked:
+            self._conditions[name] = (False, "not checked yet")
+            if self._on_change is not None:
+                self._on_change(self.conditions())
 
     async def probe_now(self, name: str) -> None:
         """Ask one probe at once (e.g. the EMQX API at start-up, before the first periodic check)."""

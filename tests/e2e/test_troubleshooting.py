@@ -277,3 +277,27 @@ async def test_store_misconfigured_is_retried_until_fixed_without_a_restart(capl
         assert await backend.count_messages() == 1
     finally:
         await h.stop()
+
+
+async def test_the_emqx_api_is_not_ready_until_it_has_been_checked_once() -> None:
+    """A worker must not report ready between its store answering and its first check
+    of EMQX's API (the parent's /readyz would say ready for a moment)."""
+    documented("`not checked yet` during start-up")
+
+    class Silent:
+        name = "sqlite"
+
+    reports: list[dict[str, tuple[bool, str]]] = []
+    readiness = Readiness(Silent(), 1.0, None, None, lambda text: text, reports.append)  # type: ignore[arg-type]
+    readiness.set_condition("store", True)
+    answer: str | None = "401 unauthorized"
+    readiness.add_probe("emqx_api", lambda: answer, checked=False)
+    assert readiness.failing() == ["emqx_api: not checked yet"]
+    assert reports[-1]["emqx_api"] == (False, "not checked yet")  # the parent hears it at once
+    await readiness.probe_now("emqx_api")
+    assert readiness.failing() == ["emqx_api: 401 unauthorized"]
+    answer = None
+    await readiness.probe_now("emqx_api")
+    assert readiness.ready
+    readiness.add_probe("writer", lambda: None)  # checked=True: ok until its first check says otherwise
+    assert readiness.ready
