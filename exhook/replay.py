@@ -154,8 +154,8 @@ class Replayer:
         ``wait_for_client``: the client may not be registered at the broker yet
         (restore started from ``session.created``). ``reset_marks``: forget what an
         earlier connection with the same key was given (a connect's own restore does;
-        the sweep after lost connect calls does not). Returns the filters the client now has (none when it left
-        first)."""
+        the sweep after lost connect calls does not). Returns the filters the client
+        now has (none when it left first)."""
         if reset_marks:
             await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))

@@ -13,8 +13,8 @@ per hook and reason per minute. Hooks the service does not register are answered
 with an empty success in case a broker calls them anyway.
 
 The two connect hooks are served through a generic handler that notes each call
-when grpc looks its method up, before the request is read, and again when its
-handler starts. A call noted only once was lost (``missed_connects.py``).
+when grpc looks its method up, and again when grpc reads its request (which it does
+only for a call it will run). A call noted only once was lost (``missed_connects.py``).
 """
 
 from __future__ import annotations
