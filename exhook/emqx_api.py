@@ -108,7 +108,8 @@ class EmqxApi:
     async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
         if not items:
             raise ValueError("publish_bulk needs at least one item (EMQX mishandles an empty array)")
-        status, body = await self._post("publish/bulk", "/api/v5/publish/bulk", [item.to_json() for item in items])
+        status, body = await self._request("POST", "publish/bulk", "/api/v5/publish/bulk",
+                                           [item.to_json() for item in items])
         if status not in (200, 202, 503):
             raise EmqxApiError(f"publish/bulk answered {status}: {_short(body)}", status, status >= 500)
         results = body if isinstance(body, list) else []
@@ -122,7 +123,7 @@ class EmqxApi:
         """Subscribe a connected client on its behalf. False if it is not connected."""
         body = [{"topic": topic, "qos": qos} for topic, qos in subscriptions]
         path = f"/api/v5/clients/{quote(clientid, safe='')}/subscribe/bulk"
-        status, answer = await self._post("clients/subscribe/bulk", path, body)
+        status, answer = await self._request("POST", "clients/subscribe/bulk", path, body)
         if status == 404:
             return False
         if status != 200:
@@ -133,15 +134,11 @@ class EmqxApi:
         """One page of the connected clients whose session was created at or after
         ``since_ms`` (epoch ms), and whether there are more pages."""
         query = urlencode({"conn_state": "connected", "gte_created_at": since_ms, "page": page, "limit": limit})
-        try:
-            status, answer = await self._send("GET", f"/api/v5/clients?{query}", None)
-        except EmqxApiError as exc:
-            self._count_error("clients", exc.status)
-            raise
+        status, answer = await self._request("GET", "clients", f"/api/v5/clients?{query}", None)
         if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-            self._count_error("clients", status)
-            raise EmqxApiError(f"GET /api/v5/clients answered {status}: {_short(answer)}", status,
-                               refusal(status) is None)
+            if status < 400:  # an error status is counted already
+                self._count_error("clients", status)
+            raise EmqxApiError(f"GET /api/v5/clients answered {status}: {_short(answer)}", status)
         listed = [client for client in map(_listed, answer["data"]) if client is not None]
         meta = answer.get("meta")
         return listed, isinstance(meta, dict) and meta.get("hasnext") is True
@@ -158,9 +155,11 @@ class EmqxApi:
             return None
         return refusal(status) or f"{status} from GET {CHECK_PATH}: {_short(answer)}"
 
-    async def _post(self, endpoint: str, path: str, body: Any) -> tuple[int, Any]:
+    async def _request(self, method: str, endpoint: str, path: str, body: Any) -> tuple[int, Any]:
+        """A counted call: failures in ``emqx_api_errors_total{endpoint}``, a refused
+        key raised as an error no retry can help."""
         try:
-            status, answer = await self._send("POST", path, body)
+            status, answer = await self._send(method, path, body)
         except EmqxApiError as exc:
             self._count_error(endpoint, exc.status)
             raise

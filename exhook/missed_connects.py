@@ -134,16 +134,16 @@ class MissedConnectSweep:
         self._last_loss: dict[str, float] = {}
         # the earliest window start (epoch ms) of the losses no sweep has covered yet
         self._window_ms: int | None = None
-        # the window a sweep owes (both hooks lost calls): kept until a sweep covers it
-        self._owed_ms: int | None = None
-        self._owed_at: float | None = None  # monotonic: when it became owed
+        # monotonic: when a sweep became owed (both hooks lost calls); the window is
+        # kept from then on until a sweep covers it
+        self._owed_at: float | None = None
         # a storm loses calls every second: one line a minute says how many
         self._loss_log = RateLimitedLog()
         self._unlogged = 0
 
     def pending_since(self) -> int | None:
         """The start (epoch ms) of the window a sweep owes, or None."""
-        return self._owed_ms
+        return None if self._owed_at is None else self._window_ms
 
     def note_losses(self) -> None:
         """Take the calls lost since the last look. A client goes unrestored only when
@@ -163,15 +163,13 @@ class MissedConnectSweep:
             log.warning("%d connect hook calls reached the service after the broker gave up on them",
                         self._unlogged, extra={"event": "connect_calls_lost", "calls": self._unlogged})
             self._unlogged = 0
-        if self._owed_ms is None:
+        if self._owed_at is None:
             # a loss of one hook this long ago cannot pair with a later one of the other
             self._last_loss = {rpc: at for rpc, at in self._last_loss.items() if wall - at <= LOOKBACK_S}
             if not self._last_loss:
                 self._window_ms = None
             elif len(self._last_loss) == len(CONNECT_RPCS):
-                self._owed_ms, self._owed_at = self._window_ms, self._clock()
-        elif self._window_ms is not None:
-            self._owed_ms = min(self._owed_ms, self._window_ms)  # a later loss widens what is owed
+                self._owed_at = self._clock()
 
     def due(self) -> bool:
         """Is a sweep owed, and is the storm over here (no connect call for a while,
@@ -200,7 +198,7 @@ class MissedConnectSweep:
     async def sweep_once(self) -> None:
         """Restore every connected client whose session was created since the owed
         window's start and has no subscription; the window is settled when done."""
-        since = self._owed_ms
+        since = self.pending_since()
         if since is None:
             return
         if not self._flags.peerports_seen:
@@ -232,5 +230,5 @@ class MissedConnectSweep:
                     extra={"event": "missed_connect_sweep", "sessions": checked, "restores": queued})
 
     def _settle(self) -> None:
-        self._owed_ms = self._owed_at = self._window_ms = None
+        self._owed_at = self._window_ms = None
         self._last_loss.clear()
