@@ -16,6 +16,9 @@ import asyncio
 import os
 import signal
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,34 @@ def metric(http_port: int, sample: str) -> float:
             if line.startswith(f"offline_exhook_{sample} "):
                 return float(line.split()[-1])
     return 0.0
+
+
+@dataclass
+class Rig:
+    service: ServiceProcess
+    emu: EmqxEmulator
+    backend: SqliteBackend
+    http_port: int
+
+
+@asynccontextmanager
+async def service_and_broker(tmp_path: Path, version: str, emqx_version: str) -> AsyncIterator[Rig]:
+    """The service as its own process (SQLite) and the emulated broker in front of it,
+    which gives up on a hook call after ``REQUEST_TIMEOUT_S`` and carries on."""
+    port, rest_port, http_port = free_port(), free_port(), free_port()
+    backend = SqliteBackend(tmp_path)
+    config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
+                          tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}" }}')
+    service = ServiceProcess(config)
+    service.start()
+    emu = EmqxEmulator(f"127.0.0.1:{port}", version, api_key=KEY, api_secret=SECRET, rest_port=rest_port,
+                       request_timeout=REQUEST_TIMEOUT_S, failed_action="ignore", emqx_version=emqx_version)
+    try:
+        await emu.start()
+        yield Rig(service, emu, backend, http_port)
+    finally:
+        await emu.stop()
+        service.cleanup()
 
 
 async def returning_client(emu: EmqxEmulator, backend: SqliteBackend):  # type: ignore[no-untyped-def]
@@ -70,17 +101,9 @@ async def connect_while_frozen(service: ServiceProcess, emu: EmqxEmulator, sub) 
 @pytest.mark.parametrize(("version", "emqx_version"), [("v3", "5.10.4"), ("v2", "5.8.0")])
 async def test_a_client_whose_connect_hooks_both_timed_out_is_restored_and_replayed_once(
         tmp_path: Path, version: str, emqx_version: str) -> None:
-    port, rest_port, http_port = free_port(), free_port(), free_port()
-    backend = SqliteBackend(tmp_path)
-    config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
-                          tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}" }}')
-    service = ServiceProcess(config)
-    service.start()
     # EMQX 5.4+ sends the peer port in hook calls (v2 and v3 alike)
-    emu = EmqxEmulator(f"127.0.0.1:{port}", version, api_key=KEY, api_secret=SECRET, rest_port=rest_port,
-                       request_timeout=REQUEST_TIMEOUT_S, failed_action="ignore", emqx_version=emqx_version)
-    try:
-        await emu.start()
+    async with service_and_broker(tmp_path, version, emqx_version) as rig:
+        service, emu, backend = rig.service, rig.emu, rig.backend
         sub = await returning_client(emu, backend)
         await connect_while_frozen(service, emu, sub)
 
@@ -96,30 +119,19 @@ async def test_a_client_whose_connect_hooks_both_timed_out_is_restored_and_repla
         assert len(sub.deliveries) == 1
         restores = [r for r in emu.rest_requests if r.path == "/clients/lost-both/subscribe/bulk"]
         assert [r.status for r in restores] == [200]
-        assert metric(http_port, 'connect_calls_lost_total{hook="session.created"}') == 1
-        assert metric(http_port, 'connect_calls_lost_total{hook="client.connected"}') == 1
-        assert metric(http_port, "missed_connect_restores_total") == 1
+        assert metric(rig.http_port, 'connect_calls_lost_total{hook="session.created"}') == 1
+        assert metric(rig.http_port, 'connect_calls_lost_total{hook="client.connected"}') == 1
+        assert metric(rig.http_port, "missed_connect_restores_total") == 1
         assert service.stderr is not None
         service.stderr.wait_for("connect hook calls reached the service after the broker gave up")
-    finally:
-        await emu.stop()
-        service.cleanup()
 
 
 async def test_on_emqx_5_3_a_client_that_lost_both_connect_hooks_is_restored_at_its_next_connect(
         tmp_path: Path) -> None:
     # EMQX 5.3 sends no peer port: the sweep cannot tell this connection's replay marks
     # from the last one's, so it does not run; the message stays stored for the next connect
-    port, rest_port, http_port = free_port(), free_port(), free_port()
-    backend = SqliteBackend(tmp_path)
-    config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
-                          tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}" }}')
-    service = ServiceProcess(config)
-    service.start()
-    emu = EmqxEmulator(f"127.0.0.1:{port}", "v2", api_key=KEY, api_secret=SECRET, rest_port=rest_port,
-                       request_timeout=REQUEST_TIMEOUT_S, failed_action="ignore", emqx_version="5.3.2")
-    try:
-        await emu.start()
+    async with service_and_broker(tmp_path, "v2", "5.3.2") as rig:
+        service, emu, backend = rig.service, rig.emu, rig.backend
         sub = await returning_client(emu, backend)
         await connect_while_frozen(service, emu, sub)
         assert service.stderr is not None
@@ -131,6 +143,3 @@ async def test_on_emqx_5_3_a_client_that_lost_both_connect_hooks_is_restored_at_
         await sub.connect()
         deliveries = await sub.wait_for_deliveries(1, timeout=10)
         assert [d.payload for d in deliveries] == [b"while away"]
-    finally:
-        await emu.stop()
-        service.cleanup()
