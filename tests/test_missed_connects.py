@@ -66,16 +66,20 @@ class FakeClients:
     clients: list[dict[str, Any]] = field(default_factory=list)
     queries: list[dict[str, str]] = field(default_factory=list)
     status: int = 200
+    junk: list[Any] = field(default_factory=list)  # entries that are no client, served first
+    body: Any = None  # answer this instead of a page
 
     async def handle(self, request: web.Request) -> web.Response:
         self.queries.append(dict(request.query))
         if self.status != 200:
             return web.json_response({"code": "INTERNAL_ERROR"}, status=self.status)
+        if self.body is not None:
+            return web.json_response(self.body)
         page, limit = int(request.query["page"]), int(request.query["limit"])
         since = int(request.query["gte_created_at"])
         listed = [c for c in self.clients if c["created_ms"] >= since]
         data = [{k: v for k, v in c.items() if k != "created_ms"} for c in listed[(page - 1) * limit:page * limit]]
-        return web.json_response({"data": data, "meta": {"page": page, "limit": limit, "count": len(listed),
+        return web.json_response({"data": self.junk + data, "meta": {"page": page, "limit": limit, "count": len(listed),
                                                          "hasnext": page * limit < len(listed)}})
 
 
@@ -234,3 +238,20 @@ async def test_a_sweep_waits_until_the_storm_is_over_here(fake_api: tuple[FakeCl
     rig.busy = True
     rig.clock.now += SETTLE_MAX_S  # a fleet that never stops connecting: not forever
     assert rig.sweep.due()
+
+
+async def test_entries_that_are_no_client_are_skipped_and_a_junk_answer_keeps_the_window(
+        fake_api: tuple[FakeClients, EmqxApi]) -> None:
+    fake, api = fake_api
+    fake.clients = [listed("a", 0, 11, 10_000_000)]
+    fake.body = ["not", "a", "page"]  # a 200 that is not EMQX's answer (a proxy, a bug)
+    rig = Sweep(api)
+    rig.lose_calls(11.0)
+    with pytest.raises(EmqxApiError):
+        await rig.sweep.sweep_once()
+    assert rig.sweep.pending_since() is not None and rig.restored == []
+    fake.body = None
+    fake.junk = ["x", None, {}, {"clientid": 5}, {"clientid": "b", "port": "x", "subscriptions_cnt": None}]
+    await rig.sweep.sweep_once()
+    # the malformed entries are skipped; one with a name but odd fields is kept with defaults
+    assert [(c.clientid, c.peerport) for c in rig.restored] == [("b", 0), ("a", 11)]
