@@ -7,6 +7,14 @@ A log call may name its event and carry fields through ``extra``::
 Both formats print the time, level, logger, message and those fields. Secrets from
 the config are registered here and masked in every line, whatever logged them (a
 driver's error text can quote a DSN or a password).
+
+The service's lines are written by a thread of their own (``LogWriter``): a log call
+on the event loop only hands its record over. Writing to stderr can block (a pipe
+whose reader stalls: a container runtime's log driver, a paused terminal), and a
+loop blocked in a write answers no hook, so every client waiting on one would hit
+EMQX's request_timeout. If the writer falls ``QUEUE_LINES`` lines behind, further
+lines are dropped, counted (``log_lines_dropped_total``) and reported in one line
+once it catches up.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -101,14 +111,119 @@ def stderr_handler(fmt: str, secrets: Iterable[str], worker: int | None = None) 
     return handler
 
 
+QUEUE_LINES = 10_000
+_STOP_WAIT_S = 5.0
+
+
+class _HandOver(logging.Handler):
+    """Hands a record to the writer thread; never blocks, drops when ``max_lines`` wait."""
+
+    def __init__(self, max_lines: int) -> None:
+        super().__init__()
+        self.lines: deque[logging.LogRecord | None] = deque()  # append/popleft: atomic, no lock
+        self.wake = threading.Event()
+        self._max = max_lines
+        self._lock = threading.Lock()
+        self._dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) >= self._max:
+            with self._lock:
+                self._dropped += 1
+            return
+        try:
+            # rendered now, while its arguments are as they were at the call (the
+            # traceback stays for the writer's formatter: one process, no pickling)
+            record.msg, record.args = record.getMessage(), None
+        except Exception:
+            self.handleError(record)
+            return
+        self.lines.append(record)
+        if not self.wake.is_set():  # a busy writer drains the whole deque: no wake-up per line
+            self.wake.set()
+
+    def take_dropped(self) -> int:
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        return dropped
+
+
+class LogWriter:
+    """The thread that writes the handed-over lines to the stderr handler (module docstring)."""
+
+    def __init__(self, handler: logging.Handler, max_lines: int = QUEUE_LINES) -> None:
+        self.hand_over = _HandOver(max_lines)
+        self.handler = handler
+        self.on_dropped: Callable[[int], None] = lambda count: None
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        lines, wake = self.hand_over.lines, self.hand_over.wake
+        while True:
+            wake.wait()
+            wake.clear()  # before draining: a line handed over from now on sets it again
+            while lines:
+                record = lines.popleft()
+                if record is None:
+                    self._report_dropped()
+                    return
+                self._report_dropped()
+                self.handler.handle(record)
+
+    def _report_dropped(self) -> None:
+        dropped = self.hand_over.take_dropped()
+        if not dropped:
+            return
+        self.on_dropped(dropped)
+        record = logging.LogRecord("exhook.logs", logging.WARNING, __file__, 0,
+                                   "%d log lines dropped: stderr did not keep up", (dropped,), None)
+        record.event, record.dropped = "log_lines_dropped", dropped
+        self.handler.handle(record)
+
+    def close(self, timeout: float = _STOP_WAIT_S) -> None:
+        """Write what is queued (waiting at most ``timeout`` s for a blocked stderr) and stop."""
+        self.hand_over.lines.append(None)
+        self.hand_over.wake.set()
+        self._thread.join(timeout)  # a stuck stderr: the daemon thread dies with the process
+
+
+_active: LogWriter | None = None
+
+
 def setup_logging(
     level: str, fmt: str = "text", worker: int | None = None, secrets: Iterable[str] = ()
-) -> None:
-    handler = stderr_handler(fmt, secrets, worker)
+) -> LogWriter:
+    """Send every log line of this process through a ``LogWriter`` to stderr; the
+    caller closes it (``stop_logging``) when the process is done."""
+    global _active
+    stop_logging()
+    writer = _active = LogWriter(stderr_handler(fmt, secrets, worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(writer.hand_over)
     root.setLevel(level.upper())
     # aiohttp logs every request at info: not an event that matters here
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return writer
+
+
+def count_dropped_lines(counter: Callable[[int], None]) -> None:
+    """Have the active writer report dropped lines to ``counter`` too (a metric)."""
+    if _active is not None:
+        _active.on_dropped = counter
+
+
+def stop_logging() -> None:
+    """Write what is queued and go back to writing on the caller's thread (the last
+    lines of a process that is exiting)."""
+    global _active
+    writer, _active = _active, None
+    if writer is None:
+        return
+    writer.close()
+    root = logging.getLogger()
+    if writer.hand_over in root.handlers:
+        root.removeHandler(writer.hand_over)
+        root.addHandler(writer.handler)

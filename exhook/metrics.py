@@ -126,6 +126,9 @@ class Metrics:
         self.missed_connect_restores = Counter(
             f"{p}missed_connect_restores", "Clients the sweep after lost connect calls queued for a re-subscribe",
             registry=reg)
+        self.log_lines_dropped = Counter(
+            f"{p}log_lines_dropped", "Log lines dropped because stderr did not take them fast enough (the "
+            "service never waits for its log output)", registry=reg)
         self.jobs_dropped = Counter(
             f"{p}client_jobs_dropped", "Background jobs dropped (a client's queue full, or the service shutting "
             "down)", registry=reg)

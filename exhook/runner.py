@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 from exhook.config import Config
 from exhook.config_checks import config_secrets, config_warnings
 from exhook.health import Conditions, ReadinessListener
-from exhook.logs import setup_logging
+from exhook.logs import setup_logging, stop_logging
 from exhook.spool import SpoolError
 from exhook.supervisor import run_workers
 
@@ -67,17 +67,24 @@ def _report_to(parent: Connection) -> ReadinessListener:
 
 def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
     setup_service_logging(cfg, index)
-    install_uvloop()
-    sys.exit(asyncio.run(serve(cfg, _report_to(to_parent), worker=index)))
+    try:
+        install_uvloop()
+        code = asyncio.run(serve(cfg, _report_to(to_parent), worker=index))
+    finally:
+        stop_logging()
+    sys.exit(code)
 
 
 def run(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the process."""
     setup_service_logging(cfg)
-    for warning in config_warnings(cfg):  # once, before any worker starts
-        log.warning("config: %s", warning, extra={"event": "config_warning"})
-    if cfg.service.workers > 1:
-        log.info("starting %d worker processes on %s", cfg.service.workers, cfg.service.listen)
-        return run_workers(cfg, _worker)
-    install_uvloop()
-    return asyncio.run(serve(cfg))
+    try:
+        for warning in config_warnings(cfg):  # once, before any worker starts
+            log.warning("config: %s", warning, extra={"event": "config_warning"})
+        if cfg.service.workers > 1:
+            log.info("starting %d worker processes on %s", cfg.service.workers, cfg.service.listen)
+            return run_workers(cfg, _worker)
+        install_uvloop()
+        return asyncio.run(serve(cfg))
+    finally:
+        stop_logging()

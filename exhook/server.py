@@ -34,7 +34,7 @@ from exhook.grpc_options import server_options
 from exhook.health import EMQX_API, Readiness, ReadinessListener
 from exhook.hooks import HookLogic
 from exhook.listen import add_grpc_port
-from exhook.logs import redactor
+from exhook.logs import count_dropped_lines, redactor
 from exhook.loops import Loops
 from exhook.metrics import Metrics
 from exhook.missed_connects import ConnectCalls, MissedConnectSweep
@@ -100,6 +100,7 @@ class Service:
 
     async def _start(self, stack: AsyncExitStack) -> None:
         cfg, backend = self.config, self.config.backend
+        count_dropped_lines(self.metrics.log_lines_dropped.inc)
         health = HealthServicer()
         self._gate = gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
         stack.push_async_callback(gate.close)

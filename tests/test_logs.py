@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from exhook.logs import MASK, JsonFormatter, KeyValueFormatter, redactor, setup_logging
+from exhook.logs import MASK, JsonFormatter, KeyValueFormatter, LogWriter, redactor, setup_logging, stop_logging
 
 SECRET = "s3cr3t-Pa55"
 
@@ -75,6 +77,7 @@ def test_setup_logging_installs_one_masking_handler(restore_root_logger: None,
     assert len(logging.getLogger().handlers) == 1
     logging.getLogger("exhook.x").info("connecting with %s", SECRET, extra={"event": "connect"})
     logging.getLogger("exhook.x").debug("below the level")
+    stop_logging()  # writes what the writer thread has queued
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["msg"] == f"connecting with {MASK}"
@@ -96,3 +99,101 @@ def test_the_api_secret_is_masked_in_every_form_it_travels() -> None:
     assert masked.count(MASK) == 4
     # a word that merely follows "basic" is left alone when it cannot be a credential
     assert redact("basic auth failed") == "basic auth failed"
+
+
+class StuckStream:
+    """A stderr whose reader stalls: ``write`` blocks until released."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> None:
+        self.writing.set()
+        assert self.release.wait(30), "the test never released the stream"
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def stuck_writer(max_lines: int = 100) -> tuple[LogWriter, StuckStream, logging.Logger]:
+    stream = StuckStream()
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(KeyValueFormatter([SECRET], worker=None))
+    writer = LogWriter(handler, max_lines)
+    logger = logging.getLogger(f"exhook.test.stuck{id(writer)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(writer.hand_over)
+    return writer, stream, logger
+
+
+def test_a_log_call_returns_while_stderr_is_stuck_and_the_line_follows() -> None:
+    writer, stream, logger = stuck_writer()
+    logger.info("first with %s", SECRET)
+    assert stream.writing.wait(10)  # the writer thread is inside write(), blocked
+    logger.info("second", extra={"event": "second"})  # returns although stderr takes nothing
+    assert stream.lines == []
+    stream.release.set()
+    writer.close()
+    assert len(stream.lines) == 2
+    assert f"first with {MASK}" in stream.lines[0] and SECRET not in stream.lines[0]
+    assert "event=second" in stream.lines[1]
+
+
+def test_closing_gives_up_on_a_stderr_that_stays_stuck() -> None:
+    writer, stream, logger = stuck_writer()
+    logger.info("never written while stuck")
+    assert stream.writing.wait(10)
+    writer.close(timeout=0.05)  # returns: an exiting process is not held by its log
+    assert stream.lines == []
+    stream.release.set()  # let the thread end
+
+
+def test_lines_beyond_the_queue_are_dropped_counted_and_reported() -> None:
+    writer, stream, logger = stuck_writer(max_lines=2)
+    counted: list[int] = []
+    writer.on_dropped = counted.append
+    logger.info("line 0")
+    assert stream.writing.wait(10)  # line 0 left the queue and blocks in write()
+    for i in range(1, 6):
+        logger.info("line %d", i)  # 1 and 2 fill the queue, 3 to 5 are dropped
+    stream.release.set()
+    writer.close()
+    text = "".join(stream.lines)
+    assert [n for n in range(6) if f"line {n}" in text] == [0, 1, 2]
+    assert counted == [3]
+    assert "3 log lines dropped" in text and "event=log_lines_dropped" in text
+
+
+def test_the_arguments_of_a_line_are_rendered_when_it_is_logged() -> None:
+    writer, stream, logger = stuck_writer()
+    logger.info("first")
+    assert stream.writing.wait(10)
+    items = ["before"]
+    logger.info("items %s", items)
+    items.append("after")  # changed while the line waits for the writer
+    stream.release.set()
+    writer.close()
+    assert "items ['before']" in stream.lines[1]
+
+
+async def test_a_running_service_counts_dropped_lines_in_its_metrics(restore_root_logger: None,
+                                                                     tmp_path: Path) -> None:
+    from exhook.config import load_config_string
+    from exhook.server import Service
+    from tests.ports import free_port
+
+    writer = setup_logging("warning")
+    cfg = load_config_string(f'exhook {{ listen = "127.0.0.1:{free_port()}", http.enable = false }}\n'
+                             f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n')
+    service = Service(cfg)
+    await service.start()
+    try:
+        writer.on_dropped(4)  # what the writer thread calls when it reports dropped lines
+        assert service.metrics.sample("log_lines_dropped_total") == 4
+    finally:
+        await service.stop()
+        stop_logging()
