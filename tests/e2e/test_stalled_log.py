@@ -26,6 +26,15 @@ KEY, SECRET = "reliability", "reliability-secret-value"
 CLIENTS = 40  # each restore and replay logs two lines of ~200 bytes: far beyond one page
 
 
+def start_service(config: Path) -> subprocess.Popen[str]:
+    """The service with a stderr pipe of one page (4 KiB, the least Linux allows)."""
+    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(config)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    fcntl.fcntl(proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    return proc
+
+
 async def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 60) -> list[str]:
     """stderr lines up to the one holding ``needle``; nothing more is read."""
     assert proc.stderr is not None
@@ -42,13 +51,10 @@ async def test_hooks_are_answered_while_stderr_is_not_read(tmp_path: Path) -> No
     backend = SqliteBackend(tmp_path)
     config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
                           tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}" }}')
-    proc = subprocess.Popen([sys.executable, "-m", "exhook", "--config", str(config)], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_service(config)
     emu = EmqxEmulator(f"127.0.0.1:{port}", "v3", api_key=KEY, api_secret=SECRET, rest_port=rest_port,
                        request_timeout=2.0, failed_action="ignore", emqx_version="5.10.4")
     try:
-        assert proc.stderr is not None
-        fcntl.fcntl(proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
         await read_until(proc, "listening on")
         await emu.start()
         subs = [emu.client(f"stalled-{i}", clean_start=True) for i in range(CLIENTS)]
