@@ -108,6 +108,9 @@ class HookLogic:
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # connections whose restore a hook of this process started
         self._restore_started: ExpiringMap[str, bool] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
+        # (clientid, filter) -> qos of a subscription a restore gave back, until the broker's
+        # session.subscribed for it: that call need not store what was just read from the store
+        self._restored_subs: ExpiringMap[tuple[str, str], int] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -266,7 +269,12 @@ class HookLogic:
                                    lambda: self._resubscribe(client))
 
     async def _resubscribe(self, client: ClientRef) -> None:
-        await self._replayer.restore(client.clientid, client.connection, reset_marks=False)
+        self._note_restored(client, await self._replayer.restore(client.clientid, client.connection,
+                                                                 reset_marks=False))
+
+    def _note_restored(self, client: ClientRef, subscriptions: list[tuple[str, int]]) -> None:
+        for topic, qos in subscriptions:
+            self._restored_subs.put((client.clientid, topic), qos)
 
     def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
         submitted = self._queues.submit(client.clientid, "restore subscriptions",
@@ -287,6 +295,7 @@ class HookLogic:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
                                                 wait_for_client=pending is not None)
+        self._note_restored(client, restored)
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
         # without it: replay here too. The replay marks make the later of the two
@@ -294,7 +303,7 @@ class HookLogic:
         # broker may not have applied the subscription yet: a replay that reaches
         # nobody tries again once the writer has caught up (Replayer.replay).
         settle: Callable[[], Awaitable[None]] | None = self._writer_caught_up
-        for topic in restored:
+        for topic, _ in restored:
             if (await self._replay_filter(client, topic, settle)).reached_nobody:
                 settle = None  # the client left: its other filters do not wait for it again
 
@@ -305,6 +314,11 @@ class HookLogic:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+        if self._restored_subs.pop((client.clientid, topic)) != qos:  # else it is stored as it is
+            await self._save_subscription(client, topic, qos)
+        await self._replay_filter(client, topic)
+
+    async def _save_subscription(self, client: ClientRef, topic: str, qos: int) -> None:
         try:
             await retrying("save subscription", lambda: self._store.save_subscription(client.clientid, topic, qos))
         except WriteRejected as exc:
@@ -315,7 +329,6 @@ class HookLogic:
             log.error("subscription not stored: %s", exc.detail, extra={
                 "event": "subscription_rejected", "clientid": client.clientid[:200], "topic": topic[:200],
                 "reason": exc.reason})
-        await self._replay_filter(client, topic)
 
     async def _replay_filter(self, client: ClientRef, topic: str,
                              settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
@@ -329,6 +342,7 @@ class HookLogic:
         return await self._replayer.replay(client.clientid, client.connection, topic, settle)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
+        self._restored_subs.pop((client.clientid, topic))  # a later subscribe is stored again
         self._queues.submit(client.clientid, f"unsubscribe {topic}",
                             lambda: retrying("delete subscription",
                                              lambda: self._store.delete_subscription(client.clientid, topic)))

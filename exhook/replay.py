@@ -148,14 +148,14 @@ class Replayer:
         self._until_subscribed = until_subscribed
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
-                      reset_marks: bool = True) -> list[str]:
+                      reset_marks: bool = True) -> list[tuple[str, int]]:
         """Re-subscribe a client that connected without a session to its stored
         subscriptions; the broker then fires ``session.subscribed`` for each.
         ``wait_for_client``: the client may not be registered at the broker yet
         (restore started from ``session.created``). ``reset_marks``: forget what an
         earlier connection with the same key was given (a connect's own restore does;
-        the sweep after lost connect calls does not). Returns the filters the client
-        now has (none when it left first)."""
+        the sweep after lost connect calls does not). Returns the (filter, qos) pairs
+        the client now has (none when it left first)."""
         if reset_marks:
             await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
@@ -166,7 +166,7 @@ class Replayer:
         self._metrics.restores.inc()
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
                  extra={"event": "restore", "clientid": clientid, "subscriptions": len(pairs), "client_found": found})
-        return [topic for topic, _ in pairs] if found else []
+        return pairs if found else []
 
     async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool) -> bool:
         """subscribe/bulk; False if the client is not connected (after waiting for it

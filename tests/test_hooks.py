@@ -283,6 +283,40 @@ async def test_a_restore_replays_even_when_its_session_subscribed_call_is_lost(r
     assert [item.origin for item in rig.api.replayed] == [guid(1)]
 
 
+async def test_the_broker_s_call_for_a_restored_subscription_does_not_store_it_again(rig: Rig) -> None:
+    # the restore read it from the store a moment ago: writing it back is a store round
+    # trip per client per filter in a reconnect storm, for nothing
+    await rig.store.save_subscription("sub", "t/a", 1)
+    await rig.store.save_subscription("sub", "t/b", 1)
+    rig.logic.client_connected(client())
+    await rig.settle()
+    rig.store.calls.clear()
+    rig.logic.session_subscribed(client(), "t/a", 1)  # the broker's calls for the restored filters
+    rig.logic.session_subscribed(client(), "t/b", 1)
+    await rig.settle()
+    assert "save_subscription" not in rig.store.calls
+    # what the client subscribes itself afterwards is stored: a new qos, a new filter
+    rig.logic.session_subscribed(client(), "t/a", 2)
+    rig.logic.session_subscribed(client(), "t/c", 1)
+    await rig.settle()
+    assert rig.store.calls.count("save_subscription") == 2
+    assert rig.store.subs["sub"] == {"t/a": 2, "t/b": 1, "t/c": 1}
+
+
+async def test_a_restored_filter_unsubscribed_and_subscribed_again_is_stored_again(rig: Rig) -> None:
+    # the broker's session.subscribed for the restored filter was lost (a storm); the
+    # client then unsubscribes and subscribes again, same qos: the row must come back
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.client_connected(client())
+    await rig.settle()
+    rig.logic.session_unsubscribed(client(), "t/a")
+    await rig.settle()
+    assert rig.store.subs["sub"] == {}
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert rig.store.subs["sub"] == {"t/a": 1}
+
+
 async def test_a_restore_replays_again_when_the_broker_had_not_applied_the_subscription_yet(rig: Rig) -> None:
     # subscribe/bulk answers before the client's process applies the subscription (it is
     # still in a hook): the first replay reaches nobody and the marks are already claimed,
