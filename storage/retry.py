@@ -18,6 +18,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# a generator of its own: jitter needs no reproducible sequence, and drawing from the
+# global one would disturb code that seeds it (Hypothesis checks that nothing does)
+_JITTER = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +34,7 @@ class Backoff:
     def delay(self, failures: int) -> float:
         """The pause after the ``failures``-th consecutive failure (1-based)."""
         ceiling = min(self.cap, self.base * float(2 ** min(max(failures, 1) - 1, 62)))
-        return ceiling / 2 + random.uniform(0.0, ceiling / 2)
+        return ceiling / 2 + _JITTER.uniform(0.0, ceiling / 2)
 
     def delays(self, attempts: int | None = None) -> Iterator[float]:
         """The pauses between ``attempts`` tries (forever when None)."""
