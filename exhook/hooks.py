@@ -108,9 +108,9 @@ class HookLogic:
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # connections whose restore a hook of this process started
         self._restore_started: ExpiringMap[str, bool] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
-        # (clientid, filter) -> qos of a subscription a restore gave back, until the broker's
-        # session.subscribed for it: that call need not store what was just read from the store
-        self._restored_subs: ExpiringMap[tuple[str, str], int] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
+        # connection -> {filter: qos} a hook's restore just read from the store and gave back,
+        # until the broker's session.subscribed for each: that call need not store it again
+        self._restored_subs: ExpiringMap[str, dict[str, int]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -223,6 +223,7 @@ class HookLogic:
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._restored_subs.pop(client.connection)  # an earlier connection's, with the same key (EMQX 5.3)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.pop(client.clientid)
         pending = PendingRestore(client.connection)
@@ -231,6 +232,7 @@ class HookLogic:
 
     def session_resumed(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._restored_subs.pop(client.connection)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
 
@@ -269,12 +271,9 @@ class HookLogic:
                                    lambda: self._resubscribe(client))
 
     async def _resubscribe(self, client: ClientRef) -> None:
-        self._note_restored(client, await self._replayer.restore(client.clientid, client.connection,
-                                                                 reset_marks=False))
-
-    def _note_restored(self, client: ClientRef, subscriptions: list[tuple[str, int]]) -> None:
-        for topic, qos in subscriptions:
-            self._restored_subs.put((client.clientid, topic), qos)
+        # not noted in _restored_subs: the broker's session.subscribed for these may go to
+        # another worker, and an entry nobody consumes must not outlive what it describes
+        await self._replayer.restore(client.clientid, client.connection, reset_marks=False)
 
     def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
         submitted = self._queues.submit(client.clientid, "restore subscriptions",
@@ -295,7 +294,7 @@ class HookLogic:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
                                                 wait_for_client=pending is not None)
-        self._note_restored(client, restored)
+        self._restored_subs.put(client.connection, dict(restored))
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
         # without it: replay here too. The replay marks make the later of the two
@@ -314,7 +313,8 @@ class HookLogic:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
-        if self._restored_subs.pop((client.clientid, topic)) != qos:  # else it is stored as it is
+        restored = self._restored_subs.get(client.connection)
+        if restored is None or restored.pop(topic, None) != qos:  # else it is stored as it is
             await self._save_subscription(client, topic, qos)
         await self._replay_filter(client, topic)
 
@@ -342,8 +342,13 @@ class HookLogic:
         return await self._replayer.replay(client.clientid, client.connection, topic, settle)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
-        self._restored_subs.pop((client.clientid, topic))  # a later subscribe is stored again
-        self._queues.submit(client.clientid, f"unsubscribe {topic}",
-                            lambda: retrying("delete subscription",
-                                             lambda: self._store.delete_subscription(client.clientid, topic)))
+        self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))
+
+    async def _unsubscribed(self, client: ClientRef, topic: str) -> None:
+        # here, not in the hook: a restore queued before this job notes what it gave back
+        # when it has run, and a subscribe after this one must be stored again
+        restored = self._restored_subs.get(client.connection)
+        if restored is not None:
+            restored.pop(topic, None)
+        await retrying("delete subscription", lambda: self._store.delete_subscription(client.clientid, topic))
 

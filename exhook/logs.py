@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -104,11 +105,38 @@ def _kv_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def line_formatter(fmt: str, secrets: Iterable[str], worker: int | None = None) -> logging.Formatter:
+    """One ``fmt`` ("text" or "json") line per record, secrets masked."""
+    return (JsonFormatter if fmt == "json" else KeyValueFormatter)(secrets, worker)
+
+
 def stderr_handler(fmt: str, secrets: Iterable[str], worker: int | None = None) -> logging.Handler:
-    """A handler writing one ``fmt`` ("text" or "json") line per record to stderr."""
+    """A handler writing one ``fmt`` line per record to stderr, on the caller's thread."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter((JsonFormatter if fmt == "json" else KeyValueFormatter)(secrets, worker))
+    handler.setFormatter(line_formatter(fmt, secrets, worker))
     return handler
+
+
+def raw_stderr() -> Callable[[str], None]:
+    """A writer of text to the process's stderr file descriptor itself. Blocked on a
+    stalled pipe, it holds no lock: through ``sys.stderr`` it would hold the stream's
+    buffer lock, which the interpreter takes on its way out (a process that exits
+    with lines still queued would abort or hang)."""
+    stream = sys.stderr
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (a test's capture)
+        def write_stream(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+        return write_stream
+    stream.flush()  # what was written through it so far comes first
+
+    def write_fd(text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
+        while data:
+            data = data[os.write(fd, data):]
+    return write_fd
 
 
 QUEUE_LINES = 10_000
@@ -118,43 +146,58 @@ _STOP_WAIT_S = 5.0
 class _HandOver(logging.Handler):
     """Hands a record to the writer thread; never blocks, drops when ``max_lines`` wait."""
 
-    def __init__(self, max_lines: int) -> None:
+    def __init__(self, max_lines: int, count_dropped: Callable[[int], None]) -> None:
         super().__init__()
         self.lines: deque[logging.LogRecord | None] = deque()  # append/popleft: atomic, no lock
         self.wake = threading.Event()
         self._max = max_lines
+        self._count_dropped = count_dropped
         self._lock = threading.Lock()
-        self._dropped = 0
+        self._unreported = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         if len(self.lines) >= self._max:
-            with self._lock:
-                self._dropped += 1
+            self.drop(1)
             return
         try:
             # rendered now, while its arguments are as they were at the call (the
             # traceback stays for the writer's formatter: one process, no pickling)
             record.msg, record.args = record.getMessage(), None
-        except Exception:
-            self.handleError(record)
-            return
+        except Exception:  # a wrong format or argument: the line says so, masked like any other
+            record.msg, record.args = f"unformattable log message {_safe_repr(record.msg)}", None
         self.lines.append(record)
         if not self.wake.is_set():  # a busy writer drains the whole deque: no wake-up per line
             self.wake.set()
 
-    def take_dropped(self) -> int:
+    def drop(self, count: int) -> None:
+        """Count lines that will not be written (the metric moves at once)."""
         with self._lock:
-            dropped, self._dropped = self._dropped, 0
+            self._unreported += count
+        self._count_dropped(count)
+
+    def take_unreported(self) -> int:
+        with self._lock:
+            dropped, self._unreported = self._unreported, 0
         return dropped
 
 
-class LogWriter:
-    """The thread that writes the handed-over lines to the stderr handler (module docstring)."""
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)[:500]
+    except Exception:
+        return f"<{type(value).__name__}>"
 
-    def __init__(self, handler: logging.Handler, max_lines: int = QUEUE_LINES) -> None:
-        self.hand_over = _HandOver(max_lines)
-        self.handler = handler
+
+class LogWriter:
+    """The thread that formats the handed-over records and writes them (module docstring)."""
+
+    def __init__(self, formatter: logging.Formatter, write: Callable[[str], None],
+                 max_lines: int = QUEUE_LINES) -> None:
+        self.formatter = formatter
         self.on_dropped: Callable[[int], None] = lambda count: None
+        self.hand_over = _HandOver(max_lines, lambda count: self.on_dropped(count))
+        self._write = write
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -168,42 +211,56 @@ class LogWriter:
                 if record is None:
                     self._report_dropped()
                     return
-                self._report_dropped()
-                self.handler.handle(record)
+                if self._abandoned:
+                    self.hand_over.drop(1)
+                else:
+                    self._line(record)
+            self._report_dropped()  # caught up: one line for what was dropped meanwhile
+
+    def _line(self, record: logging.LogRecord) -> None:
+        try:
+            self._write(self.formatter.format(record) + "\n")
+        except Exception:  # stderr closed, or a field the formatter cannot render
+            self.hand_over.drop(1)
 
     def _report_dropped(self) -> None:
-        dropped = self.hand_over.take_dropped()
-        if not dropped:
-            return
-        self.on_dropped(dropped)
-        record = logging.LogRecord("exhook.logs", logging.WARNING, __file__, 0,
-                                   "%d log lines dropped: stderr did not keep up", (dropped,), None)
-        record.event, record.dropped = "log_lines_dropped", dropped
-        self.handler.handle(record)
+        dropped = self.hand_over.take_unreported()
+        if dropped and not self._abandoned:
+            record = logging.LogRecord("exhook.logs", logging.WARNING, __file__, 0,
+                                       "%d log lines dropped: stderr did not keep up", (dropped,), None)
+            record.event, record.dropped = "log_lines_dropped", dropped
+            self._line(record)
 
     def close(self, timeout: float = _STOP_WAIT_S) -> None:
-        """Write what is queued (waiting at most ``timeout`` s for a blocked stderr) and stop."""
+        """Write what is queued, waiting at most ``timeout`` s for a stalled stderr; then
+        the rest is dropped and the thread, stuck in a write that holds no lock, is
+        left to end with the process."""
         self.hand_over.lines.append(None)
         self.hand_over.wake.set()
-        self._thread.join(timeout)  # a stuck stderr: the daemon thread dies with the process
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandoned = True
 
 
 _active: LogWriter | None = None
 
 
 def setup_logging(
-    level: str, fmt: str = "text", worker: int | None = None, secrets: Iterable[str] = ()
+    level: str, fmt: str = "text", worker: int | None = None, secrets: Iterable[str] = (),
+    write: Callable[[str], None] | None = None, max_lines: int = QUEUE_LINES,
 ) -> LogWriter:
-    """Send every log line of this process through a ``LogWriter`` to stderr; the
-    caller closes it (``stop_logging``) when the process is done."""
+    """Send every log line of this process (Python's warnings included) through a
+    ``LogWriter`` to stderr (or ``write``); the caller stops it (``stop_logging``)
+    when the process is done."""
     global _active
     stop_logging()
-    writer = _active = LogWriter(stderr_handler(fmt, secrets, worker))
+    writer = _active = LogWriter(line_formatter(fmt, secrets, worker), write or raw_stderr(), max_lines)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(writer.hand_over)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
     # aiohttp logs every request at info: not an event that matters here
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return writer
@@ -215,15 +272,18 @@ def count_dropped_lines(counter: Callable[[int], None]) -> None:
         _active.on_dropped = counter
 
 
-def stop_logging() -> None:
+def stop_logging(timeout: float = _STOP_WAIT_S) -> None:
     """Write what is queued and go back to writing on the caller's thread (the last
     lines of a process that is exiting)."""
     global _active
     writer, _active = _active, None
     if writer is None:
         return
-    writer.close()
     root = logging.getLogger()
-    if writer.hand_over in root.handlers:
+    if writer.hand_over in root.handlers:  # lines from now on are written directly
         root.removeHandler(writer.hand_over)
-        root.addHandler(writer.handler)
+        direct = logging.StreamHandler(sys.stderr)
+        direct.setFormatter(writer.formatter)
+        root.addHandler(direct)
+    logging.captureWarnings(False)
+    writer.close(timeout)

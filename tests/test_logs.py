@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from exhook.logs import MASK, JsonFormatter, KeyValueFormatter, LogWriter, redactor, setup_logging, stop_logging
+from tests.cli_run import ROOT
 
 SECRET = "s3cr3t-Pa55"
 
@@ -120,9 +125,7 @@ class StuckStream:
 
 def stuck_writer(max_lines: int = 100) -> tuple[LogWriter, StuckStream, logging.Logger]:
     stream = StuckStream()
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
-    handler.setFormatter(KeyValueFormatter([SECRET], worker=None))
-    writer = LogWriter(handler, max_lines)
+    writer = LogWriter(KeyValueFormatter([SECRET], worker=None), stream.write, max_lines)
     logger = logging.getLogger(f"exhook.test.stuck{id(writer)}")
     logger.propagate = False
     logger.setLevel(logging.INFO)
@@ -160,12 +163,13 @@ def test_lines_beyond_the_queue_are_dropped_counted_and_reported() -> None:
     assert stream.writing.wait(10)  # line 0 left the queue and blocks in write()
     for i in range(1, 6):
         logger.info("line %d", i)  # 1 and 2 fill the queue, 3 to 5 are dropped
+    assert sum(counted) == 3  # counted as they are dropped, while stderr is still stuck
     stream.release.set()
     writer.close()
-    text = "".join(stream.lines)
-    assert [n for n in range(6) if f"line {n}" in text] == [0, 1, 2]
-    assert counted == [3]
-    assert "3 log lines dropped" in text and "event=log_lines_dropped" in text
+    assert [n for n in range(6) if any(f"line {n}" in line for line in stream.lines)] == [0, 1, 2]
+    # one line for the drops, once the writer has caught up (after what was queued before them)
+    assert "3 log lines dropped" in stream.lines[-1] and "event=log_lines_dropped" in stream.lines[-1]
+    assert sum("log lines dropped" in line for line in stream.lines) == 1
 
 
 def test_the_arguments_of_a_line_are_rendered_when_it_is_logged() -> None:
@@ -180,20 +184,50 @@ def test_the_arguments_of_a_line_are_rendered_when_it_is_logged() -> None:
     assert "items ['before']" in stream.lines[1]
 
 
-async def test_a_running_service_counts_dropped_lines_in_its_metrics(restore_root_logger: None,
-                                                                     tmp_path: Path) -> None:
+async def test_a_running_service_counts_dropped_lines_while_stderr_is_stuck(restore_root_logger: None,
+                                                                           tmp_path: Path) -> None:
     from exhook.config import load_config_string
     from exhook.server import Service
     from tests.ports import free_port
 
-    writer = setup_logging("warning")
+    stream = StuckStream()
+    setup_logging("critical", write=stream.write, max_lines=1)
     cfg = load_config_string(f'exhook {{ listen = "127.0.0.1:{free_port()}", http.enable = false }}\n'
                              f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n')
     service = Service(cfg)
     await service.start()
     try:
-        writer.on_dropped(4)  # what the writer thread calls when it reports dropped lines
-        assert service.metrics.sample("log_lines_dropped_total") == 4
+        log = logging.getLogger("exhook.test.metric")
+        log.critical("taken by the writer, which blocks in write()")
+        assert await asyncio.to_thread(stream.writing.wait, 10)
+        for i in range(3):
+            log.critical("line %d", i)  # the first waits in the queue (1 line), two are dropped
+        assert service.metrics.sample("log_lines_dropped_total") == 2
     finally:
+        stream.release.set()
         await service.stop()
         stop_logging()
+    assert "2 log lines dropped" in "".join(stream.lines)
+
+
+def test_a_process_exits_at_once_with_lines_queued_for_a_stderr_nobody_reads(tmp_path: Path) -> None:
+    # the writer thread is blocked in a write when the process exits: it holds no lock
+    # the interpreter needs on its way out, so the exit is neither an abort nor a hang
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "import logging, sys\n"
+        "from exhook.logs import setup_logging, stop_logging\n"
+        "setup_logging('info')\n"
+        "for i in range(5000):\n"
+        "    logging.getLogger('exhook.test').info('line %d %s', i, 'x' * 200)\n"
+        "stop_logging(timeout=0.2)\n"
+        "logging.getLogger('exhook.test').info('after the writer stopped')\n"
+        "sys.exit(3)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        fcntl.fcntl(proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        assert proc.wait(timeout=60) == 3  # without reading stderr
+    finally:
+        proc.kill()
+        proc.wait()
