@@ -231,15 +231,26 @@ class LogWriter:
             record.event, record.dropped = "log_lines_dropped", dropped
             self._line(record)
 
-    def close(self, timeout: float = _STOP_WAIT_S) -> None:
-        """Write what is queued, waiting at most ``timeout`` s for a stalled stderr; then
-        the rest is dropped and the thread, stuck in a write that holds no lock, is
-        left to end with the process."""
+    def close(self, timeout: float = _STOP_WAIT_S) -> bool:
+        """Write what is queued, waiting at most ``timeout`` s for a stalled stderr.
+        True when all was written; else the rest is dropped and the thread, stuck in a
+        write that holds no lock, is left to end with the process."""
         self.hand_over.lines.append(None)
         self.hand_over.wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._abandoned = True
+            return False
+        return True
+
+    def write_leftovers(self) -> None:
+        """Write, on the caller's thread, lines handed over after the writer stopped."""
+        lines = self.hand_over.lines
+        while lines:
+            record = lines.popleft()
+            if record is not None:
+                self._line(record)
+        self._report_dropped()
 
 
 _active: LogWriter | None = None
@@ -273,17 +284,20 @@ def count_dropped_lines(counter: Callable[[int], None]) -> None:
 
 
 def stop_logging(timeout: float = _STOP_WAIT_S) -> None:
-    """Write what is queued and go back to writing on the caller's thread (the last
-    lines of a process that is exiting)."""
+    """Write what is queued, then log on the caller's thread (the last lines of a
+    process that is exiting), or, when stderr stayed stuck, not at all: nothing may
+    keep the process from exiting."""
     global _active
     writer, _active = _active, None
     if writer is None:
         return
+    written = writer.close(timeout)
     root = logging.getLogger()
-    if writer.hand_over in root.handlers:  # lines from now on are written directly
+    if writer.hand_over in root.handlers:
         root.removeHandler(writer.hand_over)
-        direct = logging.StreamHandler(sys.stderr)
+        direct: logging.Handler = logging.StreamHandler(sys.stderr) if written else logging.NullHandler()
         direct.setFormatter(writer.formatter)
         root.addHandler(direct)
     logging.captureWarnings(False)
-    writer.close(timeout)
+    if written:
+        writer.write_leftovers()  # handed over between the writer's end and the swap above

@@ -211,8 +211,8 @@ async def test_a_running_service_counts_dropped_lines_while_stderr_is_stuck(rest
 
 
 def test_a_process_exits_at_once_with_lines_queued_for_a_stderr_nobody_reads(tmp_path: Path) -> None:
-    # the writer thread is blocked in a write when the process exits: it holds no lock
-    # the interpreter needs on its way out, so the exit is neither an abort nor a hang
+    # the writer thread is blocked in a write when the process stops its log: the stop
+    # gives up after its timeout, later lines are dropped, and the process exits
     script = tmp_path / "exits.py"
     script.write_text(
         "import logging, sys\n"
