@@ -313,10 +313,15 @@ class HookLogic:
         self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
-        restored = self._restored_subs.get(client.connection)
-        if restored is None or restored.pop(topic, None) != qos:  # else it is stored as it is
+        if self._take_restored(client, topic) != qos:  # else it is stored as it is
             await self._save_subscription(client, topic, qos)
         await self._replay_filter(client, topic)
+
+    def _take_restored(self, client: ClientRef, topic: str) -> int | None:
+        """The qos a restore of this connection gave ``topic`` back with, forgotten now
+        (None if it did not)."""
+        restored = self._restored_subs.get(client.connection)
+        return None if restored is None else restored.pop(topic, None)
 
     async def _save_subscription(self, client: ClientRef, topic: str, qos: int) -> None:
         try:
@@ -347,8 +352,6 @@ class HookLogic:
     async def _unsubscribed(self, client: ClientRef, topic: str) -> None:
         # here, not in the hook: a restore queued before this job notes what it gave back
         # when it has run, and a subscribe after this one must be stored again
-        restored = self._restored_subs.get(client.connection)
-        if restored is not None:
-            restored.pop(topic, None)
+        self._take_restored(client, topic)
         await retrying("delete subscription", lambda: self._store.delete_subscription(client.clientid, topic))
 

@@ -283,6 +283,13 @@ async def test_a_restore_replays_even_when_its_session_subscribed_call_is_lost(r
     assert [item.origin for item in rig.api.replayed] == [guid(1)]
 
 
+async def subscribe_again_is_stored(rig: Rig) -> None:
+    """The client's own subscribe of t/a at qos 1 (the qos the restore gave it) is stored."""
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert rig.store.subs["sub"] == {"t/a": 1}
+
+
 async def test_the_broker_s_call_for_a_restored_subscription_does_not_store_it_again(rig: Rig) -> None:
     # the restore read it from the store a moment ago: writing it back is a store round
     # trip per client per filter in a reconnect storm, for nothing
@@ -312,9 +319,7 @@ async def test_a_restored_filter_unsubscribed_and_subscribed_again_is_stored_aga
     rig.logic.session_unsubscribed(client(), "t/a")
     await rig.settle()
     assert rig.store.subs["sub"] == {}
-    rig.logic.session_subscribed(client(), "t/a", 1)
-    await rig.settle()
-    assert rig.store.subs["sub"] == {"t/a": 1}
+    await subscribe_again_is_stored(rig)
 
 
 async def test_an_unsubscribe_while_the_restore_waits_for_its_subscribe_is_not_undone(rig: Rig) -> None:
@@ -337,9 +342,7 @@ async def test_an_unsubscribe_while_the_restore_waits_for_its_subscribe_is_not_u
     answer.set()
     await rig.settle()
     assert rig.store.subs["sub"] == {}
-    rig.logic.session_subscribed(client(), "t/a", 1)
-    await rig.settle()
-    assert rig.store.subs["sub"] == {"t/a": 1}
+    await subscribe_again_is_stored(rig)
 
 
 async def test_a_new_connect_forgets_what_the_previous_restore_gave_back(rig: Rig) -> None:
@@ -352,9 +355,7 @@ async def test_a_new_connect_forgets_what_the_previous_restore_gave_back(rig: Ri
     rig.logic.session_created(client())
     rig.logic.client_connected(client())
     await rig.settle()
-    rig.logic.session_subscribed(client(), "t/a", 1)
-    await rig.settle()
-    assert rig.store.subs["sub"] == {"t/a": 1}
+    await subscribe_again_is_stored(rig)
 
 
 async def test_the_sweep_s_restore_leaves_the_subscriptions_to_be_stored_by_the_broker_s_calls(rig: Rig) -> None:
