@@ -38,6 +38,7 @@ from exhook.config_fields import (
     read_topics,
 )
 from exhook.hocon_text import parse_hocon
+from storage.base import StoreConfigError
 from storage.config import DEFAULT_SQL as DEFAULT_SQL
 from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
 from storage.config import SQL_TEMPLATE_FIELDS as SQL_TEMPLATE_FIELDS
@@ -203,23 +204,10 @@ def _parse_redis(tree: ConfigTree, base: Path) -> RedisConfig:
     )
 
 
-_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-
-def check_sql_template(field_name: str, sql: str) -> None:
-    if not sql.strip():
-        raise ConfigError(f"{field_name}: empty SQL template")
-    for name in _PLACEHOLDER.findall(sql):
-        if name not in SQL_PLACEHOLDERS:
-            raise ConfigError(f"{field_name}: unknown placeholder ${{{name}}}")
-
-
 def _parse_mysql(tree: ConfigTree, base: Path) -> MysqlConfig:
     where = "mysql."
-    sql = {}
-    for name in SQL_TEMPLATE_FIELDS:
-        sql[name] = read_str(tree, name, DEFAULT_SQL[name], where)
-        check_sql_template(where + name, sql[name])
-    return MysqlConfig(
+    sql = {name: read_str(tree, name, DEFAULT_SQL[name], where) for name in SQL_TEMPLATE_FIELDS}
+    config = MysqlConfig(
         **_common(tree, where, ttl_default=0),
         server=parse_host_port(read_str(tree, "server", "127.0.0.1:3306", where), 3306, "mysql.server"),
         pool_size=read_int(tree, "pool_size", 8, where, minimum=1, maximum=1024),
@@ -230,6 +218,14 @@ def _parse_mysql(tree: ConfigTree, base: Path) -> MysqlConfig:
         sql=sql,
         ssl=read_ssl(tree, where, base),
     )
+    # imported here: the MySQL package loads its driver (~0.2 s), which other backends skip
+    from storage.mysql.templates import Templates
+
+    try:  # the store's own compilation, so check-config refuses what start-up would
+        Templates.compile(config)
+    except StoreConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return config
 
 
 def _parse_sqlite(tree: ConfigTree, base: Path) -> SqliteConfig:

@@ -119,6 +119,9 @@ async def test_unknown_or_unavailable_placeholders_rejected(make_store: MakeStor
         "select_message_sql": ("select * from mqtt_msg where topic = ${foo}", r"unknown placeholder \$\{foo\}"),
         "delete_message_sql": ("delete from mqtt_msg where payload = ${payload}", r"\$\{payload\} is not available"),
         "insert_subscription_sql": ("insert into mqtt_sub values(${clientid}, ${topic}, ${id})", r"\$\{id\}"),
+        # the driver's own quotes would put the value outside the literal: injection
+        "select_subscriptions_sql": ("select topic, qos from mqtt_sub where clientid = '${clientid}'",
+                                     r"\$\{clientid\} inside a quoted literal"),
     }
     cases["select_message_sql_clientid"] = (
         "select * from mqtt_msg where topic = ${topic} and sender = ${clientid}", r"\$\{clientid\} is not available"

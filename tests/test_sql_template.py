@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pymysql.converters
 import pytest
 
-from exhook.config import DEFAULT_SQL, ConfigError, check_sql_template
+from exhook.config import DEFAULT_SQL, ConfigError, load_config_string
 from storage.model import StoredMessage
 from storage.mysql.sql_template import (
     SqlTemplateError,
@@ -80,7 +82,46 @@ def test_unknown_placeholder_is_an_error_naming_it() -> None:
         compile_template("x", "delete from mqtt_msg where msgid = ${ id }")
     # the config check agrees with the compiler
     with pytest.raises(ConfigError, match=r"\$\{foo\}"):
-        check_sql_template("mysql.select_message_sql", "select ${foo}")
+        mysql_config(select_message_sql="select ${foo}")
+
+
+def mysql_config(**sql: str) -> None:
+    fields = "\n".join(f"{name} = {json.dumps(text)}" for name, text in sql.items())
+    load_config_string(f'mysql {{\nenable = true, topics = ["t/#"]\n{fields}\n}}')
+
+
+@pytest.mark.parametrize("sql", [
+    "select topic, qos from mqtt_sub where clientid = '${clientid}'",
+    'select topic, qos from mqtt_sub where clientid = "x${clientid}"',
+    "select topic, qos from mqtt_sub where clientid = concat('a', '${clientid}')",
+    "select topic, qos from `${clientid}`",
+    "select topic, qos from mqtt_sub where clientid = 'it''s ${clientid}'",
+    "select topic, qos from mqtt_sub where clientid = 'a\\'${clientid}'",
+])
+def test_placeholder_inside_a_quoted_literal_is_refused(sql: str) -> None:
+    # the driver quotes a value itself: '${clientid}' would become ''alice'', the value
+    # outside any string literal (a clientid "' or 1=1 -- " would read every subscription)
+    with pytest.raises(SqlTemplateError, match=r"mysql.select_subscriptions_sql: placeholder \$\{clientid\} inside "
+                                               r"a quoted literal"):
+        compile_template("mysql.select_subscriptions_sql", sql)
+    with pytest.raises(ConfigError, match=r"mysql.select_subscriptions_sql: placeholder \$\{clientid\} inside"):
+        mysql_config(select_subscriptions_sql=sql)
+
+
+def test_quotes_around_other_text_leave_placeholders_alone() -> None:
+    t = compile_template("x", """select 'it''s', "a\\"b", `c``d` from t where a = "${topic}" and b = ${clientid}""")
+    assert t.params == ("topic", "clientid")
+    assert t.sql == """select 'it''s', "a\\"b", `c``d` from t where a = %s and b = %s"""
+
+
+def test_config_check_refuses_what_the_store_would() -> None:
+    # check-config says what start-up says: a placeholder a statement is not given,
+    # a template that is only a ';'
+    with pytest.raises(ConfigError, match=r"mysql.delete_message_sql: placeholder \$\{new_id\} is not available"):
+        mysql_config(delete_message_sql="delete from mqtt_msg where msgid = ${new_id}")
+    with pytest.raises(ConfigError, match=r"mysql.select_message_sql: empty SQL template"):
+        mysql_config(select_message_sql=";")
+    mysql_config(select_message_sql="select * from mqtt_msg where topic = ${topic};")
 
 
 def test_placeholder_not_available_in_a_statement() -> None:

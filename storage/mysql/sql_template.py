@@ -11,6 +11,10 @@ as the plugin 2.0.0 calls it:
 
 * ``${name}`` and ``"${name}"`` (the double quotes are stripped) are placeholders;
   a name outside ``SQL_PLACEHOLDERS`` is an error naming it.
+* a placeholder inside a quoted literal (``'${clientid}'``, or in backticks) is an
+  error: the driver quotes the value itself, so the quotes around it would end the
+  literal and put the value outside any string (SQL injection). The plugin's
+  prepared statement would take it as the literal text ``?``.
 * every other character is literal SQL; a literal ``%`` is doubled so that the
   driver's ``%``-formatting leaves it intact (``like 'a%'`` stays ``like 'a%'``).
   Execute a compiled template always with an args tuple (possibly empty): PyMySQL
@@ -81,20 +85,50 @@ def compile_template(
     prepare: list[str] = []
     params: list[str] = []
     pos = 0
-    for match in _PLACEHOLDER.finditer(text):
-        literal = text[pos : match.start()]
+    for start, end, var in _placeholders(name, text):
+        literal = text[pos:start]
         sql.append(literal.replace("%", "%%"))
         prepare.append(literal)
-        var = match.group(1) if match.group(1) is not None else match.group(2)
         if var not in allowed_set:
             raise SqlTemplateError(f"{name}: unknown placeholder ${{{var}}}")
         params.append(var)
         sql.append("%s")
         prepare.append("?")
-        pos = match.end()
+        pos = end
     sql.append(text[pos:].replace("%", "%%"))
     prepare.append(text[pos:])
     return SqlTemplate(name, text, "".join(sql), tuple(params), "".join(prepare))
+
+
+def _placeholders(name: str, text: str) -> Iterator[tuple[int, int, str]]:
+    """``(start, end, name)`` of every placeholder of ``text``, in order; raise
+    ``SqlTemplateError`` for one inside a quoted literal (module docstring)."""
+    quote: str | None = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote is None and (match := _PLACEHOLDER.match(text, i)):
+            yield match.start(), match.end(), match.group(1) if match.group(1) is not None else match.group(2)
+            i = match.end()
+            continue
+        if quote is None:
+            if ch in "'\"`":
+                quote = ch
+        elif ch == "\\" and quote != "`":
+            i += 1  # the escaped character is part of the literal
+        elif ch == quote:
+            if text.startswith(quote * 2, i):
+                i += 1  # a doubled quote stays inside the literal
+            else:
+                quote = None
+        elif text.startswith("${", i):
+            end = text.find("}", i)
+            var = text[i + 2 : end] if end > 0 else text[i + 2 :]
+            raise SqlTemplateError(
+                f"{name}: placeholder ${{{var}}} inside a quoted literal ({quote}...{quote}): write it "
+                "without quotes, its value is sent as a parameter"
+            )
+        i += 1
 
 
 # ---------------------------------------------------------------------------
