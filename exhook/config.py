@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,7 +262,23 @@ def _server_tls(tree: ConfigTree, base: Path) -> ServerTlsConfig:
         path = getattr(opts, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"{at}{name}: file not found: {path}")
+    _check_server_pem(opts, at)
     return opts
+
+
+def _check_server_pem(opts: ServerTlsConfig, at: str) -> None:
+    """Load the listener's files as PEM now: grpc would only log its own lines and
+    fail to bind, which names no field."""
+    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        check.load_cert_chain(opts.certfile, opts.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{at}certfile: cannot load {opts.certfile!r} / {opts.keyfile!r}: {exc}") from None
+    if opts.cacertfile:
+        try:
+            check.load_verify_locations(cafile=opts.cacertfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{at}cacertfile: cannot load {opts.cacertfile!r}: {exc}") from None
 
 
 def _http(tree: ConfigTree, grpc_listen: HostPort) -> HttpConfig:
@@ -348,13 +365,21 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
             api_key=read_str(api, "api_key", "", at),
             api_secret=read_str(api, "api_secret", "", at),
             request_timeout_ms=read_duration_ms(api, "request_timeout", 5000, at, minimum=1),
-            ssl=read_ssl(api, at, base),
+            ssl=_api_ssl(api, at, base, url),
         ),
         ssl=_server_tls(tree, base),
         http=_http(tree, listen),
         spool=_spool(tree, base),
         allowed_clients=_allowed_clients(tree),
     )
+
+
+def _api_ssl(api: ConfigTree, at: str, base: Path, url: str) -> SslOptions:
+    opts = read_ssl(api, at, base)
+    if opts.enable and not url.startswith("https://"):
+        # the API key and secret would go out in clear text
+        raise ConfigError(f"{at}ssl.enable: TLS needs an https:// api_url, got {url!r}")
+    return opts
 
 
 _BACKENDS: dict[str, Callable[[ConfigTree, Path], BackendConfig]] = {

@@ -15,6 +15,7 @@ from pyhocon.exceptions import ConfigException  # type: ignore[import-untyped]
 from exhook.topics import QUEUE_PREFIX, SHARE_PREFIX, TopicError, validate_filter
 from exhook.units import format_duration, parse_duration_ms, parse_duration_s, parse_size_bytes
 from storage.config import HostPort, SslOptions
+from storage.tls import TlsSetupError, client_context
 
 
 class ConfigError(ValueError):
@@ -182,6 +183,10 @@ def read_ssl(tree: ConfigTree, where: str, base: Path) -> SslOptions:
                 raise ConfigError(f"{at}{name}: file not found: {path}")
         if bool(opts.certfile) != bool(opts.keyfile):
             raise ConfigError(f"{at}certfile: certfile and keyfile must be given together")
+        try:  # the files load now (a file that is not PEM is a config error, not a traceback later)
+            client_context(opts, at[:-1])
+        except TlsSetupError as exc:
+            raise ConfigError(str(exc)) from None
     return opts
 
 

@@ -89,8 +89,9 @@ class EmqxApi:
         self._cfg = cfg
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
-        # the context carries SNI and the name checked when it is not the URL's host
-        self._ssl: ssl.SSLContext | bool = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else False
+        # the context carries SNI and the name checked when it is not the URL's host; an
+        # https:// URL without an ssl block is verified against the system's CAs
+        self._ssl: ssl.SSLContext | bool = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else True
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(

@@ -18,6 +18,7 @@ from exhook.config import (
     load_config_string,
 )
 from exhook.config_checks import config_warnings
+from tests.redis_servers import TlsMaterial, make_tls_material
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,13 +147,22 @@ def _listener_tls(block: str) -> str:
     return f'sqlite {{ enable = true }}\nexhook {{ ssl {{ {block} }} }}'
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    return make_tls_material(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def pem_files(tmp_path: Path) -> dict[str, Path]:
-    """Placeholder files: parsing checks that they exist, the listener reads them."""
-    files = {name: tmp_path / f"{name}.pem" for name in ("cert", "key", "ca")}
-    for path in files.values():
-        path.write_text("-----BEGIN PLACEHOLDER-----\n")
-    return files
+def pem_files(tls_files: TlsMaterial, tmp_path: Path) -> dict[str, Path]:
+    """The listener's files (parsing loads them), copied so that a test may change them,
+    and one that is not PEM."""
+    files = {"cert": tls_files.server_cert, "key": tls_files.server_key, "ca": tls_files.ca_cert}
+    copies = {name: tmp_path / f"{name}.pem" for name in files}
+    for name, path in copies.items():
+        path.write_bytes(files[name].read_bytes())
+    copies["garbage"] = tmp_path / "garbage.pem"
+    copies["garbage"].write_text("-----BEGIN PLACEHOLDER-----\n")
+    return copies
 
 
 def test_exhook_ssl_is_off_by_default_and_parses_when_complete(pem_files: dict[str, Path]) -> None:
@@ -183,13 +193,18 @@ def test_exhook_ssl_is_off_by_default_and_parses_when_complete(pem_files: dict[s
          "exhook.ssl.cacertfile", "file not found"),
         ('enable = true, certfile = "{cert}", keyfile = "{key}", server_name_indication = x',
          "exhook.ssl.server_name_indication", "unknown field"),
+        # there, but not a certificate and key: grpc alone would fail to bind, naming no field
+        ('enable = true, certfile = "{garbage}", keyfile = "{key}"', "exhook.ssl.certfile", "cannot load"),
+        ('enable = true, certfile = "{cert}", keyfile = "{garbage}"', "exhook.ssl.certfile", "cannot load"),
+        ('enable = true, certfile = "{cert}", keyfile = "{key}", cacertfile = "{garbage}", verify = verify_peer',
+         "exhook.ssl.cacertfile", "cannot load"),
     ],
 )
 def test_exhook_ssl_errors_name_the_field(
     pem_files: dict[str, Path], tmp_path: Path, block: str, field: str, words: str
 ) -> None:
     text = _listener_tls(block.format(cert=pem_files["cert"], key=pem_files["key"], ca=pem_files["ca"],
-                                      missing=tmp_path / "nowhere.pem"))
+                                      garbage=pem_files["garbage"], missing=tmp_path / "nowhere.pem"))
     with pytest.raises(ConfigError) as err:
         load_config_string(text)
     message = str(err.value)

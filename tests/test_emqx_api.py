@@ -26,12 +26,14 @@ class FakeEmqx:
 
     def __init__(self) -> None:
         self.bodies: list[Any] = []
+        self.auth: list[str] = []  # every Authorization header publish/bulk received
         self.bulk_status = 200
         self.delay = 0.0
         self.role = "administrator"
 
     async def publish_bulk(self, request: web.Request) -> web.Response:
         expected = "Basic " + base64.b64encode(f"{KEY}:{SECRET}".encode()).decode()
+        self.auth.append(request.headers.get("Authorization", ""))
         if request.headers.get("Authorization") != expected:
             return web.json_response({"code": "BAD_API_KEY_OR_SECRET"}, status=401)
         await asyncio.sleep(self.delay)
@@ -172,12 +174,42 @@ async def test_tls_to_the_api(tls: TlsMaterial, ca: str, verify: bool, sni: str,
         await runner.cleanup()
 
 
-def test_certificate_files_are_checked(tmp_path: Path) -> None:
+async def test_an_https_url_without_an_ssl_block_is_verified(tls: TlsMaterial) -> None:
+    # the server's certificate chains to a CA the system does not trust: nothing,
+    # the credentials included, may be sent to it
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tls.server_cert, tls.server_key)
+    fake = FakeEmqx()
+    runner, port = await serve(fake, server_ctx)
+    api = await client(f"https://127.0.0.1:{port}")
+    try:
+        with pytest.raises(EmqxApiError, match="unreachable"):
+            await api.publish_bulk([ReplayItem("t", b"x", 1, "0" * 32)])
+        assert fake.bodies == [] and fake.auth == []
+    finally:
+        await api.close()
+        await runner.cleanup()
+
+
+def test_certificate_files_are_checked(tmp_path: Path, tls: TlsMaterial) -> None:
     from exhook.config import ConfigError, load_config_string
 
+    def api_ssl(block: str, url: str = "https://emqx:18083") -> None:
+        load_config_string(f'sqlite {{ enable = true }}\nexhook {{ emqx {{ api_url = "{url}", ssl {{ {block} }} }} }}')
+
     with pytest.raises(ConfigError, match=r"exhook\.emqx\.ssl\.certfile"):
-        load_config_string('sqlite { enable = true }\n'
-                           f'exhook {{ emqx {{ ssl {{ enable = true, certfile = "{tmp_path}/missing.pem" }} }} }}')
+        api_ssl(f'enable = true, certfile = "{tmp_path}/missing.pem"')
+    # a file that is there but is no certificate: one line naming the field, at start-up
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^exhook\.emqx\.ssl\.cacertfile: cannot load"):
+        api_ssl(f'enable = true, cacertfile = "{garbage}"')
+    with pytest.raises(ConfigError, match=r"^exhook\.emqx\.ssl\.certfile: cannot load"):
+        api_ssl(f'enable = true, certfile = "{garbage}", keyfile = "{tls.client_key}"')
+    api_ssl(f'enable = true, cacertfile = "{tls.ca_cert}"')
+    # TLS options with an http:// URL would send the API secret in clear text
+    with pytest.raises(ConfigError, match=r"^exhook\.emqx\.ssl\.enable: TLS needs an https:// api_url"):
+        api_ssl(f'enable = true, cacertfile = "{tls.ca_cert}"', url="http://emqx:18083")
 
 
 async def test_failures_are_counted_with_one_status_vocabulary(plain: tuple[FakeEmqx, int]) -> None:
