@@ -8,10 +8,12 @@ test starts from an empty database. The TLS tests start a second, private mariad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import secrets
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -566,8 +568,39 @@ async def test_bad_credentials_and_unreachable_server(
 
 async def test_tls_requested_but_server_has_none(make_store: MakeStore) -> None:
     # the shared MariaDB on 3306 has no TLS: aiomysql alone would go on in clear text
-    with pytest.raises(StoreConfigError, match="did not accept TLS"):
+    with pytest.raises(StoreConfigError, match="did not offer TLS; nothing was sent"):
         await make_store(ssl=SslOptions(enable=True, verify=False))
+
+
+async def test_no_credentials_to_a_server_that_drops_the_tls_offer(make_store: MakeStore) -> None:
+    """A server (or anyone in between) whose greeting leaves out CLIENT_SSL would get the
+    handshake response in clear text, and after an auth switch to mysql_clear_password
+    the password itself: nothing may follow the greeting."""
+    received = bytearray()
+
+    async def greet_without_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        capabilities = 1 | 2 | 4 | 8 | 512 | 8192 | 32768 | (1 << 19)  # CLIENT_SSL (2048) left out
+        salt = b"abcdefghijklmnopqrst"
+        greeting = (b"\x0a5.7.99-fake\x00" + struct.pack("<I", 7) + salt[:8] + b"\x00"
+                    + struct.pack("<H", capabilities & 0xFFFF) + b"\x2d" + struct.pack("<H", 2)
+                    + struct.pack("<H", capabilities >> 16) + b"\x15" + b"\x00" * 10 + salt[8:] + b"\x00"
+                    + b"mysql_native_password\x00")
+        writer.write(struct.pack("<I", len(greeting))[:3] + b"\x00" + greeting)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            received.extend(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(greet_without_tls, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(StoreConfigError, match=r"mysql.ssl.enable: .* did not offer TLS; nothing was sent"):
+            await make_store(server=HostPort("127.0.0.1", port), password="s3cret-Passw0rd",
+                             ssl=SslOptions(enable=True, verify=False))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received == b""
 
 
 # ---------------------------------------------------------------------------

@@ -16,12 +16,14 @@ import pymysql
 
 from storage.base import StoreConfigError, StoreError, WriteRejected
 from storage.config import MysqlConfig
+from storage.mysql import tls_guard
 from storage.mysql.errors import Deadlock, classify, connection_lost, describe_error, error_code
 from storage.retry import Backoff, RetryPolicy
 from storage.tls import TlsSetupError, client_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+tls_guard.install()
 
 # The server rolled the transaction back: repeat it at once, a few times (short
 # pauses with jitter so that two deadlocked transactions do not collide again).
@@ -71,6 +73,9 @@ class Connections:
             raise self._open_error(exc) from None
 
     def _open_error(self, exc: BaseException) -> StoreError:
+        if tls_guard.refused(exc):
+            return StoreConfigError(f"mysql.ssl.enable: the server at {self._cfg.server} did not offer TLS; "
+                                    "nothing was sent, credentials included")
         code = error_code(exc)
         text = describe_error(exc)
         if code == 1049:
@@ -107,9 +112,6 @@ class Connections:
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
                 try:
-                    if self.tls and not getattr(conn, "_secure", True):
-                        # aiomysql goes on in clear text when the server offers no TLS
-                        raise StoreConfigError(f"mysql.ssl.enable: the server at {self._cfg.server} did not accept TLS")
                     yield conn
                 except BaseException as exc:
                     await _discard_or_roll_back(conn, exc)
