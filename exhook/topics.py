@@ -49,12 +49,16 @@ def is_wildcard(flt: str) -> bool:
 
 
 def literal_prefix(flt: str) -> str:
-    """The part of ``flt`` before its first wildcard (all of it if none)."""
+    """What every topic matching ``flt`` starts with: the part before its first
+    wildcard (all of it if none), without the ``/`` before a ``#``, which also
+    matches the parent level (``a/#`` matches ``a``)."""
     cut = len(flt)
     for ch in "+#":
         i = flt.find(ch)
         if i != -1:
             cut = min(cut, i)
+    if flt[cut:] == "#" and cut > 0:
+        cut -= 1
     return flt[:cut]
 
 

@@ -42,7 +42,9 @@ def test_shared_subscription_prefixes() -> None:
 
 def test_literal_prefix() -> None:
     assert literal_prefix("a/b/+/c") == "a/b/"
-    assert literal_prefix("a/#") == "a/"
+    # "a/#" also matches "a" itself: every matching topic starts with "a", not "a/"
+    assert literal_prefix("a/#") == "a"
+    assert literal_prefix("a/b/#") == "a/b" and literal_prefix("a/+/#") == "a/"
     assert literal_prefix("#") == ""
     assert literal_prefix("a/b") == "a/b"
 
