@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+from yarl import URL
 
 from exhook.config import EmqxApiConfig
 from exhook.metrics import Metrics
@@ -123,7 +124,8 @@ class EmqxApi:
     async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
         """Subscribe a connected client on its behalf. False if it is not connected."""
         body = [{"topic": topic, "qos": qos} for topic, qos in subscriptions]
-        path = f"/api/v5/clients/{quote(clientid, safe='')}/subscribe/bulk"
+        # encoded by hand, and "." too: a URL library would drop a "." or ".." segment
+        path = URL(f"/api/v5/clients/{quote(clientid, safe='').replace('.', '%2E')}/subscribe/bulk", encoded=True)
         status, answer = await self._request("POST", "clients/subscribe/bulk", path, body)
         if status == 404:
             return False
@@ -156,7 +158,7 @@ class EmqxApi:
             return None
         return refusal(status) or f"{status} from GET {CHECK_PATH}: {_short(answer)}"
 
-    async def _request(self, method: str, endpoint: str, path: str, body: Any) -> tuple[int, Any]:
+    async def _request(self, method: str, endpoint: str, path: str | URL, body: Any) -> tuple[int, Any]:
         """A counted call: failures in ``emqx_api_errors_total{endpoint}``, a refused
         key raised as an error no retry can help."""
         try:
@@ -175,7 +177,7 @@ class EmqxApi:
         if self._metrics is not None:
             self._metrics.api_error(endpoint, status)
 
-    async def _send(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+    async def _send(self, method: str, path: str | URL, body: Any) -> tuple[int, Any]:
         if self._session is None:
             raise EmqxApiError("EMQX API client is not started")
         try:

@@ -27,6 +27,7 @@ class FakeEmqx:
     def __init__(self) -> None:
         self.bodies: list[Any] = []
         self.auth: list[str] = []  # every Authorization header publish/bulk received
+        self.subscribed: list[str] = []  # the clientid of every subscribe/bulk call
         self.bulk_status = 200
         self.delay = 0.0
         self.role = "administrator"
@@ -54,6 +55,7 @@ class FakeEmqx:
         return web.json_response([])
 
     async def subscribe_bulk(self, request: web.Request) -> web.Response:
+        self.subscribed.append(request.match_info["clientid"])
         if request.match_info["clientid"] == "gone":
             return web.json_response({"code": "CLIENTID_NOT_FOUND"}, status=404)
         self.bodies.append(await request.json())
@@ -121,6 +123,20 @@ async def test_subscribe_bulk_and_a_client_that_left(plain: tuple[FakeEmqx, int]
         assert await api.subscribe_bulk("gone", [("t/#", 1)]) is False
     finally:
         await api.close()
+
+
+async def test_subscribe_bulk_names_any_clientid(plain: tuple[FakeEmqx, int]) -> None:
+    # "." and ".." are path segments a URL library removes; "/", "%", "?" and "#" end or
+    # change the path unless encoded
+    fake, port = plain
+    api = await client(f"http://127.0.0.1:{port}")
+    names = ["..", ".", "a/b", "100%", "q?x=1", "h#1", "../../publish", "sp ace", "ünï"]
+    try:
+        for name in names:
+            assert await api.subscribe_bulk(name, [("t/#", 1)]) is True
+    finally:
+        await api.close()
+    assert fake.subscribed == names
 
 
 async def test_bad_api_key_is_a_clear_non_retryable_error(plain: tuple[FakeEmqx, int]) -> None:
