@@ -60,7 +60,7 @@ def read_int(
 
 
 def read_parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Callable[[Any], int],
-            minimum: int = 0, show: Callable[[int], str] = str) -> int:
+            minimum: int = 0, show: Callable[[int], str] = str, maximum: int | None = None) -> int:
     """A value read by one of exhook.units' parsers, with its field named in any error."""
     try:
         number = parse(get_value(tree, key, default))
@@ -68,6 +68,8 @@ def read_parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Cal
         raise ConfigError(f"{where}{key}: {exc}") from None
     if number < minimum:
         raise ConfigError(f"{where}{key}: must be at least {show(minimum)}, got {show(number)}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{where}{key}: must be at most {show(maximum)}, got {show(number)}")
     return number
 
 
@@ -77,15 +79,29 @@ def read_duration_ms(tree: ConfigTree, key: str, default: int, where: str, minim
     return read_parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration)
 
 
+# Longer would overflow what the stores take (Redis EXPIRE, SQLite's 64-bit ms arithmetic)
+MAX_DURATION_S = 100 * 365 * 86400
+
+
 def read_duration_s(tree: ConfigTree, key: str, default: int, where: str) -> int:
-    """A duration in whole seconds; a bare integer is seconds (the plugin's ``message_ttl``)."""
-    return read_parsed(tree, key, default, where, parse_duration_s)
+    """A duration in whole seconds, at most 100 years; a bare integer is seconds (the
+    plugin's ``message_ttl``)."""
+    return read_parsed(tree, key, default, where, parse_duration_s, maximum=MAX_DURATION_S,
+                       show=lambda n: f"{n} s")
 
 
 def read_str(tree: ConfigTree, key: str, default: str, where: str) -> str:
     value = get_value(tree, key, default)
     if isinstance(value, (dict, list, ConfigTree)):
         raise ConfigError(f"{where}{key}: expected a string")
+    if isinstance(value, (bool, int, float)):
+        # HOCON has already turned the text into a number or a boolean, and back it
+        # could differ (00123 -> 123, 1e5 -> 100000.0, true -> True): a password that
+        # silently changed would only show up as a failed login
+        raise ConfigError(f"{where}{key}: unquoted {value!r} is read as a number or boolean; "
+                          "write it in double quotes")
+    if "\x00" in value:
+        raise ConfigError(f"{where}{key}: contains a NUL character")
     return str(value)
 
 

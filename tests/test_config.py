@@ -52,6 +52,14 @@ ROOT = Path(__file__).resolve().parent.parent
         ('sqlite { enable = true }\nexhook { http { check_interval = 10ms } }', "exhook.http.check_interval"),
         ('sqlite { enable = true }\nexhook { http { enable = maybe } }', "exhook.http.enable"),
         ('sqlite { enable = true }\nexhook { http { port = 9001 } }', "exhook.http.port"),
+        # HOCON reads these as numbers or booleans; back as text they could differ
+        ("mysql { enable = true, password = 00123456 }", "mysql.password: unquoted 123456"),
+        ("redis { enable = true, password = 1e5 }", "redis.password: unquoted 100000.0"),
+        ("sqlite { enable = true }\nexhook { emqx { api_secret = true } }", "exhook.emqx.api_secret: unquoted True"),
+        ('sqlite { enable = true, path = "a\x00b" }', "sqlite.path: contains a NUL character"),
+        ('sqlite { enable = true }\nexhook { spool { path = "a\x00b" } }', "exhook.spool.path: contains a NUL"),
+        # the stores cannot expire that far out (Redis refused every write, SQLite's reads overflowed)
+        ('redis { enable = true, message_ttl = "999999999999d" }', "redis.message_ttl: must be at most"),
     ],
 )
 def test_config_errors_name_the_field(text: str, field: str) -> None:
