@@ -11,13 +11,15 @@ trip, a busy service makes few, full ones. What becomes of each op is its
 Spool mode. A failed store write is tried again (backoff with jitter) for as long as
 its callers can wait: until one of them needs its answer (``spill``, at a publish's
 deadline), until it has failed for ``spill_after_s`` (acks have no caller waiting),
-until too many ops pile up (``max_pending``), or until the writer closes. Then the
-unwritten ops (the batch in flight first, then the queue) go to the spool, and from
-then on every new op too, in order, until the drainer (``exhook.drainer``) has moved
-the whole spool into the store; then the writer writes to the store directly again.
-Ops are idempotent, so an op both written late and spooled is applied twice without
-harm, except that such a late save can come back after its delete: the message is
-then replayed once more (at least once, never lost).
+until too many ops pile up (``max_pending``), or until the writer closes. A write that
+hangs counts as failed once it has not returned within ``spill_after_s``, and is given
+up at once when spool mode starts. Then the unwritten ops (the batch in flight first,
+then the queue) go to the spool, and from then on every new op too, in order, until
+the drainer (``exhook.drainer``) has moved the whole spool into the store; then the
+writer writes to the store directly again. Ops are idempotent, so an op both written
+late (a write given up may still land) and spooled is applied twice without harm,
+except that such a late save can come back after its delete: the message is then
+replayed once more (at least once, never lost).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from exhook.group_commit import ACTIVE_S, GAP_S, ActiveSources, others_may_come
 from exhook.metrics import Metrics
 from exhook.ratelog import RateLimitedLog
 from exhook.spool import Spool, SpoolError, op_size
-from storage.base import Store
+from storage.base import Store, StoreError
 from storage.errors import one_line
 from storage.model import SaveMessage, WriteOp
 from storage.retry import Backoff
@@ -94,6 +96,7 @@ class OrderedWriter:
         self._progress = asyncio.Event()  # a batch ended or the mode changed (caught_up)
         self._spool_lock = asyncio.Lock()
         self._spill_wanted = asyncio.Event()  # wakes a batch waiting to try the store again
+        self._write_timeout: asyncio.Timeout | None = None  # of the direct write in flight
         self._spooling = spool.count > 0  # an earlier run left ops: they go first
         self._closing = False
         self._failing: _Failing | None = None
@@ -139,8 +142,7 @@ class OrderedWriter:
         self._idle.clear()
         if not self._spooling and len(self._queue) > self._cfg.max_pending:
             # memory is bounded: a store that cannot keep up sends the backlog to disk
-            self._spooling = True
-            self._spill_wanted.set()
+            self._start_spooling()
         if len(self._queue) > self._cfg.batch_size:
             # a backlog: the gauge must show it growing (otherwise each batch updates it)
             self._metrics.pending_writes.set(len(self._queue) + len(self._in_flight))
@@ -247,13 +249,13 @@ class OrderedWriter:
         failures = 0
         first_failure = 0.0
         while True:
+            started = time.monotonic()
             try:
-                async with asyncio.timeout(self._cfg.stall_after_s):
-                    await self._batches.write(batch)
+                await self._write_in_time(batch)
             except Exception as exc:  # the store is down or failing
                 self._note_failure(exc)
                 failures += 1
-                first_failure = first_failure or time.monotonic()
+                first_failure = first_failure or started
                 waited = time.monotonic() - first_failure
                 if not self._spooling and not self._closing and waited < self._cfg.spill_after_s:
                     self._spill_wanted.clear()
@@ -267,6 +269,22 @@ class OrderedWriter:
             self._note_success()
             return
 
+    async def _write_in_time(self, batch: list[Entry]) -> None:
+        """One store write, given up (cancelled) when it has not returned within
+        ``spill_after_s`` (a hung store must not hold acks, which no caller's deadline
+        spills, in memory until the backend's own timeout), or as soon as spool mode
+        starts (``_start_spooling``)."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(min(self._cfg.spill_after_s, self._cfg.stall_after_s)) as limit:
+                self._write_timeout = limit
+                await self._batches.write(batch)
+        except TimeoutError:
+            raise StoreError(f"{self._store.name}: write not answered within "
+                             f"{time.monotonic() - started:.2f} s") from None
+        finally:
+            self._write_timeout = None
+
     # -- spool mode ----------------------------------------------------------------------
     async def _spool_pending(self, start: bool = False) -> None:
         """Move the unwritten ops (in flight first, then queued) into the spool;
@@ -274,13 +292,21 @@ class OrderedWriter:
         publish whose broker gave up) must not leave ops taken but not settled."""
         await asyncio.shield(self._spool_pending_now(start))
 
+    def _start_spooling(self) -> None:
+        """Spool mode: new ops go to the spool. A direct write still in flight is given
+        up at once (its batch is spooled with the queue): otherwise the loop would stay
+        in it, and every op arriving meanwhile would wait for its own deadline."""
+        self._spooling = True
+        self._spill_wanted.set()
+        if self._write_timeout is not None:
+            self._write_timeout.reschedule(asyncio.get_running_loop().time())
+
     async def _spool_pending_now(self, start: bool) -> None:
         # the mode only changes under the spool lock, so the drainer's switch back to
         # direct writes cannot interleave with this
         async with self._spool_lock:
             if start:
-                self._spooling = True
-                self._spill_wanted.set()
+                self._start_spooling()
             if not self._spooling:
                 return  # the spool was drained meanwhile: the queue is written directly
             queued = list(self._queue)

@@ -336,9 +336,32 @@ async def test_spill_makes_a_waiting_op_durable_while_the_store_hangs(spool: Spo
     await w.writer.spill(queued)  # the caller's deadline is near
     assert [e.outcome for e in [*first, queued]] == [Outcome.SPOOLED] * 3
     assert [s.op for s in await spool.head(10)] == [save(0), save(1), save(2)]  # in flight first
-    store.gate.set()  # the hung write lands after all; the spool repeats it harmlessly
+    # the hung write is given up, so an op arriving now goes to the spool at once,
+    # without waiting for a deadline of its own (no spill for it)
+    later = w.writer.submit(delete(0))
+    async with asyncio.timeout(5):
+        assert await outcomes([later]) == [Outcome.SPOOLED]
+    store.gate.set()
     await w.writer.drained()
-    assert store.written == [save(0), save(1), save(0), save(1), save(2)]
+    assert store.written == [save(0), save(1), save(2), delete(0)]
+    await w.close()
+
+
+async def test_acks_go_to_the_spool_when_a_write_hangs(spool: Spool) -> None:
+    """No caller waits for an ack, so no deadline spills it: a write that does not
+    return within spill_after_s is given up and its ops spooled (a kill -9 then loses
+    none), long before the backend's own timeout would end it."""
+    store = RecordingStore()
+    store.gate = asyncio.Event()  # the store does not answer
+    w = Running(store, spool, batch_size=2, spill_after_s=0.2)
+    acks = [w.writer.submit(delete(i)) for i in range(5)]
+    async with asyncio.timeout(10):  # the stall limit (30 s) would end it only much later
+        assert await outcomes(acks) == [Outcome.SPOOLED] * 5
+    assert [s.op for s in await spool.head(10)] == [delete(i) for i in range(5)]
+    assert "not answered within" in w.writer.problem()
+    store.gate.set()
+    await w.writer.drained()
+    assert store.written == [delete(i) for i in range(5)]
     await w.close()
 
 
