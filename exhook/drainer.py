@@ -5,9 +5,15 @@ start-up when an earlier run left ops in the spool. A store that fails is tried 
 with backoff, for as long as it takes: nothing is ever given up because the store is
 down, slow, read-only or misconfigured. Only an op the store refuses for good
 (``WriteRejected``) is set aside, and one that keeps breaking the store without a
-reason (``SuspectError``) while the op after it goes through: after repeated failures
-the drain goes one op at a time and, when the next op alone is written, the one
-before it is the culprit.
+reason (``SuspectError``) while other data goes through: after repeated failures the
+drain goes one op at a time; when the head breaks the store alone, the ops after it
+are tried alone, in order (the head again before each), until one is written (the
+store works). Each op of the run
+before that one is then tried once more and set aside only if it breaks the store
+again (a run: a poison message and its own ack, or the same message twice). A store
+error or a stall ends the search with nothing set aside (the store is down, not the
+data), and so does a run longer than ``SUSPECT_RUN_MAX`` (a store that breaks on
+everything). A spool row that cannot be read is moved aside by the spool itself.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from storage.retry import Backoff
 
 # consecutive failures after which the drain goes one op at a time
 ONE_BY_ONE_AFTER = 3
+# the most ops after a suspect head one search tries alone: a longer run of ops that
+# each break the store is taken for a broken store (retried with backoff, not set aside)
+SUSPECT_RUN_MAX = 100
 
 
 class SpoolDrainer:
@@ -41,6 +50,7 @@ class SpoolDrainer:
         self._on_failure = on_failure
         self._on_success = on_success
         self._on_change = on_change  # the spool shrank (gauges)
+        self._damaged_seen = spool.damaged
 
     async def run(self, direct_idle: Awaitable[object]) -> None:
         await direct_idle  # the batch in flight when spooling began lands first
@@ -63,6 +73,7 @@ class SpoolDrainer:
             if not self._spool.count and self._on_empty():
                 return False
             head = await self._spool.head(1 if one_by_one else self._batch_size)
+        self._count_damaged()
         if not head:
             return True  # emptied, but the writer is still moving ops in
         entries = [Entry(item.op, seq=item.seq) for item in head]
@@ -70,10 +81,10 @@ class SpoolDrainer:
             await self._write(entries)
         except SuspectError as exc:
             await self._forget_settled(entries)
-            if len(entries) == 1 and await self._next_one_goes_through(entries[0]):
-                await self._batches.set_aside(entries[0], WriteRejected("refused", str(exc)))
-            else:
-                raise
+            if len(entries) > 1:
+                raise  # the next tries go one by one (ONE_BY_ONE_AFTER)
+            await self._resolve_suspects(entries[0], exc)
+            return True
         except Exception:
             await self._forget_settled(entries)
             raise
@@ -85,18 +96,74 @@ class SpoolDrainer:
         async with asyncio.timeout(self._stall_after_s):
             await self._batches.write(entries)
 
-    async def _next_one_goes_through(self, suspect: Entry) -> bool:
-        """Is the store fine with other data? Write the op after ``suspect`` alone."""
-        following = [item for item in await self._spool.head(2) if item.seq != suspect.seq]
-        if not following:
-            return False
-        probe = Entry(following[0].op, seq=following[0].seq)
+    async def _resolve_suspects(self, head: Entry, exc: SuspectError) -> None:
+        """``head`` broke the store alone: find the first op after it the store takes,
+        then judge the ops before that one. Raises ``exc`` if there is none, any other
+        error as it comes (nothing set aside)."""
+        taken = await self._first_taken_after(head)
+        if head.settled:  # it went through when tried again: the store is back, drain on in order
+            await self._forget_settled([head])
+            self._metrics.spool_drained.inc()
+            return
+        if taken is None:
+            raise exc
+        await self._retry_or_set_aside_before(taken)
+
+    async def _first_taken_after(self, head: Entry) -> int | None:
+        """Write the ops after ``head`` alone, in order, until one goes through: its row
+        (then out of the spool). None: each of the next SUSPECT_RUN_MAX broke the store
+        too, the spool ended, or ``head`` itself went through. A store error or stall
+        propagates: the store is down, which says nothing about the data."""
+        assert head.seq is not None
+        seq = head.seq
+        for _ in range(SUSPECT_RUN_MAX):
+            following = await self._spool.head(1, after=seq)  # one at a time: a run may be large messages
+            if not following:
+                return None
+            # the head once more, right before each probe: a store that broke on everything
+            # and is back takes the head here, in order, rather than the probe ahead of it
+            if await self._goes_through(head):
+                return None
+            probe = Entry(following[0].op, seq=following[0].seq)
+            if await self._goes_through(probe):
+                await self._forget_settled([probe])
+                self._metrics.spool_drained.inc()
+                return following[0].seq
+            seq = following[0].seq
+        return None
+
+    async def _retry_or_set_aside_before(self, taken: int) -> None:
+        """The store took row ``taken``: try each op before it (the run of suspects, at
+        the head) alone once more; one that breaks the store again is the culprit, set
+        aside. One that goes through now met a store that came back between its try
+        and the probe's: stored late (not lost). A store error leaves the rest for the
+        next step."""
+        while head := await self._spool.head(1):
+            if head[0].seq >= taken:
+                return
+            suspect = Entry(head[0].op, seq=head[0].seq)
+            try:
+                await self._write([suspect])
+                self._metrics.spool_drained.inc()
+            except SuspectError as again:
+                await self._batches.set_aside(suspect, WriteRejected("refused", str(again)))
+            await self._forget_settled([suspect])
+
+    async def _goes_through(self, entry: Entry) -> bool:
+        """Write ``entry`` alone; False if it breaks the store (any other error propagates)."""
         try:
-            await self._write([probe])
-        except Exception:
+            await self._write([entry])
+        except SuspectError:
             return False
-        await self._forget_settled([probe])
         return True
+
+    def _count_damaged(self) -> None:
+        """Rows the spool moved aside because they could not be read (one log line each
+        there; those met while searching are counted at the next step): counted like
+        ops the store refused, under backend "spool"."""
+        for _ in range(self._spool.damaged - self._damaged_seen):
+            self._metrics.write_rejected("spool", "damaged")
+        self._damaged_seen = self._spool.damaged
 
     async def _forget_settled(self, entries: list[Entry]) -> None:
         settled = [e.seq for e in entries if e.settled and e.seq is not None]

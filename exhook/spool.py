@@ -16,6 +16,7 @@ thread of its own, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from typing import Any, TypeVar
 from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # the columns of one write op, in both tables (see encode/decode)
 _OP_COLUMNS_DDL = """
@@ -46,6 +49,11 @@ _SCHEMA = (
     f"backend TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, {_OP_COLUMNS_DDL})",
 )
 _COLUMNS = "kind, msgid, topic, sender, qos, flag, other, payload, ts"
+# the same columns each cast to the type decode wants: a damaged row moved to set_aside reads back
+_CAST_COLUMNS = ("CAST(kind AS TEXT), CAST(msgid AS TEXT), CAST(topic AS TEXT), CAST(sender AS TEXT), "
+                 "CAST(qos AS INTEGER), CAST(flag AS INTEGER), CAST(other AS TEXT), CAST(payload AS BLOB), "
+                 "CAST(ts AS INTEGER)")
+_COLUMN_TYPES = (str, str, str, str, int, int, str, bytes, int)
 # set_aside keeps the newest rows only: it is for inspection, not a second store
 SET_ASIDE_KEEP = 10_000
 SET_ASIDE_MAX_BYTES = 256 << 20  # ... and at most this much payload (16 MiB messages pass the gate)
@@ -88,6 +96,11 @@ def encode(op: WriteOp) -> Row:
 
 
 def decode(row: Sequence[Any]) -> WriteOp:
+    """The op of a row; ValueError for a row no ``encode`` wrote (a damaged file): a
+    value of the wrong type would otherwise reach the store, or fail there."""
+    for name, value, wanted in zip(_COLUMNS.split(", "), row, _COLUMN_TYPES, strict=True):
+        if type(value) is not wanted:
+            raise ValueError(f"column {name} holds {type(value).__name__}, not {wanted.__name__}")
     kind, msgid, topic, sender, qos, flag, other, payload, ts = row
     if kind == "s":
         return SaveMessage(StoredMessage(msgid, sender, topic, qos, bool(flag), bytes(payload), ts))
@@ -96,6 +109,22 @@ def decode(row: Sequence[Any]) -> WriteOp:
     if kind == "r":
         return RekeyMessage(msgid, other, topic)
     return DropPendingReplay(topic, other, msgid)
+
+
+def _move_damaged(conn: sqlite3.Connection, damaged: list[tuple[int, str]], now: float) -> tuple[int, int]:
+    """Move the ``damaged`` rows of ``ops`` (seq, why) to ``set_aside``, each column
+    cast to its type so that ``set_aside_rows`` reads them; returns (rows, bytes) moved."""
+    removed = freed = 0
+    for seq, why in damaged:
+        n, size = conn.execute("SELECT count(*), coalesce(sum(CAST(size AS INTEGER)), 0) FROM ops WHERE seq = ?",
+                               (seq,)).fetchone()
+        conn.execute(f"INSERT INTO set_aside (at_ms, backend, reason, detail, {_COLUMNS}) "
+                     f"SELECT ?, 'spool', 'damaged', ?, {_CAST_COLUMNS} FROM ops WHERE seq = ?",
+                     (int(now * 1000), f"spool row {seq}: {why}", seq))
+        conn.execute("DELETE FROM ops WHERE seq = ?", (seq,))
+        removed += n
+        freed += size
+    return removed, freed
 
 
 def op_size(op: WriteOp) -> int:
@@ -116,6 +145,7 @@ class Spool:
         self._thread: ThreadPoolExecutor | None = None
         self.count = 0  # ops waiting
         self.bytes = 0  # their size
+        self.damaged = 0  # rows moved to set_aside since open because they could not be read
 
     async def open(self) -> None:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="spool")
@@ -182,14 +212,37 @@ class Spool:
         self.count += len(rows)
         self.bytes += sum(row[-1] for row in rows)
 
-    async def head(self, limit: int) -> list[SpooledOp]:
-        """The oldest ``limit`` ops, in order."""
-        def read() -> list[SpooledOp]:
+    async def head(self, limit: int, *, after: int = 0, move_damaged: bool = True) -> list[SpooledOp]:
+        """The oldest ``limit`` ops after row ``after``, in order. A row that cannot be
+        decoded (disk damage) would block every op behind it: it is moved to the
+        ``set_aside`` table (one log line, counted in ``damaged``), or only skipped
+        with ``move_damaged`` False (a reader that must not change the file)."""
+        def read() -> tuple[list[SpooledOp], list[tuple[int, str]], tuple[int, int]]:
             assert self._conn is not None
-            cur = self._conn.execute(f"SELECT seq, {_COLUMNS} FROM ops ORDER BY seq LIMIT ?", (limit,))
-            return [SpooledOp(row[0], decode(row[1:])) for row in cur]
+            cur = self._conn.execute(f"SELECT seq, {_COLUMNS} FROM ops WHERE seq > ? ORDER BY seq LIMIT ?",
+                                     (after, limit))
+            ops, damaged = [], []
+            for row in cur.fetchall():
+                try:
+                    ops.append(SpooledOp(row[0], decode(row[1:])))
+                except ValueError as exc:
+                    damaged.append((row[0], str(exc)))
+            freed = self._tx(lambda conn: _move_damaged(conn, damaged, self._clock())) \
+                if damaged and move_damaged else (0, 0)
+            return ops, damaged, freed
 
-        return await self._run(read)
+        ops, damaged, (removed, freed) = await self._run(read)
+        if move_damaged:
+            self.count -= removed
+            self.bytes -= freed
+            self._note_damaged(damaged)
+        return ops
+
+    def _note_damaged(self, damaged: list[tuple[int, str]]) -> None:
+        for seq, why in damaged:
+            self.damaged += 1
+            log.error("spool %s: row %d cannot be read: moved to set_aside", self.path, seq,
+                      extra={"event": "spool_row_damaged", "path": str(self.path), "seq": seq, "error": why})
 
     async def remove(self, seqs: Sequence[int]) -> None:
         """Forget ops the store now has (or that were set aside)."""

@@ -76,7 +76,7 @@ async def spooled(cfg: Config, args: argparse.Namespace) -> int:
         spool = Spool(path)
         try:
             await spool.open()
-            waiting = await spool.head(args.limit) if args.list else []
+            waiting = await spool.head(args.limit, move_damaged=False) if args.list else []
         except SpoolError as exc:
             raise CliError(str(exc), 1) from None
         finally:

@@ -1,0 +1,152 @@
+"""The spool's drainer (exhook/drainer.py) when the spool's head cannot be written:
+runs of ops that each break the store without a reason, a store that is down while
+the drainer looks past one, and a spool row that cannot be read. The spool is a real
+file filled before the writer starts (as after a restart); the store is the
+recording stand-in of tests/test_writer.py. No test waits for time to pass: each
+waits for the drain (bounded, so that a drain that never ends fails) or for calls."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from exhook.spool import Spool
+from exhook.writer import Outcome
+from storage.base import StoreError
+from storage.model import SaveMessage, WriteOp
+from tests.test_writer import RecordingStore, Running, delete, msgid, open_spool, outcomes, save
+
+DRAIN_BOUND_S = 30  # far beyond any drain here; a drain that never ends fails instead of hanging
+
+
+async def spool_with(tmp_path: Path, ops: Sequence[WriteOp]) -> Spool:
+    """A spool an earlier run left ``ops`` in, opened again."""
+    spool = await open_spool(tmp_path)
+    await spool.append(ops)
+    await spool.close()
+    return await open_spool(tmp_path)
+
+
+async def set_aside_oldest_first(spool: Spool) -> list[WriteOp]:
+    return [row.op for row in reversed(await spool.set_aside_rows(100))]
+
+
+@pytest.mark.parametrize("run", [
+    [save(1), delete(1)],  # a poison message and its own ack
+    [save(1), save(1), delete(1), delete(1)],  # ... published twice, acked twice
+])
+async def test_a_run_of_ops_that_each_break_the_store_is_set_aside_and_the_rest_drains(
+        tmp_path: Path, run: list[WriteOp]) -> None:
+    spool = await spool_with(tmp_path, [save(0), *run, save(2)])
+    store = RecordingStore()
+    store.crash_on = {msgid(1)}  # a driver's TypeError on this message's save and ack alike
+    w = Running(store, spool)
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(0), save(2)]
+    assert await set_aside_oldest_first(spool) == run
+    assert w.metrics.sample("writes_rejected_total", backend="recording", reason="refused") == len(run)
+    assert spool.count == 0 and not w.writer.spooling and w.writer.problem() == ""
+    assert await outcomes([w.writer.submit(save(3))]) == [Outcome.STORED]  # direct again
+    await w.close()
+    await spool.close()
+
+
+class DownForProbes(RecordingStore):
+    """Breaks on msgid 1 (TypeError) and, while ``probes_fail``, is down (a store
+    error) for every other op written alone: the store is down whenever the drainer
+    looks past the suspect."""
+
+    probes_fail = True
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        alone = ops[0] if len(ops) == 1 else None
+        if self.probes_fail and isinstance(alone, SaveMessage) and alone.message.msgid != msgid(1):
+            self.calls += 1
+            self.called.set()
+            raise StoreError("down")
+        await super().write(ops)
+
+
+async def test_a_store_that_is_down_while_the_drainer_looks_past_a_suspect_sets_nothing_aside(
+        tmp_path: Path) -> None:
+    spool = await spool_with(tmp_path, [save(1), save(2), save(3)])
+    store = DownForProbes()
+    store.crash_on = {msgid(1)}
+    w = Running(store, spool)
+    while store.calls < 30:  # many searches past the suspect, each ended by the store being down
+        store.called.clear()
+        await store.called.wait()
+    assert await spool.set_aside_rows(10) == [] and spool.count == 3
+    store.probes_fail = False  # the store is back: now the op after the suspect goes through
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(2), save(3)]
+    assert await set_aside_oldest_first(spool) == [save(1)]
+    await w.close()
+    await spool.close()
+
+
+class BrokenUntilProbed(RecordingStore):
+    """Breaks every write (TypeError) until msgid 2 is written alone: a store that
+    fails on everything and recovers while the drainer searches past a suspect."""
+
+    broken = True
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        if self.broken and len(ops) == 1 and ops[0] == save(2):
+            self.broken = False
+        if self.broken:
+            self.calls += 1
+            self.called.set()
+            raise TypeError("a driver bug")
+        await super().write(ops)
+
+
+async def test_ops_before_the_one_that_went_through_are_tried_again_before_being_set_aside(
+        tmp_path: Path) -> None:
+    spool = await spool_with(tmp_path, [save(0), save(1), save(2), save(3)])
+    store = BrokenUntilProbed()
+    w = Running(store, spool)
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert await spool.set_aside_rows(10) == []  # they failed only while the store broke on everything
+    assert store.written == [save(2), save(0), save(1), save(3)]  # written late, not lost
+    await w.close()
+    await spool.close()
+
+
+async def damaged_spool(tmp_path: Path) -> Spool:
+    """A spool whose row for msgid 2 holds its payload as TEXT (as a flipped bit in
+    the record header would make it): a row no encode wrote."""
+    spool = await spool_with(tmp_path, [save(1), save(2), save(3)])
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "spool.sqlite3")
+    db.execute("UPDATE ops SET payload = 'text' WHERE msgid = ?", (msgid(2),))
+    db.commit()
+    db.close()
+    return await open_spool(tmp_path)
+
+
+async def test_a_spool_row_that_cannot_be_read_is_moved_aside_and_the_rest_drains(tmp_path: Path) -> None:
+    spool = await damaged_spool(tmp_path)
+    store = RecordingStore()
+    w = Running(store, spool)
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(1), save(3)]
+    [row] = await spool.set_aside_rows(10)
+    assert (row.backend, row.reason) == ("spool", "damaged") and "payload" in row.detail
+    assert isinstance(row.op, SaveMessage) and row.op.message.msgid == msgid(2)
+    assert row.op.message.payload == b"text"  # cast to a blob, so that set-aside can show it
+    assert spool.count == 0 and spool.bytes == 0
+    assert w.metrics.sample("writes_rejected_total", backend="spool", reason="damaged") == 1
+    await w.close()
+    await spool.close()
+
+
+async def test_a_reader_that_must_not_change_the_spool_skips_a_damaged_row(tmp_path: Path) -> None:
+    spool = await damaged_spool(tmp_path)
+    assert [item.op for item in await spool.head(10, move_damaged=False)] == [save(1), save(3)]
+    assert spool.count == 3 and await spool.set_aside_rows(10) == []  # left where it is
+    await spool.close()
