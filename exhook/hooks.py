@@ -46,6 +46,9 @@ _CONNECT_ENTRIES = 100_000
 # calls (missed_connects.py) does not restore them again: longer than the sweep's
 # look-back plus the time it takes to notice a loss
 _RESTORED_TTL_S = 120.0
+# a client's connect count is kept this long after its last connect: a replay of an
+# earlier connection still running then stops before its next batch
+_CONNECTS_TTL_S = 600.0
 # how long a restore session.created started waits for client.connected before it
 # asks the broker anyway (then it retries a 404 for seconds: replay.UNTIL_REGISTERED);
 # a client.connected that was lost costs its client this much delay
@@ -111,6 +114,9 @@ class HookLogic:
         # connection -> {filter: qos} a hook's restore just read from the store and gave back,
         # until the broker's session.subscribed for each: that call need not store it again
         self._restored_subs: ExpiringMap[str, dict[str, int]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # clientid -> how many connects this process saw begin (session.created /
+        # session.resumed, or a client.connected whose session.created was lost)
+        self._connects: ExpiringMap[str, int] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -223,6 +229,7 @@ class HookLogic:
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._count_connect(client.clientid)
         self._restored_subs.pop(client.connection)  # an earlier connection's, with the same key (EMQX 5.3)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.pop(client.clientid)
@@ -232,6 +239,7 @@ class HookLogic:
 
     def session_resumed(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._count_connect(client.clientid)
         self._restored_subs.pop(client.connection)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
@@ -247,7 +255,19 @@ class HookLogic:
             pending.registered.set()  # the client is registered now: its restore may go ahead
             if pending.connection == client.connection:
                 return  # session.created of this connect started the restore
+        self._count_connect(client.clientid)  # this connect's session.created was lost
         self._submit_restore(client, None)
+
+    def _count_connect(self, clientid: str) -> None:
+        self._connects.put(clientid, (self._connects.get(clientid) or 0) + 1)
+
+    def _same_connect(self, clientid: str) -> Callable[[], bool]:
+        """Whether no later connect of ``clientid`` has begun since now (taken when a job
+        is queued). A replay publishes to the topic, so one still running for an earlier
+        connection would reach the new one ahead of, and again after, that one's own
+        restore: it stops before its next batch instead."""
+        count = self._connects.get(clientid)
+        return lambda: self._connects.get(clientid) in (count, None)
 
     def _cancel_restore(self, clientid: str) -> None:
         pending = self._restoring.pop(clientid)
@@ -276,13 +296,15 @@ class HookLogic:
         await self._replayer.restore(client.clientid, client.connection, reset_marks=False)
 
     def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
+        current = self._same_connect(client.clientid)
         submitted = self._queues.submit(client.clientid, "restore subscriptions",
-                                        lambda: self._restore(client, pending))
+                                        lambda: self._restore(client, pending, current))
         if submitted:
             self._restore_started.put(client.connection, True)
         return submitted
 
-    async def _restore(self, client: ClientRef, pending: PendingRestore | None) -> None:
+    async def _restore(self, client: ClientRef, pending: PendingRestore | None,
+                       current: Callable[[], bool]) -> None:
         if pending is not None:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
@@ -303,19 +325,21 @@ class HookLogic:
         # nobody tries again once the writer has caught up (Replayer.replay).
         settle: Callable[[], Awaitable[None]] | None = self._writer_caught_up
         for topic, _ in restored:
-            if (await self._replay_filter(client, topic, settle)).reached_nobody:
+            if (await self._replay_filter(client, topic, current, settle)).reached_nobody:
                 settle = None  # the client left: its other filters do not wait for it again
 
     async def _writer_caught_up(self) -> None:
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
-        self._queues.submit(client.clientid, f"subscribe {topic}", lambda: self._subscribed(client, topic, qos))
+        current = self._same_connect(client.clientid)
+        self._queues.submit(client.clientid, f"subscribe {topic}",
+                            lambda: self._subscribed(client, topic, qos, current))
 
-    async def _subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+    async def _subscribed(self, client: ClientRef, topic: str, qos: int, current: Callable[[], bool]) -> None:
         if self._take_restored(client, topic) != qos:  # else it is stored as it is
             await self._save_subscription(client, topic, qos)
-        await self._replay_filter(client, topic)
+        await self._replay_filter(client, topic, current)
 
     def _take_restored(self, client: ClientRef, topic: str) -> int | None:
         """The qos a restore of this connection gave ``topic`` back with, forgotten now
@@ -335,7 +359,7 @@ class HookLogic:
                 "event": "subscription_rejected", "clientid": client.clientid[:200], "topic": topic[:200],
                 "reason": exc.reason})
 
-    async def _replay_filter(self, client: ClientRef, topic: str,
+    async def _replay_filter(self, client: ClientRef, topic: str, current: Callable[[], bool],
                              settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
         try:
             real = real_filter(topic)
@@ -344,7 +368,7 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
-        return await self._replayer.replay(client.clientid, client.connection, topic, settle)
+        return await self._replayer.replay(client.clientid, client.connection, topic, settle, current)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
         self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))

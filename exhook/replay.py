@@ -187,20 +187,26 @@ class Replayer:
             raise
 
     async def replay(self, clientid: str, connection: str, flt: str,
-                     settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
+                     settle: Callable[[], Awaitable[None]] | None = None,
+                     current: Callable[[], bool] = lambda: True) -> Replayed:
         """Publish every stored message matching ``flt`` that this connection has
         not been given yet.
         ``settle`` (given by a restore, whose subscription the broker may not have
         applied yet): a replay that reached nobody awaits it, then tries again
-        (UNTIL_SUBSCRIBED)."""
+        (UNTIL_SUBSCRIBED). ``current``: False once the client has connected again;
+        the replay then stops before its next batch (the new connection's restore
+        replays what is left)."""
         ranges = await self._claim(connection, real_filter(flt))
         if not ranges:
             return Replayed(0, 0)
         if settle is None:
-            published, delivered = await self._publish_ranges(ranges)
+            published, delivered = await self._publish_ranges(ranges, current)
         else:
-            published, delivered = await self._publish_once_subscribed(ranges, settle)
-        if delivered < published:
+            published, delivered = await self._publish_once_subscribed(ranges, settle, current)
+        if not current():
+            log.info("replay stopped: the client connected again", extra={
+                "event": "replay_superseded", "clientid": clientid, "filter": flt, "messages": delivered})
+        elif delivered < published:
             log.info("replay stopped: no subscriber matched (client gone)",
                      extra={"event": "replay_stopped", "clientid": clientid, "filter": flt})
         if delivered:
@@ -209,14 +215,15 @@ class Replayer:
         return Replayed(published, delivered)
 
     async def _publish_once_subscribed(
-        self, ranges: dict[str, tuple[float | None, float]], settle: Callable[[], Awaitable[None]]
+        self, ranges: dict[str, tuple[float | None, float]], settle: Callable[[], Awaitable[None]],
+        current: Callable[[], bool],
     ) -> tuple[int, int]:
         last = (0, 0)
 
         async def attempt() -> tuple[int, int]:
             nonlocal last
-            published, delivered = last = await self._publish_ranges(ranges)
-            if published and not delivered:
+            published, delivered = last = await self._publish_ranges(ranges, current)
+            if published and not delivered and current():
                 # Nothing was delivered, so the same range can go again. Its re-keys (the
                 # broker's message.publish of what reached nobody) are queued: let them
                 # land, so that the next read sees the ids the broker gave (if one is not
@@ -230,12 +237,16 @@ class Replayer:
         except NotSubscribedYet:
             return last
 
-    async def _publish_ranges(self, ranges: dict[str, tuple[float | None, float]]) -> tuple[int, int]:
+    async def _publish_ranges(self, ranges: dict[str, tuple[float | None, float]],
+                              current: Callable[[], bool]) -> tuple[int, int]:
         """Publish the stored messages of ``ranges`` in order, until a batch reaches
-        nobody; (messages published, messages the broker routed to someone)."""
+        nobody or the client has connected again; (messages published, messages the
+        broker routed to someone)."""
         published = delivered = 0
         pages = self._store.read_messages(ranges, self._page_size)
         async for batch in _prefetched_batches(pages, self._batch_size):
+            if not current():
+                break
             unmatched = await self._publish(batch)
             published += len(batch)
             if unmatched >= len(batch):
