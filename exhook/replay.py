@@ -17,12 +17,12 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
-from exhook.emqx_api import EmqxApi, EmqxApiError, ReplayItem
+from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
 from exhook.retry import retrying, transient
 from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
 from storage.base import PENDING_REPLAY_TTL_S, Store
-from storage.model import PendingReplay, StoredMessage
+from storage.model import DropPendingReplay, PendingReplay, StoredMessage
 from storage.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class LocalReplays:
     by topic and payload digest: recognising one here answers its ``message.publish``
     without a store round trip. (The store's registry still has them, for a replay
     that comes back to another instance; see ``DropPendingReplay``.) Bounded: the
-    oldest keys go first, and an entry lives as long as the store's."""
+    oldest keys go first, and an entry lives as long as the store's, or until the
+    publish/bulk call that sent it has been answered (``Replayer._publish_once``)."""
 
     def __init__(self, max_entries: int = 100_000, ttl_s: float = PENDING_REPLAY_TTL_S) -> None:
         self._max = max_entries
@@ -122,6 +123,23 @@ class LocalReplays:
         if ids is not None:
             del self._entries[(topic, digest)]
         return None
+
+    def discard(self, items: list[PendingReplay]) -> list[PendingReplay]:
+        """Forget one entry per item (same topic, digest and id), if still here;
+        returns the items that were: their ``message.publish`` did not reach this
+        process."""
+        left = []
+        for item in items:
+            ids = self._entries.get((item.topic, item.digest))
+            entry = next((e for e in ids if e[0] == item.msgid), None) if ids else None
+            if ids is None or entry is None:
+                continue
+            ids.remove(entry)
+            self._count -= 1
+            if not ids:
+                del self._entries[(item.topic, item.digest)]
+            left.append(item)
+        return left
 
 
 class Replayer:
@@ -278,17 +296,47 @@ class Replayer:
 
     async def _publish(self, batch: list[StoredMessage]) -> int:
         """Publish one batch; how many of its messages the broker routed to nobody."""
-        if self._flags.v2_seen:
-            pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
-            await retrying("register pending replays", lambda: self._store.register_pending_replays(pending))
-            self.local.add(pending)
         items = [ReplayItem(m.topic, m.payload, m.qos, m.msgid) for m in batch]
         try:
-            result = await retrying("publish/bulk", lambda: self._api.publish_bulk(items))
+            result = await retrying("publish/bulk", lambda: self._publish_once(batch, items))
         except Exception:
             self._metrics.replay_failures.inc()
             raise
         return result.unmatched
+
+    async def _publish_once(self, batch: list[StoredMessage], items: list[ReplayItem]) -> BulkResult:
+        """One publish/bulk call. A v2 broker hides the replay property, so the batch is
+        registered as pending replays for exactly this call: EMQX runs every item's
+        ``message.publish`` (on whichever instance) before it answers, so an entry left
+        after the answer belongs to a hook call the broker gave up on, and would take an
+        identical publish of someone else's for a replay (that message lost). A retry
+        registers again: the entries its hook calls need were consumed or dropped."""
+        pending = await self._register(batch) if self._flags.v2_seen else []
+        try:
+            return await self._api.publish_bulk(items)
+        finally:
+            if pending:
+                await self._forget(pending)
+
+    async def _register(self, batch: list[StoredMessage]) -> list[PendingReplay]:
+        pending = [PendingReplay(m.topic, payload_digest(m.payload), m.msgid) for m in batch]
+        await self._store.register_pending_replays(pending)
+        self.local.add(pending)
+        return pending
+
+    async def _forget(self, pending: list[PendingReplay]) -> None:
+        """Drop what the call's hook calls did not consume here: from memory, and from
+        the store (the call may have reached another instance, which took its entry
+        there; dropping then removes an identical entry of a concurrent replay of the
+        same message, if any, whose hook stores it once more: a duplicate, never a loss)."""
+        left = self.local.discard(pending)
+        if not left:
+            return
+        drops = [DropPendingReplay(p.topic, p.digest, p.msgid) for p in left]
+        try:
+            await retrying("drop pending replays", lambda: self._store.write(drops))
+        except Exception as exc:  # they expire after PENDING_REPLAY_TTL_S
+            log.warning("cannot drop %d pending replays from the store: %s", len(drops), exc)
 
 
 async def _prefetched_batches(

@@ -6,8 +6,7 @@ for EMQX: what the broker would do with the calls is the emulator's business
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -15,13 +14,14 @@ from typing import cast
 import pytest
 
 from exhook.client_queue import ClientQueues
-from exhook.emqx_api import BulkResult, EmqxApi, ReplayItem
+from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.hooks import HTTP_API, ClientRef, HookLogic
 from exhook.metrics import Metrics
-from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, Replayer, payload_digest
+from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer, payload_digest
 from exhook.spool import Spool
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter, WriterSettings
+from storage.model import PendingReplay
 from storage.retry import Backoff
 from tests.memory_store import MemoryStore
 
@@ -43,9 +43,20 @@ class RecordingApi:
     # publish/bulk calls that reach no subscriber (the broker applies a REST
     # subscription only once the client's process is out of the hook it is in)
     unrouted: int = 0
+    # EMQX's message.publish of each item, run one after the other before the call
+    # answers (None: the test plays no hook calls)
+    hook: Callable[[ReplayItem], Awaitable[None]] | None = None
+    # hook calls the broker gives up on (timeout, CANCELLED) and carries on without
+    lost_hooks: int = 0
+    # calls that fail (a 502 of a proxy) after the broker has published the items
+    fail_after_publishing: int = 0
 
     async def publish_bulk(self, items: list[ReplayItem]) -> BulkResult:
         self.published.append(items)
+        await self._run_hooks(items)
+        if self.fail_after_publishing > 0:
+            self.fail_after_publishing -= 1
+            raise EmqxApiError("publish/bulk answered 502: bad gateway", 502)
         if self.unrouted > 0:
             self.unrouted -= 1
             return BulkResult(200, 0, len(items))
@@ -54,6 +65,15 @@ class RecordingApi:
     async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
         self.subscribed.append((clientid, subscriptions))
         return True
+
+    async def _run_hooks(self, items: list[ReplayItem]) -> None:
+        for item in items:
+            if self.hook is None:
+                return
+            if self.lost_hooks > 0:
+                self.lost_hooks -= 1
+                continue
+            await self.hook(item)
 
     @property
     def replayed(self) -> list[ReplayItem]:
@@ -74,6 +94,16 @@ class Rig:
                                  until_subscribed=QUICK_PATIENCE)
         self.logic = HookLogic(tracked, store, self.writer, self.replayer, self.queues, self.metrics, self.flags,
                                publish_deadline_ms=500)
+        self._broker_ids = 10_000
+
+    def broker_runs_replay_hooks(self) -> None:
+        """The REST API runs message.publish for each replayed item, as EMQX does: a
+        v2 broker passes no replay property (from = http_api, a new id)."""
+        async def hook(item: ReplayItem) -> None:
+            self._broker_ids += 1
+            await self.publish(self._broker_ids, topic=item.topic, qos=item.qos, sender=HTTP_API,
+                               payload=item.payload, replay_of=None if self.flags.v2_seen else item.origin)
+        self.api.hook = hook
 
     async def publish(self, i: int, topic: str = "t/a", qos: int = 1, sender: str = "pub",
                       payload: bytes | None = None, replay_of: str | None = None) -> None:
@@ -194,32 +224,72 @@ async def test_a_plain_ack_writes_no_tombstone(rig: Rig) -> None:
     assert rig.store.stored() == [] and rig.store.tombstones == set()
 
 
-async def test_v2_replays_this_process_published_are_recognised_without_a_store_round_trip(tmp_path: Path) -> None:
+@pytest.fixture
+async def v2rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig playing a v2 broker whose REST API runs message.publish for each replay."""
     spool = Spool(tmp_path / "spool")
     await spool.open()
     rig = Rig(MemoryStore(), spool, v2=True)
+    rig.broker_runs_replay_hooks()
     task = asyncio.create_task(rig.writer.run())
-    try:
-        await rig.publish(1, payload=b"same")
-        rig.logic.session_subscribed(client(), "t/a", 1)
-        await rig.settle()
-        assert rig.store.pending[("t/a", payload_digest(b"same"))] == deque([guid(1)])
-        rig.store.calls.clear()
-        # v2 hides the user property: the replay comes back as a plain REST publish
-        await rig.publish(900, sender=HTTP_API, payload=b"same")
-        assert "take_pending_replay" not in rig.store.calls
-        await rig.settle()
-        assert [m.msgid for m in rig.store.stored()] == [guid(900)]
-        assert not rig.store.pending[("t/a", payload_digest(b"same"))]  # the registry entry is gone too
-        # a REST publish that is not ours is stored as usual
-        await rig.publish(901, sender=HTTP_API, payload=b"other")
-        assert "take_pending_replay" in rig.store.calls
-        assert guid(901) in {m.msgid for m in rig.store.stored()}
-    finally:
-        await rig.queues.close(1)
-        await rig.writer.close(1)
-        await asyncio.gather(task, return_exceptions=True)
-        await spool.close()
+    yield rig
+    await rig.queues.close(1)
+    await rig.writer.close(1)
+    await asyncio.gather(task, return_exceptions=True)
+    await spool.close()
+
+
+async def test_v2_replays_this_process_published_are_recognised_without_a_store_round_trip(v2rig: Rig) -> None:
+    rig = v2rig
+    await rig.publish(1, payload=b"same")
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert "register_pending_replays" in rig.store.calls
+    assert "take_pending_replay" not in rig.store.calls  # v2 hid the property: recognised in memory
+    assert [m.msgid for m in rig.store.stored()] == [guid(10_001)]  # re-keyed, not stored again
+    assert not rig.store.pending[("t/a", payload_digest(b"same"))]  # the registry entry is gone too
+    # a REST publish that is not ours is stored as usual
+    await rig.publish(901, sender=HTTP_API, payload=b"other")
+    assert "take_pending_replay" in rig.store.calls
+    assert guid(901) in {m.msgid for m in rig.store.stored()}
+
+
+async def test_v2_a_replay_whose_hook_call_was_lost_leaves_no_pending_entry(v2rig: Rig) -> None:
+    rig = v2rig
+    await rig.publish(1, payload=b"ON")
+    rig.api.lost_hooks = 1  # the broker gave up on the replay's message.publish and published it anyway
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert not rig.store.pending[("t/a", payload_digest(b"ON"))]
+    # later an application publishes the same content through the REST API: a new message
+    await rig.publish(2, sender=HTTP_API, payload=b"ON")
+    await rig.settle()
+    assert [m.msgid for m in rig.store.stored()] == [guid(1), guid(2)]
+    assert rig.metrics.sample("messages_skipped_total", reason="replay") == 0
+
+
+async def test_v2_a_retried_publish_bulk_registers_its_replays_again(v2rig: Rig) -> None:
+    rig = v2rig
+    await rig.publish(1, payload=b"a")
+    await rig.publish(2, payload=b"b")
+    rig.api.fail_after_publishing = 1  # the broker published (and ran the hooks), the answer was lost
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert len(rig.api.published) == 2
+    # both tries came back as replays: nothing stored twice, nothing left registered
+    assert len(rig.store.stored()) == 2
+    assert rig.metrics.sample("messages_skipped_total", reason="replay") == 4
+    assert not any(rig.store.pending.values())
+
+
+def test_local_replays_discard_forgets_one_entry_per_item_and_says_which_were_left() -> None:
+    local = LocalReplays()
+    a, b = PendingReplay("t/a", "d", guid(1)), PendingReplay("t/a", "d", guid(2))
+    local.add([a, a, b])  # two replays of one message in flight at once
+    assert local.take("t/a", "d") == guid(1)  # one replay of message 1 came back
+    assert local.discard([a]) == [a]  # the other one's call was answered without it
+    assert local.discard([a]) == []
+    assert local.take("t/a", "d") == guid(2)  # an entry of another message stays
 
 
 async def test_a_subscription_the_store_cannot_hold_still_gets_its_replay(rig: Rig) -> None:
