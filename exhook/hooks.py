@@ -117,6 +117,9 @@ class HookLogic:
         # clientid -> how many connects this process saw begin (session.created /
         # session.resumed, or a client.connected whose session.created was lost)
         self._connects: ExpiringMap[str, int] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
+        # connection -> filters the client unsubscribed (and has not subscribed again):
+        # a restore still to come must not give them back
+        self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -315,7 +318,8 @@ class HookLogic:
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
-                                                wait_for_client=pending is not None)
+                                                wait_for_client=pending is not None,
+                                                keep=lambda topic: not self._was_dropped(client, topic))
         self._restored_subs.put(client.connection, dict(restored))
         # The broker fires session.subscribed for each restored filter and that call
         # replays it, but in a storm the call can time out and the broker carries on
@@ -332,6 +336,7 @@ class HookLogic:
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+        (self._dropped.get(client.connection) or set()).discard(topic)
         current = self._same_connect(client.clientid)
         self._queues.submit(client.clientid, f"subscribe {topic}",
                             lambda: self._subscribed(client, topic, qos, current))
@@ -340,6 +345,9 @@ class HookLogic:
         if self._take_restored(client, topic) != qos:  # else it is stored as it is
             await self._save_subscription(client, topic, qos)
         await self._replay_filter(client, topic, current)
+
+    def _was_dropped(self, client: ClientRef, topic: str) -> bool:
+        return topic in (self._dropped.get(client.connection) or ())
 
     def _take_restored(self, client: ClientRef, topic: str) -> int | None:
         """The qos a restore of this connection gave ``topic`` back with, forgotten now
@@ -371,6 +379,12 @@ class HookLogic:
         return await self._replayer.replay(client.clientid, client.connection, topic, settle, current)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
+        # noted at once: a restore of this connection may be waiting to run (its read
+        # of the store could still find the filter, its subscribe would undo this)
+        dropped = self._dropped.get(client.connection)
+        if dropped is None:
+            self._dropped.put(client.connection, dropped := set())
+        dropped.add(topic)
         self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))
 
     async def _unsubscribed(self, client: ClientRef, topic: str) -> None:

@@ -166,20 +166,22 @@ class Replayer:
         self._until_subscribed = until_subscribed
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
-                      reset_marks: bool = True) -> list[tuple[str, int]]:
+                      reset_marks: bool = True,
+                      keep: Callable[[str], bool] = lambda topic: True) -> list[tuple[str, int]]:
         """Re-subscribe a client that connected without a session to its stored
         subscriptions; the broker then fires ``session.subscribed`` for each.
         ``wait_for_client``: the client may not be registered at the broker yet
         (restore started from ``session.created``). ``reset_marks``: forget what an
         earlier connection with the same key was given (a connect's own restore does;
-        the sweep after lost connect calls does not). Returns the (filter, qos) pairs
-        the client now has (none when it left first)."""
+        the sweep after lost connect calls does not). ``keep``: whether a stored filter
+        is given back (not one the client has just unsubscribed). Returns the (filter,
+        qos) pairs the client now has (none when it left first)."""
         if reset_marks:
             await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
-        if not subs:
+        pairs = [(s.topic, s.qos) for s in subs if keep(s.topic)]
+        if not pairs:
             return []
-        pairs = [(s.topic, s.qos) for s in subs]
         found = await self._subscribe(clientid, pairs, wait_for_client)
         self._metrics.restores.inc()
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",

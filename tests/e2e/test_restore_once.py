@@ -126,3 +126,23 @@ async def test_a_restore_that_outruns_the_broker_applying_its_subscription_still
     assert len(attempts) >= 2  # the first went to nobody
     assert payloads(sub) == [b"while away"]
     assert await h.backend.count_messages() == 0
+
+
+async def test_an_unsubscribe_while_the_restore_waits_is_not_undone(h: Harness) -> None:
+    """The restore session.created started waits for the client to be registered
+    (longer when client.connected is lost); a filter the client unsubscribes meanwhile
+    must not be given back by it, at the broker nor in the store."""
+    c = h.client("uns")
+    await c.connect()
+    await c.subscribe("t/uns", qos=1)
+    await c.disconnect()
+    await h.settle()
+    assert await h.backend.count_subscriptions() == 1
+    assert h.emu is not None
+    h.emu.hooks.fail("client.connected", key="uns")  # one lost connect hook (a storm's CANCELLED)
+    await c.connect()
+    await c.subscribe("t/uns", qos=1)
+    await c.unsubscribe("t/uns")  # the client drops the subscription for good
+    await h.settle()  # the service's queues are idle: the restore has run
+    assert "t/uns" not in h.emu.subscriptions("uns")
+    assert await h.backend.count_subscriptions() == 0
