@@ -298,7 +298,8 @@ class OrderedWriter:
         in it, and every op arriving meanwhile would wait for its own deadline."""
         self._spooling = True
         self._spill_wanted.set()
-        if self._write_timeout is not None:
+        if self._write_timeout is not None and not self._write_timeout.expired():
+            # (an expired one is ending the write already, and cannot be rescheduled)
             self._write_timeout.reschedule(asyncio.get_running_loop().time())
 
     async def _spool_pending_now(self, start: bool) -> None:
