@@ -7,14 +7,24 @@ clients run concurrently, as many at a time as ``exhook.pacing.AdaptiveLimit``
 allows: none while hook calls keep the service busy (a reconnect storm), more while
 it keeps up. A job waiting for its turn costs an entry in two deques, no task, so a
 storm of ten thousand restores waits cheaply.
+
+A running job that only waits (for the broker to register its client, between the
+tries of a 404) steps out of its slot for the wait (``outside_slot``): a few clients
+that left during their connect, each waiting seconds for a broker that will never
+know them, would otherwise hold every slot and stall all other clients' work. The job
+keeps its place in its client's order (its client's next job still waits for it) and
+takes a slot again, behind the jobs already waiting, to go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
@@ -24,17 +34,63 @@ from storage.errors import one_line
 log = logging.getLogger(__name__)
 
 Job = Callable[[], Awaitable[None]]
+# at most this many jobs wait outside their slot at once (each keeps its task); any
+# more wait in their slot, as before
+_MAX_STEPPED_OUT = 1000
+
+
+@dataclass(slots=True, eq=False)
+class _RunningJob:
+    queues: ClientQueues
+    clientid: str
+    task: asyncio.Task[None] | None
+    out: bool = False  # waiting outside its slot
+
+
+# the job this task runs, so that a wait deep inside it (a retry's pause) can step out
+# of its slot without every caller on the way passing the queue down
+_JOB: ContextVar[_RunningJob | None] = ContextVar("client_job", default=None)
+
+
+@contextlib.asynccontextmanager
+async def outside_slot() -> AsyncIterator[None]:
+    """Wrap a wait of a running job that needs no slot: other clients' jobs may use it
+    meanwhile, and the job waits for one again (paced as any job) before it goes on.
+    Anywhere else (outside a client job, in a task the job started, nested) it only
+    runs the body."""
+    job = _JOB.get()
+    if job is None or job.task is not asyncio.current_task() or not job.queues._step_out(job):
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        # cancelled (shutdown) or failed: the exception goes on at once, without waiting
+        # for a slot, and the job counts as holding one again (its end gives it back)
+        job.queues._back_in(job)
+        raise
+    await job.queues._step_in(job)
+
+
+async def sleep_outside_slot(seconds: float) -> None:
+    """``asyncio.sleep`` for a retry's pause inside a client job (see ``outside_slot``)."""
+    async with outside_slot():
+        await asyncio.sleep(seconds)
 
 
 class ClientQueues:
-    def __init__(self, metrics: Metrics, max_per_client: int = 1000, slots: AdaptiveLimit | None = None) -> None:
+    def __init__(self, metrics: Metrics, max_per_client: int = 1000, slots: AdaptiveLimit | None = None,
+                 max_stepped_out: int = _MAX_STEPPED_OUT) -> None:
         self._metrics = metrics
         self._max_per_client = max_per_client
+        self._max_out = max_stepped_out
+        self._out = 0  # jobs waiting outside their slot
         self._slots = slots or AdaptiveLimit()
         self._slots.on_room = self._dispatch
         self._jobs: dict[str, deque[tuple[str, Job]]] = {}
-        # clients whose next job waits for a slot, with the time it started waiting
-        self._ready: deque[tuple[float, str]] = deque()
+        # clients whose next job waits for a slot, with the time it started waiting; a
+        # future for a running job that waits to take a slot again (see outside_slot)
+        self._ready: deque[tuple[float, str, asyncio.Future[None] | None]] = deque()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -69,7 +125,7 @@ class ClientQueues:
         jobs.append((what, job))
         if len(jobs) == 1:  # the client had nothing queued or running: it waits for a slot now
             self._idle.clear()
-            self._ready.append((asyncio.get_running_loop().time(), clientid))
+            self._ready.append((asyncio.get_running_loop().time(), clientid, None))
             self._dispatch()
         return True
 
@@ -77,16 +133,23 @@ class ClientQueues:
         """Start the next clients' jobs while the limit allows."""
         ready, slots = self._ready, self._slots
         while ready and not self._stopped:
-            waiting_since, clientid = ready[0]
+            waiting_since, clientid, resume = ready[0]
+            if resume is not None and resume.cancelled():
+                ready.popleft()  # its job was cancelled meanwhile (_step_in cleans up)
+                continue
             if not slots.may_start(asyncio.get_running_loop().time() - waiting_since):
                 return
             ready.popleft()
             slots.started()
-            self._running[clientid] = asyncio.create_task(self._run_next(clientid), name=f"client:{clientid}")
+            if resume is not None:
+                resume.set_result(None)
+            else:
+                self._running[clientid] = asyncio.create_task(self._run_next(clientid), name=f"client:{clientid}")
 
     async def _run_next(self, clientid: str) -> None:
         jobs = self._jobs[clientid]
         what, job = jobs[0]
+        _JOB.set(_RunningJob(self, clientid, asyncio.current_task()))  # this task's own context
         try:
             await job()
         except asyncio.CancelledError:
@@ -99,13 +162,49 @@ class ClientQueues:
             del self._running[clientid]
             self._slots.finished()
             if jobs:  # its next job queues behind the clients already waiting
-                self._ready.append((asyncio.get_running_loop().time(), clientid))
+                self._ready.append((asyncio.get_running_loop().time(), clientid, None))
             else:
                 del self._jobs[clientid]
             self._dispatch()
             if not self._jobs:
                 self._slots.idle()
                 self._idle.set()
+
+    def _step_out(self, job: _RunningJob) -> bool:
+        """Give the job's slot to others (see ``outside_slot``); False if it keeps it."""
+        if job.out or self._out >= self._max_out:
+            return False
+        job.out = True
+        self._out += 1
+        self._slots.released()
+        self._dispatch()
+        return True
+
+    async def _step_in(self, job: _RunningJob) -> None:
+        """Wait for a slot again, behind the jobs already waiting."""
+        loop = asyncio.get_running_loop()
+        resume: asyncio.Future[None] = loop.create_future()
+        entry = (loop.time(), job.clientid, resume)
+        self._ready.append(entry)
+        self._dispatch()
+        try:
+            await resume
+        finally:
+            if resume.cancelled():  # cancelled (shutdown) before it got a slot
+                with contextlib.suppress(ValueError):
+                    self._ready.remove(entry)
+                self._slots.started()  # what the job's end gives back
+            self._mark_in(job)
+
+    def _back_in(self, job: _RunningJob) -> None:
+        """The job ends without waiting for a slot: count it as holding one again, so
+        that its end (``_run_next``) gives back what it took."""
+        self._slots.started()
+        self._mark_in(job)
+
+    def _mark_in(self, job: _RunningJob) -> None:
+        job.out = False
+        self._out -= 1
 
     @property
     def waiting(self) -> bool:

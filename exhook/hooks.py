@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from exhook.client_queue import ClientQueues
+from exhook.client_queue import ClientQueues, outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.metrics import Metrics
 from exhook.ratelog import RateLimitedLog
@@ -51,7 +51,8 @@ _RESTORED_TTL_S = 120.0
 _CONNECTS_TTL_S = 600.0
 # how long a restore session.created started waits for client.connected before it
 # asks the broker anyway (then it retries a 404 for seconds: replay.UNTIL_REGISTERED);
-# a client.connected that was lost costs its client this much delay
+# a client.connected that was lost costs its client this much delay (only its own:
+# the job waits outside its slot of the client queues)
 _REGISTER_WAIT_S = 1.0
 # A publish that waits for a slow store goes to the spool this long before its
 # deadline, so that the spool's fsync fits in (measured well under 5 ms here).
@@ -312,9 +313,11 @@ class HookLogic:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
             # that call is lost, ask anyway after a moment, retrying a 404 for a while).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_REGISTER_WAIT_S):
-                    await pending.registered.wait()
+            # The wait needs no slot: other clients' jobs run meanwhile.
+            async with outside_slot():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_REGISTER_WAIT_S):
+                        await pending.registered.wait()
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,

@@ -21,6 +21,9 @@ increase; being busy again takes them all away). Jobs already running finish. So
 that a service that is never idle cannot starve background work, the oldest waiting
 job starts anyway once it has waited ``max_pause_s``, one at a time.
 
+A job that only waits (for the broker to register its client) releases its slot for
+the wait and asks for one again afterwards, like a new job.
+
 The owner (``ClientQueues``) keeps the waiting jobs; this class only says whether one
 more may start, and calls ``on_room`` when more might.
 """
@@ -86,6 +89,11 @@ class AdaptiveLimit:
 
     def started(self) -> None:
         self._running += 1
+
+    def released(self) -> None:
+        """A running job gave its slot up for a wait; it asks again (``may_start``,
+        ``started``) to go on. No slot more for it: a wait is not a finished job."""
+        self._running -= 1
 
     def finished(self) -> None:
         self._running -= 1

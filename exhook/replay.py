@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
+from exhook.client_queue import sleep_outside_slot
 from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.metrics import Metrics
 from exhook.retry import retrying, transient
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 # before the client is visible there (404). Wait for it, through the one retry policy
 # (pauses 0.05, 0.1, 0.2, 0.4, 0.8, then 1 s, jittered: ~7 s in all: a broker busy
 # with a reconnect storm registers clients seconds late), before concluding the
-# client left.
+# client left. The pauses need no slot of the client queues (sleep_outside_slot): a
+# client that left keeps retrying, and must not hold up everyone else's work meanwhile.
 UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryable=transient)
 
 
@@ -200,7 +202,7 @@ class Replayer:
             raise EmqxApiError(f"client {clientid} is not registered at the broker yet", 404)
 
         try:
-            return await UNTIL_REGISTERED.call("subscribe/bulk", registered)
+            return await UNTIL_REGISTERED.call("subscribe/bulk", registered, sleep=sleep_outside_slot)
         except EmqxApiError as exc:
             if exc.status == 404:
                 return False
@@ -253,7 +255,7 @@ class Replayer:
             return published, delivered
 
         try:
-            return await self._until_subscribed.call("replay after a restore", attempt)
+            return await self._until_subscribed.call("replay after a restore", attempt, sleep=sleep_outside_slot)
         except NotSubscribedYet:
             return last
 

@@ -53,7 +53,9 @@ class RetryPolicy:
     attempts: int
     retryable: Callable[[BaseException], bool]
 
-    async def call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, what: str, fn: Callable[[], Awaitable[T]],
+                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
+        """``sleep``: how to pause between tries (a paced caller's gives up its slot)."""
         pauses = self.backoff.delays(self.attempts)
         while True:
             try:
@@ -66,4 +68,4 @@ class RetryPolicy:
                     raise
                 # the caller logs the final outcome once; a try that passes needs no line
                 log.debug("%s failed, retrying in %.2f s: %s", what, pause, exc)
-                await asyncio.sleep(pause)
+                await sleep(pause)

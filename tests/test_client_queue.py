@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from exhook.client_queue import ClientQueues
+from exhook.client_queue import ClientQueues, outside_slot, sleep_outside_slot
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit, LoopLag
 
@@ -116,3 +116,92 @@ async def test_jobs_wait_while_the_service_is_busy_and_start_in_order_when_it_is
     await queues.idle()
     assert log == ["a1", "b1", "c1", "a2"]
     await queues.close(1)
+
+
+def noting(log: list[str], name: str) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        log.append(name)
+    return run
+
+
+async def test_a_job_that_waits_outside_its_slot_lets_others_run_and_keeps_its_clients_order() -> None:
+    slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
+    queues = ClientQueues(Metrics(), slots=slots)
+    log: list[str] = []
+    registered, b_started, b_may_end = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def a1() -> None:  # a restore waiting for its client to be registered
+        async with outside_slot():
+            await registered.wait()
+        log.append("a1")
+
+    async def b1() -> None:
+        log.append("b1")
+        b_started.set()
+        await b_may_end.wait()
+
+    queues.submit("a", "1", a1)
+    queues.submit("a", "2", noting(log, "a2"))
+    queues.submit("b", "1", b1)
+    await b_started.wait()  # the only slot went to b while a1 waits
+    registered.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert log == ["b1"] and slots.running == 1  # a1 waits for a slot again; a2 behind it
+    b_may_end.set()
+    await queues.idle()
+    assert log == ["b1", "a1", "a2"] and slots.running == 0
+    await queues.close(1)
+
+
+async def test_a_job_keeps_its_slot_while_too_many_wait_outside_theirs() -> None:
+    slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
+    queues = ClientQueues(Metrics(), slots=slots, max_stepped_out=0)
+    log: list[str] = []
+
+    async def a1() -> None:
+        await sleep_outside_slot(0.01)
+        log.append("a1")
+
+    queues.submit("a", "1", a1)
+    queues.submit("b", "1", noting(log, "b1"))
+    await queues.idle()
+    assert log == ["a1", "b1"]
+    await queues.close(1)
+
+
+async def test_close_cancels_jobs_waiting_outside_their_slot_or_for_one_again() -> None:
+    slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
+    queues = ClientQueues(Metrics(), slots=slots)
+    a_wait, c_started = asyncio.Event(), asyncio.Event()
+    cancelled: list[str] = []
+
+    def waiting(name: str, until: asyncio.Event) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                async with outside_slot():
+                    await until.wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+        return run
+
+    async def c1() -> None:  # holds the only slot
+        c_started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append("c")
+            raise
+
+    queues.submit("a", "1", waiting("a", a_wait))
+    queues.submit("b", "1", waiting("b", asyncio.Event()))
+    queues.submit("c", "1", c1)
+    await c_started.wait()
+    a_wait.set()  # a now waits for a slot again, b still waits outside its own
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert queues.waiting
+    await queues.close(0.05)
+    assert sorted(cancelled) == ["a", "b", "c"]
+    assert slots.running == 0 and not queues.waiting
