@@ -313,11 +313,14 @@ class HookLogic:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
             # that call is lost, ask anyway after a moment, retrying a 404 for a while).
-            # The wait needs no slot: other clients' jobs run meanwhile.
-            async with outside_slot():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_REGISTER_WAIT_S):
-                        await pending.registered.wait()
+            # The wait needs no slot: other clients' jobs run meanwhile. (Usually it is
+            # over before the job starts: stepping out would only send the job to the
+            # back of the line.)
+            if not pending.registered.is_set():
+                async with outside_slot():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_REGISTER_WAIT_S):
+                            await pending.registered.wait()
             if pending.cancelled:
                 return  # the client came back with a resumed session meanwhile
         restored = await self._replayer.restore(client.clientid, client.connection,
