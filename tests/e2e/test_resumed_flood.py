@@ -94,7 +94,8 @@ async def test_a_session_resumed_flood_keeps_the_state_bounded_at_o1_per_call(
             # O(1) each: a call looks at the oldest entries only (a rebuild per call would touch them all,
             # and one into a new container is caught by the type check)
             assert type(resumed._items) is CountingDict
-            assert CountingDict.touched <= 3 * FLOOD
+            # (two maps take an entry per call: the resumed sessions and the connect counts)
+            assert CountingDict.touched <= 5 * FLOOD
             # the newest resumed session is still known: its client.connected restores nothing
             newest = f"flood-{FLOOD - 1}"
             await stub(channel, "v3").OnClientConnected(
