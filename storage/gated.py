@@ -16,7 +16,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-from storage.base import Store, StoreError
+from storage.base import Store, StoreError, WriteRejected
 from storage.errors import first_line
 
 
@@ -77,6 +77,8 @@ class GatedStore:
         async def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await getattr(self._check(), operation)(*args, **kwargs)
+            except WriteRejected:
+                raise  # an op the store refuses for good, not a failing store (writes_rejected_total)
             except StoreError:
                 if counted:
                     self._on_failure(operation)

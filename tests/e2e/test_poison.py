@@ -213,6 +213,9 @@ async def test_poison_mixed_with_good_inputs_is_isolated_and_the_writer_never_st
     if isinstance(backend, MysqlBackend):
         refused["too_long"] += 1  # the long clientid's subscription: varchar(64)
     assert labelled(metrics, "writes_rejected_total") == {(backend.name, r): n for r, n in refused.items()}
+    # refusals are counted as such, not as failures of a healthy store
+    assert metrics.sample("store_failures_total", operation="write") == 0
+    assert metrics.sample("store_failures_total", operation="save_subscription") == 0
     # every answer "stored" is a message in the store (duplicates: two answers, one message)
     assert metrics.sample("messages_stored_total") == len(stored_cases) + 3 + 1
 
