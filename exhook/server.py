@@ -167,8 +167,9 @@ class Service:
         orphans = orphan_paths(self.config.service.spool.path, self.worker, self.config.service.workers)
         if orphans:
             moved = await adopt_orphans(spool, orphans)
-            log.warning("took over %d spooled write ops of an earlier run", moved,
-                        extra={"event": "spool_adopted", "ops": moved, "files": ",".join(map(str, orphans))})
+            if moved:  # spool files an earlier run left empty are only cleaned up
+                log.warning("took over %d spooled write ops of an earlier run", moved,
+                            extra={"event": "spool_adopted", "ops": moved, "files": ",".join(map(str, orphans))})
 
     def _make_writer(self, store: Store, spool: Spool) -> OrderedWriter:
         svc, backend = self.config.service, self.config.backend

@@ -1,0 +1,84 @@
+"""Spool files an earlier run with another number of workers left (exhook/spool.py
+orphan_paths / adopt_orphans, run by exhook/server.py at start-up): a changed
+``exhook.workers`` loses no spooled op."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from exhook.config import HostPort, load_config_string
+from exhook.server import Service
+from exhook.spool import Spool, adopt_orphans, orphan_paths
+from storage.model import DeleteMessage, SaveMessage, StoredMessage
+from tests.service_proc import eventually
+
+
+def save(i: int, topic: str = "t/a") -> SaveMessage:
+    return SaveMessage(StoredMessage(f"{i:032X}", "c", topic, 1, False, b"p%d" % i, 1000 + i))
+
+
+async def spool_with(path: Path, ops: list[SaveMessage | DeleteMessage]) -> None:
+    spool = Spool(path)
+    await spool.open()
+    try:
+        if ops:
+            await spool.append(ops)
+    finally:
+        await spool.close()
+
+
+async def test_which_files_a_process_takes_over(tmp_path: Path) -> None:
+    base = tmp_path / "spool"
+    for path in (base, tmp_path / "spool.0", tmp_path / "spool.1", tmp_path / "spool.2"):
+        await spool_with(path, [])
+    assert orphan_paths(base, None, 1) == [tmp_path / "spool.0", tmp_path / "spool.1", tmp_path / "spool.2"]
+    # worker 0 of two takes the single process's file and those of workers that no longer exist
+    assert orphan_paths(base, 0, 2) == [base, tmp_path / "spool.2"]  # (only worker 0 takes any over)
+
+
+async def test_orphaned_ops_move_behind_the_own_ones_in_order_and_the_files_go(tmp_path: Path) -> None:
+    own_path, first, second = tmp_path / "spool", tmp_path / "spool.0", tmp_path / "spool.1"
+    await spool_with(first, [save(1), save(2), DeleteMessage(f"{1:032X}", "t/a")])
+    await spool_with(second, [])  # left empty
+    target = Spool(own_path)
+    await target.open()
+    try:
+        await target.append([save(0)])
+        assert await adopt_orphans(target, [first, second]) == 3
+        assert [item.op for item in await target.head(10)] == [
+            save(0), save(1), save(2), DeleteMessage(f"{1:032X}", "t/a")]
+    finally:
+        await target.close()
+    assert not first.exists() and not second.exists()
+
+
+@pytest.mark.parametrize("left", [0, 2])
+async def test_the_service_takes_over_at_start_and_says_so_only_when_there_was_something(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, left: int) -> None:
+    await spool_with(tmp_path / "spool.3", [save(i) for i in range(left)])  # a run with 4 workers
+    cfg = load_config_string(f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n'
+                             f'exhook {{ spool.path = "{tmp_path}/spool" }}')
+    svc = dataclasses.replace(cfg.service, listen=HostPort("127.0.0.1", 0),
+                              http=dataclasses.replace(cfg.service.http, enable=False))
+    service = Service(dataclasses.replace(cfg, service=svc))
+    with caplog.at_level(logging.INFO):
+        await service.start()
+        try:
+            # the taken-over ops drain into the store like any spooled op
+            await eventually(lambda: stored(tmp_path / "db.sqlite3") == left, 10, "the ops in the store")
+        finally:
+            await service.stop()
+    assert not (tmp_path / "spool.3").exists()
+    took_over = [r.getMessage() for r in caplog.records if "took over" in r.getMessage()]
+    assert took_over == ([f"took over {left} spooled write ops of an earlier run"] if left else [])
+
+
+def stored(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("select count(*) from mqtt_msg").fetchone()[0])
