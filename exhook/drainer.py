@@ -32,6 +32,10 @@ ONE_BY_ONE_AFTER = 3
 # the most ops after a suspect head one search tries alone: a longer run of ops that
 # each break the store is taken for a broken store (retried with backoff, not set aside)
 SUSPECT_RUN_MAX = 100
+# A drain step reads at most about this much of the spool (and at least one op): the
+# spool's one thread is busy meanwhile, and a spill (a publish at its deadline) waits
+# for it; the drainer holds the ops it read in memory until the store has them.
+DRAIN_STEP_BYTES = 4 << 20
 
 
 class SpoolDrainer:
@@ -69,10 +73,15 @@ class SpoolDrainer:
 
     async def _step(self, one_by_one: bool) -> bool:
         """Write the spool's oldest ops to the store; False once it is empty."""
+        # The lock covers only the decision to go direct (a fresh count: ops are appended
+        # and removed under it), not the read: a spill must not wait for a drain step's
+        # read. Reading without it is safe: the writer only appends (after every row read
+        # here) and only this drainer removes rows (_forget_settled, or head itself for a
+        # damaged row), so the rows read stay the spool's oldest until written.
         async with self._lock:
             if not self._spool.count and self._on_empty():
                 return False
-            head = await self._spool.head(1 if one_by_one else self._batch_size)
+        head = await self._spool.head(1 if one_by_one else self._batch_size, max_bytes=DRAIN_STEP_BYTES)
         self._count_damaged()
         if not head:
             return True  # emptied, but the writer is still moving ops in

@@ -212,21 +212,32 @@ class Spool:
         self.count += len(rows)
         self.bytes += sum(row[-1] for row in rows)
 
-    async def head(self, limit: int, *, after: int = 0, move_damaged: bool = True) -> list[SpooledOp]:
-        """The oldest ``limit`` ops after row ``after``, in order. A row that cannot be
-        decoded (disk damage) would block every op behind it: it is moved to the
-        ``set_aside`` table (one log line, counted in ``damaged``), or only skipped
-        with ``move_damaged`` False (a reader that must not change the file)."""
+    async def head(self, limit: int, *, after: int = 0, move_damaged: bool = True,
+                   max_bytes: int | None = None) -> list[SpooledOp]:
+        """The oldest ``limit`` ops after row ``after``, in order, ending with the row
+        that reaches ``max_bytes`` (their sizes as ``op_size`` counts them; always at
+        least one row): the spool's one thread reads them, and an append (a publish
+        waiting for its answer) waits meanwhile. A row that cannot be decoded (disk
+        damage) would block every op behind it: it is moved to the ``set_aside`` table
+        (one log line, counted in ``damaged``), or only skipped with ``move_damaged``
+        False (a reader that must not change the file)."""
         def read() -> tuple[list[SpooledOp], list[tuple[int, str]], tuple[int, int]]:
             assert self._conn is not None
-            cur = self._conn.execute(f"SELECT seq, {_COLUMNS} FROM ops WHERE seq > ? ORDER BY seq LIMIT ?",
+            cur = self._conn.execute(f"SELECT seq, {_COLUMNS}, size FROM ops WHERE seq > ? ORDER BY seq LIMIT ?",
                                      (after, limit))
             ops, damaged = [], []
-            for row in cur.fetchall():
-                try:
-                    ops.append(SpooledOp(row[0], decode(row[1:])))
-                except ValueError as exc:
-                    damaged.append((row[0], str(exc)))
+            taken = 0
+            try:
+                for row in cur:  # row by row: the rows beyond max_bytes are never read
+                    try:
+                        ops.append(SpooledOp(row[0], decode(row[1:-1])))
+                    except ValueError as exc:
+                        damaged.append((row[0], str(exc)))
+                    taken += row[-1] if type(row[-1]) is int else 0  # (a damaged row's size may be anything)
+                    if max_bytes is not None and taken >= max_bytes:
+                        break
+            finally:
+                cur.close()
             freed = self._tx(lambda conn: _move_damaged(conn, damaged, self._clock())) \
                 if damaged and move_damaged else (0, 0)
             return ops, damaged, freed

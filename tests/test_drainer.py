@@ -11,13 +11,15 @@ import asyncio
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from exhook.spool import Spool
+from exhook import drainer
+from exhook.spool import Spool, SpooledOp, op_size
 from exhook.writer import Outcome
 from storage.base import StoreError
-from storage.model import SaveMessage, WriteOp
+from storage.model import SaveMessage, StoredMessage, WriteOp
 from tests.test_writer import RecordingStore, Running, delete, msgid, open_spool, outcomes, save
 
 DRAIN_BOUND_S = 30  # far beyond any drain here; a drain that never ends fails instead of hanging
@@ -149,4 +151,61 @@ async def test_a_reader_that_must_not_change_the_spool_skips_a_damaged_row(tmp_p
     spool = await damaged_spool(tmp_path)
     assert [item.op for item in await spool.head(10, move_damaged=False)] == [save(1), save(3)]
     assert spool.count == 3 and await spool.set_aside_rows(10) == []  # left where it is
+    await spool.close()
+
+
+def sized_save(i: int, size: int = 100_000) -> SaveMessage:
+    return SaveMessage(StoredMessage(msgid(i), "c", "t", 1, False, b"p" * size, 0))
+
+
+async def test_head_stops_at_the_row_that_reaches_max_bytes(tmp_path: Path) -> None:
+    ops = [sized_save(i) for i in range(3)]
+    spool = await spool_with(tmp_path, ops)
+    one = op_size(ops[0])
+    assert [s.op for s in await spool.head(10, max_bytes=1)] == ops[:1]  # always at least one row
+    assert [s.op for s in await spool.head(10, max_bytes=one)] == ops[:1]
+    assert [s.op for s in await spool.head(10, max_bytes=one + 1)] == ops[:2]
+    assert [s.op for s in await spool.head(10, max_bytes=10 * one)] == ops
+    assert [s.op for s in await spool.head(10)] == ops
+    await spool.close()
+
+
+async def test_a_drain_step_reads_a_bounded_number_of_bytes_and_not_under_the_spool_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool of large ops left by an earlier run, batch_size far above their number:
+    a drain step reads about DRAIN_STEP_BYTES (it read the whole batch: 900 MB once),
+    and reads without the spool lock, so that an op spooled meanwhile (a publish at
+    its deadline) need not wait for the read (it waited seconds). The op spooled while
+    the drainer holds rows it read is drained after them, in order."""
+    ops = [sized_save(i) for i in range(10)]
+    limit = int(2.5 * op_size(ops[0]))
+    monkeypatch.setattr(drainer, "DRAIN_STEP_BYTES", limit, raising=False)
+    spool = await spool_with(tmp_path, ops)
+    reads: list[tuple[bool, list[int]]] = []  # (the spool lock held while reading?, sizes read)
+    first_read, go_on = asyncio.Event(), asyncio.Event()
+    real_head = spool.head
+
+    async def head(limit: int, **kwargs: Any) -> list[SpooledOp]:
+        held = w.writer._spool_lock.locked()
+        rows = await real_head(limit, **kwargs)
+        reads.append((held, [op_size(row.op) for row in rows]))
+        if not first_read.is_set():  # a read that takes long: the rows are not back yet
+            first_read.set()
+            await go_on.wait()
+        return rows
+
+    spool.head = head  # type: ignore[method-assign]
+    store = RecordingStore()
+    w = Running(store, spool, batch_size=1000, spool_max_bytes=1 << 30)
+    await asyncio.wait_for(first_read.wait(), DRAIN_BOUND_S)
+    assert not w.writer._spool_lock.locked()  # a spill may go on while the read does
+    late = w.writer.submit(save(100))  # spool mode: it goes to the spool, under the spool lock
+    assert await asyncio.wait_for(outcomes([late]), DRAIN_BOUND_S) == [Outcome.SPOOLED]
+    go_on.set()
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [*ops, save(100)]
+    assert not any(held for held, _ in reads)
+    assert [len(sizes) for _, sizes in reads if sizes] == [3, 3, 3, 2]  # the last with the late op
+    assert all(sum(sizes[:-1]) < limit for _, sizes in reads)  # ends with the row that reaches the limit
+    await w.close()
     await spool.close()
