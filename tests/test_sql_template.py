@@ -97,6 +97,10 @@ def mysql_config(**sql: str) -> None:
     "select topic, qos from `${clientid}`",
     "select topic, qos from mqtt_sub where clientid = 'it''s ${clientid}'",
     "select topic, qos from mqtt_sub where clientid = 'a\\'${clientid}'",
+    # a quote inside a comment opens no literal: the placeholder after it is still quoted
+    "/* it's */ select topic, qos from mqtt_sub where clientid = '${clientid}'",
+    "select topic, qos from mqtt_sub -- it's\n where clientid = '${clientid}'",
+    "select topic, qos from mqtt_sub # it's\n where clientid = '${clientid}'",
 ])
 def test_placeholder_inside_a_quoted_literal_is_refused(sql: str) -> None:
     # the driver quotes a value itself: '${clientid}' would become ''alice'', the value
@@ -106,6 +110,13 @@ def test_placeholder_inside_a_quoted_literal_is_refused(sql: str) -> None:
         compile_template("mysql.select_subscriptions_sql", sql)
     with pytest.raises(ConfigError, match=r"mysql.select_subscriptions_sql: placeholder \$\{clientid\} inside"):
         mysql_config(select_subscriptions_sql=sql)
+
+
+def test_comments_are_skipped_and_may_hold_no_placeholder() -> None:
+    t = compile_template("x", "select * from t /* it's */ where a = ${topic} -- the topic's row\n")
+    assert t.params == ("topic",)
+    with pytest.raises(SqlTemplateError, match="x: a placeholder inside a comment"):
+        compile_template("x", "select * from t /* ${clientid} */ where a = ${topic}")
 
 
 def test_quotes_around_other_text_leave_placeholders_alone() -> None:

@@ -100,9 +100,22 @@ def compile_template(
     return SqlTemplate(name, text, "".join(sql), tuple(params), "".join(prepare))
 
 
+def _comment_end(text: str, i: int) -> int | None:
+    """Where the comment starting at ``i`` ends (``/* */``, ``-- `` or ``#`` to the end
+    of the line, as MySQL reads them), or None if none starts there."""
+    if text.startswith("/*", i):
+        end = text.find("*/", i + 2)
+        return len(text) if end < 0 else end + 2
+    if text[i] == "#" or (text.startswith("--", i) and (i + 2 == len(text) or text[i + 2] in " \t\r\n")):
+        end = text.find("\n", i)
+        return len(text) if end < 0 else end + 1
+    return None
+
+
 def _placeholders(name: str, text: str) -> Iterator[tuple[int, int, str]]:
     """``(start, end, name)`` of every placeholder of ``text``, in order; raise
-    ``SqlTemplateError`` for one inside a quoted literal (module docstring)."""
+    ``SqlTemplateError`` for one inside a quoted literal or a comment (module
+    docstring). Comments are skipped: a quote in one must not be taken for a literal."""
     quote: str | None = None
     i = 0
     while i < len(text):
@@ -110,6 +123,11 @@ def _placeholders(name: str, text: str) -> Iterator[tuple[int, int, str]]:
         if quote is None and (match := _PLACEHOLDER.match(text, i)):
             yield match.start(), match.end(), match.group(1) if match.group(1) is not None else match.group(2)
             i = match.end()
+            continue
+        if quote is None and (end := _comment_end(text, i)) is not None:
+            if "${" in text[i:end]:
+                raise SqlTemplateError(f"{name}: a placeholder inside a comment")
+            i = end
             continue
         if quote is None:
             if ch in "'\"`":
