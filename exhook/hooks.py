@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,7 @@ _CONNECT_ENTRIES = 100_000
 # calls (missed_connects.py) does not restore them again: longer than the sweep's
 # look-back plus the time it takes to notice a loss
 _RESTORED_TTL_S = 120.0
-# a client's connect count is kept this long after its last connect: a replay of an
+# a client's latest connect is kept this long: a replay of an
 # earlier connection still running then stops before its next batch
 _CONNECTS_TTL_S = 600.0
 # how long a restore session.created started waits for client.connected before it
@@ -115,9 +116,10 @@ class HookLogic:
         # connection -> {filter: qos} a hook's restore just read from the store and gave back,
         # until the broker's session.subscribed for each: that call need not store it again
         self._restored_subs: ExpiringMap[str, dict[str, int]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
-        # clientid -> how many connects this process saw begin (session.created /
-        # session.resumed, or a client.connected whose session.created was lost)
+        # clientid -> the number of its latest connect with a new session (session.created,
+        # or a client.connected whose session.created was lost)
         self._connects: ExpiringMap[str, int] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
+        self._connect_seq = itertools.count(1)
         # connection -> filters the client unsubscribed (and has not subscribed again):
         # a restore still to come must not give them back
         self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
@@ -242,8 +244,9 @@ class HookLogic:
             self._restoring.put(client.clientid, pending)
 
     def session_resumed(self, client: ClientRef) -> None:
+        # not a new connect for a running replay: the broker kept the session, so what
+        # the replay still publishes reaches it, and nothing else would replay the rest
         self._queues.note_connect()
-        self._count_connect(client.clientid)
         self._restored_subs.pop(client.connection)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
@@ -263,15 +266,17 @@ class HookLogic:
         self._submit_restore(client, None)
 
     def _count_connect(self, clientid: str) -> None:
-        self._connects.put(clientid, (self._connects.get(clientid) or 0) + 1)
+        # one sequence for all clients: a client whose entry expired or was evicted
+        # never gets back a value a job took before
+        self._connects.put(clientid, next(self._connect_seq))
 
     def _same_connect(self, clientid: str) -> Callable[[], bool]:
-        """Whether no later connect of ``clientid`` has begun since now (taken when a job
-        is queued). A replay publishes to the topic, so one still running for an earlier
-        connection would reach the new one ahead of, and again after, that one's own
-        restore: it stops before its next batch instead."""
-        count = self._connects.get(clientid)
-        return lambda: self._connects.get(clientid) in (count, None)
+        """Whether no later connect of ``clientid`` with a new session has begun since
+        now (taken when a job is queued). A replay publishes to the topic, so one still
+        running for an earlier connection would reach the new one ahead of, and again
+        after, that one's own restore: it stops before its next batch instead."""
+        connect = self._connects.get(clientid)
+        return lambda: self._connects.get(clientid) in (connect, None)
 
     def _cancel_restore(self, clientid: str) -> None:
         pending = self._restoring.pop(clientid)

@@ -15,6 +15,7 @@ import pytest
 
 from exhook.client_queue import ClientQueues
 from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
+from exhook.expiring import ExpiringMap
 from exhook.hooks import HTTP_API, ClientRef, HookLogic
 from exhook.metrics import Metrics
 from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer, payload_digest
@@ -568,3 +569,18 @@ async def test_a_sweep_does_not_restore_a_connection_its_hook_restored(rig: Rig)
     assert rig.logic.restore_missed(client(peerport=5002))  # a later connection
     await rig.settle()
     assert len(rig.api.subscribed) == 2
+
+
+async def test_a_replay_of_an_earlier_connect_is_recognised_after_the_clients_entry_was_evicted(rig: Rig) -> None:
+    # the connect numbers come from one sequence: a client that comes back after its
+    # entry was evicted (a storm of other clients) gets a number no job took before
+    logic = rig.logic
+    logic._connects = ExpiringMap(600, 2)
+    logic.session_created(client("back", peerport=1))
+    earlier = logic._same_connect("back")
+    assert earlier()
+    for i in range(3):
+        logic.session_created(client(f"other{i}", peerport=1))  # evicts "back"
+    logic.session_created(client("back", peerport=2))
+    assert not earlier()
+    await rig.settle()

@@ -49,3 +49,26 @@ async def test_a_replay_stops_when_its_client_connects_again(h: Harness, first_a
     assert set(got) >= set(sent) - acked_by_first  # nothing missed
     assert in_order_after_one_batch(got), got
     assert len(got) - len(set(got)) <= REPLAY_BATCH, got
+
+
+async def test_a_replay_goes_on_when_its_client_resumes_the_session(h: Harness) -> None:
+    """A client that comes back and resumes its session (clean_start false) keeps the
+    subscription the replay publishes to, and nothing else would replay the rest: the
+    replay must not stop for it."""
+    first = h.client("resumer")
+    await first.connect()
+    await first.subscribe("t/resume", qos=1)
+    await first.disconnect()
+    await h.settle()
+    sent = [f"m{i:02d}".encode() for i in range(MESSAGES)]
+    await publish_all(h, [("t/resume", p) for p in sent])
+    assert h.emu is not None
+    h.emu.hooks.answer_late("message.publish", "http_api", 0.01)  # a replay of ~10 ms a message
+    fresh = h.client("resumer", clean_start=False, session_expiry=3600, proto_ver=5)
+    await fresh.connect()  # a new session: restored, replaying the 40
+    await fresh.wait_for_deliveries(10, timeout=10)
+    resumed = h.client("resumer", clean_start=False, session_expiry=3600, proto_ver=5)
+    await resumed.connect()  # takes the session over
+    await resumed.wait_for_deliveries(MESSAGES - len(payloads(fresh)), timeout=20)
+    await h.settle()
+    assert set(payloads(fresh)) | set(payloads(resumed)) == set(sent)
