@@ -271,7 +271,8 @@ def _check_server_pem(opts: ServerTlsConfig, at: str) -> None:
     fail to bind, which names no field."""
     check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        check.load_cert_chain(opts.certfile, opts.keyfile)
+        # no pass phrase: OpenSSL would ask for one on the terminal (grpc takes plain keys only)
+        check.load_cert_chain(opts.certfile, opts.keyfile, password=lambda: b"")
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{at}certfile: cannot load {opts.certfile!r} / {opts.keyfile!r}: {exc}") from None
     if opts.cacertfile:
@@ -376,7 +377,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
 
 def _api_ssl(api: ConfigTree, at: str, base: Path, url: str) -> SslOptions:
     opts = read_ssl(api, at, base)
-    if opts.enable and not url.startswith("https://"):
+    if opts.enable and not url.lower().startswith("https://"):
         # the API key and secret would go out in clear text
         raise ConfigError(f"{at}ssl.enable: TLS needs an https:// api_url, got {url!r}")
     return opts

@@ -47,6 +47,9 @@ _CONNECT_ENTRIES = 100_000
 # calls (missed_connects.py) does not restore them again: longer than the sweep's
 # look-back plus the time it takes to notice a loss
 _RESTORED_TTL_S = 120.0
+# the unsubscribes noted per connection for a restore still to run (a client churning
+# through filters must not grow it without end)
+_DROPPED_PER_CONNECTION = 1000
 # a client's latest connect is kept this long: a replay of an
 # earlier connection still running then stops before its next batch
 _CONNECTS_TTL_S = 600.0
@@ -121,8 +124,9 @@ class HookLogic:
         self._connects: ExpiringMap[str, int] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
         self._connect_seq = itertools.count(1)
         # connection -> filters the client unsubscribed (and has not subscribed again):
-        # a restore still to come must not give them back
-        self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # a restore still to come must not give them back (kept as long as a storm can
+        # hold a queued restore back, renewed at each unsubscribe)
+        self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -392,10 +396,10 @@ class HookLogic:
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
         # noted at once: a restore of this connection may be waiting to run (its read
         # of the store could still find the filter, its subscribe would undo this)
-        dropped = self._dropped.get(client.connection)
-        if dropped is None:
-            self._dropped.put(client.connection, dropped := set())
-        dropped.add(topic)
+        dropped = self._dropped.get(client.connection) or set()
+        if len(dropped) < _DROPPED_PER_CONNECTION:
+            dropped.add(topic)
+        self._dropped.put(client.connection, dropped)
         self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))
 
     async def _unsubscribed(self, client: ClientRef, topic: str) -> None:

@@ -63,7 +63,8 @@ def client_context(opts: SslOptions, where: str) -> ssl.SSLContext:
         raise TlsSetupError(f"{where}.cacertfile: cannot load {opts.cacertfile!r}: {exc}") from None
     if opts.certfile:
         try:
-            ctx.load_cert_chain(opts.certfile, opts.keyfile or None)
+            # no pass phrase (the ssl block has none): OpenSSL would ask for it on the terminal
+            ctx.load_cert_chain(opts.certfile, opts.keyfile or None, password=lambda: b"")
         except (OSError, ssl.SSLError) as exc:
             raise TlsSetupError(f"{where}.certfile: cannot load {opts.certfile!r} / {opts.keyfile!r}: {exc}") from None
     return ctx

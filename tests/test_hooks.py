@@ -584,3 +584,12 @@ async def test_a_replay_of_an_earlier_connect_is_recognised_after_the_clients_en
     logic.session_created(client("back", peerport=2))
     assert not earlier()
     await rig.settle()
+
+
+async def test_the_unsubscribes_noted_for_a_restore_are_bounded_per_connection(rig: Rig) -> None:
+    # a client churning through filters must not grow the note without end
+    churner = client("churner", peerport=3)
+    for i in range(1005):
+        rig.logic.session_unsubscribed(churner, f"t/{i}")
+    assert len(rig.logic._dropped.get(churner.connection) or ()) == 1000
+    await rig.settle()
