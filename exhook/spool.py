@@ -95,12 +95,29 @@ def encode(op: WriteOp) -> Row:
     return ("p", op.msgid, op.topic, "", 0, 0, op.digest, b"", 0)
 
 
+def _lenient_text(raw: bytes) -> str:
+    """The connections' text factory: bytes that are not UTF-8 (a damaged file) come
+    back as surrogates, for ``decode`` to refuse, instead of failing the whole read."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _printable(row: Sequence[Any]) -> list[Any]:
+    """A row whose damaged text shows as U+FFFD (for listing set-aside rows)."""
+    return [v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
+            for v in row]
+
+
 def decode(row: Sequence[Any]) -> WriteOp:
     """The op of a row; ValueError for a row no ``encode`` wrote (a damaged file): a
     value of the wrong type would otherwise reach the store, or fail there."""
     for name, value, wanted in zip(_COLUMNS.split(", "), row, _COLUMN_TYPES, strict=True):
         if type(value) is not wanted:
             raise ValueError(f"column {name} holds {type(value).__name__}, not {wanted.__name__}")
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"column {name} is not UTF-8") from None
     kind, msgid, topic, sender, qos, flag, other, payload, ts = row
     if kind == "s":
         return SaveMessage(StoredMessage(msgid, sender, topic, qos, bool(flag), bytes(payload), ts))
@@ -159,6 +176,7 @@ class Spool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
+            conn.text_factory = _lenient_text
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             for statement in _SCHEMA:
@@ -298,7 +316,7 @@ class Spool:
             cur = self._conn.execute(
                 f"SELECT at_ms, backend, reason, detail, {_COLUMNS} FROM set_aside ORDER BY id DESC LIMIT ?",
                 (limit,))
-            return [SetAside(r[0], r[1], r[2], r[3], decode(r[4:])) for r in cur]
+            return [SetAside(r[0], r[1], r[2], r[3], decode(_printable(r[4:]))) for r in cur]
 
         return await self._run(read)
 

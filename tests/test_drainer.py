@@ -147,6 +147,26 @@ async def test_a_spool_row_that_cannot_be_read_is_moved_aside_and_the_rest_drain
     await spool.close()
 
 
+async def test_a_spool_row_whose_text_is_not_utf8_is_moved_aside_and_the_rest_drains(tmp_path: Path) -> None:
+    # sqlite3 failed the whole read on such a row, before any row could be judged
+    spool = await spool_with(tmp_path, [save(1), save(2), save(3)])
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "spool.sqlite3")
+    db.execute("UPDATE ops SET topic = CAST(x'ff80' AS TEXT) WHERE msgid = ?", (msgid(2),))
+    db.commit()
+    db.close()
+    spool = await open_spool(tmp_path)
+    store = RecordingStore()
+    w = Running(store, spool)
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(1), save(3)]
+    [row] = await spool.set_aside_rows(10)  # listed, the damaged text shown as U+FFFD
+    assert "not UTF-8" in row.detail and isinstance(row.op, SaveMessage)
+    assert row.op.message.topic == "\ufffd\ufffd"
+    await w.close()
+    await spool.close()
+
+
 async def test_a_reader_that_must_not_change_the_spool_skips_a_damaged_row(tmp_path: Path) -> None:
     spool = await damaged_spool(tmp_path)
     assert [item.op for item in await spool.head(10, move_damaged=False)] == [save(1), save(3)]
