@@ -24,17 +24,25 @@ def in_order_after_one_batch(got: list[bytes]) -> bool:
     return any(got[i:] == sorted(set(got[i:])) for i in range(REPLAY_BATCH + 1))
 
 
-@pytest.mark.parametrize("first_acks", [True, False])
-async def test_a_replay_stops_when_its_client_connects_again(h: Harness, first_acks: bool) -> None:
-    first = h.client("again")
-    await first.connect()
-    await first.subscribe("t/again", qos=1)
-    await first.disconnect()
+async def slowly_replayed_backlog(h: Harness, clientid: str, topic: str) -> list[bytes]:
+    """A stored subscription of ``clientid`` and MESSAGES stored for it while it was
+    away, replayed at ~10 ms a message (the payloads, in publish order)."""
+    away = h.client(clientid)
+    await away.connect()
+    await away.subscribe(topic, qos=1)
+    await away.disconnect()
     await h.settle()
     sent = [f"m{i:02d}".encode() for i in range(MESSAGES)]
-    await publish_all(h, [("t/again", p) for p in sent])
+    await publish_all(h, [(topic, p) for p in sent])
     assert h.emu is not None
-    h.emu.hooks.answer_late("message.publish", "http_api", 0.01)  # a replay of ~10 ms a message
+    h.emu.hooks.answer_late("message.publish", "http_api", 0.01)
+    return sent
+
+
+@pytest.mark.parametrize("first_acks", [True, False])
+async def test_a_replay_stops_when_its_client_connects_again(h: Harness, first_acks: bool) -> None:
+    sent = await slowly_replayed_backlog(h, "again", "t/again")
+    first = h.client("again")
     first.auto_ack = first_acks
     await first.connect()  # its restore replays the 40 messages
     await first.wait_for_deliveries(10, timeout=10)
@@ -55,15 +63,7 @@ async def test_a_replay_goes_on_when_its_client_resumes_the_session(h: Harness) 
     """A client that comes back and resumes its session (clean_start false) keeps the
     subscription the replay publishes to, and nothing else would replay the rest: the
     replay must not stop for it."""
-    first = h.client("resumer")
-    await first.connect()
-    await first.subscribe("t/resume", qos=1)
-    await first.disconnect()
-    await h.settle()
-    sent = [f"m{i:02d}".encode() for i in range(MESSAGES)]
-    await publish_all(h, [("t/resume", p) for p in sent])
-    assert h.emu is not None
-    h.emu.hooks.answer_late("message.publish", "http_api", 0.01)  # a replay of ~10 ms a message
+    sent = await slowly_replayed_backlog(h, "resumer", "t/resume")
     fresh = h.client("resumer", clean_start=False, session_expiry=3600, proto_ver=5)
     await fresh.connect()  # a new session: restored, replaying the 40
     await fresh.wait_for_deliveries(10, timeout=10)
