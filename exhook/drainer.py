@@ -97,8 +97,7 @@ class SpoolDrainer:
         except Exception:
             await self._forget_settled(entries)
             raise
-        await self._forget_settled(entries)
-        self._metrics.spool_drained.inc(len(entries))
+        await self._written(entries)
         return True
 
     async def _write(self, entries: list[Entry]) -> None:
@@ -111,8 +110,7 @@ class SpoolDrainer:
         error as it comes (nothing set aside)."""
         taken = await self._first_taken_after(head)
         if head.settled:  # it went through when tried again: the store is back, drain on in order
-            await self._forget_settled([head])
-            self._metrics.spool_drained.inc()
+            await self._written([head])
             return
         if taken is None:
             raise exc
@@ -135,8 +133,7 @@ class SpoolDrainer:
                 return None
             probe = Entry(following[0].op, seq=following[0].seq)
             if await self._goes_through(probe):
-                await self._forget_settled([probe])
-                self._metrics.spool_drained.inc()
+                await self._written([probe])
                 return following[0].seq
             seq = following[0].seq
         return None
@@ -173,6 +170,11 @@ class SpoolDrainer:
         for _ in range(self._spool.damaged - self._damaged_seen):
             self._metrics.write_rejected("spool", "damaged")
         self._damaged_seen = self._spool.damaged
+
+    async def _written(self, entries: list[Entry]) -> None:
+        """``entries`` are in the store: out of the spool, and counted as drained."""
+        await self._forget_settled(entries)
+        self._metrics.spool_drained.inc(len(entries))
 
     async def _forget_settled(self, entries: list[Entry]) -> None:
         settled = [e.seq for e in entries if e.settled and e.seq is not None]

@@ -351,7 +351,8 @@ class HookLogic:
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
-        (self._dropped.get(client.connection) or set()).discard(topic)
+        if (dropped := self._dropped.get(client.connection)) is not None:
+            dropped.discard(topic)  # subscribed again: a restore may give it back
         current = self._same_connect(client.clientid)
         self._queues.submit(client.clientid, f"subscribe {topic}",
                             lambda: self._subscribed(client, topic, qos, current))

@@ -251,7 +251,7 @@ class OrderedWriter:
         while True:
             started = time.monotonic()
             try:
-                await self._write_in_time(batch)
+                await self._write_in_time(batch, started)
             except Exception as exc:  # the store is down or failing
                 self._note_failure(exc)
                 failures += 1
@@ -269,12 +269,11 @@ class OrderedWriter:
             self._note_success()
             return
 
-    async def _write_in_time(self, batch: list[Entry]) -> None:
-        """One store write, given up (cancelled) when it has not returned within
-        ``spill_after_s`` (a hung store must not hold acks, which no caller's deadline
-        spills, in memory until the backend's own timeout), or as soon as spool mode
-        starts (``_start_spooling``)."""
-        started = time.monotonic()
+    async def _write_in_time(self, batch: list[Entry], started: float) -> None:
+        """One store write (``started``: its ``time.monotonic()``), given up (cancelled)
+        when it has not returned within ``spill_after_s`` (a hung store must not hold
+        acks, which no caller's deadline spills, in memory until the backend's own
+        timeout), or as soon as spool mode starts (``_start_spooling``)."""
         try:
             async with asyncio.timeout(min(self._cfg.spill_after_s, self._cfg.stall_after_s)) as limit:
                 self._write_timeout = limit
