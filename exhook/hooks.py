@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from exhook.client_queue import ClientQueues, outside_slot
 from exhook.expiring import ExpiringMap
+from exhook.held_rekeys import HeldRekeys
 from exhook.metrics import Metrics
 from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
@@ -128,6 +129,8 @@ class HookLogic:
         # hold a queued restore back, renewed at each unsubscribe)
         self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
+        # re-keys of this process's replays, held until their acks (held_rekeys.py)
+        self.held_rekeys = HeldRekeys(self._submit_background)
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
         """Hooks to register. No tracked topics means nothing to do: registering
@@ -160,7 +163,7 @@ class HookLogic:
             if replay_of is not None:
                 self._metrics.skipped["replay"].inc()
                 if replay_of != msgid:
-                    self._submit_background(RekeyMessage(replay_of, msgid, topic))
+                    self.held_rekeys.hold(RekeyMessage(replay_of, msgid, topic))
                 return
         message = StoredMessage(msgid, sender, topic, qos, False, payload, timestamp)
         await self._save(message, started)
@@ -222,6 +225,11 @@ class HookLogic:
         if not self.tracked.match(topic):
             return
         self._metrics.acks.inc()
+        if sender == HTTP_API and (held := self.held_rekeys.acked(msgid)) is not None:
+            # the replay's re-key never left this process: delete the copy under its stored id
+            self._metrics.rekeys_merged.inc()
+            self._submit_background(DeleteMessage(held.old_id, held.topic), subscriber)
+            return
         self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API), subscriber)
 
     def _submit_background(self, op: WriteOp, source: str = HTTP_API) -> None:
@@ -348,6 +356,7 @@ class HookLogic:
                 settle = None  # the client left: its other filters do not wait for it again
 
     async def _writer_caught_up(self) -> None:
+        self.held_rekeys.flush()  # the range is read again: its re-keys must be in the store
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:

@@ -108,6 +108,9 @@ class Metrics:
             f"{p}messages_deleted", "Stored messages deleted on acknowledgement (deletes made durable)", registry=reg)
         self.rekeyed = Counter(
             f"{p}messages_rekeyed", "Replayed messages moved to the id the broker gave the replay", registry=reg)
+        self.rekeys_merged = Counter(
+            f"{p}rekeys_merged", "Re-keys of replays never written: the ack came while the re-key was held back "
+            "and deleted the stored copy under its old id", registry=reg)
         self.writes_dropped = Counter(
             f"{p}writes_dropped", "Acks or re-keys dropped because the write buffer and its overflow were full",
             registry=reg)

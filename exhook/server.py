@@ -32,6 +32,7 @@ from exhook.config_checks import config_secrets
 from exhook.emqx_api import EmqxApi
 from exhook.grpc_options import server_options
 from exhook.health import EMQX_API, Readiness, ReadinessListener
+from exhook.held_rekeys import HeldRekeys
 from exhook.hooks import HookLogic
 from exhook.listen import add_grpc_port
 from exhook.logs import count_dropped_lines, redactor
@@ -79,6 +80,7 @@ class Service:
     _gate: GatedStore = field(init=False)
     _writer: OrderedWriter = field(init=False)
     _queues: ClientQueues = field(init=False)
+    _held_rekeys: HeldRekeys = field(init=False)
 
     async def start(self) -> None:
         try:
@@ -94,8 +96,10 @@ class Service:
         return self.lost
 
     async def idle(self) -> None:
-        """Wait until background jobs are done and every queued write is in the store."""
+        """Wait until background jobs are done and every queued write is in the store
+        (held re-keys too)."""
         await self._queues.idle()
+        self._held_rekeys.flush()
         await self._writer.drained()
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -138,7 +142,11 @@ class Service:
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up, checked=False)
         self._queues = ClientQueues(self.metrics)
         logic, connect_calls = self._logic(gate.store, writer, api), ConnectCalls()
+        self._held_rekeys = logic.held_rekeys
+        loops.start("held-rekeys", logic.held_rekeys.run)
         server = await self._start_grpc(logic, connect_calls)
+        # runs after the server's stop (no acks come any more) and before the writer's close
+        stack.callback(logic.held_rekeys.flush)
         stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
         # registered after the server's stop, so it runs before it: replays finish while gRPC still answers
         stack.push_async_callback(self._queues.close, _SHUTDOWN_GRACE_S)

@@ -113,6 +113,7 @@ class Rig:
 
     async def settle(self) -> None:
         await self.queues.idle()
+        self.logic.held_rekeys.flush()
         await self.writer.drained()
 
 
@@ -206,6 +207,33 @@ async def test_a_replay_is_rekeyed_to_its_new_id_so_the_subscribers_ack_deletes_
     rig.logic.message_acked(guid(900), HTTP_API, "t/a")
     await rig.settle()
     assert rig.store.stored() == []
+
+
+async def test_an_ack_while_the_rekey_is_held_deletes_the_stored_id_in_one_write(rig: Rig) -> None:
+    await rig.publish(1, payload=b"hello")
+    await rig.publish(900, sender=HTTP_API, payload=b"hello", replay_of=guid(1))
+    await rig.queues.idle()
+    await rig.writer.drained()
+    writes = rig.store.calls.count("write")
+    assert [m.msgid for m in rig.store.stored()] == [guid(1)]  # the re-key is held back
+    rig.logic.message_acked(guid(900), HTTP_API, "t/a", subscriber="sub")
+    await rig.settle()
+    assert rig.store.stored() == [] and rig.store.tombstones == set()
+    assert rig.store.calls.count("write") == writes + 1  # the delete alone
+    assert rig.metrics.sample("rekeys_merged_total") == 1
+    assert rig.metrics.sample("messages_rekeyed_total") == 0
+
+
+async def test_an_ack_of_an_earlier_replay_of_a_message_consumes_it_too(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.publish(900, sender=HTTP_API, replay_of=guid(1))  # to a connection that went away
+    await rig.publish(901, sender=HTTP_API, replay_of=guid(1))  # replayed again, to the new one
+    rig.logic.message_acked(guid(900), HTTP_API, "t/a")
+    await rig.settle()
+    assert rig.store.stored() == []
+    rig.logic.message_acked(guid(901), HTTP_API, "t/a")  # its re-key was taken back: a plain replay ack
+    await rig.settle()
+    assert rig.store.stored() == [] and rig.store.tombstones == {guid(901)}
 
 
 async def test_the_ack_of_a_replay_leaves_a_tombstone_that_a_late_rekey_honours(rig: Rig) -> None:
