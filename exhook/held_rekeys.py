@@ -38,10 +38,10 @@ MAX_HELD = 100_000
 
 
 class HeldRekeys:
-    def __init__(self, submit: Callable[[RekeyMessage], None], hold_s: float = HOLD_S,
+    def __init__(self, submit: Callable[[RekeyMessage], None], hold_s: float | None = None,
                  max_held: int = MAX_HELD) -> None:
         self._submit = submit
-        self._hold = hold_s
+        self._hold = HOLD_S if hold_s is None else hold_s
         self._max = max_held
         self._held: OrderedDict[str, tuple[float, RekeyMessage]] = OrderedDict()  # by new id, oldest first
         self._by_old: dict[str, list[str]] = {}  # stored id -> the new ids of its held re-keys

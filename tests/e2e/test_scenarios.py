@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from exhook import held_rekeys
 from exhook.emqx_api import REPLAY_PROPERTY
 from tests.e2e.harness import Harness
+from tests.e2e.test_health import eventually
 
 
 async def publish_all(h: Harness, topic_payloads: list[tuple[str, bytes]], qos: int = 1) -> list[str]:
@@ -63,6 +67,26 @@ async def test_clean_session_reconnect_restores_subscription_and_messages(h: Har
     await publish_all(h, [("t/r", b"live")])
     await sub.wait_for_deliveries(1, timeout=10)
     assert payloads(sub) == [b"live"]
+
+
+async def test_a_replay_acked_at_once_costs_one_store_write(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # held long enough for any host: the ack, not the hold running out, ends it
+    monkeypatch.setattr(held_rekeys, "HOLD_S", 60.0)
+    await h.restart_service()
+    await publish_all(h, [("t/once", b"one write")])
+    sub = h.client("acks-at-once")
+    await sub.connect()
+    await sub.subscribe("t/once", qos=1)
+    await sub.wait_for_deliveries(1, timeout=10)
+    metrics = h.service.metrics
+
+    async def acked() -> bool:
+        return metrics.sample("messages_acked_total") >= 1
+    await eventually(acked)
+    assert metrics.sample("rekeys_merged_total") == 1  # the ack took the re-key back
+    await h.settle()
+    assert await h.backend.count_messages() == 0
+    assert metrics.sample("messages_rekeyed_total") == 0
 
 
 async def test_200_messages_replay_complete_in_order_without_duplicates(h: Harness) -> None:
