@@ -31,10 +31,59 @@ from bench.common import (
 from bench.profile import Profiler, summarize
 from bench.results import Ceiling, ReplayResult
 from bench.service import Backend, ServiceProc, wait_drain, wait_stored
-from bench.standin import StandIn
+from bench.standin import Delivery, StandIn
 from bench.wire import WireTimer
 
 PUBLISHERS = 16
+
+
+class Acker:
+    """The subscriber's PUBACKs during a replay: EMQX calls ``message.acked`` in the
+    subscriber's process as each delivery is acknowledged, one after the other, while
+    the replay goes on. So each delivered message is acked as it is delivered, one call
+    at a time, over the channel the broker routes the subscriber's hooks to."""
+
+    def __init__(self, channel: grpc.aio.Channel, protocol: str, subscriber: str) -> None:
+        self._p = proto(protocol)
+        self._call = channel.unary_unary(self._p.path("OnMessageAcked"), None, None)
+        self._info = client_info(self._p, subscriber)
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.acked = 0
+
+    def start(self, standin: StandIn) -> None:
+        standin.on_delivery = self._queue.put_nowait
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, standin: StandIn, timeout: float) -> None:
+        """Ack what is still queued (at most ``timeout`` s), then stop."""
+        standin.on_delivery = None
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            say(f"acks still queued after {timeout:.0f} s: {self._queue.qsize():,}")
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Stop at once (a replay that failed)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        p = self._p
+        while True:
+            d = await self._queue.get()
+            try:
+                msg = message(p, "http_api", d.topic, d.payload, msgid=d.msgid)
+                await self._call(p.pb.MessageAckedRequest(clientinfo=self._info, message=msg,
+                                                          meta=p.meta).SerializeToString(), timeout=30)
+                self.acked += 1
+            finally:
+                self._queue.task_done()
 
 
 def say(text: str) -> None:
@@ -45,17 +94,23 @@ def say(text: str) -> None:
 
 async def ceiling(standin: StandIn, proc: ServiceProc, protocol: str, n: int, batch: int, topic: str,
                   payload_size: int) -> Ceiling:
-    """The no-op behind the stand-in: ``n`` messages as sequential publish/bulk batches."""
+    """The no-op behind the stand-in: ``n`` messages as sequential publish/bulk batches,
+    each acked by the subscriber as it is delivered (as in the service's replay)."""
     await standin.connect(proc.port, protocol)
+    channel = grpc.aio.insecure_channel(f"{HOST}:{proc.port}", options=CHANNEL_OPTIONS)
+    acker = Acker(channel, protocol, "bench-ceiling-sub")
     wire = WireTimer(proc.port)
     wire.start()
     await asyncio.sleep(0.5)  # tcpdump attaches
     cpu0 = proc.cpu()
+    acker.start(standin)
     try:
         seconds = await standin.ceiling(n, batch, topic, payload_bytes(payload_size))
     finally:
         wire_times = wire.stop()
-    cpu_us = (proc.cpu() - cpu0) / max(1, len(standin.deliveries)) * 1e6
+        cpu_us = (proc.cpu() - cpu0) / max(1, len(standin.deliveries)) * 1e6
+        await acker.stop(standin, 60)
+        await channel.close(None)
     answer = Latency.of(t for t in standin.answer_times if not math.isnan(t))
     await standin.disconnect()
     return Ceiling(protocol, n, len(standin.deliveries) / seconds if seconds > 0 else float("nan"), cpu_us,
@@ -78,8 +133,8 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
                  channels: int, payload_size: int, drain_timeout: float,
                  profile: tuple[Path, str, bool] | None = None) -> tuple[ReplayResult, list[str]]:
     """Store ``n`` messages on ``topic`` (16 publishers, each in its own order), subscribe
-    a new client, measure the replay; then the subscriber acknowledges what it got and the
-    store must return to where it was. With ``profile`` = (dir, name, native), py-spy
+    a new client, measure the replay while the subscriber acknowledges each message as it
+    is delivered; then the store must return to where it was. With ``profile`` = (dir, name, native), py-spy
     samples the service from the subscribe to the last delivery."""
     p = proto(protocol)
     backend.add_topics([topic])
@@ -87,6 +142,7 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
     say(f"{backend.name}/{protocol}: replay: storing {n:,} messages on {topic} from {PUBLISHERS} publishers")
     pool = [grpc.aio.insecure_channel(f"{HOST}:{proc.port}", options=CHANNEL_OPTIONS) for _ in range(channels)]
     profile_lines: list[str] = []
+    acker: Acker | None = None
     try:
         pub_calls = [ch.unary_unary(p.path("OnMessagePublish"), None, None) for ch in pool]
         counter = iter(range(n))
@@ -117,6 +173,7 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
         sub_call = pool[route(subscriber, len(pool))].unary_unary(p.path("OnSessionSubscribed"), None, None)
         info = client_info(p, subscriber, peerport=random.randrange(1024, 65535))
         req = p.pb.SessionSubscribedRequest(clientinfo=info, topic=topic, subopts=p.pb.SubOpts(qos=1), meta=p.meta)
+        acker = Acker(pool[route(subscriber, len(pool))], protocol, subscriber)
         wire = WireTimer(proc.port)
         wire.start()
         prof = None
@@ -124,6 +181,7 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
             prof = Profiler(proc.pid, profile[0], profile[1], subprocesses=proc.workers > 1, native=profile[2])
         await asyncio.sleep(1.0 if prof else 0.5)  # tcpdump / py-spy attach
         cpu0 = proc.cpu()
+        acker.start(standin)
         t0 = time.monotonic()
         await sub_call(req.SerializeToString(), timeout=10)
         subscribe_ms = (time.monotonic() - t0) * 1e3
@@ -156,23 +214,13 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
             f"server CPU {cpu_us:.0f} us/msg, answer on the wire p50 "
             f"{'-' if result.wire is None else f'{result.wire.p50:.3f}'} ms")
 
-        # the subscriber acknowledges what it got (the ids the replays were published with)
-        call = pool[route(subscriber, len(pool))].unary_unary(p.path("OnMessageAcked"), None, None)
-        queue = list(deliveries)
-        ack_info = client_info(p, subscriber)
-
-        async def acker() -> None:
-            while queue:
-                d = queue.pop()
-                msg = message(p, "http_api", d.topic, d.payload, msgid=d.msgid)
-                await call(p.pb.MessageAckedRequest(clientinfo=ack_info, message=msg,
-                                                    meta=p.meta).SerializeToString(), timeout=30)
-
-        # one subscriber acks one message at a time (EMQX: its PUBACKs, one by one, in its process)
-        await acker()
+        await acker.stop(standin, drain_timeout)  # the acks of the last deliveries
         reached, left = await wait_drain(backend, base, drain_timeout)
         result.empty_after_acks = "yes" if reached else f"no ({'?' if left is None else f'{left - base:,}'} left)"
         return result, profile_lines
     finally:
+        standin.on_delivery = None
+        if acker is not None:
+            await acker.cancel()
         await standin.disconnect()
         await asyncio.gather(*(ch.close(None) for ch in pool), return_exceptions=True)

@@ -389,8 +389,10 @@ def build_report(res: Results, args: argparse.Namespace, *, command: str, date: 
             parts += _bullets(_load_notes(res.mixed, protocol))
     replay_rows = _replay_rows(res)
     if replay_rows:
-        parts += ["**Replay** to a new subscriber through the `publish/bulk` stand-in (p = the server's answer to "
-                  "each replayed `OnMessagePublish`, on the wire; CPU with the difference to the no-op's per call)",
+        parts += ["**Replay** to a new subscriber through the `publish/bulk` stand-in, which acks each message "
+                  "as it is delivered (`OnMessageAcked`, one at a time, as EMQX runs a subscriber's PUBACKs; the "
+                  "no-op's ceiling too) (p = the server's answer to each replayed `OnMessagePublish`, on the wire; "
+                  "CPU with the difference to the no-op's per call)",
                   ""]
         parts += _table(["protocol", "target", "msg/s", "vs no-op ceiling", "p50 / p99 / p99.9 ms",
                          "server CPU µs/msg", "notes"], replay_rows)

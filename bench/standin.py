@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class StandIn:
     bulk_spans: list[tuple[float, float]] = field(default_factory=list)
     bad_requests: int = 0
     hook_errors: int = 0
+    # called with each delivery as its hook answers (the subscriber's PUBACK follows)
+    on_delivery: Callable[[Delivery], None] | None = None
     _expect: int = 0
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
@@ -211,8 +214,10 @@ class StandIn:
                 self.hook_errors += 1
                 elapsed = float("nan")
             self.answer_times.append(elapsed)
-            self.deliveries.append(Delivery(time.monotonic(), topic, payload, msgid,
-                                            user_props.get(REPLAY_PROPERTY, "")))
+            delivery = Delivery(time.monotonic(), topic, payload, msgid, user_props.get(REPLAY_PROPERTY, ""))
+            self.deliveries.append(delivery)
+            if self.on_delivery is not None:
+                self.on_delivery(delivery)
             results.append({"id": msgid})
         if len(self.deliveries) >= self._expect:
             self._done.set()

@@ -4,8 +4,7 @@ The broker publishes a replayed message under a new id, and the service re-keys 
 stored copy to it (``RekeyMessage``) so that the subscriber's ack, which names the
 new id, deletes it. That ack usually comes within milliseconds, to this same
 process. Holding the re-key back for ``hold_s`` lets the ack replace the pair with
-one delete of the stored id: one store write per replayed message instead of two,
-which is what a replay and a reconnect storm spend most of their store time on.
+one delete of the stored id: one store write per replayed message instead of two.
 
 Why holding is safe:
 - nobody waits for a re-key (the replay's own ``message.publish`` is answered at once);
