@@ -49,7 +49,7 @@ class Acker:
         self._info = client_info(self._p, subscriber)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self.acked = 0
+        self.acked = self.failed = 0
 
     def start(self, standin: StandIn) -> None:
         standin.on_delivery = self._queue.put_nowait
@@ -82,6 +82,10 @@ class Acker:
                 await self._call(p.pb.MessageAckedRequest(clientinfo=self._info, message=msg,
                                                           meta=p.meta).SerializeToString(), timeout=30)
                 self.acked += 1
+            except grpc.aio.AioRpcError as exc:  # counted and shown; the next acks still go
+                self.failed += 1
+                if self.failed == 1:
+                    say(f"an ack failed: {exc.code().name} {exc.details()}")
             finally:
                 self._queue.task_done()
 
@@ -108,8 +112,8 @@ async def ceiling(standin: StandIn, proc: ServiceProc, protocol: str, n: int, ba
         seconds = await standin.ceiling(n, batch, topic, payload_bytes(payload_size))
     finally:
         wire_times = wire.stop()
-        cpu_us = (proc.cpu() - cpu0) / max(1, len(standin.deliveries)) * 1e6
         await acker.stop(standin, 60)
+        cpu_us = (proc.cpu() - cpu0) / max(1, len(standin.deliveries)) * 1e6
         await channel.close(None)
     answer = Latency.of(t for t in standin.answer_times if not math.isnan(t))
     await standin.disconnect()
@@ -174,7 +178,7 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
         info = client_info(p, subscriber, peerport=random.randrange(1024, 65535))
         req = p.pb.SessionSubscribedRequest(clientinfo=info, topic=topic, subopts=p.pb.SubOpts(qos=1), meta=p.meta)
         acker = Acker(pool[route(subscriber, len(pool))], protocol, subscriber)
-        wire = WireTimer(proc.port)
+        wire = WireTimer(proc.port, skip_first=True)  # the subscribe's connection: the acks
         wire.start()
         prof = None
         if profile is not None:
@@ -189,6 +193,8 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
             complete = await standin.wait_delivered(timeout=600, stall=20)
         finally:
             wire_times = wire.stop()
+            # the acks of the last deliveries are part of the replay's cost
+            await acker.stop(standin, drain_timeout)
             cpu_us = (proc.cpu() - cpu0) / max(1, len(standin.deliveries)) * 1e6
             if prof is not None:
                 prof.stop()
@@ -214,7 +220,6 @@ async def replay(standin: StandIn, proc: ServiceProc, backend: Backend, protocol
             f"server CPU {cpu_us:.0f} us/msg, answer on the wire p50 "
             f"{'-' if result.wire is None else f'{result.wire.p50:.3f}'} ms")
 
-        await acker.stop(standin, drain_timeout)  # the acks of the last deliveries
         reached, left = await wait_drain(backend, base, drain_timeout)
         result.empty_after_acks = "yes" if reached else f"no ({'?' if left is None else f'{left - base:,}'} left)"
         return result, profile_lines

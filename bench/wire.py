@@ -30,8 +30,13 @@ def available() -> bool:
 
 
 class WireTimer:
-    def __init__(self, server_port: int) -> None:
+    """``skip_first``: leave out the connection of the first request captured (the
+    replay's subscribe: its connection then carries the subscriber's acks, which must
+    not be taken for the replay's publishes)."""
+
+    def __init__(self, server_port: int, skip_first: bool = False) -> None:
         self.port = server_port
+        self._skip_first = skip_first
         self._file = Path(tempfile.mkstemp(prefix="bench-wire-", suffix=".txt")[1])
         self._proc: subprocess.Popen[bytes] | None = None
         self.error = ""
@@ -66,18 +71,23 @@ class WireTimer:
         if proc.returncode not in (0, -15) and not text:
             self.error = f"tcpdump exited with {proc.returncode} (no capture permission?)"
             return []
-        return answer_times(text, self.port)
+        return answer_times(text, self.port, self._skip_first)
 
 
-def answer_times(text: str, server_port: int) -> list[float]:
+def answer_times(text: str, server_port: int, skip_first: bool = False) -> list[float]:
     pending: dict[int, float | None] = defaultdict(lambda: None)   # client port -> last request time
     times: dict[int, list[float]] = defaultdict(list)
+    skipped: int | None = None
     for line in text.splitlines():
         m = _LINE.match(line.strip())
         if m is None:
             continue
         ts, src, dst, length = float(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4))
         if dst == server_port and length >= MIN_REQUEST:
+            if skip_first and skipped is None:
+                skipped = src
+            if src == skipped:
+                continue
             pending[src] = ts
         elif src == server_port and length >= MIN_RESPONSE:
             started = pending[dst]

@@ -39,6 +39,7 @@ from exhook.config_fields import (
     read_topics,
 )
 from exhook.hocon_text import parse_hocon
+from exhook.units import format_duration
 from storage.base import StoreConfigError
 from storage.config import DEFAULT_SQL as DEFAULT_SQL
 from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
@@ -105,6 +106,8 @@ class ServiceConfig:
     workers: int = 1
     publish_deadline_ms: int = 500
     replay_batch_size: int = 100
+    # how long a replay's re-key waits for its ack in this process (exhook.held_rekeys); 0: not at all
+    replay_rekey_hold_ms: int = 1000
     log_level: str = "info"
     log_format: LogFormat = "text"
     max_pending_writes: int = 10000
@@ -130,8 +133,8 @@ _COMMON_FIELDS = {"enable", "topics", "batch_size", "batch_time", "message_ttl"}
 _SSL_FIELDS = {"enable", "verify", "cacertfile", "certfile", "keyfile", "server_name_indication"}
 _KNOWN_FIELDS: dict[str, set[str]] = {
     "": {"exhook", "redis", "mysql", "sqlite"},
-    "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "log_level", "log_format",
-                "max_pending_writes", "emqx", "ssl", "http", "spool", "allowed_clients"},
+    "exhook.": {"listen", "workers", "publish_deadline", "replay_batch_size", "replay_rekey_hold", "log_level",
+                "log_format", "max_pending_writes", "emqx", "ssl", "http", "spool", "allowed_clients"},
     "exhook.spool.": {"path", "max_bytes"},
     "exhook.ssl.": {"enable", "certfile", "keyfile", "cacertfile", "verify"},
     "exhook.http.": {"enable", "listen", "check_interval"},
@@ -358,6 +361,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
         workers=workers or usable_cpus(),
         publish_deadline_ms=read_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=read_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
+        replay_rekey_hold_ms=_rekey_hold(tree, where),
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]
         max_pending_writes=read_int(tree, "max_pending_writes", 10000, where, minimum=1),
@@ -373,6 +377,19 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
         spool=_spool(tree, base),
         allowed_clients=_allowed_clients(tree),
     )
+
+
+# a held re-key keeps an acked copy readable for that long when its ack reaches another
+# process: beyond a few seconds that is a window for duplicates, not a saving
+_MAX_REKEY_HOLD_MS = 10_000
+
+
+def _rekey_hold(tree: ConfigTree, where: str) -> int:
+    hold = read_duration_ms(tree, "replay_rekey_hold", 1000, where)
+    if hold > _MAX_REKEY_HOLD_MS:
+        raise ConfigError(f"exhook.replay_rekey_hold: {format_duration(hold)} is over the "
+                          f"{format_duration(_MAX_REKEY_HOLD_MS)} allowed")
+    return hold
 
 
 def _api_ssl(api: ConfigTree, at: str, base: Path, url: str) -> SslOptions:

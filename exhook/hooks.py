@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from exhook.client_queue import ClientQueues, outside_slot
@@ -101,6 +101,7 @@ class HookLogic:
         metrics: Metrics,
         flags: BrokerFlags,
         publish_deadline_ms: int,
+        rekey_hold_s: float,
     ) -> None:
         self.tracked = tracked
         self.flags = flags
@@ -130,7 +131,7 @@ class HookLogic:
         self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
-        self.held_rekeys = HeldRekeys(self._submit_background)
+        self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
         """Hooks to register. No tracked topics means nothing to do: registering
@@ -225,10 +226,10 @@ class HookLogic:
         if not self.tracked.match(topic):
             return
         self._metrics.acks.inc()
-        if sender == HTTP_API and (held := self.held_rekeys.acked(msgid)) is not None:
-            # the replay's re-key never left this process: delete the copy under its stored id
+        if sender == HTTP_API and (stored_as := self.held_rekeys.acked(msgid)) is not None:
+            # the replay's re-key never left this process: delete the copy where it is
             self._metrics.rekeys_merged.inc()
-            self._submit_background(DeleteMessage(held.old_id, held.topic), subscriber)
+            self._submit_background(DeleteMessage(stored_as, topic), subscriber)
             return
         self._submit_background(DeleteMessage(msgid, topic, replay_ack=sender == HTTP_API), subscriber)
 
@@ -350,13 +351,13 @@ class HookLogic:
         # replay nothing (the client's queue runs this before that hook's job). The
         # broker may not have applied the subscription yet: a replay that reaches
         # nobody tries again once the writer has caught up (Replayer.replay).
-        settle: Callable[[], Awaitable[None]] | None = self._writer_caught_up
+        settle: Callable[[Collection[str]], Awaitable[None]] | None = self._writer_caught_up
         for topic, _ in restored:
             if (await self._replay_filter(client, topic, current, settle)).reached_nobody:
                 settle = None  # the client left: its other filters do not wait for it again
 
-    async def _writer_caught_up(self) -> None:
-        self.held_rekeys.flush()  # the range is read again: its re-keys must be in the store
+    async def _writer_caught_up(self, topics: Collection[str]) -> None:
+        self.held_rekeys.flush(topics)  # these topics are read again: their re-keys must be in the store
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
@@ -393,7 +394,7 @@ class HookLogic:
                 "reason": exc.reason})
 
     async def _replay_filter(self, client: ClientRef, topic: str, current: Callable[[], bool],
-                             settle: Callable[[], Awaitable[None]] | None = None) -> Replayed:
+                             settle: Callable[[Collection[str]], Awaitable[None]] | None = None) -> Replayed:
         try:
             real = real_filter(topic)
         except TopicError as exc:

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import NamedTuple
 
 from exhook.client_queue import sleep_outside_slot
@@ -209,7 +209,7 @@ class Replayer:
             raise
 
     async def replay(self, clientid: str, connection: str, flt: str,
-                     settle: Callable[[], Awaitable[None]] | None = None,
+                     settle: Callable[[Collection[str]], Awaitable[None]] | None = None,
                      current: Callable[[], bool] = lambda: True) -> Replayed:
         """Publish every stored message matching ``flt`` that this connection has
         not been given yet.
@@ -237,8 +237,8 @@ class Replayer:
         return Replayed(published, delivered)
 
     async def _publish_once_subscribed(
-        self, ranges: dict[str, tuple[float | None, float]], settle: Callable[[], Awaitable[None]],
-        current: Callable[[], bool],
+        self, ranges: dict[str, tuple[float | None, float]],
+        settle: Callable[[Collection[str]], Awaitable[None]], current: Callable[[], bool],
     ) -> tuple[int, int]:
         last = (0, 0)
 
@@ -250,7 +250,7 @@ class Replayer:
                 # broker's message.publish of what reached nobody) are queued: let them
                 # land, so that the next read sees the ids the broker gave (if one is not
                 # in the store in time, that message is replayed once more later).
-                await settle()
+                await settle(ranges.keys())
                 raise NotSubscribedYet
             return published, delivered
 

@@ -195,8 +195,10 @@ class Service:
         tracked = TopicSet(backend.topics)
         flags = BrokerFlags()
         replayer = Replayer(store, api, self.metrics, tracked, flags, svc.replay_batch_size)
+        # with several workers most acks reach another process than the replay's re-key
+        hold_s = svc.replay_rekey_hold_ms / 1000 if svc.workers == 1 else 0.0
         return HookLogic(tracked, store, writer, replayer, self._queues, self.metrics, flags,
-                         svc.publish_deadline_ms)
+                         svc.publish_deadline_ms, hold_s)
 
     async def _start_grpc(self, logic: HookLogic, connect_calls: ConnectCalls) -> grpc.aio.Server:
         svc = self.config.service

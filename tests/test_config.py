@@ -138,6 +138,12 @@ def test_durations_accept_units() -> None:
     assert cfg.service.publish_deadline_ms == 250
 
 
+def test_replay_rekey_hold_defaults_to_a_second_and_may_be_off() -> None:
+    assert load_config_string("sqlite { enable = true }").service.replay_rekey_hold_ms == 1000
+    off = load_config_string("sqlite { enable = true }\nexhook { replay_rekey_hold = 0 }")
+    assert off.service.replay_rekey_hold_ms == 0
+
+
 def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.hocon"
     bad.write_text('redis { enable = true, redis_type = "nope" }\n')
@@ -255,6 +261,8 @@ def test_exhook_ssl_disabled_ignores_missing_files(tmp_path: Path) -> None:
          'sqlite.message_ttl: expected a duration such as 500ms, 1.5s, 1m30s, 2h, 1d, got "soon"'),
         ('sqlite { enable = true }\nexhook { publish_deadline = 0 }',
          "exhook.publish_deadline: must be at least 1ms, got 0ms"),
+        ('sqlite { enable = true }\nexhook { replay_rekey_hold = 11s }',
+         "exhook.replay_rekey_hold: 11s is over the 10s allowed"),
         ('sqlite { enable = true }\nexhook { spool { max_bytes = "12XB" } }',
          'exhook.spool.max_bytes: expected a size such as 1048576, 64MB, 1GiB, got "12XB"'),
         ('sqlite { enable = true }\nexhook { spool { max_bytes = 1000 } }',

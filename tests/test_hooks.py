@@ -94,7 +94,7 @@ class Rig:
         self.replayer = Replayer(store, cast(EmqxApi, self.api), self.metrics, tracked, self.flags, batch_size=3,
                                  until_subscribed=QUICK_PATIENCE)
         self.logic = HookLogic(tracked, store, self.writer, self.replayer, self.queues, self.metrics, self.flags,
-                               publish_deadline_ms=500)
+                               publish_deadline_ms=500, rekey_hold_s=60)
         self._broker_ids = 10_000
 
     def broker_runs_replay_hooks(self) -> None:
@@ -234,6 +234,26 @@ async def test_an_ack_of_an_earlier_replay_of_a_message_consumes_it_too(rig: Rig
     rig.logic.message_acked(guid(901), HTTP_API, "t/a")  # its re-key was taken back: a plain replay ack
     await rig.settle()
     assert rig.store.stored() == [] and rig.store.tombstones == {guid(901)}
+
+
+async def test_an_ack_at_another_instance_still_deletes_a_held_replay(rig: Rig, tmp_path: Path) -> None:
+    other_spool = Spool(tmp_path / "other-spool")
+    await other_spool.open()
+    other = Rig(rig.store, other_spool)  # a second instance on the same store
+    task = asyncio.create_task(other.writer.run())
+    try:
+        await rig.publish(1)
+        await rig.publish(900, sender=HTTP_API, replay_of=guid(1))  # held here
+        other.logic.message_acked(guid(900), HTTP_API, "t/a")  # the subscriber's channel goes there
+        await other.settle()
+        assert guid(900) in rig.store.tombstones
+        await rig.settle()  # the hold ends: the late re-key meets the tombstone
+        assert rig.store.stored() == []
+        assert rig.metrics.sample("rekeys_merged_total") == 0
+    finally:
+        await other.writer.close(1)
+        await asyncio.gather(task, return_exceptions=True)
+        await other_spool.close()
 
 
 async def test_the_ack_of_a_replay_leaves_a_tombstone_that_a_late_rekey_honours(rig: Rig) -> None:
