@@ -50,6 +50,9 @@ class HeldRekeys:
         self._max = max_held
         self._held: OrderedDict[str, tuple[float, RekeyMessage]] = OrderedDict()  # by new id, oldest first
         self._by_old: dict[str, list[str]] = {}  # stored id -> the new ids of its held re-keys
+        # topic -> the new ids of its held re-keys, oldest first (a flush of some topics
+        # must not walk everything held: in a storm that is thousands, for each retry)
+        self._by_topic: dict[str, dict[str, None]] = {}
         # stored id -> where the first of its re-keys sent to the writer moved it, while
         # others of that group are still held: their ack must delete the copy there
         self._moved: dict[str, str] = {}
@@ -67,6 +70,7 @@ class HeldRekeys:
             return
         self._held[op.new_id] = (asyncio.get_running_loop().time() + self._hold, op)
         self._by_old.setdefault(op.old_id, []).append(op.new_id)
+        self._by_topic.setdefault(op.topic, {})[op.new_id] = None
         while len(self._held) > self._max:
             self._send_oldest()
         self._added.set()
@@ -82,7 +86,7 @@ class HeldRekeys:
             return None
         old_id = held[1].old_id
         for other in self._by_old.pop(old_id):
-            del self._held[other]
+            self._forget_topic(self._held.pop(other)[1], other)
         return self._moved.pop(old_id, old_id)
 
     def flush(self, topics: Collection[str] | None = None) -> None:
@@ -90,13 +94,13 @@ class HeldRekeys:
         if topics is None:
             chosen = list(self._held)
         else:
-            chosen = [new_id for new_id, (_, op) in self._held.items() if op.topic in topics]
+            chosen = [new_id for topic in topics for new_id in self._by_topic.get(topic, ())]
         for new_id in chosen:
             self._send(new_id)
 
     async def run(self) -> None:
-        """Send each re-key to the writer once its time is up (run it as a supervised
-        task; ``flush`` after it is stopped)."""
+        """Send each re-key to the writer once its time is up (a supervised task;
+        shutdown flushes what is still held)."""
         loop = asyncio.get_running_loop()
         while True:
             if not self._held:
@@ -119,6 +123,7 @@ class HeldRekeys:
 
     def _send(self, new_id: str) -> None:
         _, op = self._held.pop(new_id)
+        self._forget_topic(op, new_id)
         group = self._by_old[op.old_id]
         group.remove(new_id)
         if group:
@@ -128,3 +133,9 @@ class HeldRekeys:
             del self._by_old[op.old_id]
             self._moved.pop(op.old_id, None)
         self._submit(op)
+
+    def _forget_topic(self, op: RekeyMessage, new_id: str) -> None:
+        ids = self._by_topic[op.topic]
+        del ids[new_id]
+        if not ids:
+            del self._by_topic[op.topic]
