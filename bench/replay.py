@@ -63,12 +63,10 @@ class Acker:
         except TimeoutError:
             say(f"acks still queued after {timeout:.0f} s: {self._queue.qsize():,}")
         finally:
-            if self._task is not None:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+            await self.cancel()
 
     async def cancel(self) -> None:
-        """Stop at once (a replay that failed)."""
+        """Stop at once (also a replay that failed)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

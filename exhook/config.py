@@ -39,7 +39,6 @@ from exhook.config_fields import (
     read_topics,
 )
 from exhook.hocon_text import parse_hocon
-from exhook.units import format_duration
 from storage.base import StoreConfigError
 from storage.config import DEFAULT_SQL as DEFAULT_SQL
 from storage.config import SQL_PLACEHOLDERS as SQL_PLACEHOLDERS
@@ -341,6 +340,11 @@ def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
     return tuple(dict.fromkeys(blocks))
 
 
+# a held re-key keeps an acked copy readable for that long when its ack reaches another
+# process: beyond a few seconds that is a window for duplicates, not a saving
+_MAX_REKEY_HOLD_MS = 10_000
+
+
 def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     where = "exhook."
     api = read_subtree(tree, "emqx", where)
@@ -361,7 +365,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
         workers=workers or usable_cpus(),
         publish_deadline_ms=read_duration_ms(tree, "publish_deadline", 500, where, minimum=1),
         replay_batch_size=read_int(tree, "replay_batch_size", 100, where, minimum=1, maximum=10000),
-        replay_rekey_hold_ms=_rekey_hold(tree, where),
+        replay_rekey_hold_ms=read_duration_ms(tree, "replay_rekey_hold", 1000, where, maximum=_MAX_REKEY_HOLD_MS),
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]
         max_pending_writes=read_int(tree, "max_pending_writes", 10000, where, minimum=1),
@@ -377,19 +381,6 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
         spool=_spool(tree, base),
         allowed_clients=_allowed_clients(tree),
     )
-
-
-# a held re-key keeps an acked copy readable for that long when its ack reaches another
-# process: beyond a few seconds that is a window for duplicates, not a saving
-_MAX_REKEY_HOLD_MS = 10_000
-
-
-def _rekey_hold(tree: ConfigTree, where: str) -> int:
-    hold = read_duration_ms(tree, "replay_rekey_hold", 1000, where)
-    if hold > _MAX_REKEY_HOLD_MS:
-        raise ConfigError(f"exhook.replay_rekey_hold: {format_duration(hold)} is over the "
-                          f"{format_duration(_MAX_REKEY_HOLD_MS)} allowed")
-    return hold
 
 
 def _api_ssl(api: ConfigTree, at: str, base: Path, url: str) -> SslOptions:

@@ -73,10 +73,11 @@ def read_parsed(tree: ConfigTree, key: str, default: int, where: str, parse: Cal
     return number
 
 
-def read_duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0) -> int:
+def read_duration_ms(tree: ConfigTree, key: str, default: int, where: str, minimum: int = 0,
+                     maximum: int | None = None) -> int:
     """A duration in milliseconds; a bare integer is milliseconds (as the plugin's
     ``batch_time``). Every form EMQX accepts: ``"500ms"``, ``1.5s``, ``1m30s``, ``2h``."""
-    return read_parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration)
+    return read_parsed(tree, key, default, where, parse_duration_ms, minimum, format_duration, maximum)
 
 
 # Longer would overflow what the stores take (Redis EXPIRE, SQLite's 64-bit ms arithmetic)

@@ -262,7 +262,7 @@ def test_exhook_ssl_disabled_ignores_missing_files(tmp_path: Path) -> None:
         ('sqlite { enable = true }\nexhook { publish_deadline = 0 }',
          "exhook.publish_deadline: must be at least 1ms, got 0ms"),
         ('sqlite { enable = true }\nexhook { replay_rekey_hold = 11s }',
-         "exhook.replay_rekey_hold: 11s is over the 10s allowed"),
+         "exhook.replay_rekey_hold: must be at most 10s, got 11s"),
         ('sqlite { enable = true }\nexhook { spool { max_bytes = "12XB" } }',
          'exhook.spool.max_bytes: expected a size such as 1048576, 64MB, 1GiB, got "12XB"'),
         ('sqlite { enable = true }\nexhook { spool { max_bytes = 1000 } }',
