@@ -43,6 +43,7 @@ class Entry:
     seq: int | None = None
     outcome: Outcome | None = None
     source: str = ""  # the client it came from (group commit waits only for others)
+    caller_waits: bool = False  # its caller's answer waits for the outcome (a publish)
 
     @property
     def settled(self) -> bool:

@@ -133,7 +133,7 @@ class OrderedWriter:
         if self._closing:
             raise WriterClosed
         loop = asyncio.get_running_loop()
-        entry = Entry(op, loop.create_future(), source=source)
+        entry = Entry(op, loop.create_future(), source=source, caller_waits=spill_in is not None)
         if spill_in is not None:
             self._deadlines.add(entry, loop.time() + spill_in)
         self._active.note(source)
@@ -219,12 +219,16 @@ class OrderedWriter:
 
     async def _linger(self, batch: list[Entry]) -> None:
         """Let a partial batch take the ops other active clients send meanwhile
-        (``exhook.group_commit``): each next op within ``gap_s``, at most ``linger_s`` in all."""
+        (``exhook.group_commit``): each next op within ``gap_s``, at most ``linger_s`` in all.
+        A batch whose callers do not wait (acks, re-keys) takes whatever comes, from any
+        client: nobody's answer is late for it, and a subscriber acking a replay one
+        message at a time would otherwise cost a commit per message."""
         sources = {entry.source for entry in batch}
+        waited_for = any(entry.caller_waits for entry in batch)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._cfg.linger_s
         while len(batch) < self._cfg.batch_size and not self._spooling \
-                and others_may_come(self._active.count(), len(sources)):
+                and (not waited_for or others_may_come(self._active.count(), len(sources))):
             if not self._queue:
                 now = loop.time()
                 if now >= give_up:
@@ -242,6 +246,7 @@ class OrderedWriter:
             entry = self._queue.popleft()
             batch.append(entry)  # the same list as _in_flight: a spill sees it
             sources.add(entry.source)
+            waited_for = waited_for or entry.caller_waits
 
     async def _write_until_done(self, batch: list[Entry]) -> None:
         """Write the batch, trying again after a failure for as long as its callers

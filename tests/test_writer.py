@@ -177,11 +177,16 @@ async def test_caught_up_gives_up_after_its_timeout(spool: Spool) -> None:
     assert await w.close() == 0
 
 
+def publish(w: Running, i: int, source: str) -> Entry:
+    """A message save whose caller (the broker's message.publish) waits for it."""
+    return w.writer.submit(save(i), source=source, spill_in=3600)
+
+
 async def test_a_lone_publisher_never_waits_for_company(spool: Spool) -> None:
     store = RecordingStore()
     w = Running(store, spool, linger_s=3600)
     for i in range(3):  # one client, one op in flight: each goes out alone, at once
-        assert await outcomes([w.writer.submit(save(i), source="a")]) == [Outcome.STORED]
+        assert await outcomes([publish(w, i, "a")]) == [Outcome.STORED]
     assert [len(b) for b in store.batches] == [1, 1, 1]
     await w.close()
 
@@ -189,11 +194,11 @@ async def test_a_lone_publisher_never_waits_for_company(spool: Spool) -> None:
 async def test_a_batch_waits_for_the_other_active_clients_and_no_longer(spool: Spool) -> None:
     store = RecordingStore()
     w = Running(store, spool, linger_s=3600)
-    await outcomes([w.writer.submit(save(0), source="a"), w.writer.submit(save(1), source="b")])
-    first = w.writer.submit(save(2), source="a")  # b is active and has no op in this batch: wait for it
+    await outcomes([publish(w, 0, "a"), publish(w, 1, "b")])
+    first = publish(w, 2, "a")  # b is active and has no op in this batch: wait for it
     await asyncio.sleep(0)  # one turn of the loop: the writer (woken first) takes the op and waits
     assert [e.op for e in w.writer._in_flight] == [save(2)] and len(store.batches) == 1
-    second = w.writer.submit(save(3), source="b")  # every active client is in the batch now: it goes
+    second = publish(w, 3, "b")  # every active client is in the batch now: it goes
     assert await outcomes([first, second]) == [Outcome.STORED] * 2
     assert store.batches[-1] == [save(2), save(3)]
     await w.close()
@@ -203,10 +208,37 @@ async def test_a_batch_waiting_for_an_active_client_that_sends_nothing_goes_afte
         spool: Spool) -> None:
     store = RecordingStore()
     w = Running(store, spool, linger_s=0.02)  # the gap and batch_time end the wait, not an arrival
-    await outcomes([w.writer.submit(save(0), source="a"), w.writer.submit(save(1), source="b")])
-    alone = w.writer.submit(save(2), source="a")  # b stays active (window 3600 s) but sends nothing
+    await outcomes([publish(w, 0, "a"), publish(w, 1, "b")])
+    alone = publish(w, 2, "a")  # b stays active (window 3600 s) but sends nothing
     assert await asyncio.wait_for(outcomes([alone]), 10) == [Outcome.STORED]
     assert store.batches[-1] == [save(2)]
+    await w.close()
+
+
+async def test_acks_of_a_lone_subscriber_share_a_round_trip_until_a_publish_joins(spool: Spool) -> None:
+    """Nobody waits for a delete: the batch takes the next ones of the same client
+    (a subscriber acking a replay one message at a time), and goes once an op
+    whose caller waits has joined and no other client may send one."""
+    store = RecordingStore()
+    w = Running(store, spool, linger_s=3600)
+    acks = [w.writer.submit(delete(0), source="sub")]
+    await asyncio.sleep(0)  # the writer takes it, and waits for more
+    assert len(store.batches) == 0
+    acks += [w.writer.submit(delete(i), source="sub") for i in range(1, 5)]
+    await asyncio.sleep(0.01)
+    assert len(store.batches) == 0  # still nobody waiting: it goes on gathering
+    published = publish(w, 9, "pub")  # a caller waits now, and every active client is in the batch
+    assert await asyncio.wait_for(outcomes([*acks, published]), 10) == [Outcome.STORED] * 6
+    assert store.batches == [[delete(0), delete(1), delete(2), delete(3), delete(4), save(9)]]
+    await w.close()
+
+
+async def test_acks_nobody_joins_go_after_the_linger(spool: Spool) -> None:
+    store = RecordingStore()
+    w = Running(store, spool, linger_s=0.02)
+    ack = w.writer.submit(delete(0), source="sub")
+    assert await asyncio.wait_for(outcomes([ack]), 10) == [Outcome.STORED]
+    assert store.batches == [[delete(0)]]
     await w.close()
 
 
