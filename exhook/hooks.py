@@ -27,7 +27,7 @@ from exhook.retry import retrying
 from exhook.topics import TopicError, TopicSet, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
-from storage.model import DeleteMessage, DropPendingReplay, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,11 @@ class HookLogic:
 
     async def _pending_replay(self, topic: str, payload: bytes) -> str | None:
         """The original id if this REST publish is one of our v2 replays: from memory
-        when this process published it (no round trip), else from the store."""
+        when this process published it (no round trip; the publish/bulk call drops its
+        store entries once answered), else from the store."""
         digest = payload_digest(payload)
         orig = self._replayer.local.take(topic, digest)
         if orig is not None:
-            self._submit_background(DropPendingReplay(topic, digest, orig))
             return orig
         try:
             return await asyncio.wait_for(self._store.take_pending_replay(topic, digest), self._deadline / 2)

@@ -329,14 +329,14 @@ class Replayer:
         return pending
 
     async def _forget(self, pending: list[PendingReplay]) -> None:
-        """Drop what the call's hook calls did not consume here: from memory, and from
-        the store (the call may have reached another instance, which took its entry
-        there; dropping then removes an identical entry of a concurrent replay of the
-        same message, if any, whose hook stores it once more: a duplicate, never a loss)."""
-        left = self.local.discard(pending)
-        if not left:
-            return
-        drops = [DropPendingReplay(p.topic, p.digest, p.msgid) for p in left]
+        """Drop the call's entries once it is answered: from memory what its hook calls
+        did not consume here, and from the store all of them, in one write (a hook call
+        that recognised its replay in memory left the store's entry; one that reached
+        another instance took it there, and dropping then removes an identical entry of
+        a concurrent replay of the same message, if any, whose hook stores it once
+        more: a duplicate, never a loss)."""
+        self.local.discard(pending)
+        drops = [DropPendingReplay(p.topic, p.digest, p.msgid) for p in pending]
         try:
             await retrying("drop pending replays", lambda: self._store.write(drops))
         except Exception as exc:  # they expire after PENDING_REPLAY_TTL_S

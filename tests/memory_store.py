@@ -34,6 +34,7 @@ class MemoryStore(Store):
         self.tombstones: set[str] = set()
         self.pending: dict[tuple[str, str], deque[str]] = {}
         self.calls: list[str] = []
+        self.writes: list[list[WriteOp]] = []  # the ops of each write call
         self.refuse_clientids: set[str] = set()  # subscriptions the store cannot hold
         self._positions = itertools.count(1)
 
@@ -48,6 +49,7 @@ class MemoryStore(Store):
 
     async def write(self, ops: Sequence[WriteOp]) -> None:
         self.calls.append("write")
+        self.writes.append(list(ops))
         for op in ops:
             self._apply(op)
 

@@ -21,8 +21,8 @@ from exhook.metrics import Metrics
 from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer, payload_digest
 from exhook.spool import Spool
 from exhook.topics import TopicSet
-from exhook.writer import OrderedWriter, WriterSettings
-from storage.model import PendingReplay
+from exhook.writer import Entry, OrderedWriter, WriterSettings
+from storage.model import DropPendingReplay, PendingReplay, WriteOp
 from storage.retry import Backoff
 from tests.memory_store import MemoryStore
 
@@ -301,6 +301,27 @@ async def test_v2_replays_this_process_published_are_recognised_without_a_store_
     await rig.publish(901, sender=HTTP_API, payload=b"other")
     assert "take_pending_replay" in rig.store.calls
     assert guid(901) in {m.msgid for m in rig.store.stored()}
+
+
+async def test_v2_a_replay_batch_drops_its_registry_entries_in_one_store_write(v2rig: Rig) -> None:
+    rig = v2rig
+    for i in range(1, 4):
+        await rig.publish(i, payload=f"m{i}".encode())
+    queued: list[WriteOp] = []
+    submit = rig.writer.submit
+
+    def noting(op: WriteOp, source: str = "", spill_in: float | None = None) -> Entry:
+        queued.append(op)
+        return submit(op, source, spill_in)
+
+    rig.writer.submit = noting  # type: ignore[method-assign]
+    rig.logic.session_subscribed(client(), "t/a", 1)
+    await rig.settle()
+    assert not [op for op in queued if isinstance(op, DropPendingReplay)]  # no writer op per replayed message
+    drops = [[op for op in ops if isinstance(op, DropPendingReplay)] for ops in rig.store.writes]
+    assert [len(d) for d in drops if d] == [3]  # one write, once publish/bulk has answered
+    assert not any(rig.store.pending.values())
+    assert len(rig.store.stored()) == 3  # re-keyed, not stored again
 
 
 async def test_v2_a_replay_whose_hook_call_was_lost_leaves_no_pending_entry(v2rig: Rig) -> None:
