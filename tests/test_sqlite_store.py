@@ -546,9 +546,11 @@ async def test_event_loop_not_blocked_by_big_write(store: SqliteStore) -> None:
     ops = saves(*ms)
     ticks = 0
     task = asyncio.ensure_future(store.write(ops))
+    # the loop ticks every millisecond: spinning with sleep(0) would hold the interpreter
+    # lock the store's thread needs, and the write would take a minute instead of a second
     while not task.done():
         ticks += 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     await task
     # a write on the loop thread would complete before the first tick
     assert ticks > 20
@@ -557,7 +559,7 @@ async def test_event_loop_not_blocked_by_big_write(store: SqliteStore) -> None:
     reader = asyncio.ensure_future(read_all(store, {"loop/t": (None, high)}, 5000))
     while not reader.done():
         ticks += 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     assert len(await reader) == 20_000
     assert ticks > 4
 
