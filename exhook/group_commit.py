@@ -4,13 +4,14 @@ A store round trip costs the service far more CPU than an op in it (on the 2-cor
 dev machine ~250 µs against ~20 µs), so under load the writer must carry many ops
 per round trip. But EMQX gives each client one ``message.publish`` in flight: a
 client whose op is already in the batch cannot send another before its answer, so
-waiting for it is pure latency. (A batch that no caller waits for, acks and re-keys
-only, takes anyone's next op: see ``OrderedWriter._linger``.) Like PostgreSQL's ``commit_delay`` with
+waiting for it is pure latency. Like PostgreSQL's ``commit_delay`` with
 ``commit_siblings``, the batch waits only while *other* clients are active: those
 that sent an op recently and have none in the batch. It waits for each next op at
 most ``GAP_S`` and in all at most ``batch_time``, and stops as soon as every active
 client has an op in it. A lone publisher never waits; with 256 the batch fills with
-what arrives while the loop answers their calls.
+what arrives while the loop answers their calls. (A batch no caller waits for, acks
+and re-keys only, waits for anyone's next op, each within ``GAP_S``, at most
+``batch_time``: ``OrderedWriter._linger``.)
 """
 
 from __future__ import annotations
