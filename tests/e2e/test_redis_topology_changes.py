@@ -44,7 +44,9 @@ async def run_load_around(h: Harness, change: object, settle_messages: int = 200
 
 
 async def test_sentinel_failover_under_load_keeps_every_stored_message(redis_factory) -> None:  # type: ignore[no-untyped-def]
-    sentinels = redis_factory.sentinel()
+    # two replicas: the promoted one still has a replica to confirm its writes (WAIT 1), as in
+    # production; with one, every write after the failover would wait out wait_timeout
+    sentinels = redis_factory.sentinel(replicas=2)
     backend = RedisBackend(sentinels, extra=", wait_replicas = 1, wait_timeout = 500ms")
     # every publish waits until its write is durable (on a replica too), so an answered
     # publish is a stored one; the failover takes seconds, hence the long deadlines
