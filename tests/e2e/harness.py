@@ -89,18 +89,23 @@ class Harness:
         assert self.emu is not None
         return self.emu.client(clientid, **kwargs)  # type: ignore[arg-type]
 
-    async def settle(self, rounds: int = 3) -> None:
+    async def settle(self, max_rounds: int = 50) -> None:
         """Wait until broker and service are quiet: replays trigger publishes, which
-        trigger deliveries, acks and writes, so go round until nothing moves."""
+        trigger deliveries, acks and writes, so go round (the broker quiet, then every
+        service idle) until a whole round saw no new hook call nor REST request."""
         assert self.emu is not None
-        for _ in range(rounds):
+        for _ in range(max_rounds):
+            seen = self._activity()
             await self.emu.settle()
             for service in self.services:
                 await service.idle()
-            await asyncio.sleep(0.02)
-        await self.emu.settle()
-        for service in self.services:
-            await service.idle()
+            if self._activity() == seen:
+                return
+        raise TimeoutError(f"broker and service still busy after {max_rounds} rounds")
+
+    def _activity(self) -> tuple[int, int]:
+        assert self.emu is not None
+        return len(self.emu.hooks.calls), len(self.emu.rest_requests)
 
     async def stop(self) -> None:
         if self.emu is not None:
