@@ -59,6 +59,9 @@ class EmqxApiConfig:
     api_key: str = field(default="", repr=False)
     api_secret: str = field(default="", repr=False)
     request_timeout_ms: int = 5000
+    # the request_timeout of this service in EMQX's exhook config: when the broker gives
+    # up on a hook call (EMQX's default 5 s)
+    hook_timeout_ms: int = 5000
     ssl: SslOptions = SslOptions()
 
 
@@ -137,7 +140,7 @@ _KNOWN_FIELDS: dict[str, set[str]] = {
     "exhook.spool.": {"path", "max_bytes"},
     "exhook.ssl.": {"enable", "certfile", "keyfile", "cacertfile", "verify"},
     "exhook.http.": {"enable", "listen", "check_interval"},
-    "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "ssl"},
+    "exhook.emqx.": {"api_url", "api_key", "api_secret", "request_timeout", "hook_timeout", "ssl"},
     "redis.": _COMMON_FIELDS | {"servers", "redis_type", "sentinel", "pool_size", "username", "password",
                                 "database", "message_key_prefix", "subscription_key_prefix", "ssl",
                                 "wait_replicas", "wait_timeout"},
@@ -374,6 +377,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
             api_key=read_str(api, "api_key", "", at),
             api_secret=read_str(api, "api_secret", "", at),
             request_timeout_ms=read_duration_ms(api, "request_timeout", 5000, at, minimum=1),
+            hook_timeout_ms=read_duration_ms(api, "hook_timeout", 5000, at, minimum=1),
             ssl=_api_ssl(api, at, base, url),
         ),
         ssl=_server_tls(tree, base),

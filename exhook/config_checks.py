@@ -20,10 +20,6 @@ def config_secrets(cfg: Config) -> tuple[str, ...]:
     return tuple(s for s in (password, api.api_secret, token) if s)
 
 
-# EMQX's default exhook request_timeout (emqx_exhook_schema): it gives up on a call after it
-EMQX_REQUEST_TIMEOUT_MS = 5000
-
-
 def config_warnings(cfg: Config) -> tuple[str, ...]:
     """What is valid but almost certainly not meant: one line each, naming the field
     (logged at start-up, printed by check-config)."""
@@ -37,11 +33,11 @@ def config_warnings(cfg: Config) -> tuple[str, ...]:
             out.append(f"{where}: {flt!r} never matches: EMQX does not pass $SYS messages to exhooks")
     if topics and all(flt.startswith("$SYS") for flt in topics):
         out.append(f"{where}: no filter can match a message: nothing will be stored")
-    deadline = cfg.service.publish_deadline_ms
-    if deadline >= EMQX_REQUEST_TIMEOUT_MS:
-        out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below EMQX's default exhook "
-                   f"request_timeout ({format_duration(EMQX_REQUEST_TIMEOUT_MS)}): EMQX gives up on message.publish "
-                   "first and applies its failed_action; keep it well below (the default is 500ms)")
+    deadline, hook_timeout = cfg.service.publish_deadline_ms, cfg.service.emqx.hook_timeout_ms
+    if deadline >= hook_timeout:
+        out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below exhook.emqx.hook_timeout "
+                   f"({format_duration(hook_timeout)}, EMQX's request_timeout for this service): EMQX gives up on "
+                   "message.publish first and applies its failed_action; keep it well below (the default is 500ms)")
     batch_time = cfg.backend.batch_time_ms
     if cfg.backend.batch_size > 1 and batch_time >= deadline:
         out.append(f"{backend_name(cfg.backend)}.batch_time {format_duration(batch_time)} is not below "

@@ -7,8 +7,8 @@ finds the call cancelled and never runs its handler, so that client would not ge
 its subscriptions back in this connection. grpc.aio still looks such a call's method
 up (``GenericRpcHandler.service``) before it finds the request gone, so the service
 can tell: the servicer hands grpc a request decoder of its own for each connect-hook
-call, and a call whose request has not been read ``LOST_AFTER_S`` after the lookup
-is lost.
+call, and a call whose request has not been read twice EMQX's hook timeout after the
+lookup is lost (``lost_after_s``).
 
 After losses of both hooks, once the storm is over here, :class:`MissedConnectSweep`
 asks EMQX's REST API for the sessions created around that time that are connected
@@ -39,10 +39,10 @@ from storage.retry import Backoff
 log = logging.getLogger(__name__)
 
 # A call whose request grpc has not read this long after it took the call from its
-# queue is lost: twice EMQX's default request_timeout (5 s), so the broker has given up on it
-# and carried on without the hook, and a handler that starts late on a saturated loop
-# is not taken for a lost call (its restore would race the sweep's).
-LOST_AFTER_S = 10.0
+# queue is lost: twice EMQX's request_timeout (exhook.emqx.hook_timeout), so the broker
+# has given up on it and carried on without the hook, and a handler that starts late on
+# a saturated loop is not taken for a lost call (its restore would race the sweep's).
+LOST_AFTER_TIMEOUTS = 2
 # The sweep asks for sessions created this long before the first lost call reached
 # the application: the call waited in the broker and in grpc's queue first (at most
 # EMQX's request_timeout), and the two hosts' clocks may differ a little.
@@ -77,7 +77,7 @@ class ConnectCalls:
     """The connect-hook calls grpc has taken: a call whose request has not been read
     ``lost_after_s`` later is lost (``handled`` is set when it is read)."""
 
-    def __init__(self, lost_after_s: float = LOST_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, lost_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._lost_after = lost_after_s
         self._clock = clock
         # in arrival order; bounded so that a loop that stopped checking cannot grow it

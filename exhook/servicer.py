@@ -318,10 +318,10 @@ class _NotingConnectCalls(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
-                  allowed_clients: tuple[str, ...] = (), connect_calls: ConnectCalls | None = None) -> None:
+                  allowed_clients: tuple[str, ...], connect_calls: ConnectCalls) -> None:
     peers = PeerFilter(allowed_clients)
     rejects = RejectLog()
-    noting = _NotingConnectCalls(connect_calls or ConnectCalls())
+    noting = _NotingConnectCalls(connect_calls)
     for pb in (v3_pb2, v2_pb2):
         provider = HookProvider(pb, logic, metrics, peers, rejects)
         service = pb.DESCRIPTOR.services_by_name["HookProvider"]

@@ -189,7 +189,9 @@ def test_check_config_prints_the_warnings(tmp_path: Path, capsys: pytest.Capture
     assert run_cli(["check-config", "--config", str(path)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert [line.split(":")[2].strip() for line in err[:3]] == [
-        "sqlite.topics is empty", "exhook.publish_deadline 6s is not below EMQX's default exhook request_timeout (5s)",
+        "sqlite.topics is empty",
+        "exhook.publish_deadline 6s is not below exhook.emqx.hook_timeout "
+        "(5s, EMQX's request_timeout for this service)",
         "exhook.emqx.api_key is empty"]
     assert all(line.startswith("offline-exhook: warning: ") for line in err[:3])
     assert err[3] == f"offline-exhook: {path} is valid (backend sqlite)"

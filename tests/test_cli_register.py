@@ -51,13 +51,14 @@ def api_url(api: RestApi) -> str:
 
 
 def write_config(tmp_path: Path, api: RestApi | str, *, listen: str = "127.0.0.1:9000", secret: str = SECRET,
-                 ssl: str = "", publish_deadline: str = "500ms") -> Path:
+                 ssl: str = "", publish_deadline: str = "500ms", hook_timeout: str = "5s") -> Path:
     url = api if isinstance(api, str) else api_url(api)
     path = tmp_path / "register.hocon"
     path.write_text(
         f'exhook {{ listen = "{listen}", publish_deadline = {publish_deadline}, '
         f'http {{ listen = "127.0.0.1:{free_port()}" }}, {ssl}\n'
-        f'  emqx {{ api_url = "{url}", api_key = "{KEY}", api_secret = "{secret}", request_timeout = 3s }} }}\n'
+        f'  emqx {{ api_url = "{url}", api_key = "{KEY}", api_secret = "{secret}", request_timeout = 3s, '
+        f'hook_timeout = {hook_timeout} }} }}\n'
         f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n'
     )
     return path
@@ -219,6 +220,20 @@ async def test_a_short_request_timeout_is_registered_with_a_warning(
     assert await cli(["register", "--config", cfg, "--request-timeout", "1s"]) == 0
     assert "warning: request_timeout 1s is not above exhook.publish_deadline (2000 ms)" in capsys.readouterr().err
     assert emqx.exhooks.servers[0]["request_timeout"] == "1s"
+
+
+async def test_the_request_timeout_registered_is_the_configs_hook_timeout(
+    tmp_path: Path, emqx: RestApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the service takes a connect call for lost after twice the broker's timeout: the two must agree
+    cfg = str(write_config(tmp_path, emqx, hook_timeout="3s"))
+    assert await cli(["register", "--config", cfg]) == 0
+    assert emqx.exhooks.servers[0]["request_timeout"] == "3s"
+    assert "warning" not in capsys.readouterr().err
+    assert await cli(["register", "--config", cfg, "--request-timeout", "4s"]) == 0
+    assert ("warning: request_timeout 4s is not exhook.emqx.hook_timeout (3s): the service takes a connect call "
+            "that waited twice the latter for lost") in capsys.readouterr().err
+    assert emqx.exhooks.servers[0]["request_timeout"] == "4s"
 
 
 async def test_errors_are_one_line(

@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ('sqlite { enable = true }\nexhook { listen = "0.0.0.0:70000" }', "exhook.listen"),
         ('sqlite { enable = true }\nexhook { log_level = loud }', "exhook.log_level"),
         ('sqlite { enable = true }\nexhook { emqx { api_url = "localhost" } }', "exhook.emqx.api_url"),
+        ('sqlite { enable = true }\nexhook { emqx { hook_timeout = 0s } }', "exhook.emqx.hook_timeout"),
+        ('sqlite { enable = true }\nexhook { emqx { hook_timeout = soon } }', "exhook.emqx.hook_timeout"),
         ('redis { enable = true, ssl { enable = true, cacertfile = "/nonexistent/ca.pem" } }',
          "redis.ssl.cacertfile"),
         ('redis { enable = true, ssl { verfy = true } }', "redis.ssl.verfy"),
@@ -136,6 +138,9 @@ def test_durations_accept_units() -> None:
     cfg = load_config_string('sqlite { enable = true, batch_time = "2s" }\nexhook { publish_deadline = 250ms }')
     assert cfg.backend.batch_time_ms == 2000
     assert cfg.service.publish_deadline_ms == 250
+    assert (cfg.service.emqx.request_timeout_ms, cfg.service.emqx.hook_timeout_ms) == (5000, 5000)  # EMQX's
+    cfg = load_config_string("sqlite { enable = true }\nexhook.emqx { request_timeout = 2s, hook_timeout = 1500ms }")
+    assert (cfg.service.emqx.request_timeout_ms, cfg.service.emqx.hook_timeout_ms) == (2000, 1500)
 
 
 def test_replay_rekey_hold_defaults_to_a_second_and_may_be_off() -> None:
@@ -346,8 +351,15 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
         "redis.topics: '$SYS/#' never matches: EMQX does not pass $SYS messages to exhooks",
         "redis.topics: no filter can match a message: nothing will be stored"]
     [deadline] = warnings(quiet + "\nexhook.publish_deadline = 5s")
-    assert deadline.startswith("exhook.publish_deadline 5s is not below EMQX's default exhook request_timeout (5s)")
+    assert deadline.startswith("exhook.publish_deadline 5s is not below exhook.emqx.hook_timeout (5s, EMQX's "
+                               "request_timeout for this service)")
     assert warnings(quiet + "\nexhook.publish_deadline = 4999ms") == []
+    # the broker's timeout as the operator set it, not EMQX's default
+    [short_hook] = warnings(quiet.replace("api_key = k", "api_key = k, hook_timeout = 2s")
+                            + "\nexhook.publish_deadline = 2s")
+    assert short_hook.startswith("exhook.publish_deadline 2s is not below exhook.emqx.hook_timeout (2s")
+    assert warnings(quiet.replace("api_key = k", "api_key = k, hook_timeout = 10s")
+                    + "\nexhook.publish_deadline = 6s") == []
     [key] = warnings('sqlite { enable = true, topics = ["t/#"] }')
     assert key.startswith("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401)")
     [linger] = warnings(quiet.replace('"t/#"]', '"t/#"], batch_size = 100, batch_time = 500'))

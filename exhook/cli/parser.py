@@ -74,7 +74,8 @@ def _register_parser(sub: Any, keep: Any) -> None:
     reg.add_argument("--name", default=DEFAULT_NAME, help=f"exhook server name in EMQX (default {DEFAULT_NAME})")
     reg.add_argument("--url", help="how EMQX reaches this service, e.g. http://offline-exhook:9000 "
                                    "(default: this host and the port of exhook.listen)")
-    reg.add_argument("--request-timeout", default="5s", metavar="DURATION", help="EMQX's call timeout (default 5s)")
+    reg.add_argument("--request-timeout", metavar="DURATION",
+                     help="EMQX's call timeout (default: the config's exhook.emqx.hook_timeout, 5s unless set)")
     # ignore: a service that is down or slow must not make EMQX deny the hook chain's later servers
     reg.add_argument("--failed-action", choices=("deny", "ignore"), default="ignore",
                      help="what EMQX does when a call fails (default ignore)")

@@ -140,7 +140,8 @@ def desired_exhook(cfg: Config, args: argparse.Namespace) -> Exhook:
         ssl.update({key: value for key, value in given.items() if value})
         if sni:
             ssl["server_name_indication"] = sni
-    timeout = emqx_duration_ms(args.request_timeout)
+    hook_timeout = cfg.service.emqx.hook_timeout_ms
+    timeout = hook_timeout if args.request_timeout is None else emqx_duration_ms(args.request_timeout)
     if timeout is None or timeout <= 0:
         raise CliError(f"--request-timeout: expected a duration such as 5s, got {args.request_timeout!r}", 2)
     reconnect = None if args.auto_reconnect == "false" else emqx_duration_ms(args.auto_reconnect)
@@ -207,6 +208,11 @@ def _not_found(status: int, answer: Any) -> bool:
 
 async def register(cfg: Config, args: argparse.Namespace) -> int:
     want = desired_exhook(cfg, args)
+    if want.request_timeout_ms != cfg.service.emqx.hook_timeout_ms:
+        print(f"offline-exhook: warning: request_timeout {format_duration(want.request_timeout_ms)} is not "
+              f"exhook.emqx.hook_timeout ({format_duration(cfg.service.emqx.hook_timeout_ms)}): the service takes "
+              "a connect call that waited twice the latter for lost; set the field to what you register",
+              file=sys.stderr)
     if want.request_timeout_ms <= cfg.service.publish_deadline_ms:
         print(f"offline-exhook: warning: request_timeout {format_duration(want.request_timeout_ms)} is not above "
               f"exhook.publish_deadline ({cfg.service.publish_deadline_ms} ms): EMQX would give up on "

@@ -52,11 +52,13 @@ class Rig:
 @asynccontextmanager
 async def service_and_broker(tmp_path: Path, version: str, emqx_version: str) -> AsyncIterator[Rig]:
     """The service as its own process (SQLite) and the emulated broker in front of it,
-    which gives up on a hook call after ``REQUEST_TIMEOUT_S`` and carries on."""
+    which gives up on a hook call after ``REQUEST_TIMEOUT_S`` and carries on (the
+    service is told so: it takes a call for lost after twice that)."""
     port, rest_port, http_port = free_port(), free_port(), free_port()
     backend = SqliteBackend(tmp_path)
     config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
-                          tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}" }}')
+                          tmp_path / "spool.sqlite3", f'emqx {{ api_url = "http://127.0.0.1:{rest_port}", '
+                          f'hook_timeout = {int(REQUEST_TIMEOUT_S * 1000)}ms }}')
     service = ServiceProcess(config)
     service.start()
     emu = EmqxEmulator(f"127.0.0.1:{port}", version, api_key=KEY, api_secret=SECRET, rest_port=rest_port,
@@ -107,7 +109,9 @@ async def test_a_client_whose_connect_hooks_both_timed_out_is_restored_and_repla
         sub = await returning_client(emu, backend)
         await connect_while_frozen(service, emu, sub)
 
-        deliveries = await sub.wait_for_deliveries(1, timeout=30)
+        # lost after 2 x hook_timeout (0.8 s), a sweep once connects are quiet for 2 s: a
+        # service that kept EMQX's default 5 s would find the losses only after 10 s
+        deliveries = await sub.wait_for_deliveries(1, timeout=8)
         assert [d.payload for d in deliveries] == [b"while away"]
 
         async def store_empty() -> bool:
