@@ -269,8 +269,9 @@ class Bench:
         a = self.args
         if backend is None:
             return NoopProc(workers, self.dir, a.server_cpu_set, hooks=self.hooks)
+        # the service is told the emulator's timeout, as an operator tells it EMQX's
         return ServiceProc(backend, workers, a.batch_size, a.batch_time, api_port, self.dir, a.server_cpu_set,
-                           name=name)
+                           name=name, hook_timeout_s=a.request_timeout)
 
     async def run_target(self, protocol: str, target: str) -> None:
         a = self.args

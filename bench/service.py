@@ -268,7 +268,7 @@ class ServiceProc:
     cpus: tuple[int, ...] = ()
 
     def __init__(self, backend: Backend, workers: int, batch_size: int, batch_time_ms: int, api_port: int,
-                 workdir: Path, cpus: tuple[int, ...] = (), name: str = "") -> None:
+                 workdir: Path, cpus: tuple[int, ...] = (), name: str = "", hook_timeout_s: float = 5.0) -> None:
         self.cpus = cpus
         self.port = free_port()
         self.http_port = free_port()
@@ -286,6 +286,7 @@ class ServiceProc:
     api_url = "http://{HOST}:{api_port}"
     api_key = "{API_KEY}"
     api_secret = "{API_SECRET}"
+    hook_timeout = {round(hook_timeout_s * 1000)}ms
   }}
 }}
 {backend.hocon(batch_size, batch_time_ms)}
