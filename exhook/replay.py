@@ -126,11 +126,9 @@ class LocalReplays:
             del self._entries[(topic, digest)]
         return None
 
-    def discard(self, items: list[PendingReplay]) -> list[PendingReplay]:
-        """Forget one entry per item (same topic, digest and id), if still here;
-        returns the items that were: their ``message.publish`` did not reach this
-        process."""
-        left = []
+    def discard(self, items: list[PendingReplay]) -> None:
+        """Forget one entry per item (same topic, digest and id), if still here
+        (its ``message.publish`` did not reach this process)."""
         for item in items:
             ids = self._entries.get((item.topic, item.digest))
             entry = next((e for e in ids if e[0] == item.msgid), None) if ids else None
@@ -140,8 +138,6 @@ class LocalReplays:
             self._count -= 1
             if not ids:
                 del self._entries[(item.topic, item.digest)]
-            left.append(item)
-        return left
 
 
 class Replayer:
