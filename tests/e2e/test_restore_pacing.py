@@ -41,4 +41,3 @@ async def test_clients_that_left_during_their_connect_do_not_hold_up_other_clien
     await h.settle()  # the leavers' restores gave up: nothing of theirs was replayed
     assert payloads(other) == [b"for the other"]
     assert not [i for i in h.bulk_items() if i["topic"].startswith("t/leaver")]
-
