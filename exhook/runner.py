@@ -62,7 +62,8 @@ def freeze_startup_heap() -> None:
     which lives as long as the process, out of the cyclic collector's full passes. Under
     load those ran every half second and walked all of it: 20-33 ms each with the event
     loop held, the p99 of a publish at 32 clients 24 ms against the no-op's 6-8 (with the
-    heap frozen: passes of 1-3 ms, p99 8.4 ms; BENCHMARKS.md)."""
+    heap frozen: passes of 1-3 ms, p99 8-9 ms; BENCHMARKS.md). What of it later becomes
+    garbage (say a connection replaced after a failover) is never freed: bounded, once."""
     gc.collect()  # start-up's own garbage goes first, or it would stay for good
     gc.freeze()
 

@@ -46,8 +46,10 @@ class Harness:
             "exhook {",
             f'  publish_deadline = {self.publish_deadline}, replay_batch_size = 7, log_level = debug',
             '  http { check_interval = 200ms }',
+            # the service is told the emulated broker's hook timeout, as an operator tells it EMQX's
             f'  emqx {{ api_url = "http://127.0.0.1:{self.rest_port}", api_key = "{API_KEY}", '
-            f'api_secret = "{API_SECRET}", request_timeout = 5s }}',
+            f'api_secret = "{API_SECRET}", request_timeout = 5s, '
+            f'hook_timeout = {round(self.request_timeout * 1000)}ms }}',
             "}",
             # one spool per gRPC port: a restart on the same port takes over what the last run spooled
             f'exhook.spool.path = "{self.spool_dir}/spool-{self.grpc_port if port is None else port}.sqlite3"',

@@ -1,10 +1,14 @@
 """Redis changes under the service while publishers are busy: a sentinel failover
-(the master is SIGKILLed) and a cluster slot migration. Every message the service
-answered as stored must be in the store afterwards."""
+(the master is SIGKILLed), the only replica lost (writes stand without its WAIT) and a
+cluster slot migration. Every message the service answered as stored must be in the
+store afterwards."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+
+import pytest
 
 from tests.e2e.backends import RedisBackend
 from tests.e2e.harness import Harness
@@ -63,6 +67,31 @@ async def test_sentinel_failover_under_load_keeps_every_stored_message(redis_fac
             assert metrics.sample("publish_deadline_answers_total", reason=reason) == 0
         assert metrics.sample("store_failures_total", operation="write") >= 1  # the service did see the master go
         assert await backend.count_messages() == total
+    finally:
+        await h.stop()
+
+
+async def test_a_write_no_replica_confirms_in_time_still_stands(  # type: ignore[no-untyped-def]
+        redis_factory, caplog: pytest.LogCaptureFixture) -> None:
+    # the replica is gone (killed by PID): WAIT 1 gets 0 within wait_timeout; the write is
+    # on the master, so the publish is answered as stored, and the log says the guarantee
+    # was weaker for it (once, then every 1,000th)
+    sentinels = redis_factory.sentinel()  # one replica
+    backend = RedisBackend(sentinels, extra=", wait_replicas = 1, wait_timeout = 100ms")
+    h = Harness(backend, "v3")
+    await h.start()
+    try:
+        master_port = (await asyncio.to_thread(sentinels.master_address))[1]
+        [replica] = [n for n in sentinels.data_nodes if n.port != master_port]
+        replica.kill(signal.SIGKILL)
+        pub = h.client("alone")
+        await pub.connect()
+        for i in range(3):
+            await pub.publish("t/alone", f"m{i}".encode(), qos=1)
+        await h.settle()
+        assert await backend.count_messages() == 3
+        short = [r.getMessage() for r in caplog.records if "replicas confirmed a write" in r.getMessage()]
+        assert short == ["redis: only 0 of 1 replicas confirmed a write within 100 ms (1 such writes so far)"]
     finally:
         await h.stop()
 
