@@ -20,6 +20,11 @@ def config_secrets(cfg: Config) -> tuple[str, ...]:
     return tuple(s for s in (password, api.api_secret, token) if s)
 
 
+# The windows that pair a client's lost connect calls and find its session (30 s,
+# missed_connects.py and hooks.py) hold calls the broker waited this long for.
+HOOK_TIMEOUT_WINDOWS_MS = 25_000
+
+
 def config_warnings(cfg: Config) -> tuple[str, ...]:
     """What is valid but almost certainly not meant: one line each, naming the field
     (logged at start-up, printed by check-config)."""
@@ -38,6 +43,11 @@ def config_warnings(cfg: Config) -> tuple[str, ...]:
         out.append(f"exhook.publish_deadline {format_duration(deadline)} is not below exhook.emqx.hook_timeout "
                    f"({format_duration(hook_timeout)}, EMQX's request_timeout for this service): EMQX gives up on "
                    "message.publish first and applies its failed_action; keep it well below (the default is 500ms)")
+    if hook_timeout > HOOK_TIMEOUT_WINDOWS_MS:
+        out.append(f"exhook.emqx.hook_timeout {format_duration(hook_timeout)} is above "
+                   f"{format_duration(HOOK_TIMEOUT_WINDOWS_MS)}: the restore of clients whose connect calls EMQX "
+                   "gave up on looks back 30s (missed_connects.py), so some of them are restored only at their "
+                   "next connect; a shorter request_timeout in EMQX suits a storm better")
     batch_time = cfg.backend.batch_time_ms
     if cfg.backend.batch_size > 1 and batch_time >= deadline:
         out.append(f"{backend_name(cfg.backend)}.batch_time {format_duration(batch_time)} is not below "

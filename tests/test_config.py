@@ -360,6 +360,10 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
     assert short_hook.startswith("exhook.publish_deadline 2s is not below exhook.emqx.hook_timeout (2s")
     assert warnings(quiet.replace("api_key = k", "api_key = k, hook_timeout = 10s")
                     + "\nexhook.publish_deadline = 6s") == []
+    [long_hook] = warnings(quiet.replace("api_key = k", "api_key = k, hook_timeout = 26s"))
+    assert long_hook.startswith("exhook.emqx.hook_timeout 26s is above 25s: the restore of clients whose connect "
+                                "calls EMQX gave up on looks back 30s")
+    assert warnings(quiet.replace("api_key = k", "api_key = k, hook_timeout = 25s")) == []
     [key] = warnings('sqlite { enable = true, topics = ["t/#"] }')
     assert key.startswith("exhook.emqx.api_key is empty: EMQX refuses replays and restores (401)")
     [linger] = warnings(quiet.replace('"t/#"]', '"t/#"], batch_size = 100, batch_time = 500'))
