@@ -84,6 +84,11 @@ class ConnectCalls:
         self._calls: collections.deque[ConnectCall] = collections.deque(maxlen=_CALLS_MAX)
         self._last_arrival = float("-inf")
 
+    @classmethod
+    def for_hook_timeout(cls, hook_timeout_ms: int) -> ConnectCalls:
+        """Calls lost after ``LOST_AFTER_TIMEOUTS`` times the broker's hook timeout."""
+        return cls(lost_after_s=LOST_AFTER_TIMEOUTS * hook_timeout_ms / 1000)
+
     def arrived(self, rpc: str) -> ConnectCall:
         call = ConnectCall(rpc, self._clock())
         self._calls.append(call)

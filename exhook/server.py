@@ -38,7 +38,7 @@ from exhook.listen import add_grpc_port
 from exhook.logs import count_dropped_lines, redactor
 from exhook.loops import Loops
 from exhook.metrics import Metrics
-from exhook.missed_connects import LOST_AFTER_TIMEOUTS, ConnectCalls, MissedConnectSweep
+from exhook.missed_connects import ConnectCalls, MissedConnectSweep
 from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
@@ -141,8 +141,8 @@ class Service:
         # not ready until EMQX's API has accepted the key once (probe_now below)
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up, checked=False)
         self._queues = ClientQueues(self.metrics)
-        logic = self._logic(gate.store, writer, api)
-        connect_calls = ConnectCalls(lost_after_s=LOST_AFTER_TIMEOUTS * cfg.service.emqx.hook_timeout_ms / 1000)
+        logic, connect_calls = self._logic(gate.store, writer, api), ConnectCalls.for_hook_timeout(
+            cfg.service.emqx.hook_timeout_ms)
         self._held_rekeys = logic.held_rekeys
         loops.start("held-rekeys", logic.held_rekeys.run)
         server = await self._start_grpc(logic, connect_calls)
