@@ -24,6 +24,7 @@ from exhook.metrics import Metrics
 from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import retrying
+from exhook.subscribed_calls import SubscribedCalls
 from exhook.topics import TopicError, TopicSet, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
@@ -62,6 +63,12 @@ _REGISTER_WAIT_S = 1.0
 # A publish that waits for a slow store goes to the spool this long before its
 # deadline, so that the spool's fsync fits in (measured well under 5 ms here).
 _SPILL_MARGIN_S = 0.05
+# how long a restore waits for the broker's session.subscribed calls of the filters it
+# gave back before it replays them anyway (subscribed_calls.py): they normally arrive
+# within milliseconds of subscribe/bulk, a storm's backlog of hook calls holds them up
+# to about a second, and a call that is lost costs its client only this delay (the
+# wait needs no slot of the client queues)
+SUBSCRIBED_WAIT_S = 2.0
 # a restore's replay that reached nobody waits at most this long for the re-keys it
 # caused to land before it reads the range again (a later read is only at least once)
 _CAUGHT_UP_WAIT_S = 2.0
@@ -102,6 +109,7 @@ class HookLogic:
         flags: BrokerFlags,
         publish_deadline_ms: int,
         rekey_hold_s: float,
+        subscribed_wait_s: float = SUBSCRIBED_WAIT_S,
     ) -> None:
         self.tracked = tracked
         self.flags = flags
@@ -121,6 +129,9 @@ class HookLogic:
         # connection -> {filter: qos} a hook's restore just read from the store and gave back,
         # until the broker's session.subscribed for each: that call need not store it again
         self._restored_subs: ExpiringMap[str, dict[str, int]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # the broker's session.subscribed calls a restore waits for, and the filters it covered
+        self._subscribed_calls = SubscribedCalls(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        self._subscribed_wait = subscribed_wait_s
         # clientid -> the number of its latest connect with a new session (session.created,
         # or a client.connected whose session.created was lost)
         self._connects: ExpiringMap[str, int] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
@@ -249,7 +260,7 @@ class HookLogic:
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
         self._count_connect(client.clientid)
-        self._restored_subs.pop(client.connection)  # an earlier connection's, with the same key (EMQX 5.3)
+        self._forget_connection(client)  # an earlier connection's, with the same key (EMQX 5.3)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.pop(client.clientid)
         pending = PendingRestore(client.connection)
@@ -260,7 +271,7 @@ class HookLogic:
         # not a new connect for a running replay: the broker kept the session, so what
         # the replay still publishes reaches it, and nothing else would replay the rest
         self._queues.note_connect()
-        self._restored_subs.pop(client.connection)
+        self._forget_connection(client)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
         self._resumed.put(client.clientid, True)
 
@@ -276,7 +287,14 @@ class HookLogic:
             if pending.connection == client.connection:
                 return  # session.created of this connect started the restore
         self._count_connect(client.clientid)  # this connect's session.created was lost
+        self._forget_connection(client)
         self._submit_restore(client, None)
+
+    def _forget_connection(self, client: ClientRef) -> None:
+        """What hooks of an earlier connection with the same key left (EMQX 5.3 sends no
+        peer port, so a reconnect from one host has the same key)."""
+        self._restored_subs.pop(client.connection)
+        self._subscribed_calls.forget(client.connection)
 
     def _count_connect(self, clientid: str) -> None:
         # one sequence for all clients: a client whose entry expired or was evicted
@@ -351,16 +369,27 @@ class HookLogic:
         # replay nothing (the client's queue runs this before that hook's job). The
         # broker may not have applied the subscription yet: a replay that reaches
         # nobody tries again once the writer has caught up (Replayer.replay).
+        # Each filter is replayed once its session.subscribed call has arrived, so that the
+        # replay reaches the subscription and that call's job need not replay it again.
+        filters = [topic for topic, _ in restored]
+        if self._subscribed_calls.missing(client.connection, filters):
+            async with outside_slot():
+                await self._subscribed_calls.wait(client.connection, filters, self._subscribed_wait)
+        arrived = set(filters).difference(self._subscribed_calls.missing(client.connection, filters))
         settle: Callable[[Collection[str]], Awaitable[None]] | None = self._writer_caught_up
-        for topic, _ in restored:
-            if (await self._replay_filter(client, topic, current, settle)).reached_nobody:
+        for topic in filters:
+            replayed = await self._replay_filter(client, topic, current, settle)
+            if replayed.reached_nobody:
                 settle = None  # the client left: its other filters do not wait for it again
+            elif topic in arrived and replayed.delivered == replayed.published and current():
+                self._subscribed_calls.cover(client.connection, topic)
 
     async def _writer_caught_up(self, topics: Collection[str]) -> None:
         self.held_rekeys.flush(topics)  # these topics are read again: their re-keys must be in the store
         await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
+        self._subscribed_calls.arrived(client.connection, topic)  # the route exists now
         if (dropped := self._dropped.get(client.connection)) is not None:
             dropped.discard(topic)  # subscribed again: a restore may give it back
         current = self._same_connect(client.clientid)
@@ -370,7 +399,8 @@ class HookLogic:
     async def _subscribed(self, client: ClientRef, topic: str, qos: int, current: Callable[[], bool]) -> None:
         if self._take_restored(client, topic) != qos:  # else it is stored as it is
             await self._save_subscription(client, topic, qos)
-        await self._replay_filter(client, topic, current)
+        if not self._subscribed_calls.take_covered(client.connection, topic):
+            await self._replay_filter(client, topic, current)
 
     def _was_dropped(self, client: ClientRef, topic: str) -> bool:
         return topic in (self._dropped.get(client.connection) or ())

@@ -1,0 +1,39 @@
+"""SubscribedCalls (exhook/subscribed_calls.py): what a restore waits for and what it
+covered, per connection key, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+from exhook.subscribed_calls import SubscribedCalls
+
+
+async def test_a_wait_ends_when_every_call_has_arrived_or_at_its_timeout() -> None:
+    calls = SubscribedCalls(ttl_s=30, max_connections=10)
+    asyncio.get_running_loop().call_later(0.01, calls.arrived, "c1", "a")
+    await asyncio.wait_for(calls.wait("c1", ["a"], timeout_s=5), 2)
+    assert calls.missing("c1", ["a", "b"]) == ["b"]
+    await calls.wait("c1", ["a", "b"], timeout_s=0.01)  # b never comes: returns anyway
+    assert calls.missing("c1", ["a", "b"]) == ["b"]
+
+
+async def test_a_covered_filter_is_taken_once_and_a_new_connect_forgets_everything() -> None:
+    calls = SubscribedCalls(ttl_s=30, max_connections=10)
+    calls.arrived("c1", "a")
+    calls.cover("c1", "a")
+    assert calls.take_covered("c1", "a") and not calls.take_covered("c1", "a")
+    calls.cover("c1", "a")
+    calls.forget("c1")
+    assert not calls.take_covered("c1", "a")
+    assert calls.missing("c1", ["a"]) == ["a"]
+
+
+async def test_the_calls_noted_are_bounded_per_connection_and_in_connections() -> None:
+    calls = SubscribedCalls(ttl_s=30, max_connections=2)
+    for i in range(1005):
+        calls.arrived("c1", f"t/{i}")
+    assert calls.missing("c1", ["t/999", "t/1000"]) == ["t/1000"]  # beyond 1,000 filters: not noted
+    calls.arrived("c2", "a")
+    calls.arrived("c3", "a")  # the oldest connection goes
+    assert calls.missing("c1", ["t/0"]) == ["t/0"]
+    assert calls.missing("c3", ["a"]) == []
