@@ -2,24 +2,27 @@
 that each restored filter is replayed once, after its subscription exists (issue 14).
 
 EMQX fires ``session.subscribed`` once the route exists (the facts: after the route is
-added, before SUBACK; for a REST subscribe too). A replay that reads its upper bounds
-after that call has arrived misses nothing: a message stored before the read is in its
-range, and one stored later is routed to the subscription by the broker itself (the
-broker routes a message only once ``message.publish`` is answered, and the service
-answers once it is stored). So:
+added, before SUBACK; for a REST subscribe too). The broker routes a published message
+only once its ``message.publish`` is answered, and the service answers once the message
+is stored, or once it is in the spool when the store is slow. So a replay that reads its
+upper bounds after that call has arrived, while this process's spool is drained, misses
+nothing: a message answered before the read is in its range, and one answered later is
+routed to the subscription by the broker itself. Hence:
 
 - a restore waits a short while for the calls of the filters it gave back before it
   replays them: a replay started earlier can reach nobody (the broker applies a REST
   subscribe only when the client's process gets to it) and has to be tried again;
-- a filter the restore replayed completely after its call had arrived is noted as
-  *covered*: that call's own job then stores nothing new and need not replay it a
-  second time (two store round trips per restored filter: latest positions, claim).
+- a filter the restore replayed in full, after its call had arrived and with nothing
+  waiting in the spool, is noted as *covered*: that call's own job then stores nothing new
+  and need not replay it a second time (the store calls of a replay's start: latest
+  positions and claim, and the list of stored topics for a wildcard filter).
 
 A call that never comes (lost in a storm) costs its restore the wait, and the restore
 then replays as if it had not waited; the replay marks still keep a later replay of the
-same filter from sending anything twice. Everything here is per connection key and
-dropped when that key connects again (EMQX 5.3 sends no peer port, so a reconnect from
-one host reuses the key).
+same filter from sending anything twice. Only connections whose restore this process
+started are tracked, per connection key, and forgotten when a connect hook with that key
+reaches this process again (EMQX 5.3 sends no peer port, so a reconnect from one host
+reuses the key). Another instance's spool is out of sight here, as it is for every replay.
 """
 
 from __future__ import annotations
@@ -35,60 +38,76 @@ from exhook.expiring import ExpiringMap
 _FILTERS_PER_CONNECTION = 1000
 
 
+class _Connection:
+    __slots__ = ("arrived", "covered", "wanted", "complete")
+
+    def __init__(self) -> None:
+        self.arrived: set[str] = set()
+        self.covered: set[str] = set()
+        # while a restore waits: the filters it waits for, and what wakes it
+        self.wanted: frozenset[str] = frozenset()
+        self.complete: asyncio.Event | None = None
+
+
 class SubscribedCalls:
     def __init__(self, ttl_s: float, max_connections: int) -> None:
-        # connection -> filter -> set once its session.subscribed call has arrived
-        self._arrived: ExpiringMap[str, dict[str, asyncio.Event]] = ExpiringMap(ttl_s, max_connections)
-        # connection -> filters a restore replayed completely after their call arrived
-        self._covered: ExpiringMap[str, set[str]] = ExpiringMap(ttl_s, max_connections)
+        self._connections: ExpiringMap[str, _Connection] = ExpiringMap(ttl_s, max_connections)
 
     def arrived(self, connection: str, topic: str) -> None:
         """The broker's ``session.subscribed`` for ``topic`` reached this process."""
-        events = self._arrived.get(connection)
-        if events is not None and topic not in events and len(events) >= _FILTERS_PER_CONNECTION:
+        entry = self._entry(connection)
+        if topic not in entry.arrived and len(entry.arrived) >= _FILTERS_PER_CONNECTION:
             return
-        self._event(connection, topic).set()
+        entry.arrived.add(topic)
+        if entry.complete is not None and entry.wanted <= entry.arrived:
+            entry.complete.set()
 
     def forget(self, connection: str) -> None:
-        """A new connect with this key: what an earlier connection saw does not count."""
-        self._arrived.pop(connection)
-        self._covered.pop(connection)
+        """A new connect with this key: what an earlier connection saw does not count,
+        and a restore of it still waiting for calls stops waiting."""
+        entry = self._connections.pop(connection)
+        if entry is not None and entry.complete is not None:
+            entry.complete.set()
 
     def missing(self, connection: str, topics: Sequence[str]) -> list[str]:
         """The filters of ``topics`` whose call has not arrived yet."""
-        events = self._arrived.get(connection) or {}
-        return [t for t in topics if not ((event := events.get(t)) and event.is_set())]
+        entry = self._connections.get(connection)
+        arrived = entry.arrived if entry is not None else set()
+        return [t for t in topics if t not in arrived]
 
     async def wait(self, connection: str, topics: Sequence[str], timeout_s: float) -> None:
-        """Until the calls of all ``topics`` have arrived, or ``timeout_s``."""
-        events = [self._event(connection, t) for t in topics]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                for event in events:
-                    await event.wait()
+        """Until the calls of all ``topics`` have arrived, the connection is forgotten,
+        or ``timeout_s``."""
+        if not self.missing(connection, topics):
+            return
+        entry = self._entry(connection)
+        complete = entry.complete = asyncio.Event()
+        entry.wanted = frozenset(topics)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await complete.wait()
+        finally:
+            if entry.complete is complete:
+                entry.complete, entry.wanted = None, frozenset()
 
     def cover(self, connection: str, topic: str) -> None:
-        covered = self._covered.get(connection)
-        if covered is None:
-            covered = set()
-            self._covered.put(connection, covered)
-        covered.add(topic)
+        entry = self._connections.get(connection)
+        if entry is not None:
+            entry.covered.add(topic)
 
     def take_covered(self, connection: str, topic: str) -> bool:
         """Whether a restore already replayed ``topic`` for this connection after its
         call arrived (forgotten now: a later subscribe of the filter replays as usual)."""
-        covered = self._covered.get(connection)
-        if covered is None or topic not in covered:
+        entry = self._connections.get(connection)
+        if entry is None or topic not in entry.covered:
             return False
-        covered.discard(topic)
+        entry.covered.discard(topic)
         return True
 
-    def _event(self, connection: str, topic: str) -> asyncio.Event:
-        events = self._arrived.get(connection)
-        if events is None:
-            events = {}
-            self._arrived.put(connection, events)
-        event = events.get(topic)
-        if event is None:
-            event = events[topic] = asyncio.Event()
-        return event
+    def _entry(self, connection: str) -> _Connection:
+        entry = self._connections.get(connection)
+        if entry is None:
+            entry = _Connection()
+            self._connections.put(connection, entry)
+        return entry

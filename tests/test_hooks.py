@@ -6,6 +6,7 @@ for EMQX: what the broker would do with the calls is the emulator's business
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.expiring import ExpiringMap
 from exhook.hooks import HTTP_API, ClientRef, HookLogic
 from exhook.metrics import Metrics
+from exhook.pacing import AdaptiveLimit
 from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer, payload_digest
 from exhook.spool import Spool
 from exhook.topics import TopicSet
@@ -25,6 +27,7 @@ from exhook.writer import Entry, OrderedWriter, WriterSettings
 from storage.model import DropPendingReplay, PendingReplay, WriteOp
 from storage.retry import Backoff
 from tests.memory_store import MemoryStore
+from tests.test_client_queue import HandFed
 
 TRACKED = ("t/#", "w/+/x")
 # how long a restore waits for session.subscribed calls the recorder never makes (the service: 2 s)
@@ -700,8 +703,10 @@ async def test_a_restore_replays_each_filter_once_its_session_subscribed_call_ha
     await rig.store.save_subscription("sub", "t/#", 1)
     await rig.store.save_subscription("sub", "w/+/x", 1)
     rig.broker_calls_session_subscribed(after_s=0.05)
+    started = time.monotonic()
     rig.logic.client_connected(client())
     await rig.settle()
+    assert time.monotonic() - started < 4  # woken by the calls, not by the end of the 5 s wait
     assert sorted(rig.api.events[:2]) == [("subscribed", "t/#"), ("subscribed", "w/+/x")]
     assert rig.api.events[2:] == [("publish", "t/a"), ("publish", "w/1/x")]
 
@@ -727,18 +732,22 @@ async def test_a_filter_the_restore_replayed_after_its_call_arrived_is_not_claim
 
 
 async def test_a_call_of_an_earlier_connection_with_the_same_key_does_not_count(rig: Rig) -> None:
-    # EMQX 5.3 (no peer port): the client subscribed to t/# itself in its last connection.
-    # The new connection's restore must wait for its own call, not take that one's.
+    # EMQX 5.3 (no peer port): the client subscribed to t/# itself in its last connection
+    # (restored, with nothing to give back). The new connection's restore must wait for
+    # its own call, not take that one's.
     rig.logic._subscribed_wait = 5.0
-    await rig.store.save_subscription("sub", "t/#", 1)
+    rig.logic.client_connected(client())
     rig.logic.session_subscribed(client(), "t/#", 1)
     await rig.settle()
+    assert rig.store.subs["sub"] == {"t/#": 1}
     await rig.publish(1)
     rig.api.events.clear()
     rig.broker_calls_session_subscribed(after_s=0.05)
+    started = time.monotonic()
     rig.logic.session_created(client())
     rig.logic.client_connected(client())
     await rig.settle()
+    assert time.monotonic() - started < 4
     assert rig.api.events == [("subscribed", "t/#"), ("publish", "t/a")]
 
 
@@ -754,3 +763,106 @@ async def test_a_restore_whose_replay_stopped_early_leaves_the_call_s_job_to_rep
     await rig.settle()
     assert rig.metrics.sample("messages_replayed_total") == 3
     assert rig.store.calls.count("claim_replay") == 2
+
+
+async def test_a_filter_whose_call_came_after_the_restore_s_replay_is_replayed_by_that_call(rig: Rig) -> None:
+    # the call was late (after the restore's wait): the restore's replay may have read its
+    # range before the route existed, so a message stored meanwhile is that call's to replay
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/#", 1)
+    rig.logic.client_connected(client())
+    await rig.settle()
+    await rig.publish(2)  # stored before the broker applied the subscription: routed to nobody
+    rig.logic.session_subscribed(client(), "t/#", 1)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
+
+
+async def test_a_reconnect_wakes_the_earlier_connection_s_restore_from_its_wait(rig: Rig) -> None:
+    # its calls will not come now: the new connection's restore, queued behind it, must
+    # not wait out the whole wait for them
+    rig.logic._subscribed_wait = 30.0
+    await rig.store.save_subscription("sub", "t/a", 1)
+    started = time.monotonic()
+    rig.logic.client_connected(client())
+    for _ in range(50):  # the restore has subscribed and waits for the broker's call
+        if rig.api.subscribed:
+            break
+        await asyncio.sleep(0.01)
+    rig.broker_calls_session_subscribed(after_s=0)
+    rig.logic.session_created(client())  # a new connect with the same key (EMQX 5.3)
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert time.monotonic() - started < 10
+    assert len(rig.api.subscribed) == 2
+
+
+class HeldWrites(MemoryStore):
+    """A store whose writes wait until released (a paused server); reads answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()
+
+    async def write(self, ops: object) -> None:  # type: ignore[override]
+        await self.released.wait()
+        await super().write(ops)  # type: ignore[arg-type]
+
+
+async def test_a_filter_replayed_while_messages_wait_in_the_spool_is_read_again_by_its_call(tmp_path: Path) -> None:
+    # a message answered from the spool (the store too slow) is not in the store yet when
+    # the restore reads its range: the call's job must not skip its own read
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    store = HeldWrites()
+    rig = Rig(store, spool)
+    task = asyncio.create_task(rig.writer.run())
+    try:
+        await store.save_subscription("sub", "t/#", 1)
+        await asyncio.wait_for(rig.publish(1), 10)  # answered at its deadline, from the spool
+        assert rig.writer.spooling and not store.messages
+        rig.broker_calls_session_subscribed(after_s=0)
+        rig.logic.client_connected(client())
+        for _ in range(200):
+            if store.calls.count("stored_topics") == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.writer.spooling
+        assert store.calls.count("stored_topics") == 2  # the restore's read and the call's
+    finally:
+        store.released.set()
+        await rig.queues.close(1)
+        await rig.writer.close(1)
+        await asyncio.gather(task, return_exceptions=True)
+        await spool.close()
+
+
+async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(tmp_path: Path) -> None:
+    # a call that is lost keeps its restore waiting for seconds: with the only slot held
+    # meanwhile, every other client's work would wait as long
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    rig = Rig(MemoryStore(), spool)
+    rig.queues = rig.logic._queues = ClientQueues(rig.metrics, slots=AdaptiveLimit(initial=1, maximum=1,
+                                                                                    sampler=HandFed()))
+    rig.logic._subscribed_wait = 30.0
+    task = asyncio.create_task(rig.writer.run())
+    try:
+        await rig.publish(1, topic="t/other")
+        await rig.store.save_subscription("sub", "t/a", 1)
+        rig.logic.client_connected(client())  # its session.subscribed call never comes
+        for _ in range(50):
+            if rig.api.subscribed:
+                break
+            await asyncio.sleep(0.01)
+        rig.logic.session_subscribed(client("other"), "t/other", 1)
+        for _ in range(100):
+            if rig.api.replayed:
+                break
+            await asyncio.sleep(0.01)
+        assert [item.origin for item in rig.api.replayed] == [guid(1)]  # the other client's replay ran
+    finally:
+        await rig.queues.close(0.1)
+        await rig.writer.close(1)
+        await asyncio.gather(task, return_exceptions=True)
+        await spool.close()

@@ -37,3 +37,10 @@ async def test_the_calls_noted_are_bounded_per_connection_and_in_connections() -
     calls.arrived("c3", "a")  # the oldest connection goes
     assert calls.missing("c1", ["t/0"]) == ["t/0"]
     assert calls.missing("c3", ["a"]) == []
+
+
+async def test_forgetting_a_connection_wakes_a_restore_waiting_for_its_calls() -> None:
+    calls = SubscribedCalls(ttl_s=30, max_connections=10)
+    asyncio.get_running_loop().call_later(0.01, calls.forget, "c1")
+    await asyncio.wait_for(calls.wait("c1", ["a"], timeout_s=30), 5)
+    assert calls.missing("c1", ["a"]) == ["a"]

@@ -1,7 +1,9 @@
 """A restore replays a filter once the broker's ``session.subscribed`` call for it has
-arrived (exhook/subscribed_calls.py); when that call is lost it replays anyway after a
-wait, and tries again while its replay reaches nobody. The logic is the hook layer's,
-the same on every backend, so this runs on the default one (SQLite)."""
+arrived (exhook/subscribed_calls.py; test_restore_once.py sees the one replay when the
+broker applies the subscription late). This is the fallback: when that call is lost the
+restore replays anyway after its wait, and tries again while its replay reaches nobody.
+The logic is the hook layer's, the same on every backend, so this runs on the default
+one (SQLite)."""
 
 from __future__ import annotations
 
