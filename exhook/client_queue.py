@@ -13,7 +13,9 @@ tries of a 404) steps out of its slot for the wait (``outside_slot``): a few cli
 that left during their connect, each waiting seconds for a broker that will never
 know them, would otherwise hold every slot and stall all other clients' work. The job
 keeps its place in its client's order (its client's next job still waits for it) and
-takes a slot again, behind the jobs already waiting, to go on.
+takes a slot again to go on: ahead of the jobs that have not started (behind other jobs
+going on), so that in a storm a restore that waited a moment for the broker finishes
+before yet another client's restore begins, instead of after all of them.
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ class ClientQueues:
         self._slots = slots or AdaptiveLimit()
         self._slots.on_room = self._dispatch
         self._jobs: dict[str, deque[tuple[str, Job]]] = {}
-        # clients whose next job waits for a slot, with the time it started waiting; a
-        # future for a running job that waits to take a slot again (see outside_slot)
+        # clients whose next job waits for a slot, with the time it started waiting (the
+        # third field: a future, in _resuming only)
         self._ready: deque[tuple[float, str, asyncio.Future[None] | None]] = deque()
+        # running jobs that wait to take a slot again (see outside_slot): they go first
+        self._resuming: deque[tuple[float, str, asyncio.Future[None] | None]] = deque()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -131,8 +135,9 @@ class ClientQueues:
 
     def _dispatch(self) -> None:
         """Start the next clients' jobs while the limit allows."""
-        ready, slots = self._ready, self._slots
-        while ready and not self._stopped:
+        slots = self._slots
+        while (self._resuming or self._ready) and not self._stopped:
+            ready = self._resuming or self._ready
             waiting_since, clientid, resume = ready[0]
             if resume is not None and resume.cancelled():
                 ready.popleft()  # its job was cancelled meanwhile (_step_in cleans up)
@@ -181,18 +186,18 @@ class ClientQueues:
         return True
 
     async def _step_in(self, job: _RunningJob) -> None:
-        """Wait for a slot again, behind the jobs already waiting."""
+        """Wait for a slot again, ahead of the jobs that have not started yet."""
         loop = asyncio.get_running_loop()
         resume: asyncio.Future[None] = loop.create_future()
         entry = (loop.time(), job.clientid, resume)
-        self._ready.append(entry)
+        self._resuming.append(entry)
         self._dispatch()
         try:
             await resume
         finally:
             if resume.cancelled():  # cancelled (shutdown) before it got a slot
                 with contextlib.suppress(ValueError):
-                    self._ready.remove(entry)
+                    self._resuming.remove(entry)
                 self._slots.started()  # what the job's end gives back
             self._mark_in(job)
 
@@ -209,7 +214,7 @@ class ClientQueues:
     @property
     def waiting(self) -> bool:
         """Is a client's job waiting for a slot (held back by the pacing)?"""
-        return bool(self._ready)
+        return bool(self._ready or self._resuming)
 
     async def idle(self) -> None:
         """Wait until no job is queued or running (tests, shutdown)."""
@@ -228,5 +233,6 @@ class ClientQueues:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._ready.clear()
+            self._resuming.clear()
             self._jobs.clear()
         await self._slots.close()

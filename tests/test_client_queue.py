@@ -154,6 +154,37 @@ async def test_a_job_that_waits_outside_its_slot_lets_others_run_and_keeps_its_c
     await queues.close(1)
 
 
+async def test_a_job_that_waited_outside_its_slot_goes_on_before_jobs_that_have_not_started() -> None:
+    # in a storm a restore waits a moment for the broker, then must finish before the
+    # next of thousands of queued restores starts, not after all of them
+    slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
+    queues = ClientQueues(Metrics(), slots=slots)
+    log: list[str] = []
+    answered, b_started, b_may_end = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def a1() -> None:
+        async with outside_slot():
+            await answered.wait()
+        log.append("a1")
+
+    async def b1() -> None:
+        log.append("b1")
+        b_started.set()
+        await b_may_end.wait()
+
+    queues.submit("a", "1", a1)
+    queues.submit("b", "1", b1)
+    await b_started.wait()  # the only slot went to b while a1 waits
+    queues.submit("c", "1", noting(log, "c1"))  # waits for a slot before a1 does
+    answered.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    b_may_end.set()
+    await queues.idle()
+    assert log == ["b1", "a1", "c1"]
+    await queues.close(1)
+
+
 async def test_a_job_keeps_its_slot_while_too_many_wait_outside_theirs() -> None:
     slots = AdaptiveLimit(initial=1, maximum=1, sampler=HandFed())
     queues = ClientQueues(Metrics(), slots=slots, max_stepped_out=0)
