@@ -866,3 +866,28 @@ async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(
         await rig.writer.close(1)
         await asyncio.gather(task, return_exceptions=True)
         await spool.close()
+
+
+async def test_with_one_call_lost_only_the_filter_whose_call_arrived_is_covered(rig: Rig) -> None:
+    # the broker applied both restored filters; the call for w/+/x was lost: the restore
+    # waits out its wait, replays both, and covers t/# only
+    await rig.publish(1)
+    await rig.publish(2, topic="w/1/x")
+    await rig.store.save_subscription("sub", "t/#", 1)
+    await rig.store.save_subscription("sub", "w/+/x", 1)
+    lost = {"w/+/x"}
+
+    def applied(clientid: str, subscriptions: list[tuple[str, int]]) -> None:
+        for topic, qos in subscriptions:
+            if topic not in lost:
+                asyncio.get_running_loop().call_soon(rig.logic.session_subscribed, client(clientid), topic, qos)
+
+    rig.api.on_subscribed = applied
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
+    assert rig.store.calls.count("claim_replay") == 2  # the restore's, one per filter
+    rig.logic.session_subscribed(client(), "w/+/x", 1)  # the lost call comes after all: not covered
+    await rig.settle()
+    assert rig.store.calls.count("claim_replay") == 3
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
