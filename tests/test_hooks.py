@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -145,17 +146,26 @@ class Rig:
         await self.writer.drained()
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+@asynccontextmanager
+async def running_rig(tmp_path: Path, store: MemoryStore, v2: bool = False) -> AsyncIterator[Rig]:
+    """A rig over ``store`` with its writer running; stopped (queues, writer, spool) on exit."""
     spool = Spool(tmp_path / "spool")
     await spool.open()
-    rig = Rig(MemoryStore(), spool)
+    rig = Rig(store, spool, v2)
     task = asyncio.create_task(rig.writer.run())
-    yield rig
-    await rig.queues.close(1)
-    await rig.writer.close(1)
-    await asyncio.gather(task, return_exceptions=True)
-    await spool.close()
+    try:
+        yield rig
+    finally:
+        await rig.queues.close(1)
+        await rig.writer.close(1)
+        await asyncio.gather(task, return_exceptions=True)
+        await spool.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_rig(tmp_path, MemoryStore()) as rig:
+        yield rig
 
 
 def client(clientid: str = "sub", peerport: int = 0) -> ClientRef:
@@ -304,16 +314,9 @@ async def test_a_plain_ack_writes_no_tombstone(rig: Rig) -> None:
 @pytest.fixture
 async def v2rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """A rig playing a v2 broker whose REST API runs message.publish for each replay."""
-    spool = Spool(tmp_path / "spool")
-    await spool.open()
-    rig = Rig(MemoryStore(), spool, v2=True)
-    rig.broker_runs_replay_hooks()
-    task = asyncio.create_task(rig.writer.run())
-    yield rig
-    await rig.queues.close(1)
-    await rig.writer.close(1)
-    await asyncio.gather(task, return_exceptions=True)
-    await spool.close()
+    async with running_rig(tmp_path, MemoryStore(), v2=True) as rig:
+        rig.broker_runs_replay_hooks()
+        yield rig
 
 
 async def test_v2_replays_this_process_published_are_recognised_without_a_store_round_trip(v2rig: Rig) -> None:
@@ -812,42 +815,31 @@ class HeldWrites(MemoryStore):
 async def test_a_filter_replayed_while_messages_wait_in_the_spool_is_read_again_by_its_call(tmp_path: Path) -> None:
     # a message answered from the spool (the store too slow) is not in the store yet when
     # the restore reads its range: the call's job must not skip its own read
-    spool = Spool(tmp_path / "spool")
-    await spool.open()
     store = HeldWrites()
-    rig = Rig(store, spool)
-    task = asyncio.create_task(rig.writer.run())
-    try:
-        await store.save_subscription("sub", "t/#", 1)
-        await asyncio.wait_for(rig.publish(1), 10)  # answered at its deadline, from the spool
-        assert rig.writer.spooling and not store.messages
-        rig.broker_calls_session_subscribed(after_s=0)
-        rig.logic.client_connected(client())
-        for _ in range(200):
-            if store.calls.count("stored_topics") == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert rig.writer.spooling
-        assert store.calls.count("stored_topics") == 2  # the restore's read and the call's
-    finally:
-        store.released.set()
-        await rig.queues.close(1)
-        await rig.writer.close(1)
-        await asyncio.gather(task, return_exceptions=True)
-        await spool.close()
+    async with running_rig(tmp_path, store) as rig:
+        try:
+            await store.save_subscription("sub", "t/#", 1)
+            await asyncio.wait_for(rig.publish(1), 10)  # answered at its deadline, from the spool
+            assert rig.writer.spooling and not store.messages
+            rig.broker_calls_session_subscribed(after_s=0)
+            rig.logic.client_connected(client())
+            for _ in range(200):
+                if store.calls.count("stored_topics") == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert rig.writer.spooling
+            assert store.calls.count("stored_topics") == 2  # the restore's read and the call's
+        finally:
+            store.released.set()  # the writer can stop
 
 
 async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(tmp_path: Path) -> None:
     # a call that is lost keeps its restore waiting for seconds: with the only slot held
     # meanwhile, every other client's work would wait as long
-    spool = Spool(tmp_path / "spool")
-    await spool.open()
-    rig = Rig(MemoryStore(), spool)
-    rig.queues = rig.logic._queues = ClientQueues(rig.metrics, slots=AdaptiveLimit(initial=1, maximum=1,
-                                                                                    sampler=HandFed()))
-    rig.logic._subscribed_wait = 30.0
-    task = asyncio.create_task(rig.writer.run())
-    try:
+    async with running_rig(tmp_path, MemoryStore()) as rig:
+        rig.queues = rig.logic._queues = ClientQueues(rig.metrics, slots=AdaptiveLimit(initial=1, maximum=1,
+                                                                                        sampler=HandFed()))
+        rig.logic._subscribed_wait = 30.0
         await rig.publish(1, topic="t/other")
         await rig.store.save_subscription("sub", "t/a", 1)
         rig.logic.client_connected(client())  # its session.subscribed call never comes
@@ -861,11 +853,6 @@ async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(
                 break
             await asyncio.sleep(0.01)
         assert [item.origin for item in rig.api.replayed] == [guid(1)]  # the other client's replay ran
-    finally:
-        await rig.queues.close(0.1)
-        await rig.writer.close(1)
-        await asyncio.gather(task, return_exceptions=True)
-        await spool.close()
 
 
 async def test_with_one_call_lost_only_the_filter_whose_call_arrived_is_covered(rig: Rig) -> None:
