@@ -373,10 +373,11 @@ class HookLogic:
         # call was lost and the broker has not applied the subscription yet) tries again
         # once the writer has caught up (Replayer.replay).
         filters = [topic for topic, _ in restored]
-        if self._subscribed_calls.missing(client.connection, filters):
+        missing = self._subscribed_calls.missing(client.connection, filters)
+        if missing:
             async with outside_slot():
-                await self._subscribed_calls.wait(client.connection, filters, self._subscribed_wait)
-        arrived = set(filters).difference(self._subscribed_calls.missing(client.connection, filters))
+                missing = await self._subscribed_calls.wait(client.connection, filters, self._subscribed_wait)
+        arrived = set(filters).difference(missing)
         settle: Callable[[Collection[str]], Awaitable[None]] | None = self._writer_caught_up
         for topic in filters:
             # a message answered from the spool (a slow store) and not drained yet is

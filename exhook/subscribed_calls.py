@@ -75,11 +75,11 @@ class SubscribedCalls:
         arrived = entry.arrived if entry is not None else set()
         return [t for t in topics if t not in arrived]
 
-    async def wait(self, connection: str, topics: Sequence[str], timeout_s: float) -> None:
+    async def wait(self, connection: str, topics: Sequence[str], timeout_s: float) -> list[str]:
         """Until the calls of all ``topics`` have arrived, the connection is forgotten,
-        or ``timeout_s``."""
+        or ``timeout_s``; the filters whose call has still not arrived."""
         if not self.missing(connection, topics):
-            return
+            return []
         entry = self._entry(connection)
         complete = entry.complete = asyncio.Event()
         entry.wanted = frozenset(topics)
@@ -90,6 +90,7 @@ class SubscribedCalls:
         finally:
             if entry.complete is complete:
                 entry.complete, entry.wanted = None, frozenset()
+        return self.missing(connection, topics)
 
     def cover(self, connection: str, topic: str) -> None:
         entry = self._connections.get(connection)
