@@ -20,7 +20,7 @@ def config_secrets(cfg: Config) -> tuple[str, ...]:
     return tuple(s for s in (password, api.api_secret, token) if s)
 
 
-# The windows that pair a client's lost connect calls and find its session (30 s,
+# The windows that pair late connect calls and find the sessions of dropped ones (30 s,
 # missed_connects.py and hooks.py) hold calls the broker waited this long for.
 HOOK_TIMEOUT_WINDOWS_MS = 25_000
 

@@ -45,9 +45,9 @@ _CONNECT_TTL_S = 30.0
 # what one connect's first hook leaves for its client.connected: one entry per client
 # connecting right now, so this only has to hold a reconnect storm's worth
 _CONNECT_ENTRIES = 100_000
-# connections this process started a restore for, so that a sweep after lost connect
-# calls (missed_connects.py) does not restore them again: longer than the sweep's
-# look-back plus the time it takes to notice a loss
+# connections this process started a restore for, so that a sweep after late connect
+# calls or a stall (missed_connects.py) does not restore them again: longer than the
+# sweep's look-back plus the time it waits for the storm to end
 _RESTORED_TTL_S = 120.0
 # the unsubscribes noted per connection for a restore still to run (a client churning
 # through filters must not grow it without end)

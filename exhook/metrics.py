@@ -123,12 +123,16 @@ class Metrics:
                                        registry=reg)
         self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
                                 registry=reg)
-        self._connect_calls_lost = Counter(
-            f"{p}connect_calls_lost", "session.created / client.connected calls that reached the service after the "
-            "broker gave up on them (their handler never ran), by hook", ["hook"], registry=reg)
-        self.missed_connect_restores = Counter(
-            f"{p}missed_connect_restores", "Clients the sweep after lost connect calls queued for a re-subscribe",
+        self.connect_calls_late = Counter(
+            f"{p}connect_calls_late", "session.created / client.connected calls that reached their handler with "
+            "under half of the broker's hook timeout left (calls behind them may have been dropped), by hook",
+            ["hook"], registry=reg)
+        self.loop_stalls = Counter(
+            f"{p}loop_stalls", "Times the event loop did not run for a quarter of the broker's hook timeout or more",
             registry=reg)
+        self.missed_connect_restores = Counter(
+            f"{p}missed_connect_restores", "Clients the sweep after late connect calls or a stall queued for a "
+            "re-subscribe", registry=reg)
         self.log_lines_dropped = Counter(
             f"{p}log_lines_dropped", "Log lines dropped because stderr did not take them fast enough (the "
             "service never waits for its log output)", registry=reg)
@@ -197,9 +201,6 @@ class Metrics:
 
     def loop_restarted(self, loop: str) -> None:
         self._loop_restarts.labels(loop).inc()
-
-    def connect_call_lost(self, hook: str) -> None:
-        self._connect_calls_lost.labels(hook).inc()
 
     def api_error(self, endpoint: str, status: int | str) -> None:
         """``status``: the HTTP status code, or ``"unreachable"`` / ``"timeout"``."""

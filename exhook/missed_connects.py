@@ -1,33 +1,46 @@
-"""Clients whose connect hooks the broker gave up on: found and restored anyway.
+"""Clients whose connect hooks the broker may have given up on: found and restored anyway.
 
 EMQX skips a hook call that fails (``failed_action = ignore``). In a reconnect storm
 both connect hooks of a fresh session (``session.created`` and ``client.connected``)
-can reach the gRPC server and wait there past EMQX's ``request_timeout``: grpc then
-finds the call cancelled and never runs its handler, so that client would not get
-its subscriptions back in this connection. grpc.aio still looks such a call's method
-up (``GenericRpcHandler.service``) before it finds the request gone, so the service
-can tell: the servicer hands grpc a request decoder of its own for each connect-hook
-call, and a call whose request has not been read twice EMQX's hook timeout after the
-lookup is lost (``lost_after_s``).
+can wait in the service's gRPC server past EMQX's ``request_timeout``: grpc then drops
+the call without running any Python code, and that client would not get its
+subscriptions back in this connection. The service cannot see a dropped call, but it
+can see the only two ways one gets dropped (:class:`ConnectRisk`):
 
-After losses of both hooks, once the storm is over here, :class:`MissedConnectSweep`
-asks EMQX's REST API for the sessions created around that time that are connected
-and have no subscription, and re-subscribes each through the client's own queue. The
-broker then fires ``session.subscribed`` for each filter to the worker that owns the
-client's calls, whose job replays it (``HookLogic.restore_missed`` says why the
-replay is left to it). Only with peer ports (EMQX 5.4+): without them a connection's
-key repeats at every connect of the client.
-Cost: a small object and a closure per connect hook call (under 1 µs), and REST
-reads only after a loss.
+- *Late calls.* EMQX sends every call's timeout (grpc's ``grpc-timeout`` header), and
+  grpc hands calls to the application one at a time, in arrival order. If a call
+  expired while the service kept taking calls, the calls taken just before it expired
+  had little of their own deadline left: a connect call that reaches its handler with
+  less than half the hook timeout left is counted late.
+- *Stalls.* If the event loop did not run for a while (a long callback, the process
+  stopped or starved of CPU), calls may have expired without any call taken meanwhile.
+  A ticker that wakes a quarter of the hook timeout late or more counts a stall.
+
+A client goes unrestored only when both of its connect calls are dropped, and EMQX
+sends both over the one gRPC connection its clientid hashes to, so to this worker: a
+sweep is owed after late calls of both hooks within the look-back of each other, or
+after a stall. Once the storm is over here, :class:`MissedConnectSweep` asks EMQX's
+REST API for the sessions created around that time that are connected and have no
+subscription, and re-subscribes each through the client's own queue. The broker then
+fires ``session.subscribed`` for each filter to the worker that owns the client's
+calls, whose job replays it (``HookLogic.restore_missed`` says why the replay is left
+to it). Only with peer ports (EMQX 5.4+): without them a connection's key repeats at
+every connect of the client.
+
+Cost: reading the clock and the call's deadline per connect call (under 1 µs), a
+timer a few times a second, and REST reads only after a suspicion. A false alarm
+(late calls that were all served) costs only those reads: the sweep skips every
+client with subscriptions and every connection this process restores already.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from exhook.emqx_api import EmqxApi, EmqxApiError
 from exhook.hooks import ClientRef
@@ -38,96 +51,112 @@ from storage.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-# A call whose request grpc has not read this long after it took the call from its
-# queue is lost: twice EMQX's request_timeout (exhook.emqx.hook_timeout), so the broker
-# has given up on it and carried on without the hook, and a handler that starts late on
-# a saturated loop is not taken for a lost call (its restore would race the sweep's).
-LOST_AFTER_TIMEOUTS = 2
-# The sweep asks for sessions created this long before the first lost call reached
-# the application: the call waited in the broker and in grpc's queue first (at most
-# EMQX's request_timeout), and the two hosts' clocks may differ a little.
+# A connect call that reaches its handler with less than this share of EMQX's
+# request_timeout (exhook.emqx.hook_timeout) left is late: calls behind it in grpc's
+# queue may have expired (see the module doc).
+LATE_BELOW = 0.5
+# The event loop not running for this share of the hook timeout is a stall: less than
+# the half a late call has left, so a gap in grpc's taking of calls long enough to let
+# one expire unnoticed is always seen by one or the other.
+STALL_AFTER = 0.25
+# The sweep asks for sessions created this long before the first suspicion: a dropped
+# call waited in the broker and in grpc's queue first (at most EMQX's request_timeout),
+# and the two hosts' clocks may differ a little.
 LOOKBACK_S = 30.0
 # the calls that hold a fresh session's restore
 CONNECT_RPCS = frozenset({"OnSessionCreated", "OnClientConnected"})
+STALL = "stall"
 CHECK_EVERY_S = 1.0
 # A sweep waits until the storm is over here (no connect call for this long, no
 # background job waiting for a slot) so that the hooks' own restores, which the pacing
 # holds back during a storm, have started and the sweep finds only the clients nobody
 # restores; a fleet that never stops connecting gets its sweep this long after the
-# loss anyway.
+# suspicion anyway.
 QUIET_S = 2.0
 SETTLE_MAX_S = 30.0
 PAGE_LIMIT = 1000
-_CALLS_MAX = 100_000
 _API_BACKOFF = Backoff(base=1.0, cap=30.0)
 
 
-class ConnectCall:
-    """One connect-hook call, from grpc's method lookup on."""
+@dataclass(slots=True)
+class Suspicions:
+    """One kind of suspicion (a connect rpc's late calls, or stalls) since the last look."""
 
-    __slots__ = ("rpc", "at", "handled")
-
-    def __init__(self, rpc: str, at: float) -> None:
-        self.rpc = rpc
-        self.at = at
-        self.handled = False
+    first: float  # monotonic s
+    last: float
+    count: int = 1
 
 
-class ConnectCalls:
-    """The connect-hook calls grpc has taken: a call whose request has not been read
-    ``lost_after_s`` later is lost (``handled`` is set when it is read)."""
+class ConnectRisk:
+    """Late connect calls and event-loop stalls: the signs that the broker may have
+    given up on connect calls grpc then dropped (see the module doc)."""
 
-    def __init__(self, lost_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._lost_after = lost_after_s
+    def __init__(self, hook_timeout_s: float, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._late_below = LATE_BELOW * hook_timeout_s
+        self._stall_after = STALL_AFTER * hook_timeout_s
+        self._tick = self._stall_after / 2
         self._clock = clock
-        # in arrival order; bounded so that a loop that stopped checking cannot grow it
-        self._calls: collections.deque[ConnectCall] = collections.deque(maxlen=_CALLS_MAX)
-        self._last_arrival = float("-inf")
+        self._late_calls = {rpc: metrics.connect_calls_late.labels(HOOK_OF_RPC[rpc]) for rpc in CONNECT_RPCS}
+        self._stalls = metrics.loop_stalls
+        self._last_start = -math.inf
+        self._seen: dict[str, Suspicions] = {}
 
     @classmethod
-    def for_hook_timeout(cls, hook_timeout_ms: int) -> ConnectCalls:
-        """Calls lost after ``LOST_AFTER_TIMEOUTS`` times the broker's hook timeout."""
-        return cls(lost_after_s=LOST_AFTER_TIMEOUTS * hook_timeout_ms / 1000)
+    def for_hook_timeout(cls, hook_timeout_ms: int, metrics: Metrics) -> ConnectRisk:
+        return cls(hook_timeout_ms / 1000, metrics)
 
-    def arrived(self, rpc: str) -> ConnectCall:
-        call = ConnectCall(rpc, self._clock())
-        self._calls.append(call)
-        self._last_arrival = call.at
-        return call
+    def started(self, rpc: str, remaining_s: float | None) -> None:
+        """A connect call reached its handler with ``remaining_s`` of its deadline left
+        (None: the caller set no deadline)."""
+        now = self._clock()
+        self._last_start = now
+        if remaining_s is not None and remaining_s < self._late_below:
+            self._late_calls[rpc].inc()
+            self._suspect(rpc, now)
+
+    def stalled(self, since: float) -> None:
+        """The event loop did not run from ``since`` (monotonic) until now. A stall
+        before the first connect call is none: nothing could be restored for it (the
+        sweep needs the peer ports connect calls show)."""
+        if self._last_start > -math.inf:
+            self._stalls.inc()
+            self._suspect(STALL, since)
+
+    def _suspect(self, kind: str, at: float) -> None:
+        seen = self._seen.get(kind)
+        if seen is None:
+            self._seen[kind] = Suspicions(at, at)
+        else:
+            seen.last = max(seen.last, at)
+            seen.count += 1
+
+    def take(self) -> dict[str, Suspicions]:
+        """The suspicions since the last look, by kind; they are forgotten."""
+        seen, self._seen = self._seen, {}
+        return seen
 
     def quiet_for(self, seconds: float) -> bool:
-        """Has no connect call arrived for ``seconds``?"""
-        return self._clock() - self._last_arrival >= seconds
+        """Has no connect call reached its handler for ``seconds``?"""
+        return self._clock() - self._last_start >= seconds
 
-    def waiting(self) -> bool:
-        """Is a call not yet counted lost still waiting to be read?"""
-        return any(not call.handled for call in self._calls)
-
-    def take_lost(self) -> list[tuple[str, float]]:
-        """The lost calls, as (rpc, seconds since grpc took it); they are forgotten."""
-        now = self._clock()
-        calls = self._calls
-        lost = []
-        while calls:
-            call = calls[0]
-            if not call.handled:
-                if now - call.at <= self._lost_after:
-                    break  # still waiting for its handler (the ones behind it are younger)
-                lost.append((call.rpc, now - call.at))
-            calls.popleft()
-        return lost
+    async def watch_stalls(self) -> None:
+        while True:
+            before = self._clock()
+            await asyncio.sleep(self._tick)
+            if self._clock() - before - self._tick >= self._stall_after:
+                self.stalled(before)
 
 
 RestoreMissed = Callable[[ClientRef], bool]
 
 
 class MissedConnectSweep:
-    """The loop that turns lost connect calls into restores (see the module doc)."""
+    """The loop that turns suspicions into restores (see the module doc)."""
 
-    def __init__(self, calls: ConnectCalls, api: EmqxApi, restore: RestoreMissed, flags: BrokerFlags,
+    def __init__(self, risk: ConnectRisk, api: EmqxApi, restore: RestoreMissed, flags: BrokerFlags,
                  metrics: Metrics, busy: Callable[[], bool], wall: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._calls = calls
+        self._risk = risk
         self._api = api
         self._restore = restore
         self._flags = flags
@@ -135,61 +164,66 @@ class MissedConnectSweep:
         self._busy = busy
         self._wall = wall
         self._clock = clock
-        # rpc -> when (epoch s) its latest lost call reached the service
-        self._last_loss: dict[str, float] = {}
-        # the earliest window start (epoch ms) of the losses no sweep has covered yet
+        # kind -> when (epoch s) its latest suspicion was
+        self._last_seen: dict[str, float] = {}
+        # the earliest window start (epoch ms) of the suspicions no sweep has covered yet
         self._window_ms: int | None = None
-        # monotonic: when a sweep became owed (both hooks lost calls); the window is
-        # kept from then on until a sweep covers it
+        # monotonic: when a sweep became owed; the window is kept from then on until a
+        # sweep covers it
         self._owed_at: float | None = None
-        # a storm loses calls every second: one line a minute says how many
-        self._loss_log = RateLimitedLog()
-        self._unlogged = 0
+        # a storm can bring late calls every second: one line a minute says how many
+        self._log = RateLimitedLog()
+        self._unlogged: dict[str, int] = {}
 
     def pending_since(self) -> int | None:
         """The start (epoch ms) of the window a sweep owes, or None."""
         return None if self._owed_at is None else self._window_ms
 
-    def note_losses(self) -> None:
-        """Take the calls lost since the last look. A client goes unrestored only when
-        both of its connect calls are lost, and EMQX sends both over the one gRPC
-        connection its clientid hashes to, so to this worker: a sweep is owed once both
-        hooks lost calls within the look-back of each other."""
-        wall = self._wall()
-        lost = self._calls.take_lost()
-        for rpc, age_s in lost:
-            at = wall - age_s
-            self._metrics.connect_call_lost(HOOK_OF_RPC[rpc])
-            self._last_loss[rpc] = max(self._last_loss.get(rpc, at), at)
-            start = int((at - LOOKBACK_S) * 1000)
+    def note_suspicions(self) -> None:
+        """Take the suspicions since the last look; a sweep is owed after a stall, or
+        after late calls of both connect hooks within the look-back of each other."""
+        wall, now = self._wall(), self._clock()
+        seen = self._risk.take()
+        for kind, suspicions in seen.items():
+            self._last_seen[kind] = max(self._last_seen.get(kind, -math.inf), wall - (now - suspicions.last))
+            start = int((wall - (now - suspicions.first) - LOOKBACK_S) * 1000)
             self._window_ms = start if self._window_ms is None else min(self._window_ms, start)
-        self._unlogged += len(lost)
-        if lost and self._loss_log.note():
-            log.warning("%d connect hook calls reached the service after the broker gave up on them",
-                        self._unlogged, extra={"event": "connect_calls_lost", "calls": self._unlogged})
-            self._unlogged = 0
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + suspicions.count
+        if seen:
+            self._log_suspicions()
         if self._owed_at is None:
-            # a loss of one hook this long ago cannot pair with a later one of the other
-            self._last_loss = {rpc: at for rpc, at in self._last_loss.items() if wall - at <= LOOKBACK_S}
-            if not self._last_loss:
+            # a suspicion this long ago cannot pair with a later one of the other hook
+            self._last_seen = {kind: at for kind, at in self._last_seen.items() if wall - at <= LOOKBACK_S}
+            if not self._last_seen:
                 self._window_ms = None
-            elif len(self._last_loss) == len(CONNECT_RPCS):
-                self._owed_at = self._clock()
+            elif STALL in self._last_seen or CONNECT_RPCS <= self._last_seen.keys():
+                self._owed_at = now
+
+    def _log_suspicions(self) -> None:
+        if not self._log.note():
+            return
+        late = {HOOK_OF_RPC[rpc]: self._unlogged.get(rpc, 0) for rpc in sorted(CONNECT_RPCS)}
+        stalls = self._unlogged.get(STALL, 0)
+        log.warning("the broker may have given up on connect hook calls: %s reached the service with under half "
+                    "of exhook.emqx.hook_timeout left, the event loop stalled %d times",
+                    ", ".join(f"{n} {hook}" for hook, n in late.items()), stalls,
+                    extra={"event": "connect_calls_at_risk", "stalls": stalls,
+                           **{f"late_{hook.replace('.', '_')}": n for hook, n in late.items()}})
+        self._unlogged.clear()
 
     def due(self) -> bool:
         """Is a sweep owed, and is the storm over here (no connect call for a while,
-        none waiting for its handler, no background job waiting for a slot), or has it
-        waited long enough?"""
+        no background job waiting for a slot), or has it waited long enough?"""
         if self._owed_at is None:
             return False
-        settled = self._calls.quiet_for(QUIET_S) and not self._calls.waiting() and not self._busy()
+        settled = self._risk.quiet_for(QUIET_S) and not self._busy()
         return settled or self._clock() - self._owed_at >= SETTLE_MAX_S
 
     async def run(self) -> None:
         failures = 0
         while True:
             await asyncio.sleep(CHECK_EVERY_S if failures == 0 else _API_BACKOFF.delay(failures))
-            self.note_losses()
+            self.note_suspicions()
             if not self.due():
                 continue
             try:
@@ -212,9 +246,9 @@ class MissedConnectSweep:
             # marks apart from an earlier connection's. Those clients get their
             # subscriptions back at their next connect.
             self._settle()
-            log.warning("connect hook calls were lost, but this broker sends no peer port (EMQX 5.3): clients "
-                        "that lost both are restored at their next connect", extra={"event": "missed_connect_sweep",
-                                                                                   "sessions": 0, "restores": 0})
+            log.warning("connect hook calls may have been lost, but this broker sends no peer port (EMQX 5.3): "
+                        "clients that lost both are restored at their next connect",
+                        extra={"event": "missed_connect_sweep", "sessions": 0, "restores": 0})
             return
         checked = queued = 0
         seen: set[str] = set()
@@ -231,9 +265,11 @@ class MissedConnectSweep:
             page += 1
         self._settle()
         self._metrics.missed_connect_restores.inc(queued)
-        log.warning("checked %d fresh sessions for lost connect hooks, restoring %d", checked, queued,
-                    extra={"event": "missed_connect_sweep", "sessions": checked, "restores": queued})
+        # a sweep that found nobody (the late calls were all served) is no news
+        log.log(logging.WARNING if queued else logging.INFO,
+                "checked %d fresh sessions for lost connect hooks, restoring %d", checked, queued,
+                extra={"event": "missed_connect_sweep", "sessions": checked, "restores": queued})
 
     def _settle(self) -> None:
         self._owed_at = self._window_ms = None
-        self._last_loss.clear()
+        self._last_seen.clear()

@@ -80,7 +80,7 @@ class BrokerFlags:
         self.v2_seen = False
         # EMQX 5.4 and later send the client's peer port in hook calls, 5.3 does not:
         # then a connection's key repeats at every connect (hooks.ClientRef.connection),
-        # and the sweep after lost connect calls cannot run (missed_connects.py)
+        # and the sweep after dropped connect calls cannot run (missed_connects.py)
         self.peerports_seen = False
 
 

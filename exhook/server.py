@@ -38,7 +38,7 @@ from exhook.listen import add_grpc_port
 from exhook.logs import count_dropped_lines, redactor
 from exhook.loops import Loops
 from exhook.metrics import Metrics
-from exhook.missed_connects import ConnectCalls, MissedConnectSweep
+from exhook.missed_connects import ConnectRisk, MissedConnectSweep
 from exhook.ops_http import OpsHttpServer
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
@@ -141,11 +141,11 @@ class Service:
         # not ready until EMQX's API has accepted the key once (probe_now below)
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up, checked=False)
         self._queues = ClientQueues(self.metrics)
-        logic, connect_calls = self._logic(gate.store, writer, api), ConnectCalls.for_hook_timeout(
-            cfg.service.emqx.hook_timeout_ms)
+        logic = self._logic(gate.store, writer, api)
+        connect_risk = ConnectRisk.for_hook_timeout(cfg.service.emqx.hook_timeout_ms, self.metrics)
         self._held_rekeys = logic.held_rekeys
         loops.start("held-rekeys", logic.held_rekeys.run)
-        server = await self._start_grpc(logic, connect_calls)
+        server = await self._start_grpc(logic, connect_risk)
         # runs after the server's stop (no acks come any more) and before the writer's close
         stack.callback(logic.held_rekeys.flush)
         stack.push_async_callback(server.stop, _SHUTDOWN_GRACE_S)
@@ -155,8 +155,9 @@ class Service:
         # once the port answers (EMQX blackholed must not keep it closed), then at every check
         await self.readiness.probe_now(EMQX_API)
         loops.start("purge-expired", lambda: self._purge_loop(gate.store))
-        sweep = MissedConnectSweep(connect_calls, api, logic.restore_missed, logic.flags, self.metrics,
+        sweep = MissedConnectSweep(connect_risk, api, logic.restore_missed, logic.flags, self.metrics,
                                    busy=lambda: self._queues.waiting)
+        loops.start("loop-stalls", connect_risk.watch_stalls)
         loops.start("missed-connects", sweep.run)
         self._log_started(gate.name, TopicSet(backend.topics))
 
@@ -201,11 +202,11 @@ class Service:
         return HookLogic(tracked, store, writer, replayer, self._queues, self.metrics, flags,
                          svc.publish_deadline_ms, hold_s)
 
-    async def _start_grpc(self, logic: HookLogic, connect_calls: ConnectCalls) -> grpc.aio.Server:
+    async def _start_grpc(self, logic: HookLogic, connect_risk: ConnectRisk) -> grpc.aio.Server:
         svc = self.config.service
         server = grpc.aio.server(options=server_options(self.reuse_port))
         self.metrics.expect_hooks(name for name, _ in logic.hook_specs())
-        add_servicers(server, logic, self.metrics, svc.allowed_clients, connect_calls)
+        add_servicers(server, logic, self.metrics, svc.allowed_clients, connect_risk)
         health_pb2_grpc.add_HealthServicer_to_server(self.readiness.grpc_health, server)
         # a bad or taken address: one OSError naming exhook.listen (exit status 2)
         self.port = await add_grpc_port(server, svc.listen, svc.ssl, reuse_port=self.reuse_port)

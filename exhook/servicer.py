@@ -12,9 +12,9 @@ call is counted in ``requests_rejected_total{hook,reason}`` and logged as one li
 per hook and reason per minute. Hooks the service does not register are answered
 with an empty success in case a broker calls them anyway.
 
-The two connect hooks are served through a generic handler that notes each call
-when grpc looks its method up, and again when grpc reads its request (which it does
-only for a call it will run). A call noted only once was lost (``missed_connects.py``).
+The two connect hooks tell ``missed_connects.ConnectRisk`` how much of its deadline
+each call had left when its handler started: calls that come late are the sign that
+the broker may have given up on others.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import grpc
 from exhook.emqx_api import REPLAY_PROPERTY
 from exhook.hooks import ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
-from exhook.missed_connects import CONNECT_RPCS, ConnectCalls
+from exhook.missed_connects import ConnectRisk
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
 from exhook.ratelog import RateLimitedLog
@@ -126,8 +126,9 @@ class HookProvider:
     """The body of both packages' servicers; ``pb`` is the package's generated module."""
 
     def __init__(self, pb: ModuleType, logic: HookLogic, metrics: Metrics, peers: PeerFilter,
-                 rejects: RejectLog) -> None:
+                 rejects: RejectLog, connect_risk: ConnectRisk) -> None:
         self.pb = pb
+        self._connect_risk = connect_risk
         self.is_v2 = pb is v2_pb2
         self._logic = logic
         self._metrics = metrics
@@ -245,6 +246,7 @@ class HookProvider:
         return self._empty
 
     async def _session_created(self, request: Any, context: Ctx) -> Any:
+        self._connect_risk.started("OnSessionCreated", context.time_remaining())
         self._seen()
         self._logic.session_created(self._client(request.clientinfo))
         return self._empty
@@ -254,6 +256,7 @@ class HookProvider:
         return self._empty
 
     async def _client_connected(self, request: Any, context: Ctx) -> Any:
+        self._connect_risk.started("OnClientConnected", context.time_remaining())
         self._seen()
         self._logic.client_connected(self._client(request.clientinfo))
         return self._empty
@@ -286,44 +289,12 @@ def _tolerant(decode: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class _NotingConnectCalls(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Serves the connect hooks with a request decoder per call that notes the call was
-    read: grpc looks the method up before it reads the request, and never reads the
-    request (nor runs the handler) of a call the broker cancelled meanwhile
-    (``missed_connects.py``). Per call: one small object and one closure."""
-
-    def __init__(self, calls: ConnectCalls) -> None:
-        self._calls = calls
-        # full method name -> (rpc, its handler's fields), for both packages
-        self._handlers: dict[str, tuple[str, Any]] = {}
-
-    def add(self, service: str, handlers: dict[str, Any]) -> None:
-        for rpc in CONNECT_RPCS:
-            self._handlers[f"/{service}/{rpc}"] = (rpc, handlers[rpc])
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        found = self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined]
-        if found is None:
-            return None
-        rpc, handler = found
-        call = self._calls.arrived(rpc)
-        decode = handler.request_deserializer
-
-        def noted(data: bytes) -> Any:
-            call.handled = True
-            return decode(data)
-
-        # the handler with this call's decoder (a named tuple: built directly, _replace costs more)
-        return tuple.__new__(type(handler), (handler[0], handler[1], noted, *handler[3:]))  # type: ignore[no-any-return]
-
-
 def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
-                  allowed_clients: tuple[str, ...], connect_calls: ConnectCalls) -> None:
+                  allowed_clients: tuple[str, ...], connect_risk: ConnectRisk) -> None:
     peers = PeerFilter(allowed_clients)
     rejects = RejectLog()
-    noting = _NotingConnectCalls(connect_calls)
     for pb in (v3_pb2, v2_pb2):
-        provider = HookProvider(pb, logic, metrics, peers, rejects)
+        provider = HookProvider(pb, logic, metrics, peers, rejects, connect_risk)
         service = pb.DESCRIPTOR.services_by_name["HookProvider"]
         handlers = {
             method.name: grpc.unary_unary_rpc_method_handler(
@@ -333,9 +304,6 @@ def add_servicers(server: grpc.aio.Server, logic: HookLogic, metrics: Metrics,
             )
             for method in service.methods
         }
-        noting.add(service.full_name, handlers)
-        # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind),
-        # for all but the connect hooks: grpc looks a registered method up without asking us
-        registered = {rpc: handler for rpc, handler in handlers.items() if rpc not in CONNECT_RPCS}
-        server.add_registered_method_handlers(service.full_name, registered)  # type: ignore[attr-defined]
-    server.add_generic_rpc_handlers((noting,))
+        # the faster path of grpcio >= 1.63 for methods known at start-up (stubs lag behind):
+        # grpc looks a registered method up without asking Python
+        server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]

@@ -1,14 +1,19 @@
-"""Lost connect calls and the sweep that restores their clients (issue 14): which calls
-count as lost, and what the sweep asks EMQX's REST API (a real aiohttp server playing
-``GET /api/v5/clients``) and restores. The whole path through grpc and the emulator
-is tests/e2e/test_missed_connects.py."""
+"""Connect calls the broker may have given up on, and the sweep that restores their
+clients (issue 14): which calls count as late, what counts as a stall, when a sweep is
+owed, and what it asks EMQX's REST API (a real aiohttp server playing
+``GET /api/v5/clients``) and restores. The whole path through grpc and the emulator is
+tests/e2e/test_missed_connects.py; late calls over real grpc are in tests/test_gate.py."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 
@@ -16,10 +21,13 @@ from exhook import missed_connects
 from exhook.emqx_api import EmqxApi, EmqxApiError
 from exhook.hooks import ClientRef
 from exhook.metrics import Metrics
-from exhook.missed_connects import LOOKBACK_S, QUIET_S, SETTLE_MAX_S, ConnectCalls, MissedConnectSweep
+from exhook.missed_connects import LOOKBACK_S, QUIET_S, SETTLE_MAX_S, STALL, ConnectRisk, MissedConnectSweep
+from exhook.pb.v3 import exhook_pb2 as pb
+from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
 from exhook.replay import BrokerFlags
 from tests.ports import free_port
 from tests.test_emqx_api import client as api_client
+from tests.test_gate import start_service
 
 
 class Clock:
@@ -33,30 +41,54 @@ class Clock:
 CREATED, CONNECTED = "OnSessionCreated", "OnClientConnected"
 
 
-def test_a_call_whose_handler_ran_is_not_lost() -> None:
-    clock = Clock()
-    calls = ConnectCalls(lost_after_s=5, clock=clock)
-    calls.arrived(CREATED).handled = True
-    clock.now += 60
-    assert calls.take_lost() == []
+def test_a_connect_call_with_under_half_the_hook_timeout_left_is_late() -> None:
+    clock, metrics = Clock(), Metrics()
+    risk = ConnectRisk(hook_timeout_s=5, metrics=metrics, clock=clock)
+    risk.started(CREATED, 4.9)
+    risk.started(CONNECTED, 2.5)
+    risk.started(CONNECTED, None)  # a caller without a deadline is never late
+    assert risk.take() == {}
+    risk.started(CREATED, 2.4)
+    clock.now += 1
+    risk.started(CREATED, 0.0)
+    risk.started(CONNECTED, 1.0)
+    taken = risk.take()
+    assert {kind: (s.first, s.last, s.count) for kind, s in taken.items()} == {
+        CREATED: (100.0, 101.0, 2), CONNECTED: (101.0, 101.0, 1)}
+    assert risk.take() == {}  # forgotten once taken
+    assert metrics.sample("connect_calls_late_total", hook="session.created") == 2
+    assert metrics.sample("connect_calls_late_total", hook="client.connected") == 1
 
 
-def test_a_call_whose_handler_never_ran_is_lost_once_it_is_old_enough() -> None:
+def test_quiet_counts_from_the_last_connect_call_that_started() -> None:
     clock = Clock()
-    calls = ConnectCalls(lost_after_s=5, clock=clock)
-    calls.arrived(CREATED)  # lost
-    clock.now += 1
-    calls.arrived(CONNECTED).handled = True
-    clock.now += 1
-    calls.arrived(CONNECTED)  # lost
-    clock.now += 4
-    waiting = calls.arrived(CREATED)  # still waiting for its handler
-    assert calls.take_lost() == [(CREATED, 6.0)]  # the second unhandled one is 5 s old: not yet
-    clock.now += 1.5
-    assert calls.take_lost() == [(CONNECTED, 5.5)]
-    waiting.handled = True
-    clock.now += 60
-    assert calls.take_lost() == []
+    risk = ConnectRisk(hook_timeout_s=5, metrics=Metrics(), clock=clock)
+    assert risk.quiet_for(QUIET_S)
+    risk.started(CREATED, 5.0)
+    clock.now += QUIET_S - 0.1
+    assert not risk.quiet_for(QUIET_S)
+    clock.now += 0.1
+    assert risk.quiet_for(QUIET_S)
+
+
+async def test_the_ticker_counts_a_loop_that_did_not_run_for_a_quarter_of_the_hook_timeout() -> None:
+    metrics = Metrics()
+    risk = ConnectRisk(hook_timeout_s=0.4, metrics=metrics)  # a stall from 0.1 s on, ticks of 0.05 s
+    ticker = asyncio.create_task(risk.watch_stalls())
+    try:
+        await asyncio.sleep(0.06)
+        time.sleep(0.3)  # noqa: ASYNC251 - a stall, but before any connect call: not counted
+        await asyncio.sleep(0.06)
+        assert metrics.sample("loop_stalls_total") == 0 and risk.take() == {}
+        risk.started(CREATED, 0.4)
+        await asyncio.sleep(0.06)
+        time.sleep(0.3)  # noqa: ASYNC251 (the stall)
+        await asyncio.sleep(0.06)
+        assert metrics.sample("loop_stalls_total") == 1
+        assert list(risk.take()) == [STALL]
+    finally:
+        ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)
 
 
 @dataclass
@@ -106,25 +138,29 @@ async def fake_api() -> AsyncIterator[tuple[FakeClients, EmqxApi]]:
 class Sweep:
     def __init__(self, api: EmqxApi, peerports: bool = True) -> None:
         self.clock = Clock()
-        self.calls = ConnectCalls(lost_after_s=5, clock=self.clock)
-        self.restored: list[ClientRef] = []
         self.metrics = Metrics()
+        self.risk = ConnectRisk(hook_timeout_s=5, metrics=self.metrics, clock=self.clock)
+        self.restored: list[ClientRef] = []
         self.busy = False
         flags = BrokerFlags()
         flags.peerports_seen = peerports
         # the wall clock moves with the monotonic one
-        self.sweep = MissedConnectSweep(self.calls, api, self.restore, flags, self.metrics, busy=lambda: self.busy,
+        self.sweep = MissedConnectSweep(self.risk, api, self.restore, flags, self.metrics, busy=lambda: self.busy,
                                         wall=lambda: self.clock.now + 9_900.0, clock=self.clock)
 
     def restore(self, client: ClientRef) -> bool:
         self.restored.append(client)
         return True
 
-    def lose_calls(self, age_s: float, *rpcs: str) -> None:
-        for rpc in rpcs or (CREATED, CONNECTED):
-            self.calls.arrived(rpc)
+    def suspect(self, age_s: float, *kinds: str) -> None:
+        """Late calls of ``kinds`` (a stall for STALL; both hooks by default), seen ``age_s`` later."""
+        for kind in kinds or (CREATED, CONNECTED):
+            if kind == STALL:
+                self.risk.stalled(self.clock.now)
+            else:
+                self.risk.started(kind, 0.1)
         self.clock.now += age_s
-        self.sweep.note_losses()
+        self.sweep.note_suspicions()
 
 
 async def test_the_sweep_restores_the_fresh_sessions_without_subscriptions_page_by_page(
@@ -136,7 +172,7 @@ async def test_the_sweep_restores_the_fresh_sessions_without_subscriptions_page_
                     listed("has-subs", 2, 12, window_start_ms + 5), listed("b", 0, 13, window_start_ms + 9),
                     listed("c", 0, 14, window_start_ms + 9)]
     rig = Sweep(api)
-    rig.lose_calls(11.0)
+    rig.suspect(11.0)
     assert rig.sweep.pending_since() == window_start_ms
     await rig.sweep.sweep_once()
     assert [(c.clientid, c.peerport, c.node, c.peerhost) for c in rig.restored] == [
@@ -145,8 +181,6 @@ async def test_the_sweep_restores_the_fresh_sessions_without_subscriptions_page_
     assert [q["page"] for q in fake.queries] == ["1", "2"]
     assert {q["conn_state"] for q in fake.queries} == {"connected"}
     assert {q["gte_created_at"] for q in fake.queries} == {str(window_start_ms)}
-    assert rig.metrics.sample("connect_calls_lost_total", hook="session.created") == 1
-    assert rig.metrics.sample("connect_calls_lost_total", hook="client.connected") == 1
     assert rig.metrics.sample("missed_connect_restores_total") == 3
     assert rig.sweep.pending_since() is None  # settled: no second sweep without a new loss
     await rig.sweep.sweep_once()
@@ -159,7 +193,7 @@ async def test_without_peer_ports_no_sweep_runs(fake_api: tuple[FakeClients, Emq
     fake, api = fake_api
     fake.clients = [listed("a", 0, 11, 10_000_000)]
     rig = Sweep(api, peerports=False)
-    rig.lose_calls(11.0)
+    rig.suspect(11.0)
     await rig.sweep.sweep_once()
     assert fake.queries == [] and rig.restored == []
     assert rig.sweep.pending_since() is None
@@ -170,13 +204,13 @@ async def test_a_sweep_emqx_refuses_keeps_its_window_for_the_next_try(fake_api: 
     fake.clients = [listed("a", 0, 11, 10_000_000)]
     fake.status = 503
     rig = Sweep(api)
-    rig.lose_calls(11.0)
+    rig.suspect(11.0)
     owed = rig.sweep.pending_since()
     for _ in range(5):  # minutes of failures, with the clock moving on
         with pytest.raises(EmqxApiError):
             await rig.sweep.sweep_once()
         rig.clock.now += 30
-        rig.sweep.note_losses()
+        rig.sweep.note_suspicions()
     assert rig.sweep.pending_since() == owed
     fake.status = 200
     await rig.sweep.sweep_once()
@@ -187,36 +221,49 @@ async def test_a_long_storm_keeps_the_start_of_the_window(fake_api: tuple[FakeCl
     _, api = fake_api
     rig = Sweep(api)
     first = int((10_000.0 - LOOKBACK_S) * 1000)
-    for _ in range(8):  # both hooks keep losing calls for 80 s
-        rig.lose_calls(11.0)
-        rig.clock.now -= 1.0  # lose_calls advanced 11 s; the next calls arrive 10 s after these
+    for _ in range(8):  # both hooks keep coming late for 80 s
+        rig.suspect(11.0)
+        rig.clock.now -= 1.0  # suspect advanced 11 s; the next late calls come 10 s after these
         assert rig.sweep.pending_since() == first
 
 
-async def test_losses_of_one_connect_hook_alone_need_no_sweep(fake_api: tuple[FakeClients, EmqxApi]) -> None:
+async def test_late_calls_of_one_connect_hook_alone_need_no_sweep(fake_api: tuple[FakeClients, EmqxApi]) -> None:
     # both hooks of a client come over one connection, so to one worker: a client whose
-    # session.created was lost got its client.connected here (and was restored by it)
+    # session.created was dropped got its client.connected here (and was restored by it)
     fake, api = fake_api
     fake.clients = [listed("a", 0, 11, 10_000_000)]
     rig = Sweep(api)
-    rig.lose_calls(11.0, CREATED, CREATED)
+    rig.suspect(11.0, CREATED, CREATED)
     assert rig.sweep.pending_since() is None and not rig.sweep.due()
     await rig.sweep.sweep_once()
     assert fake.queries == [] and rig.restored == []
-    rig.lose_calls(11.0, CONNECTED)  # now both kinds were lost: some client may have lost both
-    assert rig.sweep.pending_since() == int((10_000.0 - LOOKBACK_S) * 1000)  # from the older loss on
+    rig.suspect(11.0, CONNECTED)  # now both came late: some client may have lost both
+    assert rig.sweep.pending_since() == int((10_000.0 - LOOKBACK_S) * 1000)  # from the older one on
     await rig.sweep.sweep_once()
     assert [c.clientid for c in rig.restored] == ["a"]
 
 
-async def test_a_loss_of_one_hook_long_ago_does_not_pair_with_a_later_one(
+async def test_a_stall_alone_owes_a_sweep(fake_api: tuple[FakeClients, EmqxApi]) -> None:
+    # while the loop did not run, calls of both hooks may have expired with none served late
+    fake, api = fake_api
+    fake.clients = [listed("a", 0, 11, 10_000_000)]
+    rig = Sweep(api)
+    rig.risk.started(CREATED, 5.0)  # served in time (a stall before any connect call is none)
+    rig.suspect(11.0, STALL)
+    assert rig.sweep.pending_since() == int((10_000.0 - LOOKBACK_S) * 1000)
+    await rig.sweep.sweep_once()
+    assert [c.clientid for c in rig.restored] == ["a"]
+    assert rig.metrics.sample("loop_stalls_total") == 1
+
+
+async def test_late_calls_of_one_hook_long_ago_do_not_pair_with_later_ones_of_the_other(
         fake_api: tuple[FakeClients, EmqxApi]) -> None:
     _, api = fake_api
     rig = Sweep(api)
-    rig.lose_calls(11.0, CREATED)
+    rig.suspect(11.0, CREATED)
     rig.clock.now += LOOKBACK_S + 1
-    rig.sweep.note_losses()
-    rig.lose_calls(11.0, CONNECTED)
+    rig.sweep.note_suspicions()
+    rig.suspect(11.0, CONNECTED)
     assert rig.sweep.pending_since() is None
 
 
@@ -225,15 +272,15 @@ async def test_a_sweep_waits_until_the_storm_is_over_here(fake_api: tuple[FakeCl
     # would find every client still without subscriptions and restore it a second time
     _, api = fake_api
     rig = Sweep(api)
-    rig.lose_calls(11.0)
+    rig.suspect(11.0)
     rig.busy = True  # restores waiting for a slot
     assert not rig.sweep.due()
     rig.busy = False
-    call = rig.calls.arrived(CREATED)  # connect calls still arriving
+    rig.risk.started(CREATED, 5.0)  # connect calls still coming
     assert not rig.sweep.due()
-    rig.clock.now += QUIET_S
-    assert not rig.sweep.due()  # that call still waits for its handler
-    call.handled = True
+    rig.clock.now += QUIET_S - 0.1
+    assert not rig.sweep.due()
+    rig.clock.now += 0.1
     assert rig.sweep.due()
     rig.busy = True
     rig.clock.now += SETTLE_MAX_S  # a fleet that never stops connecting: not forever
@@ -246,7 +293,7 @@ async def test_entries_that_are_no_client_are_skipped_and_a_junk_answer_keeps_th
     fake.clients = [listed("a", 0, 11, 10_000_000)]
     fake.body = ["not", "a", "page"]  # a 200 that is not EMQX's answer (a proxy, a bug)
     rig = Sweep(api)
-    rig.lose_calls(11.0)
+    rig.suspect(11.0)
     with pytest.raises(EmqxApiError):
         await rig.sweep.sweep_once()
     assert rig.sweep.pending_since() is not None and rig.restored == []
@@ -255,3 +302,22 @@ async def test_entries_that_are_no_client_are_skipped_and_a_junk_answer_keeps_th
     await rig.sweep.sweep_once()
     # the malformed entries are skipped; one with a name but odd fields is kept with defaults
     assert [(c.clientid, c.peerport) for c in rig.restored] == [("b", 0), ("a", 11)]
+
+
+async def test_over_real_grpc_a_connect_call_sent_with_a_short_deadline_counts_late(tmp_path: Path) -> None:
+    # EMQX sends every call's timeout (grpc-timeout); the handler sees what is left of it.
+    # The service's hook timeout is EMQX's default 5 s: under 2.5 s left is late.
+    service = await start_service(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = pb_grpc.HookProviderStub(channel)
+            info = pb.ClientInfo(clientid="c1", peerhost="10.0.0.9", peerport=4711)
+            await stub.OnSessionCreated(pb.SessionCreatedRequest(clientinfo=info), timeout=4.5)
+            await stub.OnClientConnected(pb.ClientConnectedRequest(clientinfo=info))
+            assert service.metrics.sample("connect_calls_late_total", hook="session.created") == 0
+            await stub.OnSessionCreated(pb.SessionCreatedRequest(clientinfo=info), timeout=2.0)
+            await stub.OnClientConnected(pb.ClientConnectedRequest(clientinfo=info), timeout=1.0)
+        assert service.metrics.sample("connect_calls_late_total", hook="session.created") == 1
+        assert service.metrics.sample("connect_calls_late_total", hook="client.connected") == 1
+    finally:
+        await service.stop()

@@ -1,7 +1,7 @@
 """Both connect hooks lost is not a lost client (issue 14): the broker gives up on a
 fresh session's ``session.created`` and ``client.connected`` while the calls wait in
-the service's gRPC server, whose handlers then never run. The service notices the
-calls it never handled and restores the client from EMQX's list of fresh sessions
+the service's gRPC server, whose handlers then never run. The service notices that
+its event loop stalled and restores the client from EMQX's list of fresh sessions
 (EMQX 5.4+, which sends peer ports; on 5.3 the client is restored at its next connect).
 
 The service runs as its own process so that it can be frozen (SIGSTOP) while the
@@ -53,7 +53,7 @@ class Rig:
 async def service_and_broker(tmp_path: Path, version: str, emqx_version: str) -> AsyncIterator[Rig]:
     """The service as its own process (SQLite) and the emulated broker in front of it,
     which gives up on a hook call after ``REQUEST_TIMEOUT_S`` and carries on (the
-    service is told so: it takes a call for lost after twice that)."""
+    service is told so: a stall of a quarter of it is one to look into)."""
     port, rest_port, http_port = free_port(), free_port(), free_port()
     backend = SqliteBackend(tmp_path)
     config = write_config(tmp_path / "service.hocon", backend.hocon(["t/#"], 0, 10), port, http_port,
@@ -109,8 +109,8 @@ async def test_a_client_whose_connect_hooks_both_timed_out_is_restored_and_repla
         sub = await returning_client(emu, backend)
         await connect_while_frozen(service, emu, sub)
 
-        # lost after 2 x hook_timeout (0.8 s), a sweep once connects are quiet for 2 s: a
-        # service that kept EMQX's default 5 s would find the losses only after 10 s
+        # a stall from 0.1 s on (a quarter of hook_timeout), a sweep once connects are
+        # quiet for 2 s: a service that kept EMQX's default 5 s would not count this stall
         deliveries = await sub.wait_for_deliveries(1, timeout=8)
         assert [d.payload for d in deliveries] == [b"while away"]
 
@@ -123,11 +123,10 @@ async def test_a_client_whose_connect_hooks_both_timed_out_is_restored_and_repla
         assert len(sub.deliveries) == 1
         restores = [r for r in emu.rest_requests if r.path == "/clients/lost-both/subscribe/bulk"]
         assert [r.status for r in restores] == [200]
-        assert metric(rig.http_port, 'connect_calls_lost_total{hook="session.created"}') == 1
-        assert metric(rig.http_port, 'connect_calls_lost_total{hook="client.connected"}') == 1
+        assert metric(rig.http_port, "loop_stalls_total") >= 1
         assert metric(rig.http_port, "missed_connect_restores_total") == 1
         assert service.stderr is not None
-        service.stderr.wait_for("connect hook calls reached the service after the broker gave up")
+        service.stderr.wait_for("the broker may have given up on connect hook calls")
 
 
 async def test_on_emqx_5_3_a_client_that_lost_both_connect_hooks_is_restored_at_its_next_connect(
