@@ -110,11 +110,8 @@ class HookLogic:
         publish_deadline_ms: int,
         rekey_hold_s: float,
         subscribed_wait_s: float = SUBSCRIBED_WAIT_S,
-        sole_worker: bool = False,
     ) -> None:
         self.tracked = tracked
-        # every hook call of every client comes to this process (exhook.workers = 1)
-        self._sole_worker = sole_worker
         self.flags = flags
         self._store = store
         self._writer = writer
@@ -129,9 +126,6 @@ class HookLogic:
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # connections whose restore a hook of this process started
         self._restore_started: ExpiringMap[str, bool] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
-        # connections the sweep restored as their connect hooks would have (sole worker):
-        # a connect call of theirs that still comes, late, must not restore them again
-        self._swept: ExpiringMap[str, bool] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         # connection -> {filter: qos} a hook's restore just read from the store and gave back,
         # until the broker's session.subscribed for each: that call need not store it again
         self._restored_subs: ExpiringMap[str, dict[str, int]] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
@@ -265,8 +259,6 @@ class HookLogic:
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        if self._swept.get(client.connection) is not None:
-            return
         self._count_connect(client.clientid)
         self._forget_connection(client)  # an earlier connection's, with the same key (EMQX 5.3)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
@@ -285,8 +277,6 @@ class HookLogic:
 
     def client_connected(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        if self._swept.get(client.connection) is not None:
-            return
         if self._resumed.pop(client.clientid) is not None:
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself.
@@ -296,13 +286,9 @@ class HookLogic:
             pending.registered.set()  # the client is registered now: its restore may go ahead
             if pending.connection == client.connection:
                 return  # session.created of this connect started the restore
-        self._restore_connect(client)  # this connect's session.created was lost
-
-    def _restore_connect(self, client: ClientRef) -> bool:
-        """Restore a new connection whose session.created never reached this process."""
-        self._count_connect(client.clientid)
+        self._count_connect(client.clientid)  # this connect's session.created was lost
         self._forget_connection(client)
-        return self._submit_restore(client, None)
+        self._submit_restore(client, None)
 
     def _forget_connection(self, client: ClientRef) -> None:
         """What hooks of an earlier connection with the same key left (EMQX 5.3 sends no
@@ -330,28 +316,17 @@ class HookLogic:
             pending.registered.set()
 
     def restore_missed(self, client: ClientRef) -> bool:
-        """Restore a client whose connect hooks never reached a handler (the sweep of
-        ``missed_connects.py`` found it connected without subscriptions); False if this
-        process restores that connection already or the job was refused.
+        """Re-subscribe a client whose connect hooks never reached a handler (the sweep
+        of ``missed_connects.py`` found it connected without subscriptions); False if
+        this process restores that connection already or the job was refused.
 
-        The sole worker restores it as its client.connected would have: every call of
-        the client comes here, so no other restore can be queued for it, and the
-        restore replays each filter itself when the broker's ``session.subscribed`` for
-        it does not come (a storm can drop that call too).
-
-        With several workers, only the subscriptions: the broker then fires
-        ``session.subscribed`` for each filter to the worker that owns the client's
-        calls, whose job replays it after any restore its own hooks queued. Replaying
-        here, from another worker, could run before that restore, whose mark reset
-        would then replay everything again. The replay marks are kept for the same
-        reason."""
+        Only the subscriptions: the broker then fires ``session.subscribed`` for each
+        filter to the worker that owns the client's calls, whose job replays it after
+        any restore its own hooks queued. Replaying here, from another worker, could
+        run before that restore, whose mark reset would then replay everything again.
+        The replay marks are kept for the same reason."""
         if self._restore_started.get(client.connection) is not None:
             return False
-        if self._sole_worker:
-            if not self._restore_connect(client):
-                return False
-            self._swept.put(client.connection, True)
-            return True
         return self._queues.submit(client.clientid, "restore subscriptions (connect hooks lost)",
                                    lambda: self._resubscribe(client))
 

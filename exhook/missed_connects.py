@@ -21,11 +21,10 @@ sends both over the one gRPC connection its clientid hashes to, so to this worke
 sweep is owed after late calls of both hooks within the look-back of each other, or
 after a stall. Once the storm is over here, :class:`MissedConnectSweep` asks EMQX's
 REST API for the sessions created around that time that are connected and have no
-subscription, and restores each through the client's own queue
-(``HookLogic.restore_missed``: the sole worker restores it as its client.connected
-would have; with several workers the sweep only re-subscribes, and the broker's
-``session.subscribed`` calls to the worker that owns the client's calls replay it).
-Only with peer ports (EMQX 5.4+): without them a connection's key repeats at
+subscription, and re-subscribes each through the client's own queue. The broker then
+fires ``session.subscribed`` for each filter to the worker that owns the client's
+calls, whose job replays it (``HookLogic.restore_missed`` says why the replay is left
+to it). Only with peer ports (EMQX 5.4+): without them a connection's key repeats at
 every connect of the client.
 
 Cost: reading the clock and the call's deadline per connect call (under 1 µs), a

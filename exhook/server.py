@@ -200,7 +200,7 @@ class Service:
         # with several workers most acks reach another process than the replay's re-key
         hold_s = svc.replay_rekey_hold_ms / 1000 if svc.workers == 1 else 0.0
         return HookLogic(tracked, store, writer, replayer, self._queues, self.metrics, flags,
-                         svc.publish_deadline_ms, hold_s, sole_worker=svc.workers == 1)
+                         svc.publish_deadline_ms, hold_s)
 
     async def _start_grpc(self, logic: HookLogic, connect_risk: ConnectRisk) -> grpc.aio.Server:
         svc = self.config.service

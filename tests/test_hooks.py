@@ -98,7 +98,7 @@ class RecordingApi:
 
 
 class Rig:
-    def __init__(self, store: MemoryStore, spool: Spool, v2: bool = False, sole_worker: bool = False) -> None:
+    def __init__(self, store: MemoryStore, spool: Spool, v2: bool = False) -> None:
         self.store = store
         self.api = RecordingApi()
         self.metrics = Metrics()
@@ -110,8 +110,7 @@ class Rig:
         self.replayer = Replayer(store, cast(EmqxApi, self.api), self.metrics, tracked, self.flags, batch_size=3,
                                  until_subscribed=QUICK_PATIENCE)
         self.logic = HookLogic(tracked, store, self.writer, self.replayer, self.queues, self.metrics, self.flags,
-                               publish_deadline_ms=500, rekey_hold_s=60, subscribed_wait_s=SUBSCRIBED_WAIT_S,
-                               sole_worker=sole_worker)
+                               publish_deadline_ms=500, rekey_hold_s=60, subscribed_wait_s=SUBSCRIBED_WAIT_S)
         self._broker_ids = 10_000
 
     def broker_runs_replay_hooks(self) -> None:
@@ -148,12 +147,11 @@ class Rig:
 
 
 @asynccontextmanager
-async def running_rig(tmp_path: Path, store: MemoryStore, v2: bool = False,
-                      sole_worker: bool = False) -> AsyncIterator[Rig]:
+async def running_rig(tmp_path: Path, store: MemoryStore, v2: bool = False) -> AsyncIterator[Rig]:
     """A rig over ``store`` with its writer running; stopped (queues, writer, spool) on exit."""
     spool = Spool(tmp_path / "spool")
     await spool.open()
-    rig = Rig(store, spool, v2, sole_worker)
+    rig = Rig(store, spool, v2)
     task = asyncio.create_task(rig.writer.run())
     try:
         yield rig
@@ -672,40 +670,6 @@ async def test_a_sweep_does_not_restore_a_connection_its_hook_restored(rig: Rig)
     assert rig.logic.restore_missed(client(peerport=5002))  # a later connection
     await rig.settle()
     assert len(rig.api.subscribed) == 2
-
-
-async def test_the_sole_worker_s_sweep_replays_by_itself_when_the_broker_s_subscribed_call_is_lost(
-        tmp_path: Path) -> None:
-    # every call of the client comes to this process: the sweep restores it as its
-    # client.connected would have, and a storm that drops session.subscribed too does
-    # not leave its messages stored until the next connect
-    async with running_rig(tmp_path, MemoryStore(), sole_worker=True) as rig:
-        await rig.publish(1)
-        await rig.store.save_subscription("sub", "t/a", 1)
-        assert rig.logic.restore_missed(client(peerport=5001))
-        await rig.settle()
-        assert rig.api.subscribed == [("sub", [("t/a", 1)])]
-        assert [item.origin for item in rig.api.replayed] == [guid(1)]
-        # the connection's connect calls, served late after all, restore nothing again
-        rig.logic.session_created(client(peerport=5001))
-        rig.logic.client_connected(client(peerport=5001))
-        await rig.settle()
-        assert len(rig.api.subscribed) == 1 and len(rig.api.replayed) == 1
-        assert not rig.logic.restore_missed(client(peerport=5001))
-
-
-async def test_the_sole_worker_s_sweep_replays_once_when_the_broker_s_subscribed_call_comes(
-        tmp_path: Path) -> None:
-    async with running_rig(tmp_path, MemoryStore(), sole_worker=True) as rig:
-        rig.broker_calls_session_subscribed(after_s=0.01, peerport=5001)
-        await rig.publish(1)
-        await rig.store.save_subscription("sub", "t/a", 1)
-        assert rig.logic.restore_missed(client(peerport=5001))
-        await rig.settle()
-        await asyncio.sleep(0.05)
-        await rig.settle()
-        assert rig.api.events.count(("subscribed", "t/a")) == 1
-        assert [item.origin for item in rig.api.replayed] == [guid(1)]
 
 
 async def test_a_replay_of_an_earlier_connect_is_recognised_after_the_clients_entry_was_evicted(rig: Rig) -> None:
