@@ -211,7 +211,8 @@ async def register(cfg: Config, args: argparse.Namespace) -> int:
     if want.request_timeout_ms != cfg.service.emqx.hook_timeout_ms:
         print(f"offline-exhook: warning: request_timeout {format_duration(want.request_timeout_ms)} is not "
               f"exhook.emqx.hook_timeout ({format_duration(cfg.service.emqx.hook_timeout_ms)}): the service takes "
-              "a connect call that waited twice the latter for lost; set the field to what you register",
+              "connect calls served with under half of the latter left as signs of dropped ones; set the field "
+              "to what you register",
               file=sys.stderr)
     if want.request_timeout_ms <= cfg.service.publish_deadline_ms:
         print(f"offline-exhook: warning: request_timeout {format_duration(want.request_timeout_ms)} is not above "
