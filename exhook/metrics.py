@@ -128,7 +128,8 @@ class Metrics:
             "under half of the broker's hook timeout left (calls behind them may have been dropped), by hook",
             ["hook"], registry=reg)
         self.loop_stalls = Counter(
-            f"{p}loop_stalls", "Times the event loop did not run for a quarter of the broker's hook timeout or more",
+            f"{p}loop_stalls", "Times the event loop's ticker woke a quarter of the broker's hook timeout late or more "
+            "(the loop did not run meanwhile)",
             registry=reg)
         self.missed_connect_restores = Counter(
             f"{p}missed_connect_restores", "Clients the sweep after late connect calls or a stall queued for a "

@@ -14,7 +14,8 @@ can see the only two ways one gets dropped (:class:`ConnectRisk`):
   less than half the hook timeout left is counted late.
 - *Stalls.* If the event loop did not run for a while (a long callback, the process
   stopped or starved of CPU), calls may have expired without any call taken meanwhile.
-  A ticker that wakes a quarter of the hook timeout late or more counts a stall.
+  A ticker that wakes a quarter of the hook timeout late or more counts a stall (it
+  ticks every eighth, so a loop that did not run for three eighths is always counted).
 
 A client goes unrestored only when both of its connect calls are dropped, and EMQX
 sends both over the one gRPC connection its clientid hashes to, so to this worker: a
@@ -24,8 +25,8 @@ REST API for the sessions created around that time that are connected and have n
 subscription, and re-subscribes each through the client's own queue. The broker then
 fires ``session.subscribed`` for each filter to the worker that owns the client's
 calls, whose job replays it (``HookLogic.restore_missed`` says why the replay is left
-to it). Only with peer ports (EMQX 5.4+): without them a connection's key repeats at
-every connect of the client.
+to it). Only on nodes that send peer ports (EMQX 5.4+): without them a connection's key
+repeats at every connect of the client.
 
 Cost: reading the clock and the call's deadline per connect call (under 1 µs), a
 timer a few times a second, and REST reads only after a suspicion. A false alarm
@@ -55,16 +56,18 @@ log = logging.getLogger(__name__)
 # request_timeout (exhook.emqx.hook_timeout) left is late: calls behind it in grpc's
 # queue may have expired (see the module doc).
 LATE_BELOW = 0.5
-# The event loop not running for this share of the hook timeout is a stall: less than
-# the half a late call has left, so a gap in grpc's taking of calls long enough to let
-# one expire unnoticed is always seen by one or the other.
+# The ticker waking this share of the hook timeout late is a stall. It ticks every
+# eighth of the timeout, so the loop not running for three eighths is always counted
+# (a quarter may be): less than the half a late call has left, so a gap in grpc's
+# taking of calls long enough to let one expire unnoticed is seen by one or the other.
 STALL_AFTER = 0.25
 # The sweep asks for sessions created this long before the first suspicion: a dropped
 # call waited in the broker and in grpc's queue first (at most EMQX's request_timeout),
 # and the two hosts' clocks may differ a little.
 LOOKBACK_S = 30.0
 # the calls that hold a fresh session's restore
-CONNECT_RPCS = frozenset({"OnSessionCreated", "OnClientConnected"})
+SESSION_CREATED, CLIENT_CONNECTED = "OnSessionCreated", "OnClientConnected"
+CONNECT_RPCS = frozenset({SESSION_CREATED, CLIENT_CONNECTED})
 STALL = "stall"
 CHECK_EVERY_S = 1.0
 # A sweep waits until the storm is over here (no connect call for this long, no
@@ -164,12 +167,12 @@ class MissedConnectSweep:
         self._busy = busy
         self._wall = wall
         self._clock = clock
-        # kind -> when (epoch s) its latest suspicion was
-        self._last_seen: dict[str, float] = {}
-        # the earliest window start (epoch ms) of the suspicions no sweep has covered yet
+        # kind -> (first, last) epoch s of the suspicions each look found, from the
+        # look-back only: what a later suspicion of the other kind can pair with
+        self._recent: dict[str, list[tuple[float, float]]] = {}
+        # the start (epoch ms) of the window an owed sweep covers, and when (monotonic)
+        # it became owed; both are kept until a sweep covers the window
         self._window_ms: int | None = None
-        # monotonic: when a sweep became owed; the window is kept from then on until a
-        # sweep covers it
         self._owed_at: float | None = None
         # a storm can bring late calls every second: one line a minute says how many
         self._log = RateLimitedLog()
@@ -177,27 +180,31 @@ class MissedConnectSweep:
 
     def pending_since(self) -> int | None:
         """The start (epoch ms) of the window a sweep owes, or None."""
-        return None if self._owed_at is None else self._window_ms
+        return self._window_ms
 
     def note_suspicions(self) -> None:
         """Take the suspicions since the last look; a sweep is owed after a stall, or
-        after late calls of both connect hooks within the look-back of each other."""
+        after late calls of both connect hooks within the look-back of each other. Its
+        window starts the look-back before the earliest suspicion still in the look-back:
+        one hook late for an hour on its own puts no client at risk."""
         wall, now = self._wall(), self._clock()
         seen = self._risk.take()
         for kind, suspicions in seen.items():
-            self._last_seen[kind] = max(self._last_seen.get(kind, -math.inf), wall - (now - suspicions.last))
-            start = int((wall - (now - suspicions.first) - LOOKBACK_S) * 1000)
-            self._window_ms = start if self._window_ms is None else min(self._window_ms, start)
             self._unlogged[kind] = self._unlogged.get(kind, 0) + suspicions.count
+            if self._owed_at is None:  # an owed window already covers whatever comes now
+                at = (wall - (now - suspicions.first), wall - (now - suspicions.last))
+                self._recent.setdefault(kind, []).append(at)
         if seen:
             self._log_suspicions()
-        if self._owed_at is None:
-            # a suspicion this long ago cannot pair with a later one of the other hook
-            self._last_seen = {kind: at for kind, at in self._last_seen.items() if wall - at <= LOOKBACK_S}
-            if not self._last_seen:
-                self._window_ms = None
-            elif STALL in self._last_seen or CONNECT_RPCS <= self._last_seen.keys():
-                self._owed_at = now
+        if self._owed_at is not None:
+            return
+        cutoff = wall - LOOKBACK_S
+        self._recent = {kind: kept for kind, looks in self._recent.items()
+                        if (kept := [at for at in looks if at[1] >= cutoff])}
+        if STALL in self._recent or CONNECT_RPCS <= self._recent.keys():
+            first = min(first for looks in self._recent.values() for first, _ in looks)
+            self._window_ms = int((first - LOOKBACK_S) * 1000)
+            self._owed_at = now
 
     def _log_suspicions(self) -> None:
         if not self._log.note():
@@ -240,7 +247,8 @@ class MissedConnectSweep:
         since = self.pending_since()
         if since is None:
             return
-        if not self._flags.peerports_seen:
+        nodes = self._flags.peerport_nodes
+        if not nodes:
             # EMQX 5.3 sends no peer port: a connection's key is the same at every connect
             # of the client, and a restore from here could not keep the hooks' replay
             # marks apart from an earlier connection's. Those clients get their
@@ -250,7 +258,7 @@ class MissedConnectSweep:
                         "clients that lost both are restored at their next connect",
                         extra={"event": "missed_connect_sweep", "sessions": 0, "restores": 0})
             return
-        checked = queued = 0
+        checked = queued = other_nodes = 0
         seen: set[str] = set()
         page, more = 1, True
         while more:
@@ -260,16 +268,21 @@ class MissedConnectSweep:
                 if client.subscriptions or client.clientid in seen:
                     continue
                 seen.add(client.clientid)
-                if self._restore(ClientRef(client.clientid, client.node, client.peerhost, client.peerport)):
+                if client.node not in nodes:  # a 5.3 node of a cluster being upgraded (see above)
+                    other_nodes += 1
+                elif self._restore(ClientRef(client.clientid, client.node, client.peerhost, client.peerport)):
                     queued += 1
             page += 1
         self._settle()
         self._metrics.missed_connect_restores.inc(queued)
         # a sweep that found nobody (the late calls were all served) is no news
-        log.log(logging.WARNING if queued else logging.INFO,
-                "checked %d fresh sessions for lost connect hooks, restoring %d", checked, queued,
-                extra={"event": "missed_connect_sweep", "sessions": checked, "restores": queued})
+        log.log(logging.WARNING if queued or other_nodes else logging.INFO,
+                "checked %d fresh sessions for lost connect hooks, restoring %d%s", checked, queued,
+                f"; {other_nodes} without subscriptions are on nodes that send no peer port (EMQX 5.3) "
+                "and are restored at their next connect" if other_nodes else "",
+                extra={"event": "missed_connect_sweep", "sessions": checked, "restores": queued,
+                       "skipped_no_peerport": other_nodes})
 
     def _settle(self) -> None:
         self._owed_at = self._window_ms = None
-        self._last_seen.clear()
+        self._recent.clear()

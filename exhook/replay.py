@@ -72,16 +72,24 @@ def payload_digest(payload: bytes) -> str:
 class BrokerFlags:
     """What the service learned about the broker from its calls."""
 
-    __slots__ = ("v2_seen", "peerports_seen")
+    __slots__ = ("v2_seen", "peerport_nodes")
+
+    # a cluster has a handful of nodes; the bound only stops a hostile caller inventing names
+    MAX_NODES = 1000
 
     def __init__(self) -> None:
         # A v2 broker hides user properties from message.publish, so replays must
         # also be registered in the store to be recognised when they come back.
         self.v2_seen = False
-        # EMQX 5.4 and later send the client's peer port in hook calls, 5.3 does not:
-        # then a connection's key repeats at every connect (hooks.ClientRef.connection),
-        # and the sweep after dropped connect calls cannot run (missed_connects.py)
-        self.peerports_seen = False
+        # The nodes whose calls carried the client's peer port: EMQX 5.4 and later send
+        # it, 5.3 does not, and a cluster being upgraded has both. Without it a
+        # connection's key repeats at every connect (hooks.ClientRef.connection), so the
+        # sweep after dropped connect calls skips that node's clients (missed_connects.py).
+        self.peerport_nodes: set[str] = set()
+
+    def saw_peerport(self, node: str) -> None:
+        if node not in self.peerport_nodes and len(self.peerport_nodes) < self.MAX_NODES:
+            self.peerport_nodes.add(node)
 
 
 class LocalReplays:

@@ -31,7 +31,7 @@ import grpc
 from exhook.emqx_api import REPLAY_PROPERTY
 from exhook.hooks import ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
-from exhook.missed_connects import ConnectRisk
+from exhook.missed_connects import CLIENT_CONNECTED, SESSION_CREATED, ConnectRisk
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
 from exhook.ratelog import RateLimitedLog
@@ -196,7 +196,7 @@ class HookProvider:
     # -- the hooks ---------------------------------------------------------------------------
     def _client(self, info: Any) -> ClientRef:
         if info.peerport:
-            self._logic.flags.peerports_seen = True
+            self._logic.flags.saw_peerport(info.node)
         return ClientRef(info.clientid, info.node, info.peerhost, info.peerport)
 
     def _seen(self) -> None:
@@ -246,7 +246,7 @@ class HookProvider:
         return self._empty
 
     async def _session_created(self, request: Any, context: Ctx) -> Any:
-        self._connect_risk.started("OnSessionCreated", context.time_remaining())
+        self._connect_risk.started(SESSION_CREATED, context.time_remaining())
         self._seen()
         self._logic.session_created(self._client(request.clientinfo))
         return self._empty
@@ -256,7 +256,7 @@ class HookProvider:
         return self._empty
 
     async def _client_connected(self, request: Any, context: Ctx) -> Any:
-        self._connect_risk.started("OnClientConnected", context.time_remaining())
+        self._connect_risk.started(CLIENT_CONNECTED, context.time_remaining())
         self._seen()
         self._logic.client_connected(self._client(request.clientinfo))
         return self._empty

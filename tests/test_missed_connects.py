@@ -115,8 +115,11 @@ class FakeClients:
                                                          "hasnext": page * limit < len(listed)}})
 
 
-def listed(clientid: str, subs: int, port: int, created_ms: int) -> dict[str, Any]:
-    return {"clientid": clientid, "node": "emqx@10.0.0.1", "ip_address": "10.0.0.9", "port": port,
+NODE = "emqx@10.0.0.1"
+
+
+def listed(clientid: str, subs: int, port: int, created_ms: int, node: str = NODE) -> dict[str, Any]:
+    return {"clientid": clientid, "node": node, "ip_address": "10.0.0.9", "port": port,
             "subscriptions_cnt": subs, "created_at": "2026-12-02T00:00:00.000+00:00", "created_ms": created_ms}
 
 
@@ -136,14 +139,15 @@ async def fake_api() -> AsyncIterator[tuple[FakeClients, EmqxApi]]:
 
 
 class Sweep:
-    def __init__(self, api: EmqxApi, peerports: bool = True) -> None:
+    def __init__(self, api: EmqxApi, peerport_nodes: tuple[str, ...] = (NODE,)) -> None:
         self.clock = Clock()
         self.metrics = Metrics()
         self.risk = ConnectRisk(hook_timeout_s=5, metrics=self.metrics, clock=self.clock)
         self.restored: list[ClientRef] = []
         self.busy = False
         flags = BrokerFlags()
-        flags.peerports_seen = peerports
+        for node in peerport_nodes:
+            flags.saw_peerport(node)
         # the wall clock moves with the monotonic one
         self.sweep = MissedConnectSweep(self.risk, api, self.restore, flags, self.metrics, busy=lambda: self.busy,
                                         wall=lambda: self.clock.now + 9_900.0, clock=self.clock)
@@ -192,11 +196,33 @@ async def test_without_peer_ports_no_sweep_runs(fake_api: tuple[FakeClients, Emq
     # could not keep its replay marks apart from the last connection's
     fake, api = fake_api
     fake.clients = [listed("a", 0, 11, 10_000_000)]
-    rig = Sweep(api, peerports=False)
+    rig = Sweep(api, peerport_nodes=())
     rig.suspect(11.0)
     await rig.sweep.sweep_once()
     assert fake.queries == [] and rig.restored == []
     assert rig.sweep.pending_since() is None
+
+
+async def test_in_a_cluster_being_upgraded_the_sweep_skips_the_nodes_that_send_no_peer_port(
+        fake_api: tuple[FakeClients, EmqxApi], caplog: pytest.LogCaptureFixture) -> None:
+    fake, api = fake_api
+    fake.clients = [listed("on-5.4", 0, 11, 10_000_000), listed("on-5.3", 0, 0, 10_000_000, node="emqx@10.0.0.2")]
+    rig = Sweep(api)
+    rig.suspect(11.0)
+    await rig.sweep.sweep_once()
+    assert [c.clientid for c in rig.restored] == ["on-5.4"]
+    assert rig.metrics.sample("missed_connect_restores_total") == 1
+    line = [r for r in caplog.records if getattr(r, "event", None) == "missed_connect_sweep"]
+    assert len(line) == 1 and line[0].__dict__["skipped_no_peerport"] == 1
+    assert "1 without subscriptions are on nodes that send no peer port" in line[0].getMessage()
+
+
+def test_the_nodes_that_send_peer_ports_are_bounded() -> None:
+    flags = BrokerFlags()
+    for n in range(BrokerFlags.MAX_NODES + 50):
+        flags.saw_peerport(f"emqx@node{n}")
+    flags.saw_peerport("emqx@node0")
+    assert len(flags.peerport_nodes) == BrokerFlags.MAX_NODES
 
 
 async def test_a_sweep_emqx_refuses_keeps_its_window_for_the_next_try(fake_api: tuple[FakeClients, EmqxApi]) -> None:
@@ -267,6 +293,19 @@ async def test_late_calls_of_one_hook_long_ago_do_not_pair_with_later_ones_of_th
     assert rig.sweep.pending_since() is None
 
 
+async def test_the_window_starts_at_the_oldest_suspicion_still_in_the_look_back(
+        fake_api: tuple[FakeClients, EmqxApi]) -> None:
+    # session.created late on its own for minutes puts no client at risk: when
+    # client.connected comes late too, the window starts from the recent ones only
+    _, api = fake_api
+    rig = Sweep(api)
+    for _ in range(12):  # late calls at wall 10,000, 10,010 ... 10,110, each seen 10 s later
+        rig.suspect(10.0, CREATED)
+    assert rig.sweep.pending_since() is None
+    rig.suspect(1.0, CONNECTED)  # at 10,120, seen at 10,121: the look-back reaches 10,091
+    assert rig.sweep.pending_since() == int((10_100.0 - LOOKBACK_S) * 1000)
+
+
 async def test_a_sweep_waits_until_the_storm_is_over_here(fake_api: tuple[FakeClients, EmqxApi]) -> None:
     # during the storm the hooks' own restores are held back by the pacing: a sweep then
     # would find every client still without subscriptions and restore it a second time
@@ -298,9 +337,12 @@ async def test_entries_that_are_no_client_are_skipped_and_a_junk_answer_keeps_th
         await rig.sweep.sweep_once()
     assert rig.sweep.pending_since() is not None and rig.restored == []
     fake.body = None
-    fake.junk = ["x", None, {}, {"clientid": 5}, {"clientid": "b", "port": "x", "subscriptions_cnt": None}]
+    fake.junk = ["x", None, {}, {"clientid": 5},
+                 {"clientid": "b", "node": NODE, "port": "x", "subscriptions_cnt": None},
+                 {"clientid": "no-node", "port": 5}]
     await rig.sweep.sweep_once()
-    # the malformed entries are skipped; one with a name but odd fields is kept with defaults
+    # the malformed entries are skipped; one with a name but odd fields is kept with defaults,
+    # unless no node that sends peer ports is named
     assert [(c.clientid, c.peerport) for c in rig.restored] == [("b", 0), ("a", 11)]
 
 
