@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from storage.base import TOMBSTONE_TTL_S, WriteRejected
+from storage.base import TOMBSTONE_TTL_S, StoreError, WriteRejected
 from storage.config import RedisConfig
 from storage.model import WriteOp
 from storage.redis.keys import F_ID, Cmd, Keys, fmt
@@ -104,7 +104,6 @@ class Writer:
     def __init__(self, link: Link, keys: Keys, cfg: RedisConfig) -> None:
         self._link, self._keys, self._cfg = link, keys, cfg
         self._ttl = int(cfg.message_ttl)
-        self._wait_short = 0
 
     async def write(self, ops: Sequence[WriteOp]) -> None:
         if not ops:
@@ -185,14 +184,18 @@ class Writer:
 
     async def _send_at_once(self, ph: _Phases, saved: dict[int, _Saved]) -> None:
         """Single/sentinel: B, C, D in one pipeline, then WAIT for replicas: a message
-        is answered as stored only once a replica has it, so a failover keeps it."""
+        is answered as stored only once a replica has it, so a failover keeps it.
+        Fewer confirmations than asked fail the write (retryable): the writer tries
+        again and, past its patience, keeps the batch in its spool; a write that only
+        the master has may be lost when a sentinel demotes that master."""
         rnd = Round("write").then(ph.hashes, ph.indexes, ph.topics)
         wait = None
         if rnd and self._cfg.wait_replicas > 0:
             wait = rnd.add(None, "WAIT", self._cfg.wait_replicas, self._cfg.wait_timeout_ms)
         await self._send(rnd, saved)
-        if wait is not None:
-            self._note_replicas(int(wait.value))
+        if wait is not None and int(wait.value) < self._cfg.wait_replicas:
+            raise StoreError(f"redis: only {int(wait.value)} of {self._cfg.wait_replicas} replicas "
+                             f"confirmed a write within {self._cfg.wait_timeout_ms} ms")
 
     async def _honour_tombstones(self, moves: list[_Move], saved: dict[int, _Saved]) -> None:
         """E: the ack of a moved copy came first: delete the copy."""
@@ -215,14 +218,3 @@ class Writer:
         index = min(refused)
         reason, detail = refused[index]
         raise WriteRejected(reason, detail, index)
-
-    def _note_replicas(self, acked: int) -> None:
-        """Fewer replicas than asked confirmed the write within wait_timeout (none
-        connected, e.g. right after a failover): the write stands, the guarantee is
-        weaker for it, and the log says so."""
-        if acked >= self._cfg.wait_replicas:
-            return
-        self._wait_short += 1
-        if self._wait_short == 1 or self._wait_short % 1000 == 0:
-            log.warning("redis: only %d of %d replicas confirmed a write within %d ms (%d such writes so far)",
-                        acked, self._cfg.wait_replicas, self._cfg.wait_timeout_ms, self._wait_short)
