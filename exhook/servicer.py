@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
@@ -91,8 +92,9 @@ class PeerFilter:
         return allowed
 
     def _check(self, peer: str) -> bool:
-        # grpc's peer: "ipv4:10.1.2.3:5678", "ipv6:[::1]:5678", "unix:/path"
-        kind, _, rest = peer.partition(":")
+        # grpc's peer: "ipv4:10.1.2.3:5678", "ipv6:%5B::1%5D:5678" (a URI: the brackets
+        # come percent-encoded), "unix:/path"
+        kind, _, rest = unquote(peer).partition(":")
         if kind == "ipv4":
             host = rest.rsplit(":", 1)[0]
         elif kind == "ipv6":

@@ -71,11 +71,11 @@ def test_a_subscription_needs_a_valid_filter_and_qos() -> None:
     assert subscribed_problem(req("t/a", clientid="c" * 70_000)) == "bad_clientid"
 
 
-async def start_service(tmp_path: Path, extra: str = "") -> Service:
+async def start_service(tmp_path: Path, extra: str = "", host: str = "127.0.0.1") -> Service:
     cfg = load_config_string(
         f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n'
         f'exhook {{ spool.path = "{tmp_path}/spool", {extra} }}')
-    svc = dataclasses.replace(cfg.service, listen=HostPort("127.0.0.1", 0),
+    svc = dataclasses.replace(cfg.service, listen=HostPort(host, 0),
                               http=dataclasses.replace(cfg.service.http, enable=False))
     service = Service(dataclasses.replace(cfg, service=svc))
     await service.start()
@@ -161,11 +161,18 @@ async def test_an_undecodable_request_gets_invalid_argument_without_a_traceback(
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
-@pytest.mark.parametrize(("allowed", "admitted"), [('"10.0.0.0/8"', False), ('"127.0.0.0/8", "::1"', True)])
-async def test_only_allowed_clients_reach_the_hooks(tmp_path: Path, allowed: str, admitted: bool) -> None:
-    service = await start_service(tmp_path, f"allowed_clients = [{allowed}]")
+# grpc names an IPv6 caller "ipv6:%5B::1%5D:port" (brackets percent-encoded)
+@pytest.mark.parametrize(("host", "target", "allowed", "admitted"), [
+    ("127.0.0.1", "127.0.0.1", '"10.0.0.0/8"', False),
+    ("127.0.0.1", "127.0.0.1", '"127.0.0.0/8", "::1"', True),
+    ("::1", "[::1]", '"127.0.0.0/8"', False),
+    ("::1", "[::1]", '"::1/128"', True),
+])
+async def test_only_allowed_clients_reach_the_hooks(
+        tmp_path: Path, host: str, target: str, allowed: str, admitted: bool) -> None:
+    service = await start_service(tmp_path, f"allowed_clients = [{allowed}]", host)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with grpc.aio.insecure_channel(f"{target}:{service.port}") as channel:
             stub = pb_grpc.HookProviderStub(channel)
             await stub.OnMessagePublish(pb.MessagePublishRequest(message=message()))
             subscribe = stub.OnSessionSubscribed(pb.SessionSubscribedRequest(
