@@ -78,6 +78,9 @@ CHECK_EVERY_S = 1.0
 QUIET_S = 2.0
 SETTLE_MAX_S = 30.0
 PAGE_LIMIT = 1000
+# A broker (or a proxy) that says "hasnext" for ever must not keep the sweep paging:
+# 1,000 pages of 1,000 are more fresh sessions than any one sweep window holds.
+MAX_PAGES = 1000
 _API_BACKOFF = Backoff(base=1.0, cap=30.0)
 
 
@@ -261,8 +264,9 @@ class MissedConnectSweep:
         checked = queued = other_nodes = 0
         seen: set[str] = set()
         page, more = 1, True
-        while more:
+        while more and page <= MAX_PAGES:
             listed, more = await self._api.fresh_sessions(since, page, PAGE_LIMIT)
+            more = more and bool(listed)  # an empty page ends the list whatever it says
             for client in listed:
                 checked += 1
                 if client.subscriptions or client.clientid in seen:
@@ -273,6 +277,9 @@ class MissedConnectSweep:
                 elif self._restore(ClientRef(client.clientid, client.node, client.peerhost, client.peerport)):
                     queued += 1
             page += 1
+        if more:
+            log.warning("the broker's client list did not end within %d pages: the sweep stopped there", MAX_PAGES,
+                        extra={"event": "missed_connect_sweep_truncated"})
         self._settle()
         self._metrics.missed_connect_restores.inc(queued)
         # a sweep that found nobody (the late calls were all served) is no news

@@ -363,3 +363,25 @@ async def test_over_real_grpc_a_connect_call_sent_with_a_short_deadline_counts_l
         assert service.metrics.sample("connect_calls_late_total", hook="client.connected") == 1
     finally:
         await service.stop()
+
+
+async def test_a_list_that_never_ends_stops_the_sweep_at_an_empty_page_or_the_page_bound(
+        fake_api: tuple[FakeClients, EmqxApi], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake, api = fake_api
+    rig = Sweep(api)
+    # an empty page that still says "hasnext"
+    fake.body = {"data": [], "meta": {"page": 1, "hasnext": True}}
+    rig.suspect(11.0)
+    await rig.sweep.sweep_once()
+    assert len(fake.queries) == 1 and rig.sweep.pending_since() is None
+    # full pages that always say "hasnext"
+    monkeypatch.setattr(missed_connects, "MAX_PAGES", 3)
+    fake.queries.clear()
+    fake.body = {"data": [listed("same", 1, 11, 10_000_000)], "meta": {"hasnext": True}}
+    rig.suspect(11.0)
+    await rig.sweep.sweep_once()
+    assert [q["page"] for q in fake.queries] == ["1", "2", "3"]
+    assert rig.sweep.pending_since() is None
+    truncated = [r for r in caplog.records if getattr(r, "event", None) == "missed_connect_sweep_truncated"]
+    assert len(truncated) == 1

@@ -669,3 +669,23 @@ async def test_a_spool_append_that_breaks_unexpectedly_drops_no_queued_op(
     assert [s.op for s in await spool.head(10)] == [save(0), save(1), delete(1)]
     store.gate.set()
     await w.close()
+
+
+async def test_a_batch_spilled_while_waiting_to_retry_is_not_written_again_directly(spool: Spool) -> None:
+    # the spill spools the failed batch; written once more around the spool, it could land
+    # after a delete the drainer applies and bring a message back
+    store = RecordingStore()
+    store.down = True
+    w = Running(store, spool)
+    entry = w.writer.submit(save(0))
+    await store.called.wait()
+    await w.writer.spill(entry)
+    assert await outcomes([entry]) == [Outcome.SPOOLED]
+    ack = w.writer.submit(delete(0), source="subscriber")
+    assert await outcomes([ack]) == [Outcome.SPOOLED]
+    store.down = False
+    await w.writer.drained()
+    await asyncio.sleep(0)  # the loop takes its next turn
+    assert store.written == [save(0), delete(0)]
+    await w.close()
+    assert store.written == [save(0), delete(0)]
