@@ -121,7 +121,8 @@ class HookLogic:
         self._deadline = publish_deadline_ms / 1000
         self._spill_at = self._deadline - min(_SPILL_MARGIN_S, self._deadline / 4)
         # clients whose session was resumed (no restore on client.connected)
-        self._resumed: ExpiringMap[str, bool] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
+        # clientid -> the connection whose session the broker kept (session.resumed)
+        self._resumed: ExpiringMap[str, str] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # clientid -> connection whose restore session.created already started
         self._restoring: ExpiringMap[str, PendingRestore] = ExpiringMap(_CONNECT_TTL_S, _CONNECT_ENTRIES)
         # connections whose restore a hook of this process started
@@ -273,13 +274,15 @@ class HookLogic:
         self._queues.note_connect()
         self._forget_connection(client)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
-        self._resumed.put(client.clientid, True)
+        self._resumed.put(client.clientid, client.connection)
 
     def client_connected(self, client: ClientRef) -> None:
         self._queues.note_connect()
-        if self._resumed.pop(client.clientid) is not None:
+        if self._resumed.pop(client.clientid) == client.connection:
             # The broker kept this session's subscriptions and queued its messages;
-            # re-subscribing would replay duplicates of what it delivers itself.
+            # re-subscribing would replay duplicates of what it delivers itself. (A
+            # resume of an earlier connection whose client.connected was lost does not
+            # speak for this one.)
             return
         pending = self._restoring.pop(client.clientid)
         if pending is not None:

@@ -429,6 +429,16 @@ async def test_a_restore_session_created_started_waits_for_client_connected(rig:
     assert rig.api.subscribed == [("sub", [("t/a", 1)])]
 
 
+async def test_a_resume_whose_connected_call_was_lost_does_not_skip_the_next_connections_restore(
+        rig: Rig) -> None:
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.session_resumed(client(peerport=1001))  # its client.connected is lost
+    # the client comes back on a new connection to a new session whose session.created is lost too
+    rig.logic.client_connected(client(peerport=1002))
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+
+
 async def test_a_resumed_session_cancels_the_restore_of_an_earlier_connect(rig: Rig) -> None:
     await rig.store.save_subscription("sub", "t/a", 1)
     rig.logic.session_created(client())  # its client.connected is lost...
