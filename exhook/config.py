@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyhocon import ConfigTree  # type: ignore[import-untyped]
+from yarl import URL
 
 from exhook.config_fields import ConfigError as ConfigError
 from exhook.config_fields import (
@@ -328,6 +329,28 @@ def _spool(tree: ConfigTree, base: Path) -> SpoolConfig:
                                                                 minimum=1 << 20))
 
 
+def _check_spool_apart(spool_path: str, store_path: str) -> None:
+    """The spool and the SQLite store must be files of their own: worker 0 of several
+    takes the file at ``exhook.spool.path`` over as an earlier run's spool (and deletes
+    it), and worker N writes its spool to ``<path>.N``."""
+    spool, store = Path(spool_path).resolve(), Path(store_path).resolve()
+    suffix = store.name[len(spool.name) + 1:] if store.name.startswith(f"{spool.name}.") else ""
+    if store == spool or _same_file(spool, store):
+        raise ConfigError(f"exhook.spool.path: {spool_path} is the SQLite store (sqlite.path): "
+                          "the spool needs a file of its own")
+    if store.parent == spool.parent and suffix.isdigit():
+        raise ConfigError(f"exhook.spool.path: worker {suffix} would spool to {store}, the SQLite store "
+                          "(sqlite.path): give the spool a file of its own")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Two names of one existing file (a hard link)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _allowed_clients(tree: ConfigTree) -> tuple[str, ...]:
     value = get_value(tree, "allowed_clients", [])
     if isinstance(value, str):
@@ -352,9 +375,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     where = "exhook."
     api = read_subtree(tree, "emqx", where)
     at = "exhook.emqx."
-    url = read_str(api, "api_url", "http://127.0.0.1:18083", at).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError(f"exhook.emqx.api_url: expected http://host:port or https://host:port, got {url!r}")
+    url = _api_url(read_str(api, "api_url", "http://127.0.0.1:18083", at))
     level = read_str(tree, "log_level", "info", where).lower()
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"exhook.log_level: unknown level {level!r} (debug, info, warning, error)")
@@ -387,6 +408,64 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     )
 
 
+_API_URL = "exhook.emqx.api_url"
+_API_URL_FORM = "expected http://host:port or https://host:port"
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+
+
+def _api_url(text: str) -> str:
+    """The base URL of EMQX's REST API, normalised (no trailing ``/``). Anything aiohttp
+    would fail on later (a traceback) or that does not belong in it is refused here;
+    userinfo is refused without being echoed (``check-config`` prints errors)."""
+    if any(c.isspace() for c in text):
+        raise ConfigError(f"{_API_URL}: contains whitespace ({_API_URL_FORM})")
+    try:
+        url = URL(text)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{_API_URL}: {_unparsable(exc, text)} ({_API_URL_FORM})") from None
+    _check_api_url(url, text)
+    return str(url).rstrip("/")
+
+
+def _unparsable(exc: Exception, text: str) -> str:
+    """Why yarl could not parse ``text``. Its reasons quote no part of the URL, but a
+    mangled userinfo is not risked."""
+    reason = first_line(exc)
+    if "out of range" in reason.lower():
+        return "the port must be 1-65535"
+    return f"not a valid URL: {'cannot parse it' if '@' in text else reason}"
+
+
+def _check_api_url(url: URL, text: str) -> None:
+    """Refuse what parses but is no base URL of the API (``text`` as written: yarl drops
+    an empty ``?`` or ``#``)."""
+    if url.scheme not in ("http", "https"):
+        raise ConfigError(f"{_API_URL}: the scheme must be http or https ({_API_URL_FORM})")
+    if url.user is not None or url.password is not None or "@" in (url.raw_authority or ""):
+        raise ConfigError(f"{_API_URL}: must not carry credentials (user:password@): "
+                          "set exhook.emqx.api_key and api_secret")
+    if not url.raw_host or not _valid_host(url):
+        raise ConfigError(f"{_API_URL}: no valid host ({_API_URL_FORM})")
+    if url.explicit_port is not None and not 0 < url.explicit_port < 65536:
+        raise ConfigError(f"{_API_URL}: the port must be 1-65535 ({_API_URL_FORM})")
+    if url.raw_path not in ("", "/"):
+        # the client adds /api/v5/... to this base: a prefix would be dropped or refused
+        raise ConfigError(f"{_API_URL}: must have no path, the service adds /api/v5/... itself ({_API_URL_FORM})")
+    if "?" in text or "#" in text:
+        raise ConfigError(f"{_API_URL}: must have no query or fragment ({_API_URL_FORM})")
+
+
+def _valid_host(url: URL) -> bool:
+    host = url.host or ""
+    if ":" in host:  # only a bracketed IPv6 address holds colons
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOSTNAME.match(url.raw_host or ""))
+
+
 def _api_ssl(api: ConfigTree, at: str, base: Path, url: str) -> SslOptions:
     opts = read_ssl(api, at, base)
     if opts.enable and not url.lower().startswith("https://"):
@@ -417,7 +496,10 @@ def parse_config(tree: ConfigTree, base: Path | None = None) -> Config:
     if len(enabled) > 1:
         raise ConfigError(f"{'.enable / '.join(enabled)}.enable: more than one backend is enabled (enable exactly one)")
     backend = _BACKENDS[enabled[0]](read_subtree(tree, enabled[0], ""), where_from)
-    return Config(service=_parse_service(read_subtree(tree, "exhook", ""), where_from), backend=backend)
+    service = _parse_service(read_subtree(tree, "exhook", ""), where_from)
+    if isinstance(backend, SqliteConfig):
+        _check_spool_apart(service.spool.path, backend.path)
+    return Config(service=service, backend=backend)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
 
 _MISSING = object()
 
+# fields whose value is a secret: no error message may show it
+SECRET_FIELDS = frozenset({"password", "api_key", "api_secret"})
+
 
 def get_value(tree: ConfigTree, key: str, default: Any) -> Any:
     try:
@@ -99,7 +102,8 @@ def read_str(tree: ConfigTree, key: str, default: str, where: str) -> str:
         # HOCON has already turned the text into a number or a boolean, and back it
         # could differ (00123 -> 123, 1e5 -> 100000.0, true -> True): a password that
         # silently changed would only show up as a failed login
-        raise ConfigError(f"{where}{key}: unquoted {value!r} is read as a number or boolean; "
+        shown = "the value" if key in SECRET_FIELDS else repr(value)  # errors are printed, secrets never
+        raise ConfigError(f"{where}{key}: unquoted {shown} is read as a number or boolean; "
                           "write it in double quotes")
     if "\x00" in value:
         raise ConfigError(f"{where}{key}: contains a NUL character")

@@ -84,17 +84,38 @@ class _MaskingFormatter(logging.Formatter):
             entries["exc"] = self.formatException(record.exc_info)
         return entries
 
+    def masked_entries(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The entries with every secret masked before they are escaped: escaped, a
+        secret holding ``"`` or ``\\`` no longer matches itself in the line."""
+        return {key: _masked(value, self.mask) for key, value in self._entries(record).items()}
+
+
+def _masked(value: Any, mask: Callable[[str], str]) -> Any:
+    """``value`` with ``mask`` applied to every text in it; what is neither text, a
+    container nor a JSON scalar becomes its ``str`` (as the formatters print it), masked."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {_masked(k, mask) if isinstance(k, str) else k: _masked(v, mask) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(item, mask) for item in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return mask(str(value))
+
 
 class KeyValueFormatter(_MaskingFormatter):
     """``ts=... level=info logger=exhook.server msg="listening" port=9000``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.mask(" ".join(f"{key}={_kv_value(value)}" for key, value in self._entries(record).items()))
+        # masked again as a whole: a credential pattern may span what was escaped apart
+        entries = self.masked_entries(record)
+        return self.mask(" ".join(f"{key}={_kv_value(value)}" for key, value in entries.items()))
 
 
 class JsonFormatter(_MaskingFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        return self.mask(json.dumps(self._entries(record), default=str, ensure_ascii=False))
+        return self.mask(json.dumps(self.masked_entries(record), default=str, ensure_ascii=False))
 
 
 def _kv_value(value: Any) -> str:

@@ -16,6 +16,7 @@ thread of its own, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -356,11 +357,36 @@ def orphan_paths(base: str | Path, worker: int | None, workers: int) -> list[Pat
     return found
 
 
+# the tables a file needs, and may only have, to be taken for a spool (sqlite_* are SQLite's own)
+SPOOL_TABLES = frozenset({"ops", "set_aside"})
+
+
+def spool_tables(path: Path) -> frozenset[str] | None:
+    """The tables of the SQLite file at ``path`` (read-only: a file that is not a spool
+    must come out unchanged), None if it is no SQLite file that can be read."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'").fetchall()
+    except sqlite3.Error:
+        return None
+    return frozenset(str(name) for (name,) in rows)
+
+
 async def adopt_orphans(target: Spool, paths: Sequence[Path]) -> int:
     """Move the ops of each spool file in ``paths`` into ``target``, then delete the
-    file (a crash in between only repeats ops, which are idempotent)."""
+    file (a crash in between only repeats ops, which are idempotent). A file that is
+    not a spool (its tables are not exactly the spool's: another program's database
+    under a spool's name) is left alone, in one log line."""
     moved = 0
     for path in paths:
+        tables = await asyncio.to_thread(spool_tables, path)
+        if tables != SPOOL_TABLES:
+            found = "not an SQLite file" if tables is None else f"tables: {', '.join(sorted(tables)) or 'none'}"
+            log.warning("spool %s: not a spool file (%s): left alone, not taken over", path, found,
+                        extra={"event": "spool_not_adopted", "path": str(path)})
+            continue
         orphan = Spool(path)
         await orphan.open()
         try:

@@ -143,7 +143,11 @@ async def _run_until_exit(procs: Sequence[BaseProcess], worker_ends: Sequence[Co
         proc.join()
         exited.put_nowait(proc)
 
+    stopping = False  # set once the workers are told to stop: exits from then on are expected
+
     def forward(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
@@ -154,12 +158,16 @@ async def _run_until_exit(procs: Sequence[BaseProcess], worker_ends: Sequence[Co
         loop.add_reader(proc.sentinel, on_exit, proc)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, forward, sig)
+    unexpected = False
     try:
         for running in range(len(procs) - 1, -1, -1):
             proc = await exited.get()
             if proc.pid is not None:
                 mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-            if proc.exitcode and running:
+            # a worker that leaves before it is told to, even with status 0 (say a
+            # SIGTERM sent to it alone), is as gone as one that failed
+            if (proc.exitcode or not stopping) and running:
+                unexpected = unexpected or not stopping
                 # half a service would take calls on some connections only: stop it all
                 log.critical("%s exited with %s; stopping the other workers", proc.name, proc.exitcode,
                              extra={"event": "worker_exited", "worker_name": proc.name, "exitcode": proc.exitcode})
@@ -169,4 +177,5 @@ async def _run_until_exit(procs: Sequence[BaseProcess], worker_ends: Sequence[Co
         raise
     # a worker killed by a signal has a negative exit code: report it as a shell would (128 + signal)
     codes = [128 - code if code < 0 else code for code in (proc.exitcode or 0 for proc in procs)]
-    return max(codes)
+    # a worker gone unasked is a failure even if every status was 0: a supervisor restarts on failure
+    return max([*codes, 1] if unexpected else codes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from exhook.emqx_api import basic_auth
 from tests.cli_run import run_cli
@@ -190,6 +192,43 @@ async def test_tls_registration_gives_emqx_an_https_url_and_its_ssl_block(
     captured = capsys.readouterr()
     assert "changed: ssl.verify, ssl.cacertfile" in captured.out
     assert "warning: no --ssl-cacertfile" in captured.err
+
+
+async def test_an_https_api_url_without_an_ssl_block_is_verified(
+    tmp_path: Path, redis_tls: TlsMaterial, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the API's certificate chains to a CA the system does not trust: nothing, the
+    # API secret in the Authorization header least of all, may be sent to it
+    calls: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        calls.append(request.method)
+        if request.method == "GET":
+            return web.json_response({"code": "NOT_FOUND", "message": "Server not found"}, status=404)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(redis_tls.server_cert, redis_tls.server_key)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_ctx).start()
+    try:
+        url = f"https://127.0.0.1:{port}"
+        cfg = write_config(tmp_path, url)
+        assert await cli(["register", "--config", str(cfg)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"offline-exhook: EMQX API unreachable at {url}: ") and "certificate" in err, err
+        assert calls == []
+        # with its CA in an ssl block, the same API is trusted
+        trusted = f'ssl {{ enable = true, cacertfile = "{redis_tls.ca_cert}" }}'
+        cfg.write_text(cfg.read_text().replace("request_timeout = 3s", f"request_timeout = 3s, {trusted}"))
+        assert await cli(["register", "--config", str(cfg)]) == 0
+        assert calls == ["GET", "POST"]
+    finally:
+        await runner.cleanup()
 
 
 async def test_ssl_options_without_tls_and_bad_options_are_usage_errors(

@@ -54,10 +54,6 @@ ROOT = Path(__file__).resolve().parent.parent
         ('sqlite { enable = true }\nexhook { http { check_interval = 10ms } }', "exhook.http.check_interval"),
         ('sqlite { enable = true }\nexhook { http { enable = maybe } }', "exhook.http.enable"),
         ('sqlite { enable = true }\nexhook { http { port = 9001 } }', "exhook.http.port"),
-        # HOCON reads these as numbers or booleans; back as text they could differ
-        ("mysql { enable = true, password = 00123456 }", "mysql.password: unquoted 123456"),
-        ("redis { enable = true, password = 1e5 }", "redis.password: unquoted 100000.0"),
-        ("sqlite { enable = true }\nexhook { emqx { api_secret = true } }", "exhook.emqx.api_secret: unquoted True"),
         ('sqlite { enable = true, path = "a\x00b" }', "sqlite.path: contains a NUL character"),
         ('sqlite { enable = true }\nexhook { spool { path = "a\x00b" } }', "exhook.spool.path: contains a NUL"),
         # the stores cannot expire that far out (Redis refused every write, SQLite's reads overflowed)
@@ -371,3 +367,111 @@ def test_warnings_for_what_is_valid_but_not_meant() -> None:
     assert warnings(quiet.replace('"t/#"]', '"t/#"], batch_size = 1, batch_time = 500')) == []
     short = 'mysql { enable = true, topics = ["t/#"], password = "pw" }\nexhook.emqx { api_key = k, api_secret = s }'
     assert [w.split(" is shorter")[0] for w in warnings(short)] == ["exhook.emqx.api_secret", "mysql.password"]
+
+
+@pytest.mark.parametrize(("text", "field", "value"), [
+    # HOCON reads these as numbers or booleans; back as text they could differ
+    ("mysql { enable = true, password = 00123456 }", "mysql.password", "123456"),
+    ("redis { enable = true, password = 1e5 }", "redis.password", "100000"),
+    ("sqlite { enable = true }\nexhook { emqx { api_secret = 987654321 } }", "exhook.emqx.api_secret", "987654321"),
+    ("sqlite { enable = true }\nexhook { emqx { api_secret = true } }", "exhook.emqx.api_secret", "True"),
+    ("sqlite { enable = true }\nexhook { emqx { api_key = 4711 } }", "exhook.emqx.api_key", "4711"),
+])
+def test_an_unquoted_secret_is_refused_without_showing_it(text: str, field: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config_string(text)
+    message = str(err.value)
+    assert message.startswith(f"{field}: unquoted ") and "write it in double quotes" in message
+    assert value not in message and "\n" not in message
+
+
+def test_an_unquoted_value_that_is_no_secret_is_shown() -> None:
+    with pytest.raises(ConfigError, match=r"^mysql\.database: unquoted 42 is read as a number"):
+        load_config_string("mysql { enable = true, database = 42 }")
+
+
+API_PASSWORD = "url-pass-Qz8"
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://emqx:99999", "the port must be 1-65535"),
+    ("http://emqx:0", "the port must be 1-65535"),
+    ("http://emqx:18083/api", "must have no path"),
+    ("http://emqx:18083/api/v5/", "must have no path"),
+    ("http://[::1", "not a valid URL"),
+    (f"http://ops:{API_PASSWORD}@emqx:18083", "must not carry credentials"),
+    ("http://ops@emqx:18083", "must not carry credentials"),
+    (f"http://ops:{API_PASSWORD}@[::1", "not a valid URL"),
+    ("http://emqx:18083?x=1", "must have no query or fragment"),
+    ("http://emqx:18083/?", "must have no query or fragment"),
+    ("http://emqx:18083#top", "must have no query or fragment"),
+    ("ftp://emqx:18083", "the scheme must be http or https"),
+    ("localhost", "the scheme must be http or https"),
+    ("emqx:18083", "the scheme must be http or https"),
+    ("http://", "no valid host"),
+    ("http:///api", "no valid host"),
+    ("http://:18083", "not a valid URL"),
+    ("http://emqx :18083", "contains whitespace"),
+])
+def test_a_malformed_api_url_is_one_line_naming_the_field(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config_string(f'sqlite {{ enable = true }}\nexhook {{ emqx {{ api_url = "{url}" }} }}')
+    message = str(err.value)
+    assert message.startswith(f"exhook.emqx.api_url: {reason}"), message
+    assert "\n" not in message and API_PASSWORD not in message
+
+
+@pytest.mark.parametrize(("url", "kept"), [
+    ("http://127.0.0.1:18083", "http://127.0.0.1:18083"),
+    ("http://emqx:18083/", "http://emqx:18083"),
+    ("https://[::1]:18083", "https://[::1]:18083"),
+    ("https://emqx.example.com", "https://emqx.example.com"),
+])
+def test_a_well_formed_api_url_is_taken(url: str, kept: str) -> None:
+    cfg = load_config_string(f'sqlite {{ enable = true }}\nexhook {{ emqx {{ api_url = "{url}" }} }}')
+    assert cfg.service.emqx.url == kept
+
+
+def test_check_config_does_not_print_credentials_of_the_api_url(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.cli_run import run_cli
+
+    path = tmp_path / "c.hocon"
+    path.write_text(f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3" }}\n'
+                    f'exhook {{ emqx {{ api_url = "http://ops:{API_PASSWORD}@127.0.0.1:18083" }} }}\n')
+    assert run_cli(["check-config", "--config", str(path)]) != 0
+    out, err = capsys.readouterr()
+    assert "exhook.emqx.api_url: must not carry credentials" in err
+    assert API_PASSWORD not in out + err
+
+
+def spool_and_store(tmp_path: Path, store: str, spool: str) -> str:
+    return f'sqlite {{ enable = true, path = "{store}" }}\nexhook {{ spool.path = "{spool}" }}'
+
+
+@pytest.mark.parametrize(("store", "spool", "reason"), [
+    ("db.sqlite3", "db.sqlite3", "is the SQLite store (sqlite.path)"),
+    ("data/db.sqlite3", "data/../data/./db.sqlite3", "is the SQLite store (sqlite.path)"),
+    ("link.sqlite3", "db.sqlite3", "is the SQLite store (sqlite.path)"),  # the store is a symlink to it
+    ("hard.sqlite3", "db.sqlite3", "is the SQLite store (sqlite.path)"),  # ... or a hard link
+    ("db.sqlite3.1", "db.sqlite3", "worker 1 would spool to"),
+])
+def test_a_spool_on_the_sqlite_store_is_refused(tmp_path: Path, store: str, spool: str, reason: str) -> None:
+    # worker 0 of several took the store over as an earlier run's spool, and deleted it
+    (tmp_path / "db.sqlite3").write_bytes(b"")
+    (tmp_path / "link.sqlite3").symlink_to(tmp_path / "db.sqlite3")
+    os.link(tmp_path / "db.sqlite3", tmp_path / "hard.sqlite3")
+    with pytest.raises(ConfigError) as err:
+        load_config_string(spool_and_store(tmp_path, store, spool), tmp_path)
+    message = str(err.value)
+    assert message.startswith("exhook.spool.path: ") and reason in message, message
+    assert "\n" not in message
+
+
+def test_a_spool_beside_the_sqlite_store_is_taken(tmp_path: Path) -> None:
+    for store, spool in (("db.sqlite3", "db.sqlite3.spool"), ("db.sqlite3", "spool.sqlite3"),
+                         ("a/db.sqlite3.1", "b/db.sqlite3")):
+        cfg = load_config_string(spool_and_store(tmp_path, store, spool), tmp_path)
+        assert cfg.service.spool.path == str(tmp_path / spool)
+    # only the SQLite store has a file to clash with
+    assert load_config_string(f'redis {{ enable = true }}\nexhook {{ spool.path = "{tmp_path}/x" }}')

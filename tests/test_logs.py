@@ -62,6 +62,21 @@ def test_secrets_are_masked_everywhere_and_a_traceback_stays_on_one_line(formatt
     assert "RuntimeError" in line
 
 
+QUOTED_SECRET = 'pa"ss\\w0rd'  # a quote and a backslash: escaped, it no longer matches itself
+
+
+@pytest.mark.parametrize("formatter", [KeyValueFormatter, JsonFormatter])
+def test_a_secret_that_escaping_changes_is_masked_all_the_same(formatter: type) -> None:
+    line = formatter([QUOTED_SECRET], worker=None).format(
+        record("login with %s", QUOTED_SECRET, error=f"auth {QUOTED_SECRET} refused",
+               detail={"dsn": f"redis://u:{QUOTED_SECRET}@h", "tries": [QUOTED_SECRET, 2]},
+               cause=RuntimeError(f"bad password {QUOTED_SECRET}")))
+    for form in (QUOTED_SECRET, json.dumps(QUOTED_SECRET)[1:-1], "w0rd"):
+        assert form not in line, line
+    assert line.count(MASK) == 5  # message, error, both in detail, cause
+    assert "\n" not in line
+
+
 def test_redactor_masks_the_longer_secret_whole() -> None:
     redact = redactor(["abc", "abcdef"])
     assert redact("x abcdef y abc") == f"x {MASK} y {MASK}"

@@ -82,3 +82,58 @@ async def test_the_service_takes_over_at_start_and_says_so_only_when_there_was_s
 def stored(db: Path) -> int:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         return int(conn.execute("select count(*) from mqtt_msg").fetchone()[0])
+
+
+def foreign_database(path: Path, *tables: str) -> bytes:
+    """An SQLite file of another program under a spool's name; its bytes."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for table in tables:
+            conn.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)")
+            conn.execute(f"INSERT INTO {table} (v) VALUES ('keep me')")
+        conn.commit()
+    return path.read_bytes()
+
+
+async def test_a_file_that_is_no_spool_is_left_alone_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a store's database, a spool's tables plus one of another program's, none at all, no SQLite
+    store = tmp_path / "spool.1"
+    kept = {store: foreign_database(store, "mqtt_msg", "mqtt_sub"),
+            tmp_path / "spool.2": foreign_database(tmp_path / "spool.2", "ops", "set_aside", "notes"),
+            tmp_path / "spool.3": foreign_database(tmp_path / "spool.3")}
+    (tmp_path / "spool.4").write_bytes(b"not a database at all\n" * 200)
+    kept[tmp_path / "spool.4"] = (tmp_path / "spool.4").read_bytes()
+    await spool_with(tmp_path / "spool.5", [save(1)])  # the one real spool among them
+    target = Spool(tmp_path / "spool")
+    await target.open()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert await adopt_orphans(target, orphan_paths(tmp_path / "spool", None, 1)) == 1
+    finally:
+        await target.close()
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert not (tmp_path / "spool.5").exists()
+    lines = [r.getMessage() for r in caplog.records if "not a spool file" in r.getMessage()]
+    assert lines == [
+        f"spool {store}: not a spool file (tables: mqtt_msg, mqtt_sub): left alone, not taken over",
+        f"spool {tmp_path / 'spool.2'}: not a spool file (tables: notes, ops, set_aside): left alone, "
+        "not taken over",
+        f"spool {tmp_path / 'spool.3'}: not a spool file (tables: none): left alone, not taken over",
+        f"spool {tmp_path / 'spool.4'}: not a spool file (not an SQLite file): left alone, not taken over"]
+
+
+async def test_worker_0_leaves_another_programs_database_at_the_spool_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # worker 0 of two takes the file at exhook.spool.path over as a single process's spool
+    foreign = tmp_path / "spool"
+    before = foreign_database(foreign, "mqtt_msg")
+    cfg = load_config_string(f'sqlite {{ enable = true, path = "{tmp_path}/db.sqlite3", topics = ["t/#"] }}\n'
+                             f'exhook {{ workers = 2, spool.path = "{foreign}" }}')
+    svc = dataclasses.replace(cfg.service, listen=HostPort("127.0.0.1", 0),
+                              http=dataclasses.replace(cfg.service.http, enable=False))
+    service = Service(dataclasses.replace(cfg, service=svc), worker=0)
+    with caplog.at_level(logging.INFO):
+        await service.start()
+        await service.stop()
+    assert foreign.read_bytes() == before
+    assert sum("not a spool file" in r.getMessage() for r in caplog.records) == 1

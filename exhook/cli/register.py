@@ -157,7 +157,9 @@ class EmqxAdmin:
 
     def __init__(self, cfg: EmqxApiConfig) -> None:
         self._cfg = cfg
-        ssl = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else False
+        # without an ssl block an https:// URL is verified against the system's CAs (True):
+        # False would send the API secret to whoever answers
+        ssl = client_context(cfg.ssl, "exhook.emqx.ssl") if cfg.ssl.enable else True
         self._session = aiohttp.ClientSession(
             base_url=cfg.url,
             headers={"Authorization": basic_auth(cfg.api_key, cfg.api_secret)},
