@@ -302,6 +302,9 @@ def _http(tree: ConfigTree, grpc_listen: HostPort) -> HttpConfig:
     return http
 
 
+MAX_WORKERS = 256  # exhook.workers and --workers; 0: one per usable CPU
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (a cpuset / taskset counts, a CFS quota does not)."""
     try:
@@ -379,7 +382,7 @@ def _parse_service(tree: ConfigTree, base: Path) -> ServiceConfig:
     level = read_str(tree, "log_level", "info", where).lower()
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"exhook.log_level: unknown level {level!r} (debug, info, warning, error)")
-    workers = read_int(tree, "workers", 0, where, maximum=256)
+    workers = read_int(tree, "workers", 0, where, maximum=MAX_WORKERS)
     log_format = read_str(tree, "log_format", "text", where).lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"exhook.log_format: expected text or json, got {log_format!r}")

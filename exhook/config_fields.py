@@ -24,8 +24,10 @@ class ConfigError(ValueError):
 
 _MISSING = object()
 
-# fields whose value is a secret: no error message may show it
-SECRET_FIELDS = frozenset({"password", "api_key", "api_secret"})
+# fields whose value is a secret: check-config masks them, no error message shows them
+SECRET_FIELDS = frozenset({"password", "api_secret"})
+# nor does an error show the API key: it is half of the credential
+_NOT_ECHOED = SECRET_FIELDS | {"api_key"}
 
 
 def get_value(tree: ConfigTree, key: str, default: Any) -> Any:
@@ -102,7 +104,7 @@ def read_str(tree: ConfigTree, key: str, default: str, where: str) -> str:
         # HOCON has already turned the text into a number or a boolean, and back it
         # could differ (00123 -> 123, 1e5 -> 100000.0, true -> True): a password that
         # silently changed would only show up as a failed login
-        shown = "the value" if key in SECRET_FIELDS else repr(value)  # errors are printed, secrets never
+        shown = "the value" if key in _NOT_ECHOED else repr(value)  # errors are printed, secrets never
         raise ConfigError(f"{where}{key}: unquoted {shown} is read as a number or boolean; "
                           "write it in double quotes")
     if "\x00" in value:

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from exhook.cli.output import CliError, fail
 from exhook.cli.parser import parse_args
-from exhook.config import Config, ConfigError, backend_name, load_config
+from exhook.config import Config, ConfigError, backend_name, load_config, usable_cpus
 from exhook.config_checks import config_secrets, config_warnings
 from exhook.logs import stderr_handler
 from exhook.runner import run
@@ -55,12 +55,17 @@ def _print_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def with_workers(cfg: Config, workers: int | None) -> Config:
+    """``--workers`` over ``exhook.workers``, with the field's meaning: 0 is one per CPU."""
+    if workers is None:
+        return cfg
+    return replace(cfg, service=replace(cfg.service, workers=workers or usable_cpus()))
+
+
 def _dispatch(cfg: Config, args: argparse.Namespace) -> int:
     command = args.command
     if command == "run":
-        if args.workers is not None:
-            cfg = replace(cfg, service=replace(cfg.service, workers=max(1, args.workers)))
-        return run(cfg)
+        return run(with_workers(cfg, args.workers))
     if command == "check-config":
         return _print_config(cfg, args)
     from exhook.cli import register, spooled, stored

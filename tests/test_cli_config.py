@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from pyhocon import ConfigFactory  # type: ignore[import-untyped]
 
-from exhook.cli.effective_config import SECRET_FIELDS
 from exhook.cli.parser import parse_args
-from exhook.config import Config, load_config, parse_config
+from exhook.config import Config, load_config, parse_config, usable_cpus
+from exhook.config_fields import SECRET_FIELDS
+from exhook.main import with_workers
 from tests.cli_run import run_cli
 from tests.e2e.harness import free_port
 
@@ -80,6 +81,20 @@ def test_no_command_runs_the_service_and_old_flags_are_aliases() -> None:
     assert parse_args(["--rebuild-topic-index"]).command == "rebuild-topic-index"
     run = parse_args(["run", "--workers", "2", "--config", "y.hocon"])
     assert (run.command, run.workers, run.config) == ("run", 2, "y.hocon")
+
+
+def test_workers_0_is_one_per_cpu_and_out_of_range_counts_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(redis_config(tmp_path))
+    assert parse_args(["run", "--workers", "0"]).workers == 0
+    assert with_workers(cfg, 0).service.workers == usable_cpus()
+    assert with_workers(cfg, 3).service.workers == 3
+    assert with_workers(cfg, None) is cfg
+    for bad in ("-1", "257", "two"):
+        with pytest.raises(SystemExit) as failed:
+            parse_args(["run", "--workers", bad])
+        assert failed.value.code == 2
+        assert "argument --workers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [

@@ -18,10 +18,10 @@ import json
 from typing import Any
 
 from exhook.config import Config, EmqxApiConfig, HostPort, backend_name
+from exhook.config_fields import SECRET_FIELDS
 from exhook.logs import MASK
 from exhook.units import format_duration
 
-SECRET_FIELDS = frozenset({"password", "api_secret"})
 # (dataclass, field) -> name in the config file, where they differ
 _RENAMES: dict[tuple[type, str], str] = {(EmqxApiConfig, "url"): "api_url"}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from exhook.buildinfo import version_line
 from exhook.cli.register import DEFAULT_NAME
+from exhook.config import MAX_WORKERS
 
 COMMANDS = ("run", "check-config", "register", "messages", "subscriptions", "purge", "rebuild-topic-index",
             "set-aside", "spool")
@@ -24,8 +25,19 @@ def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _workers_option(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument("--workers", type=int, default=default,
-                        help="override exhook.workers (processes sharing the port)")
+    parser.add_argument("--workers", type=_worker_count, default=default,
+                        help=f"override exhook.workers (processes sharing the port; 0: one per CPU, "
+                             f"at most {MAX_WORKERS})")
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{count} is out of range (0: one per CPU, 1-{MAX_WORKERS})")
+    return count
 
 
 def _output_options(parser: argparse.ArgumentParser, progress: bool = True) -> None:
