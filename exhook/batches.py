@@ -89,14 +89,20 @@ class BatchWriter:
 
     async def write(self, entries: Sequence[Entry]) -> None:
         pending = [e for e in entries if not e.settled]
+        try:
+            await self._write_pending(pending)
+        except WriteRejected as exc:
+            await self._isolate(pending, exc)
+
+    async def _write_pending(self, pending: list[Entry]) -> None:
+        """Write the unsettled ``pending`` and settle them; WriteRejected passes through."""
         if not pending:
             return
         started = time.perf_counter()
         try:
             await self.store.write([e.op for e in pending])
-        except WriteRejected as exc:
-            await self._isolate(pending, exc)
-            return
+        except WriteRejected:
+            raise
         except (StoreError, OSError, TimeoutError):
             raise  # the store is down, slow or unusable: not the ops' fault
         except Exception as exc:
@@ -108,10 +114,19 @@ class BatchWriter:
             entry.settle(Outcome.STORED)
 
     async def _isolate(self, entries: list[Entry], exc: WriteRejected) -> None:
-        if exc.index is not None and 0 <= exc.index < len(entries):
+        # a loop, not a recursion per refused op: a batch of thousands of refused ops
+        # (topics too long for the operator's column) must not exhaust the stack
+        while exc.index is not None and 0 <= exc.index < len(entries):
             await self.set_aside(entries[exc.index], exc)
-            await self.write(entries[: exc.index] + entries[exc.index + 1:])
-        elif len(entries) == 1:
+            entries = [e for e in entries[: exc.index] + entries[exc.index + 1:] if not e.settled]
+            try:
+                await self._write_pending(entries)
+                return
+            except WriteRejected as again:
+                exc = again
+        if not entries:
+            return
+        if len(entries) == 1:
             await self.set_aside(entries[0], exc)
         else:
             middle = len(entries) // 2

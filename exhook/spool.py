@@ -108,9 +108,13 @@ def _printable(row: Sequence[Any]) -> list[Any]:
             for v in row]
 
 
-def decode(row: Sequence[Any]) -> WriteOp:
+def decode(row: Sequence[Any], *, listing: bool = False) -> WriteOp:
     """The op of a row; ValueError for a row no ``encode`` wrote (a damaged file): a
-    value of the wrong type would otherwise reach the store, or fail there."""
+    value of the wrong type would otherwise reach the store, or fail there, and a
+    damaged kind or field must not turn into another op (a save read as a drop would
+    be lost without a trace). ``listing``: a set-aside row, only shown: whatever its
+    fields, it is shown as its kind's op, and as a save (the op that shows every
+    column) when the kind itself is damaged."""
     for name, value, wanted in zip(_COLUMNS.split(", "), row, _COLUMN_TYPES, strict=True):
         if type(value) is not wanted:
             raise ValueError(f"column {name} holds {type(value).__name__}, not {wanted.__name__}")
@@ -120,13 +124,15 @@ def decode(row: Sequence[Any]) -> WriteOp:
             except UnicodeEncodeError:
                 raise ValueError(f"column {name} is not UTF-8") from None
     kind, msgid, topic, sender, qos, flag, other, payload, ts = row
-    if kind == "s":
-        return SaveMessage(StoredMessage(msgid, sender, topic, qos, bool(flag), bytes(payload), ts))
-    if kind == "d":
+    if kind == "d" and (msgid or listing):
         return DeleteMessage(msgid, topic, replay_ack=bool(flag))
-    if kind == "r":
+    if kind == "r" and ((msgid and other) or listing):
         return RekeyMessage(msgid, other, topic)
-    return DropPendingReplay(topic, other, msgid)
+    if kind == "p" and (other or listing):
+        return DropPendingReplay(topic, other, msgid)
+    if (kind == "s" and msgid and 0 <= qos <= 2) or listing:
+        return SaveMessage(StoredMessage(msgid, sender, topic, qos, bool(flag), bytes(payload), ts))
+    raise ValueError(f"no op of kind {kind[:8]!r} has these fields")
 
 
 def _move_damaged(conn: sqlite3.Connection, damaged: list[tuple[int, str]], now: float) -> tuple[int, int]:
@@ -317,7 +323,7 @@ class Spool:
             cur = self._conn.execute(
                 f"SELECT at_ms, backend, reason, detail, {_COLUMNS} FROM set_aside ORDER BY id DESC LIMIT ?",
                 (limit,))
-            return [SetAside(r[0], r[1], r[2], r[3], decode(_printable(r[4:]))) for r in cur]
+            return [SetAside(r[0], r[1], r[2], r[3], decode(_printable(r[4:]), listing=True)) for r in cur]
 
         return await self._run(read)
 

@@ -167,6 +167,28 @@ async def test_a_spool_row_whose_text_is_not_utf8_is_moved_aside_and_the_rest_dr
     await spool.close()
 
 
+@pytest.mark.parametrize("damage", [
+    "kind = 'q'",  # a damaged kind read as the last kind there is, a save became a drop
+    "qos = 7",
+    "msgid = ''",
+])
+async def test_a_spool_row_with_a_damaged_field_is_moved_aside_not_read_as_another_op(
+        tmp_path: Path, damage: str) -> None:
+    spool = await spool_with(tmp_path, [save(1), save(2), save(3)])
+    await spool.close()
+    db = sqlite3.connect(tmp_path / "spool.sqlite3")
+    db.execute(f"UPDATE ops SET {damage} WHERE seq = 2")
+    db.commit()
+    db.close()
+    spool = await open_spool(tmp_path)
+    assert [item.op for item in await spool.head(10)] == [save(1), save(3)]
+    [row] = await spool.set_aside_rows(10)
+    assert (row.backend, row.reason) == ("spool", "damaged") and "no op of kind" in row.detail
+    assert isinstance(row.op, SaveMessage) and row.op.message.payload == save(2).message.payload  # listed whole
+    assert spool.damaged == 1
+    await spool.close()
+
+
 async def test_a_reader_that_must_not_change_the_spool_skips_a_damaged_row(tmp_path: Path) -> None:
     spool = await damaged_spool(tmp_path)
     assert [item.op for item in await spool.head(10, move_damaged=False)] == [save(1), save(3)]

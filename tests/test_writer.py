@@ -689,3 +689,18 @@ async def test_a_batch_spilled_while_waiting_to_retry_is_not_written_again_direc
     assert store.written == [save(0), delete(0)]
     await w.close()
     assert store.written == [save(0), delete(0)]
+
+
+async def test_a_batch_of_hundreds_of_refused_ops_sets_each_aside_without_exhausting_the_stack(
+        spool: Spool) -> None:
+    # one write per refusal, each naming its op: a recursion per refusal ran out of stack near 490
+    store = RecordingStore()
+    store.tell_index = True
+    ops = [save(i) for i in range(1200)]
+    store.refuse = {msgid(i) for i in range(1200) if i % 6}  # 1,000 refused, 200 stored
+    w = Running(store, spool, batch_size=1200, max_pending=5000)
+    entries = [w.writer.submit(op) for op in ops]
+    assert await outcomes(entries) == [Outcome.REJECTED if i % 6 else Outcome.STORED for i in range(1200)]
+    assert store.written == [save(i) for i in range(0, 1200, 6)]
+    assert w.metrics.sample("writes_rejected_total", backend="recording", reason="too_long") == 1000
+    await w.close()
