@@ -330,3 +330,14 @@ async def test_a_permission_taken_away_at_write_time_is_a_setup_error(acl_user: 
         await store.write(save(smsg(guid(now_us()), "acl/t")))
     finally:
         await store.close()
+
+
+async def test_an_index_member_whose_key_became_a_topic_is_dropped_not_failing_the_replay(
+        store: RedisStore, admin: aioredis.Redis, prefix: str) -> None:
+    gone, kept = smsg(guid(now_us(), 1), "w6/t"), smsg(guid(now_us() + 1, 2), "w6/t")
+    await store.write(save(gone, kept))
+    b62 = msgid_to_b62(gone.msgid)
+    await admin.delete(mkey(prefix, b62))  # its hash went (expired), its index member stayed
+    await store.write(save(smsg(guid(now_us() + 2, 3), b62)))  # a topic spelled like its id takes the key
+    assert [m.msgid for m in await read_all(store, {"w6/t": EVERYTHING})] == [kept.msgid]
+    assert await admin.zscore(mkey(prefix, "w6/t"), b62) is None  # dropped like any dangling member

@@ -220,8 +220,11 @@ class Reader:
 
     async def _load(self, merged: Sequence[tuple[Entry, Cursor]]) -> list[StoredMessage]:
         keys = self._keys
-        hashes = await self._link.run([("HGETALL", keys.message(member)) for (_, _, member), _ in merged],
-                                      "read_messages")
+        # a member whose key became another topic's zset (a topic spelled like its b62
+        # id, after its hash went) answers WRONGTYPE: it is dangling like one whose hash
+        # is gone, not a reason to fail the page and with it every replay of the topic
+        hashes = [or_empty(h, {}, "read_messages") for h in await self._link.run(
+            [("HGETALL", keys.message(member)) for (_, _, member), _ in merged], "read_messages", refusals=True)]
         page: list[StoredMessage] = []
         dangling: list[Cmd] = []
         for ((score, _, member), c), h in zip(merged, hashes, strict=True):
