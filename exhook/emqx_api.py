@@ -69,9 +69,18 @@ class ReplayItem:
 
 @dataclass(slots=True, frozen=True)
 class BulkResult:
+    """What publish/bulk did with each item: ``delivered`` (answered with the id the
+    broker gave it: routed to a subscriber), ``unmatched`` (``no_matching_subscribers``)
+    and ``failed`` (any other answer, e.g. ``failed_to_dispatch``, or none at all)."""
+
     status: int
     delivered: int
     unmatched: int
+    failed: int = 0
+
+    def __add__(self, other: BulkResult) -> BulkResult:
+        return BulkResult(max(self.status, other.status), self.delivered + other.delivered,
+                          self.unmatched + other.unmatched, self.failed + other.failed)
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,23 +123,26 @@ class EmqxApi:
                                            [item.to_json() for item in items])
         if status not in (200, 202, 503):
             raise EmqxApiError(f"publish/bulk answered {status}: {_short(body)}", status, status >= 500)
-        results = body if isinstance(body, list) else []
-        unmatched = sum(
-            1 for r in results if isinstance(r, dict) and r.get("reason_code") == NO_MATCHING_SUBSCRIBERS
-        )
-        delivered = sum(1 for r in results if isinstance(r, dict) and "id" in r)
-        return BulkResult(status, delivered, unmatched)
+        return bulk_result(status, body, len(items))
 
     async def subscribe_bulk(self, clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
         """Subscribe a connected client on its behalf. False if it is not connected."""
         body = [{"topic": topic, "qos": qos} for topic, qos in subscriptions]
+        return await self._subscribe(clientid, "subscribe/bulk", body)
+
+    async def subscribe(self, clientid: str, topic: str, qos: int) -> bool:
+        """Subscribe a connected client to one filter (a restore whose subscribe/bulk
+        EMQX refused as a whole). False if it is not connected."""
+        return await self._subscribe(clientid, "subscribe", {"topic": topic, "qos": qos})
+
+    async def _subscribe(self, clientid: str, action: str, body: Any) -> bool:
         # encoded by hand, and "." too: a URL library would drop a "." or ".." segment
-        path = URL(f"/api/v5/clients/{quote(clientid, safe='').replace('.', '%2E')}/subscribe/bulk", encoded=True)
-        status, answer = await self._request("POST", "clients/subscribe/bulk", path, body)
+        path = URL(f"/api/v5/clients/{quote(clientid, safe='').replace('.', '%2E')}/{action}", encoded=True)
+        status, answer = await self._request("POST", f"clients/{action}", path, body)
         if status == 404:
             return False
         if status != 200:
-            raise EmqxApiError(f"subscribe/bulk answered {status}: {_short(answer)}", status, status >= 500)
+            raise EmqxApiError(f"{action} answered {status}: {_short(answer)}", status, status >= 500)
         return True
 
     async def fresh_sessions(self, since_ms: int, page: int, limit: int) -> tuple[list[ListedClient], bool]:
@@ -188,6 +200,19 @@ class EmqxApi:
         except TimeoutError as exc:
             raise EmqxApiError(f"no answer within {self._cfg.request_timeout_ms} ms at {self._cfg.url}",
                                TIMEOUT) from exc
+
+
+def bulk_result(status: int, body: Any, sent: int) -> BulkResult:
+    """Sort publish/bulk's per-item answers: only an item answered with its id reached
+    a subscriber. Anything else but ``no_matching_subscribers`` (``failed_to_dispatch``,
+    an unknown answer, a missing one) failed: it was not delivered and stays stored."""
+    results = body if isinstance(body, list) else []
+    delivered = sum(1 for r in results if isinstance(r, dict) and "id" in r)
+    unmatched = sum(
+        1 for r in results
+        if isinstance(r, dict) and "id" not in r and r.get("reason_code") == NO_MATCHING_SUBSCRIBERS
+    )
+    return BulkResult(status, delivered, unmatched, max(0, sent - delivered - unmatched))
 
 
 def _listed(item: Any) -> ListedClient | None:

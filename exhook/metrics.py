@@ -119,8 +119,16 @@ class Metrics:
         reg, p = self.registry, PREFIX
         self.replayed = Counter(f"{p}messages_replayed", "Stored messages published again that reached a subscriber",
                                 registry=reg)
-        self.replay_failures = Counter(f"{p}replay_failures", "Replays that failed (EMQX API errors after retries)",
-                                       registry=reg)
+        self.replay_failures = Counter(f"{p}replay_failures", "Replays that gave up (EMQX API or store errors "
+                                       "after retries; what they did not deliver stays stored)", registry=reg)
+        self.replay_messages_skipped = Counter(
+            f"{p}replay_messages_skipped", "Stored messages a replay did not deliver and does not retry on that "
+            "connection, by reason (bad_qos, bad_topic: not valid to publish; rejected: EMQX answered 400 for it "
+            "alone; not_dispatched: EMQX failed to dispatch it); all stay stored", ["reason"], registry=reg)
+        self.restore_subscriptions_skipped = Counter(
+            f"{p}restore_subscriptions_skipped", "Stored subscriptions a restore did not give back, by reason "
+            "(bad_qos, bad_filter: not valid to subscribe; rejected: EMQX answered 400 for it alone)", ["reason"],
+            registry=reg)
         self.restores = Counter(f"{p}subscription_restores", "Clients whose stored subscriptions were restored",
                                 registry=reg)
         self.connect_calls_late = Counter(

@@ -9,20 +9,24 @@ other, so the subscriber sees them in stored (arrival) order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from typing import NamedTuple
 
 from exhook.client_queue import sleep_outside_slot
 from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
+from exhook.expiring import ExpiringMap
 from exhook.metrics import Metrics
 from exhook.retry import retrying, transient
 from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_filter
-from storage.base import PENDING_REPLAY_TTL_S, Store
+from exhook.validate import filter_problem, topic_problem
+from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, Store
+from storage.errors import one_line
 from storage.model import DropPendingReplay, PendingReplay, StoredMessage
 from storage.retry import Backoff, RetryPolicy
 
@@ -41,14 +45,43 @@ UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryab
 
 class Replayed(NamedTuple):
     """What a replay sent: ``published`` messages, of which the broker routed
-    ``delivered`` to a subscriber."""
+    ``delivered`` to a subscriber. ``nobody``: it stopped at a batch that matched no
+    subscriber (the client left, or its subscription is not applied yet). ``failed``:
+    it gave up on an error; the part it did not deliver is given back to this
+    connection (``Replayer._release``)."""
 
     published: int
     delivered: int
+    nobody: bool = False
+    failed: bool = False
 
     @property
     def reached_nobody(self) -> bool:
-        return self.published > 0 and self.delivered == 0
+        return self.nobody
+
+    @classmethod
+    def gave_up(cls, published: int, delivered: int) -> Replayed:
+        # at least one message counted as published and not delivered: a failed replay
+        # never reads as one that delivered all it published (a restore would take its
+        # filter as covered, and the broker's session.subscribed call would not replay it)
+        return cls(max(published, delivered + 1), delivered, failed=True)
+
+
+@dataclasses.dataclass(slots=True)
+class _Progress:
+    """How far one replay got: ``done`` is, per topic, the position of its last
+    message whose batch was answered (what a failure does not give back)."""
+
+    published: int = 0
+    delivered: int = 0
+    nobody: bool = False
+    done: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, batch: list[StoredMessage], sent: int, result: BulkResult) -> None:
+        self.published += sent
+        self.delivered += result.delivered
+        for m in batch:  # a batch is in position order: the last one of a topic wins
+            self.done[m.topic] = m.position
 
 
 class NotSubscribedYet(Exception):
@@ -170,6 +203,13 @@ class Replayer:
         self._batch_size = batch_size
         self._page_size = max(page_size, batch_size)
         self._until_subscribed = until_subscribed
+        # Per connection, the part of its claimed ranges a failed replay did not deliver
+        # (topic -> position to replay again after; None: from the oldest). The store's
+        # marks only rise, so the next replay of this connection in this process takes
+        # these back into its ranges (Replayer._claim).
+        self._given_back: ExpiringMap[str, dict[str, float | None]] = ExpiringMap(REPLAY_MARK_TTL_S, 100_000)
+        # stored messages already logged as not replayable (one line each, not one per replay)
+        self._reported: ExpiringMap[str, bool] = ExpiringMap(3600.0, 10_000)
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
                       reset_marks: bool = True,
@@ -184,15 +224,65 @@ class Replayer:
         qos) pairs the client now has (none when it left first)."""
         if reset_marks:
             await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
+            self._given_back.pop(connection)  # everything is replayed again anyway
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
-        pairs = [(s.topic, s.qos) for s in subs if keep(s.topic)]
+        pairs = [(s.topic, s.qos) for s in subs if keep(s.topic) and self._restorable(clientid, s.topic, s.qos)]
         if not pairs:
             return []
-        found = await self._subscribe(clientid, pairs, wait_for_client)
+        restored = await self._subscribe_all(clientid, pairs, wait_for_client)
         self._metrics.restores.inc()
+        found = restored is not None
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
-                 extra={"event": "restore", "clientid": clientid, "subscriptions": len(pairs), "client_found": found})
-        return pairs if found else []
+                 extra={"event": "restore", "clientid": clientid, "subscriptions": len(restored or ()),
+                        "client_found": found})
+        return restored or []
+
+    def _restorable(self, clientid: str, topic: str, qos: int) -> bool:
+        """Whether EMQX can take this stored subscription: one it cannot makes it refuse
+        the client's whole subscribe/bulk, so it is left out (counted, logged)."""
+        problem = "bad_qos" if qos not in (0, 1, 2) else filter_problem(topic)
+        if problem is None:
+            return True
+        self._metrics.restore_subscriptions_skipped.labels(problem).inc()
+        log.error("stored subscription not restored (%s)", problem, extra={
+            "event": "subscription_skipped", "clientid": clientid[:200], "topic": topic[:200], "qos": qos})
+        return False
+
+    async def _subscribe_all(self, clientid: str, pairs: list[tuple[str, int]],
+                             wait_for_client: bool) -> list[tuple[str, int]] | None:
+        """The pairs the client now has; None if it is not connected. A 400 refuses the
+        whole array for one item the checks here did not foresee: then one call each,
+        so that one item cannot keep the client's other subscriptions from it."""
+        try:
+            return pairs if await self._subscribe(clientid, pairs, wait_for_client) else None
+        except EmqxApiError as exc:
+            if exc.status != 400:
+                raise
+            log.warning("subscribe/bulk refused (%s): subscribing one by one", exc, extra={
+                "event": "subscribe_bulk_refused", "clientid": clientid[:200], "subscriptions": len(pairs)})
+        restored: list[tuple[str, int]] = []
+        for topic, qos in pairs:
+            found = await self._subscribe_one(clientid, topic, qos)
+            if found is None:
+                return None  # left meanwhile
+            if found:
+                restored.append((topic, qos))
+        return restored
+
+    async def _subscribe_one(self, clientid: str, topic: str, qos: int) -> bool | None:
+        """One subscription: True once given, False if EMQX refused it (400: skipped,
+        counted, logged), None if the client is not connected."""
+        try:
+            if not await retrying("subscribe", lambda: self._api.subscribe(clientid, topic, qos)):
+                return None
+        except EmqxApiError as exc:
+            if exc.status != 400:
+                raise
+            self._metrics.restore_subscriptions_skipped.labels("rejected").inc()
+            log.error("stored subscription refused by EMQX: %s", exc, extra={
+                "event": "subscription_refused", "clientid": clientid[:200], "topic": topic[:200], "qos": qos})
+            return False
+        return True
 
     async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool) -> bool:
         """subscribe/bulk; False if the client is not connected (after waiting for it
@@ -221,65 +311,122 @@ class Replayer:
         applied yet): a replay that reached nobody awaits it, then tries again
         (UNTIL_SUBSCRIBED). ``current``: False once the client has connected again;
         the replay then stops before its next batch (the new connection's restore
-        replays what is left)."""
-        ranges = await self._claim(connection, real_filter(flt))
+        replays what is left).
+        A failure is logged, counted and answered as ``Replayed.failed``, so that a
+        restore goes on with the client's other filters; only EMQX refusing the API key
+        (the same for every filter) is raised."""
+        progress = _Progress()
+        try:
+            ranges = await self._claim(connection, real_filter(flt))
+            if ranges:
+                await self._deliver(connection, ranges, settle, current, progress)
+        except Exception as exc:
+            self._metrics.replay_failures.inc()
+            if isinstance(exc, EmqxApiError) and not exc.retryable:
+                raise  # the job fails with its one line (docs/operate.md: "client job failed")
+            log.error("replay failed: %s", one_line(exc), extra={
+                "event": "replay_failed", "clientid": clientid, "filter": flt, "messages": progress.delivered})
+            return Replayed.gave_up(progress.published, progress.delivered)
         if not ranges:
             return Replayed(0, 0)
-        if settle is None:
-            published, delivered = await self._publish_ranges(ranges, current)
-        else:
-            published, delivered = await self._publish_once_subscribed(ranges, settle, current)
-        if not current():
+        self._log_outcome(clientid, flt, len(ranges), progress, current())
+        return Replayed(progress.published, progress.delivered, progress.nobody)
+
+    def _log_outcome(self, clientid: str, flt: str, topics: int, progress: _Progress, still_current: bool) -> None:
+        if not still_current:
             log.info("replay stopped: the client connected again", extra={
-                "event": "replay_superseded", "clientid": clientid, "filter": flt, "messages": delivered})
-        elif delivered < published:
+                "event": "replay_superseded", "clientid": clientid, "filter": flt, "messages": progress.delivered})
+        elif progress.nobody:
             log.info("replay stopped: no subscriber matched (client gone)",
                      extra={"event": "replay_stopped", "clientid": clientid, "filter": flt})
-        if delivered:
+        if progress.delivered:
             log.info("replayed stored messages", extra={"event": "replay", "clientid": clientid, "filter": flt,
-                                                        "messages": delivered, "topics": len(ranges)})
-        return Replayed(published, delivered)
+                                                        "messages": progress.delivered, "topics": topics})
+
+    async def _deliver(self, connection: str, ranges: dict[str, tuple[float | None, float]],
+                       settle: Callable[[Collection[str]], Awaitable[None]] | None,
+                       current: Callable[[], bool], progress: _Progress) -> None:
+        """Publish the claimed ``ranges``; on any failure (cancellation too) give back
+        to the connection what was not delivered, so that a later replay sends it."""
+        try:
+            if settle is None:
+                await self._publish_ranges(ranges, current, progress)
+            else:
+                await self._publish_once_subscribed(ranges, settle, current, progress)
+        except BaseException:
+            self._release(connection, ranges, progress.done)
+            raise
+
+    def _release(self, connection: str, ranges: dict[str, tuple[float | None, float]],
+                 done: dict[str, float]) -> None:
+        given_back = self._given_back.get(connection) or {}
+        for topic, (low, high) in ranges.items():
+            start = done.get(topic, low)
+            if start is not None and start >= high:
+                continue  # delivered in full
+            given_back[topic] = _lower(given_back[topic], start) if topic in given_back else start
+        if given_back:
+            self._given_back.put(connection, given_back)
 
     async def _publish_once_subscribed(
         self, ranges: dict[str, tuple[float | None, float]],
-        settle: Callable[[Collection[str]], Awaitable[None]], current: Callable[[], bool],
-    ) -> tuple[int, int]:
-        last = (0, 0)
-
-        async def attempt() -> tuple[int, int]:
-            nonlocal last
-            published, delivered = last = await self._publish_ranges(ranges, current)
-            if published and not delivered and current():
+        settle: Callable[[Collection[str]], Awaitable[None]], current: Callable[[], bool], progress: _Progress,
+    ) -> None:
+        async def attempt() -> None:
+            progress.published = progress.delivered = 0
+            progress.nobody = False
+            progress.done.clear()  # the same range again: nothing of it was delivered
+            await self._publish_ranges(ranges, current, progress)
+            if progress.nobody and current():
                 # Nothing was delivered, so the same range can go again. Its re-keys (the
                 # broker's message.publish of what reached nobody) are queued: let them
                 # land, so that the next read sees the ids the broker gave (if one is not
                 # in the store in time, that message is replayed once more later).
                 await settle(ranges.keys())
                 raise NotSubscribedYet
-            return published, delivered
 
-        try:
-            return await self._until_subscribed.call("replay after a restore", attempt, sleep=sleep_outside_slot)
-        except NotSubscribedYet:
-            return last
+        with contextlib.suppress(NotSubscribedYet):
+            await self._until_subscribed.call("replay after a restore", attempt, sleep=sleep_outside_slot)
 
     async def _publish_ranges(self, ranges: dict[str, tuple[float | None, float]],
-                              current: Callable[[], bool]) -> tuple[int, int]:
+                              current: Callable[[], bool], progress: _Progress) -> None:
         """Publish the stored messages of ``ranges`` in order, until a batch reaches
-        nobody or the client has connected again; (messages published, messages the
-        broker routed to someone)."""
-        published = delivered = 0
+        nobody or the client has connected again."""
         pages = self._store.read_messages(ranges, self._page_size)
-        async for batch in _prefetched_batches(pages, self._batch_size):
-            if not current():
-                break
-            unmatched = await self._publish(batch)
-            published += len(batch)
-            if unmatched >= len(batch):
-                break
-            delivered += len(batch) - unmatched
-            self._metrics.replayed.inc(len(batch) - unmatched)
-        return published, delivered
+        # closed however the loop ends, so its read-ahead task ends with it
+        async with contextlib.aclosing(_prefetched_batches(pages, self._batch_size)) as batches:
+            async for batch in batches:
+                if not current():
+                    break
+                sendable = [m for m in batch if self._replayable(m)]
+                result = await self._publish(sendable) if sendable else BulkResult(200, 0, 0)
+                progress.add(batch, len(sendable), result)
+                self._metrics.replayed.inc(result.delivered)
+                if result.failed:
+                    self._not_dispatched(batch, result)
+                if result.delivered == 0 and result.unmatched > 0:
+                    progress.nobody = True
+                    break
+
+    def _replayable(self, m: StoredMessage) -> bool:
+        """Whether a stored message can be published: one EMQX would refuse (a qos
+        outside 0-2, a topic no message can have: another writer of the store, a
+        corrupted row) would make it refuse its whole batch. It is skipped, stays
+        stored, and is logged once."""
+        problem = "bad_qos" if m.qos not in (0, 1, 2) else topic_problem(m.topic)
+        if problem is None:
+            return True
+        self._metrics.replay_messages_skipped.labels(problem).inc()
+        if self._reported.get(m.msgid) is None:
+            self._reported.put(m.msgid, True)
+            log.error("stored message not replayable (%s): skipped", problem, extra={
+                "event": "replay_skipped", "msgid": m.msgid, "topic": m.topic[:200], "qos": m.qos})
+        return False
+
+    def _not_dispatched(self, batch: list[StoredMessage], result: BulkResult) -> None:
+        self._metrics.replay_messages_skipped.labels("not_dispatched").inc(result.failed)
+        log.warning("EMQX did not dispatch %d of %d replayed messages: they stay stored", result.failed, len(batch),
+                    extra={"event": "replay_not_dispatched", "topic": batch[0].topic[:200], "status": result.status})
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
         if is_wildcard(real):
@@ -295,22 +442,35 @@ class Replayer:
         if not highs:
             return {}
         previous = await retrying("claim replay", lambda: self._store.claim_replay(connection, highs))
+        given_back = self._given_back.pop(connection) or {}
         ranges: dict[str, tuple[float | None, float]] = {}
         for topic, high in highs.items():
             low = previous.get(topic)
+            if topic in given_back:  # a failed replay's claim on it: take that part back
+                low = _lower(low, given_back.pop(topic))
             if low is None or low < high:
                 ranges[topic] = (low, high)
+        if given_back:  # other filters' topics
+            self._given_back.put(connection, given_back)
         return ranges
 
-    async def _publish(self, batch: list[StoredMessage]) -> int:
-        """Publish one batch; how many of its messages the broker routed to nobody."""
+    async def _publish(self, batch: list[StoredMessage]) -> BulkResult:
+        """Publish one batch. EMQX answers 400 to the whole array for one item it
+        refuses (publishing none of it): the batch is then cut in halves until that
+        item is alone, which is skipped (counted, logged); the others go out in order."""
         items = [ReplayItem(m.topic, m.payload, m.qos, m.msgid) for m in batch]
         try:
-            result = await retrying("publish/bulk", lambda: self._publish_once(batch, items))
-        except Exception:
-            self._metrics.replay_failures.inc()
-            raise
-        return result.unmatched
+            return await retrying("publish/bulk", lambda: self._publish_once(batch, items))
+        except EmqxApiError as exc:
+            if exc.status != 400:
+                raise
+            if len(batch) > 1:
+                half = len(batch) // 2
+                return await self._publish(batch[:half]) + await self._publish(batch[half:])
+            self._metrics.replay_messages_skipped.labels("rejected").inc()
+            log.error("EMQX refused a stored message: skipped: %s", exc, extra={
+                "event": "replay_rejected", "msgid": batch[0].msgid, "topic": batch[0].topic[:200]})
+            return BulkResult(400, 0, 0)
 
     async def _publish_once(self, batch: list[StoredMessage], items: list[ReplayItem]) -> BulkResult:
         """One publish/bulk call. A v2 broker hides the replay property, so the batch is
@@ -349,18 +509,22 @@ class Replayer:
 
 async def _prefetched_batches(
     pages: AsyncIterator[list[StoredMessage]], batch_size: int
-) -> AsyncIterator[list[StoredMessage]]:
+) -> AsyncGenerator[list[StoredMessage], None]:
     """Re-cut store pages into publish batches, reading the next page while the
     caller publishes the current one."""
     ahead: asyncio.Queue[list[StoredMessage] | None] = asyncio.Queue(maxsize=1)
 
     async def read() -> None:
+        # The end marker goes only to a consumer still reading: once cancelled (the
+        # consumer stopped early), a put into the full queue would wait forever.
         try:
             async for page in pages:
                 if page:
                     await ahead.put(page)
-        finally:
-            await ahead.put(None)
+        except Exception:
+            await ahead.put(None)  # wakes the consumer, which then awaits the error
+            raise
+        await ahead.put(None)
 
     reader = asyncio.create_task(read())
     try:
@@ -369,9 +533,15 @@ async def _prefetched_batches(
                 yield page[start : start + batch_size]
         await reader  # surfaces a read error
     finally:
+        # the consumer stopped early (a break, an error, cancelled) or the read ended
         if not reader.done():
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
         aclose = getattr(pages, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _lower(a: float | None, b: float | None) -> float | None:
+    """The lower of two range starts; None (from the oldest) is the lowest."""
+    return None if a is None or b is None else min(a, b)

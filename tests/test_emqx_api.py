@@ -29,6 +29,7 @@ class FakeEmqx:
         self.auth: list[str] = []  # every Authorization header publish/bulk received
         self.subscribed: list[str] = []  # the clientid of every subscribe/bulk call
         self.bulk_status = 200
+        self.bulk_answers: list[Any] | None = None  # per-item answers of publish/bulk, if not all alike
         self.delay = 0.0
         self.role = "administrator"
 
@@ -40,6 +41,8 @@ class FakeEmqx:
         await asyncio.sleep(self.delay)
         body = await request.json()
         self.bodies.append(body)
+        if self.bulk_answers is not None:
+            return web.json_response(self.bulk_answers, status=self.bulk_status)
         if self.bulk_status == 202:
             return web.json_response([{"reason_code": 16, "message": "no_matching_subscribers"}] * len(body),
                                      status=202)
@@ -61,11 +64,21 @@ class FakeEmqx:
         self.bodies.append(await request.json())
         return web.json_response([])
 
+    async def subscribe(self, request: web.Request) -> web.Response:
+        """One subscription: 400 for a qos EMQX's schema refuses."""
+        self.subscribed.append(request.match_info["clientid"])
+        body = await request.json()
+        self.bodies.append(body)
+        if body["qos"] not in (0, 1, 2):
+            return web.json_response({"code": "BAD_REQUEST", "message": "body.qos: expected 0, 1 or 2"}, status=400)
+        return web.json_response({"topic": body["topic"], "qos": body["qos"]})
+
 
 async def serve(fake: FakeEmqx, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
     app = web.Application()
     app.router.add_post("/api/v5/publish/bulk", fake.publish_bulk)
     app.router.add_post("/api/v5/clients/{clientid}/subscribe/bulk", fake.subscribe_bulk)
+    app.router.add_post("/api/v5/clients/{clientid}/subscribe", fake.subscribe)
     app.router.add_get("/api/v5/exhooks", fake.exhooks)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -121,6 +134,33 @@ async def test_subscribe_bulk_and_a_client_that_left(plain: tuple[FakeEmqx, int]
         assert await api.subscribe_bulk("c/1", [("t/#", 1)]) is True
         assert fake.bodies == [[{"topic": "t/#", "qos": 1}]]
         assert await api.subscribe_bulk("gone", [("t/#", 1)]) is False
+    finally:
+        await api.close()
+
+
+async def test_only_items_answered_with_their_id_count_as_delivered(plain: tuple[FakeEmqx, int]) -> None:
+    fake, port = plain
+    fake.bulk_status = 503
+    fake.bulk_answers = [{"id": "A" * 32}, {"reason_code": 16, "message": "no_matching_subscribers"},
+                         {"reason_code": 131, "message": "failed_to_dispatch"}]
+    api = await client(f"http://127.0.0.1:{port}")
+    try:
+        result = await api.publish_bulk([ReplayItem("t/1", b"x", 1, f"{i}" * 32) for i in range(3)])
+        assert (result.status, result.delivered, result.unmatched, result.failed) == (503, 1, 1, 1)
+    finally:
+        await api.close()
+
+
+async def test_subscribe_one_filter(plain: tuple[FakeEmqx, int]) -> None:
+    fake, port = plain
+    api = await client(f"http://127.0.0.1:{port}")
+    try:
+        assert await api.subscribe("c.1/x", "t/#", 1) is True
+        with pytest.raises(EmqxApiError) as refused:
+            await api.subscribe("c.1/x", "t/#", 3)
+        assert (refused.value.status, refused.value.retryable) == (400, False)
+        assert fake.bodies == [{"topic": "t/#", "qos": 1}, {"topic": "t/#", "qos": 3}]
+        assert fake.subscribed == ["c.1/x", "c.1/x"]
     finally:
         await api.close()
 
