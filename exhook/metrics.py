@@ -123,8 +123,9 @@ class Metrics:
                                        "after retries; what they did not deliver stays stored)", registry=reg)
         self.replay_messages_skipped = Counter(
             f"{p}replay_messages_skipped", "Stored messages a replay did not deliver and does not retry on that "
-            "connection, by reason (bad_qos, bad_topic: not valid to publish; rejected: EMQX answered 400 for it "
-            "alone; not_dispatched: EMQX failed to dispatch it); all stay stored", ["reason"], registry=reg)
+            "connection, by reason (unreadable: the store's row or hash is no message; bad_qos, bad_topic: not valid "
+            "to publish; rejected: EMQX answered 400 for it alone; not_dispatched: EMQX failed to dispatch it); all "
+            "stay stored", ["reason"], registry=reg)
         self.restore_subscriptions_skipped = Counter(
             f"{p}restore_subscriptions_skipped", "Stored subscriptions a restore did not give back, by reason "
             "(bad_qos, bad_filter: not valid to subscribe; rejected: EMQX answered 400 for it alone)", ["reason"],

@@ -45,6 +45,7 @@ from exhook.servicer import add_servicers
 from exhook.spool import Spool, adopt_orphans, orphan_paths
 from exhook.topics import TopicSet
 from exhook.writer import OrderedWriter, WriterSettings
+from storage import unreadable
 from storage.base import Store, StoreConfigError, StoreError
 from storage.factory import create_store
 from storage.gated import GatedStore
@@ -102,12 +103,23 @@ class Service:
         self._held_rekeys.flush()
         await self._writer.drained()
 
+    def _count_unreadable_rows(self, stack: AsyncExitStack) -> None:
+        """Stored rows the backend's reads skip (storage.unreadable) count as replay skips."""
+        counter = self.metrics.replay_messages_skipped.labels("unreadable")
+
+        def count(backend: str) -> None:
+            counter.inc()
+
+        unreadable.listeners.append(count)
+        stack.callback(unreadable.listeners.remove, count)
+
     async def _start(self, stack: AsyncExitStack) -> None:
         cfg, backend = self.config, self.config.backend
         count_dropped_lines(self.metrics.log_lines_dropped.inc)
         health = HealthServicer()
         self._gate = gate = GatedStore(self.store or create_store(backend), self.metrics.store_failure)
         stack.push_async_callback(gate.close)
+        self._count_unreadable_rows(stack)
         self.readiness = Readiness(gate.store, cfg.service.http.check_interval_ms / 1000, self.metrics, health,
                                    redactor(config_secrets(cfg)), self.on_readiness)
         await self._start_http(stack)

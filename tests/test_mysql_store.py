@@ -27,6 +27,8 @@ from exhook.config import HostPort, SslOptions
 from storage.base import StoreConfigError, StoreError, WriteRejected
 from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage
 from storage.mysql import STATE_TABLES_DDL
+from storage.mysql import reads as mysql_reads
+from storage.unreadable import SkippedRows
 from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, rejected, spy_statements
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
 from tests.store_reads import read_all
@@ -467,6 +469,68 @@ async def test_retry_after_lost_commit_does_not_duplicate(
     assert [x.msgid for x in await read_topic(store, "retry/t")] == [m1.msgid, m2.msgid]
     await store.write([DeleteMessage(m1.msgid, m1.topic)])
     assert await count(raw, m1.msgid) == 0
+
+
+async def test_duplicates_are_found_in_a_bounded_window(
+    make_store: MakeStore, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the ids one replay remembers stay within the window, however long the replay
+    monkeypatch.setattr(mysql_reads, "_DEDUP_WINDOW", 16)
+    sizes: list[int] = []
+    first_time = mysql_reads.RecentIds.first_time
+
+    def spy(self: mysql_reads.RecentIds, msgid: str) -> bool:
+        fresh = first_time(self, msgid)
+        sizes.append(len(self))
+        return fresh
+
+    monkeypatch.setattr(mysql_reads.RecentIds, "first_time", spy)
+    store = await make_store()
+    ms = [msg(f"win/{i % 3}", b"%d" % i) for i in range(300)]
+    for start in range(0, len(ms), 50):
+        await store.write([SaveMessage(m) for m in ms[start : start + 50]])
+    # a retried batch stored its last messages again right after them
+    now = int(time.time() * 1000)
+    for m in ms[-10:]:
+        q(raw, "INSERT INTO mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
+               "VALUES (%s, 'pub', %s, 1, 0, 'dup', FROM_UNIXTIME(%s/1000))", (m.msgid, m.topic, now))
+    topics = ["win/0", "win/1", "win/2"]
+    for page in (1, 7, 100):
+        sizes.clear()
+        got = await read_all(store, {t: (None, 1e15) for t in topics}, page)
+        assert [m.msgid for m in got] == [m.msgid for m in ms]
+        assert len(sizes) == 310 and max(sizes) == 16  # 310 rows met, never more than 16 ids held
+
+
+async def test_unreadable_rows_are_skipped(make_store: MakeStore, raw: Any, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    # the plugin's table lets another writer leave rows no message can come from
+    for ddl in (*PLUGIN_DDL, *STATE_TABLES_DDL):
+        q(raw, ddl)
+    q(raw, "ALTER TABLE mqtt_msg MODIFY qos varchar(8) NULL")  # a custom schema's looser column
+    skipped = SkippedRows("mysql")
+    monkeypatch.setattr(mysql_reads, "SKIPPED", skipped)
+    store = await make_store(init_default_schema=False)
+    good = [msg("bad/t", b"%d" % i) for i in range(3)]
+    await store.write([SaveMessage(good[0])])
+    ts = int(time.time() * 1000)
+    for mid, qos, payload in [(ids(), 1, None), (ids(), 3, b"qos 3"), (ids(), 2, b"ok"), (None, 1, b"no msgid"),
+                              (ids(), -1, b"qos -1"), (ids(), 0, b""), (ids(), 1, ""), (ids(), None, b"qos NULL"),
+                              (ids(), "x", b"qos x"), (ids(), " 2", b"qos text")]:
+        q(raw, PLUGIN_INSERT, (mid, "tool", "bad/t", qos, 0, payload, ts))
+    await store.write([SaveMessage(m) for m in good[1:]])
+    await store.write([SaveMessage(msg("bad/u"))])
+    caplog.set_level(logging.WARNING, logger="storage.mysql.reads")
+    for ranges in ({"bad/t": (None, 1e15)}, {"bad/t": (None, 1e15), "bad/u": (None, 1e15)}):
+        for page in (1, 2, 100):
+            got = await read_all(store, ranges, page)
+            # qos 3 and -1 are read as they are: the replay leaves them out and counts them (bad_qos)
+            assert [(m.qos, m.payload) for m in got if m.topic == "bad/t"] == [
+                (1, b"0"), (3, b"qos 3"), (2, b"ok"), (-1, b"qos -1"), (0, b""), (1, b""), (2, b"qos text"), (1, b"1"),
+                (1, b"2")]
+    assert skipped.count == 6 * 4  # 4 unreadable rows (payload, msgid, qos NULL, qos x), read 6 times
+    lines = [r.getMessage() for r in caplog.records if "skipping unreadable stored message" in r.getMessage()]
+    assert len(lines) == 1 and "payload is NULL" in lines[0], lines  # one line a minute
 
 
 # ---------------------------------------------------------------------------

@@ -233,6 +233,19 @@ async def test_cluster_core_spanning_nodes(redis_cluster_clean: RedisClusterSet)
         await store.close()
 
 
+async def test_cluster_pending_replays_of_topics_with_braces(redis_cluster_clean: RedisClusterSet) -> None:
+    # the registry's scripts touch the registry key and the call's record: one slot,
+    # also for topics that hash-tag their key or hold a "}" that cannot be in a tag
+    store = await opened(store_config(redis_cluster_clean.config()))
+    try:
+        for i, topic in enumerate(("t/1", "a}b", "x{y", "{t}/1", "}{", "t{}/1")):
+            ids = [f"{i:016X}{n:016X}" for n in range(3)]
+            await store.register_pending_replays([PendingReplay(topic, "d" * 64, x) for x in ids])
+            assert [await store.take_pending_replay(topic, "d" * 64) for _ in range(4)] == [*ids, None]
+    finally:
+        await store.close()
+
+
 async def test_cluster_wildcard_replay_spanning_nodes(redis_cluster_clean: RedisClusterSet) -> None:
     cfg = store_config(redis_cluster_clean.config())
     topics = _spread_topics(redis_cluster_clean, cfg.message_key_prefix)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -30,6 +31,8 @@ from storage.model import (
     WriteOp,
 )
 from storage.sqlite import SqliteStore, prefix_upper_bound
+from storage.sqlite import reads as sqlite_reads
+from storage.unreadable import SkippedRows
 from tests.store_reads import read_all
 
 
@@ -593,3 +596,51 @@ async def test_concurrent_writes_and_reads(store: SqliteStore) -> None:
     final = await read_all(store, {t: (None, h) for t, h in highs.items()}, 100)
     assert len(final) == len(written) == 4 * 30 * 20
     assert {m.msgid for m in final} == {m.msgid for m in written}
+
+
+async def test_read_skips_rows_another_tool_wrote(store: SqliteStore, db_path: Path, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite does not enforce column types: a row put in by another tool (the sqlite3
+    # CLI, a migration) may hold TEXT where we write BLOBs, or values no message has
+    ms = [msg("f/t", b"p%d" % i) for i in range(4)]
+    await store.write(saves(*ms[:2]))
+    other = sqlite3.connect(db_path)
+    readable = [  # (msgid, qos, payload) -> (msgid, qos, payload) read
+        (("F1", 1, "text payload \u20ac"), ("F1", 1, "text payload \u20ac".encode())),
+        (("F2", 2, ""), ("F2", 2, b"")),
+        ((b"F3", 1, b"msgid as a blob"), ("F3", 1, b"msgid as a blob")),
+        # read as they are: the replay leaves them out and counts them (bad_qos)
+        (("F4", 3, b"qos 3"), ("F4", 3, b"qos 3")),
+        (("F5", -1, b"qos -1"), ("F5", -1, b"qos -1")),
+    ]
+    unreadable = [("U1", "one", b"qos as text"), ("U2", 1.5, b"qos 1.5"), ("U3", 1, 42), ("U4", 1, 1.5),
+                  (b"\xff", 1, b"msgid not UTF-8"), ("", 1, b"empty msgid")]
+    try:
+        for mid, qos, payload in [row for row, _ in readable] + unreadable:
+            other.execute("INSERT INTO mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
+                          "VALUES (?, 'tool', 'f/t', ?, 0, ?, 1)", (mid, qos, payload))
+        # text that is not UTF-8 (sqlite3 would fail the whole fetch decoding it)
+        other.execute("INSERT INTO mqtt_msg(msgid, sender, topic, qos, retain, payload, arrived) "
+                      "VALUES ('F6', CAST(x'ff' AS TEXT), 'f/t', 1, 0, CAST(x'c3ff' AS TEXT), 1)")
+        other.commit()
+    finally:
+        other.close()
+    await store.write(saves(*ms[2:]))
+    skipped = SkippedRows("sqlite")
+    monkeypatch.setattr(sqlite_reads, "SKIPPED", skipped)
+    caplog.set_level(logging.WARNING, logger="storage.sqlite.reads")
+    want = [*((m.msgid, m.qos, m.payload) for m in ms[:2]), *(read for _, read in readable), ("F6", 1, b"\xc3\xff"),
+            *((m.msgid, m.qos, m.payload) for m in ms[2:])]
+    for page_size in (1, 3, 100):  # one topic: one query per page
+        got = await read_topic(store, "f/t", page_size)
+        assert [(m.msgid, m.qos, m.payload) for m in got] == want
+        assert got[-3].sender == "\ufffd"
+    # merged with another topic: rows loaded by id
+    await store.write(saves(msg("f/u")))
+    highs = await store.latest_positions(["f/t", "f/u"])
+    merged = await read_all(store, {t: (None, h) for t, h in highs.items()}, 2)
+    assert [(m.msgid, m.qos, m.payload) for m in merged[:-1]] == want and merged[-1].topic == "f/u"
+    assert skipped.count == 4 * len(unreadable)  # read 4 times
+    lines = [r.getMessage() for r in caplog.records if "skipping unreadable stored message" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line a minute, however often the rows are met
+    assert "qos 'one' is not an integer" in lines[0]

@@ -10,7 +10,9 @@ table directly (its name and topic column come from insert_message_sql).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from storage.merge import Source, merged_pages
@@ -21,9 +23,14 @@ from storage.mysql.connection import Connections
 from storage.mysql.schema import Schema
 from storage.mysql.sql_template import quote_ident
 from storage.mysql.templates import Templates
+from storage.unreadable import SkippedRows, Unreadable
 
 T = TypeVar("T")
 _TOPICS_PER_QUERY = 100
+# Message ids one replay remembers to give out a message stored twice only once: the
+# copies a retried batch stores follow the first ones within about one batch (at most
+# 10,000 saves), so the most recent ids are enough (about 1.2 MiB, not the whole replay).
+_DEDUP_WINDOW = 10_000
 # The exact topic, byte for byte: the default utf8mb4 collation is case-insensitive
 # and pads spaces (`topic = 'a/b'` also matches 'A/B' and 'a/b '). The template's own
 # `topic = ${topic}` still selects the index range; this only filters it.
@@ -39,6 +46,33 @@ class _Topic(Source[int]):
         super().__init__(topic)
         self.low = low
         self.high = high
+
+
+class RecentIds:
+    """The last ``size`` message ids a replay gave out, in bounded memory."""
+
+    __slots__ = ("_ids", "_order", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = max(1, size)
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def first_time(self, msgid: str) -> bool:
+        """False if ``msgid`` is one of the recent ids; else remember it."""
+        if msgid in self._ids:
+            return False
+        self._ids.add(msgid)
+        self._order.append(msgid)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        return True
+
+
+SKIPPED = SkippedRows("mysql")
 
 
 class Reads:
@@ -120,7 +154,7 @@ class Reads:
             if lo is None or lo < hi:
                 sources.append(_Topic(topic, lo, hi))
         fetch = min(max(page_size, 100), 1000)
-        seen: set[str] = set()
+        seen = RecentIds(_DEDUP_WINDOW)
 
         async def refill(dry: list[_Topic]) -> None:
             await self._refill(schema, dry, fetch)
@@ -150,7 +184,7 @@ class Reads:
                     s.low = ids[-1]
                 s.exhausted = len(ids) < fetch
 
-    async def _fetch_rows(self, schema: Schema, page: list[tuple[int, str]], seen: set[str]) -> list[StoredMessage]:
+    async def _fetch_rows(self, schema: Schema, page: list[tuple[int, str]], seen: RecentIds) -> list[StoredMessage]:
         by_topic: dict[str, list[int]] = {}
         for pos, topic in page:
             by_topic.setdefault(topic, []).append(pos)
@@ -164,29 +198,57 @@ class Reads:
         async for _, found in self._union_all(list(by_topic.items()), part, dict_rows=True):
             rows += found
         out = []
-        for msg in sorted((_to_message(r) for r in rows), key=lambda m: m.position):
+        for msg in sorted(_messages(rows), key=lambda m: m.position):
             # A retried batch can (rarely) have stored a message twice: same msgid,
             # two positions. The ack deletes both rows (by msgid); replay one.
-            if msg.msgid not in seen:
-                seen.add(msg.msgid)
+            if seen.first_time(msg.msgid):
                 out.append(msg)
         return out
 
 
+def _messages(rows: list[dict[str, Any]]) -> list[StoredMessage]:
+    """The rows' messages; an unreadable row is skipped (counted, logged), never
+    failing the page: the topic's other messages are still replayed."""
+    out: list[StoredMessage] = []
+    for row in rows:
+        try:
+            out.append(_to_message(row))
+        except (TypeError, ValueError, ArithmeticError) as exc:  # Unreadable, or a value int() refuses
+            SKIPPED.skip(row.get("id"), text(row.get("topic")), exc)
+    return out
+
+
+def _qos(value: Any) -> int:
+    """An integer column, or the text of one (a custom schema). One outside 0-2 is a
+    message the replay leaves out, counted as ``bad_qos`` (as the other backends'
+    readers pass it on): one place for that count."""
+    if isinstance(value, (bytes, bytearray, str)):
+        value = text(value).strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+    elif isinstance(value, (int, Decimal)) and value == int(value):
+        return int(value)
+    raise Unreadable(f"qos {value!r} is not an integer")
+
+
 def _to_message(row: dict[str, Any]) -> StoredMessage:
+    """The message of one row; ``Unreadable`` if it cannot be one."""
     payload = row.get("payload")
-    if payload is None:
-        data = b""
-    elif isinstance(payload, str):
+    if isinstance(payload, str):  # a text column (a custom schema): the bytes it holds
         data = payload.encode("utf-8", "surrogateescape")
-    else:
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
         data = bytes(payload)
+    else:
+        raise Unreadable(f"payload is {'NULL' if payload is None else type(payload).__name__}")
+    msgid, topic = text(row.get("msgid")), text(row.get("topic"))
+    if not msgid or not topic:
+        raise Unreadable("no msgid" if not msgid else "no topic")
     retain = row.get("retain")
     return StoredMessage(
-        msgid=text(row.get("msgid")),
+        msgid=msgid,
         sender=text(row.get("sender")),
-        topic=text(row.get("topic")),
-        qos=int(row.get("qos") or 0),
+        topic=topic,
+        qos=_qos(row.get("qos")),
         retain=bool(int(retain)) if retain is not None else False,
         payload=data,
         timestamp=int(row.get("ox_ts") or 0),

@@ -41,7 +41,11 @@ from storage.tls import TlsSetupError, client_context
 OP_TIMEOUT_S = 10.0  # one round trip (a pipeline or a command), connecting included
 CONNECT_TIMEOUT_S = 5.0
 # redis-py reconnects and sends a command again after a lost connection (a pooled
-# connection the server closed, a failover): twice at most, paced by the one policy
+# connection the server closed, a failover): twice at most, paced by the one policy.
+# Redis may have run the command whose reply was lost, so every command the store
+# sends must be safe to run twice: the writes are idempotent, and what is not (the
+# pending-replay registry's RPUSH and LPOP) runs in scripts that recognise a re-send
+# of their call (bookkeeping.py).
 _RESEND = Backoff(base=0.05, cap=1.0)
 _RESENDS = 2
 

@@ -34,6 +34,8 @@ may take; ``{mp}~ox:`` is also outside a ``KEYS {mp}:*`` listing)::
     {mp}~ox:mark:{connection}   hash topic -> replay mark, EXPIRE REPLAY_MARK_TTL_S
     {mp}~ox:tomb:{b62id}        string, EX TOMBSTONE_TTL_S (ack of a replay)
     {mp}~ox:pend:{digest}:{topic} list of hex ids, EXPIRE PENDING_REPLAY_TTL_S (v2 replays)
+    {mp}~ox:call:{tag}:{token}  hash, EXPIRE CALL_RECORD_TTL_S: one registry call ran (a
+                                re-send of it changes nothing; bookkeeping.py)
 
 A topic and a message share the ``{mp}:`` namespace (as in the plugin): a topic
 spelled like a stored message's b62 id names that message's hash. Writes that meet
@@ -72,6 +74,7 @@ class Keys:
     tombs: bytes
     marks: bytes
     pending: bytes
+    calls: bytes  # records of registry calls (bookkeeping.py)
 
     @classmethod
     def of(cls, cfg: RedisConfig) -> Keys:
@@ -84,6 +87,7 @@ class Keys:
             tombs=ours + b"tomb:",
             marks=ours + b"mark:",
             pending=ours + b"pend:",
+            calls=ours + b"call:",
         )
 
     def message(self, b62: bytes) -> bytes:

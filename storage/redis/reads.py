@@ -16,7 +16,6 @@ instead of failing every replay whose filter covers it.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -41,8 +40,9 @@ from storage.redis.keys import (
 from storage.redis.link import Link
 from storage.redis.purge import Janitor
 from storage.redis.rounds import or_empty
+from storage.unreadable import SkippedRows
 
-log = logging.getLogger(__name__)
+SKIPPED = SkippedRows("redis")
 
 _TOPIC_PAGE = 1000  # topics per ZRANGE BYLEX page
 _MIN_FETCH = 4  # members fetched per topic cursor at least
@@ -243,7 +243,7 @@ class Reader:
                     position=score,
                 ))
             except (Base62Error, ValueError) as exc:
-                log.warning("redis: skipping unreadable stored message %r of %r: %s", member, c.topic, exc)
+                SKIPPED.skip(member, c.topic, exc)
         if dangling:
             await self._link.run(dangling, "read_messages (dangling index members)")
         return page

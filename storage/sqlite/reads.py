@@ -11,10 +11,19 @@ from typing import Any
 from storage.merge import Source, merged_pages
 from storage.model import StoredMessage
 from storage.sqlite.connection import Database
+from storage.unreadable import SkippedRows, Unreadable
 
 Cutoff = Callable[[], "int | None"]  # arrival time before which messages are expired
 
-_MSG_COLUMNS = "id, msgid, sender, topic, qos, retain, payload, arrived"
+# Another tool may have put TEXT where we write BLOBs (SQLite does not enforce column
+# types). sqlite3 decodes TEXT as UTF-8 while fetching and fails the whole fetch on
+# invalid UTF-8, so text values come back as their stored bytes (UTF-8, the
+# database's encoding) and are checked row by row in ``_to_message``.
+_MSG_COLUMNS = (
+    "id, CASE typeof(msgid) WHEN 'text' THEN CAST(msgid AS BLOB) ELSE msgid END, "
+    "CASE typeof(sender) WHEN 'text' THEN CAST(sender AS BLOB) ELSE sender END, topic, qos, retain, "
+    "CASE typeof(payload) WHEN 'text' THEN CAST(payload AS BLOB) ELSE payload END, arrived"
+)
 
 # Loose index scan: one index seek per distinct topic, whatever the number of messages.
 _TOPICS_BOUNDED = """
@@ -106,18 +115,52 @@ def _to_id(position: float) -> int:
     return int(max(0.0, min(float(position), float(_MAX_ID))) // 1)
 
 
+SKIPPED = SkippedRows("sqlite")
+
+
+def _text(value: object, what: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unreadable(f"{what} is not UTF-8") from None
+    if isinstance(value, str) and value:
+        return value
+    raise Unreadable(f"{what} is {'empty' if value == '' else 'NULL' if value is None else type(value).__name__}")
+
+
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:
+    """The message of one row (text columns come as their bytes: ``_MSG_COLUMNS``);
+    ``Unreadable`` if it cannot be one."""
     rowid, msgid, sender, topic, qos, retain, payload, arrived = row
+    # an integer outside 0-2 is a message the replay leaves out, counted as ``bad_qos``
+    # (as the other backends' readers pass it on): one place for that count
+    if not isinstance(qos, int):
+        raise Unreadable(f"qos {qos!r} is not an integer")
+    if not isinstance(payload, bytes):
+        raise Unreadable(f"payload is {type(payload).__name__ if payload is not None else 'NULL'}")
     return StoredMessage(
-        msgid=msgid,
-        sender=sender,
-        topic=topic,
+        msgid=_text(msgid, "msgid"),
+        sender=sender.decode("utf-8", "replace") if isinstance(sender, bytes) else str(sender or ""),
+        topic=_text(topic, "topic"),
         qos=qos,
         retain=bool(retain),
-        payload=payload if isinstance(payload, bytes) else bytes(payload),
-        timestamp=arrived,
+        payload=payload,
+        timestamp=arrived if isinstance(arrived, int) else 0,
         position=float(rowid),
     )
+
+
+def _messages(rows: Sequence[tuple[Any, ...]]) -> list[StoredMessage]:
+    """The rows' messages; an unreadable row is skipped (counted, logged), never
+    failing the page: the topic's other messages are still replayed."""
+    out: list[StoredMessage] = []
+    for row in rows:
+        try:
+            out.append(_to_message(row))
+        except Unreadable as exc:
+            SKIPPED.skip(row[0], row[3], exc)
+    return out
 
 
 class _TopicIds(Source[int]):
@@ -179,7 +222,7 @@ def _topic_page(conn: sqlite3.Connection, source: _TopicIds, page_size: int, cut
         source.exhausted = True
     if rows:
         source.after = rows[-1][0]
-    return [_to_message(row) for row in rows]
+    return _messages(rows)
 
 
 async def _merged(
@@ -232,4 +275,4 @@ def _rows_by_id(conn: sqlite3.Connection, ids: list[int], cutoff: Cutoff) -> lis
             ).fetchall()
         found.sort(key=lambda row: row[0])
         rows.extend(found)
-    return [_to_message(row) for row in rows]
+    return _messages(rows)

@@ -1,0 +1,46 @@
+"""Stored messages a read cannot turn into a message (written by another tool, or
+damaged): every backend's reader skips such a row or hash, so that the topic's other
+messages are still replayed, and says so through one ``SkippedRows`` of its own."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+# Called with the backend's name for every row skipped (the service counts them in a
+# metric; ``storage`` knows nothing of it). Added and removed by whoever listens.
+listeners: list[Callable[[str], None]] = []
+
+
+class Unreadable(ValueError):
+    """A stored row that cannot be a message."""
+
+
+class SkippedRows:
+    """Rows a backend's reads skipped as unreadable: ``count`` since start, and one
+    warning line, at once and then at most one per ``every_s`` (every replay of the
+    topic meets the row again), saying how many rows it stands for."""
+
+    def __init__(self, backend: str, every_s: float = 60.0) -> None:
+        self.backend = backend
+        self.count = 0
+        self._every_s = every_s
+        self._unlogged = 0
+        self._quiet_until = float("-inf")
+
+    def skip(self, row: object, topic: object, exc: Exception) -> None:
+        self.count += 1
+        for listener in listeners:
+            listener(self.backend)
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        log.warning("%s: skipping unreadable stored message %r of %r: %s (%d skipped since the last line)",
+                    self.backend, row, topic, exc, self._unlogged)
+        self._unlogged = 0
+        self._quiet_until = now + self._every_s
