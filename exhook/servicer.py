@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
 from urllib.parse import unquote
@@ -39,6 +39,7 @@ from exhook.ratelog import RateLimitedLog
 from exhook.validate import (
     acked_problem,
     client_hook_problem,
+    is_guid,
     publish_problem,
     subscribed_problem,
     unsubscribed_problem,
@@ -65,6 +66,13 @@ class _Undecodable:
 
 
 UNDECODABLE = _Undecodable()
+
+
+def from_rest(sender: str, headers: Mapping[str, str]) -> bool:
+    """Was the message published through EMQX's REST API? Its ``from`` is "http_api",
+    but an MQTT client may take that clientid too: an MQTT client's message carries
+    its ``protocol`` (and ``peerhost``) in the headers, a REST publish none."""
+    return sender == "http_api" and "protocol" not in headers and "peerhost" not in headers
 
 
 class PeerFilter:
@@ -219,23 +227,26 @@ class HookProvider:
         started = time.perf_counter()
         msg = request.message
         sender = getattr(msg, "from")
+        rest = from_rest(sender, msg.headers)
         replay_of = None
         if self.is_v2:
             self._logic.flags.v2_seen = True
-        elif sender == "http_api":
+        elif rest:
             for prop in request.user_props:
                 if prop.name == REPLAY_PROPERTY:
-                    replay_of = prop.value
+                    replay_of = prop.value if is_guid(prop.value) else None  # one of our ids
                     break
         await self._logic.message_publish(
-            msg.id, sender, msg.topic, msg.qos, msg.payload, msg.timestamp, replay_of
+            msg.id, sender, msg.topic, msg.qos, msg.payload, msg.timestamp, replay_of, from_rest=rest
         )
         self._publish_latency.observe(time.perf_counter() - started)
         return self._ignore
 
     async def _message_acked(self, request: Any, context: Ctx) -> Any:
         msg = request.message
-        self._logic.message_acked(msg.id, getattr(msg, "from"), msg.topic, request.clientinfo.clientid)
+        sender = getattr(msg, "from")
+        self._logic.message_acked(msg.id, sender, msg.topic, request.clientinfo.clientid,
+                                  from_rest=from_rest(sender, msg.headers))
         return self._empty
 
     async def _session_subscribed(self, request: Any, context: Ctx) -> Any:

@@ -38,9 +38,14 @@ def topic_problem(topic: str) -> str | None:
     return None
 
 
+def is_guid(text: str) -> bool:
+    """A message id as the broker writes it: 32 hex digits."""
+    return _GUID.fullmatch(text) is not None
+
+
 def message_problem(msg: Any) -> str | None:
     """The ``Message`` of a ``message.publish`` or ``message.acked`` request."""
-    if not _GUID.fullmatch(msg.id):
+    if not is_guid(msg.id):
         return "bad_msgid"
     if msg.qos > 2:
         return "bad_qos"
