@@ -399,7 +399,9 @@ class HookLogic:
 
     async def _writer_caught_up(self, topics: Collection[str]) -> None:
         self.held_rekeys.flush(topics)  # these topics are read again: their re-keys must be in the store
-        await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
+        # only a wait (up to 2 s, all of it while the writer spools): others may use the slot
+        async with outside_slot():
+            await self._writer.caught_up(_CAUGHT_UP_WAIT_S)
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         if (dropped := self._dropped.get(client.connection)) is not None:

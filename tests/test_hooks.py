@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import cast
 
 import pytest
 
+from exhook import hooks
 from exhook.client_queue import ClientQueues
 from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.expiring import ExpiringMap
@@ -25,6 +26,7 @@ from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer,
 from exhook.spool import Spool
 from exhook.topics import TopicSet
 from exhook.writer import Entry, OrderedWriter, WriterSettings
+from storage.base import StoreError
 from storage.model import DropPendingReplay, PendingReplay, WriteOp
 from storage.retry import Backoff
 from tests.memory_store import MemoryStore
@@ -888,3 +890,48 @@ async def test_with_one_call_lost_only_the_filter_whose_call_arrived_is_covered(
     await rig.settle()
     assert rig.store.calls.count("claim_replay") == 3
     assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
+
+
+class WritesRefused(MemoryStore):
+    """Reads work, writes fail (Redis out of memory, MySQL read_only): the writer spools."""
+
+    refuse = False
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        if self.refuse:
+            raise StoreError("OOM command not allowed when used memory > 'maxmemory'")
+        await super().write(ops)
+
+
+async def test_a_replay_waiting_for_the_writer_to_catch_up_leaves_its_slot_to_other_clients(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the writer cannot catch up while the store refuses writes: that wait must not hold
+    # the only slot, or every other client's restores and replays wait behind it
+    monkeypatch.setattr(hooks, "_CAUGHT_UP_WAIT_S", 3600.0)
+    store = WritesRefused()
+    async with running_rig(tmp_path, store) as rig:
+        rig.queues = rig.logic._queues = ClientQueues(
+            rig.metrics, slots=AdaptiveLimit(initial=1, maximum=1, sampler=HandFed()))
+        await rig.publish(1, topic="t/a")
+        await rig.publish(2, topic="t/other")
+        await store.save_subscription("gone", "t/a", 1)
+        store.refuse = True
+        await rig.publish(3, topic="t/x")  # answered from the spool: the writer spools now
+        assert rig.writer.spooling
+        rig.api.routed_calls = 0  # the client left: its replay reaches nobody and waits for the writer
+        published = {"t/a": asyncio.Event(), "t/other": asyncio.Event()}
+        bulk = rig.api.publish_bulk
+
+        async def watched(items: list[ReplayItem]) -> BulkResult:
+            result = await bulk(items)
+            published[items[0].topic].set()
+            return result
+
+        rig.api.publish_bulk = watched  # type: ignore[method-assign]
+        rig.logic.client_connected(client("gone"))
+        await published["t/a"].wait()
+        rig.logic.session_subscribed(client("other"), "t/other", 1)
+        async with asyncio.timeout(10):  # not a timing: without the fix it never comes
+            await published["t/other"].wait()
+        store.refuse = False
+        await rig.settle()
