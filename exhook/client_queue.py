@@ -123,8 +123,13 @@ class ClientQueues:
         jobs = self._jobs.setdefault(clientid, deque())
         if len(jobs) >= self._max_per_client:
             self._metrics.jobs_dropped.inc()
-            log.warning("client job queue full: job dropped",
-                        extra={"event": "job_dropped", "clientid": clientid, "queued": len(jobs), "job": what})
+            # a client subscribing to thousands of filters at once fills its queue: one
+            # line a minute, not one per job
+            count = self._refusals.note("full")
+            if count:
+                log.warning("client job queue full: job dropped", extra={
+                    "event": "job_dropped", "clientid": clientid[:200], "queued": len(jobs), "job": what[:200],
+                    "dropped_since_last_line": count})
             return False
         jobs.append((what, job))
         if len(jobs) == 1:  # the client had nothing queued or running: it waits for a slot now

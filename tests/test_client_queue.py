@@ -3,6 +3,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from exhook.client_queue import ClientQueues, outside_slot, sleep_outside_slot
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit, LoopLag
@@ -48,7 +50,7 @@ async def test_a_failing_job_does_not_stop_the_client_queue() -> None:
     assert done == [1]
 
 
-async def test_bounded_per_client_and_closed_queue_refuses() -> None:
+async def test_bounded_per_client_and_closed_queue_refuses(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
     queues = ClientQueues(metrics, max_per_client=2)
     hold = asyncio.Event()
@@ -58,8 +60,10 @@ async def test_bounded_per_client_and_closed_queue_refuses() -> None:
 
     assert queues.submit("c", "1", wait)
     assert queues.submit("c", "2", wait)
-    assert not queues.submit("c", "3", wait)
-    assert metrics.sample("client_jobs_dropped_total") == 1
+    assert not any(queues.submit("c", f"{i}", wait) for i in range(3, 503))
+    assert metrics.sample("client_jobs_dropped_total") == 500
+    # one line for the lot (a client subscribing to thousands of filters at once)
+    assert len([r for r in caplog.records if "job queue full" in r.getMessage()]) == 1
     hold.set()
     await queues.close(1)
     assert not queues.submit("c", "4", wait)
