@@ -25,7 +25,7 @@ from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import retrying
 from exhook.subscribed_calls import SubscribedCalls
-from exhook.topics import TopicError, TopicSet, real_filter
+from exhook.topics import TopicError, TopicSet, filter_key, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
 from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
@@ -140,7 +140,8 @@ class HookLogic:
         # connection -> filters the client unsubscribed (and has not subscribed again):
         # a restore still to come must not give them back (kept as long as a storm can
         # hold a queued restore back, renewed at each unsubscribe)
-        self._dropped: ExpiringMap[str, set[str]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
+        # connection -> the filters (filter_key) it unsubscribed from while a restore may run
+        self._dropped: ExpiringMap[str, set[bytes]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
         self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
@@ -405,7 +406,7 @@ class HookLogic:
 
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         if (dropped := self._dropped.get(client.connection)) is not None:
-            dropped.discard(topic)  # subscribed again: a restore may give it back
+            dropped.discard(filter_key(topic))  # subscribed again: a restore may give it back
         current = self._same_connect(client.clientid)
         submitted = self._queues.submit(client.clientid, f"subscribe {topic}",
                                         lambda: self._subscribed(client, topic, qos, current))
@@ -421,7 +422,7 @@ class HookLogic:
             await self._replay_filter(client, topic, current)
 
     def _was_dropped(self, client: ClientRef, topic: str) -> bool:
-        return topic in (self._dropped.get(client.connection) or ())
+        return filter_key(topic) in (self._dropped.get(client.connection) or ())
 
     def _take_restored(self, client: ClientRef, topic: str) -> int | None:
         """The qos a restore of this connection gave ``topic`` back with, forgotten now
@@ -457,7 +458,7 @@ class HookLogic:
         # of the store could still find the filter, its subscribe would undo this)
         dropped = self._dropped.get(client.connection) or set()
         if len(dropped) < _DROPPED_PER_CONNECTION:
-            dropped.add(topic)
+            dropped.add(filter_key(topic))
         self._dropped.put(client.connection, dropped)
         self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))
 

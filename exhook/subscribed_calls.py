@@ -32,6 +32,7 @@ import contextlib
 from collections.abc import Sequence
 
 from exhook.expiring import ExpiringMap
+from exhook.topics import filter_key
 
 # the calls noted per connection (a broker sending endless filters for one client must
 # not grow it without end; a call not noted only costs a restore its wait)
@@ -39,13 +40,15 @@ _FILTERS_PER_CONNECTION = 1000
 
 
 class _Connection:
+    """Filters by ``filter_key``: a connection's sets stay small however long they are."""
+
     __slots__ = ("arrived", "covered", "wanted", "complete")
 
     def __init__(self) -> None:
-        self.arrived: set[str] = set()
-        self.covered: set[str] = set()
+        self.arrived: set[bytes] = set()
+        self.covered: set[bytes] = set()
         # while a restore waits: the filters it waits for, and what wakes it
-        self.wanted: frozenset[str] = frozenset()
+        self.wanted: frozenset[bytes] = frozenset()
         self.complete: asyncio.Event | None = None
 
 
@@ -55,10 +58,10 @@ class SubscribedCalls:
 
     def arrived(self, connection: str, topic: str) -> None:
         """The broker's ``session.subscribed`` for ``topic`` reached this process."""
-        entry = self._entry(connection)
-        if topic not in entry.arrived and len(entry.arrived) >= _FILTERS_PER_CONNECTION:
+        entry, key = self._entry(connection), filter_key(topic)
+        if key not in entry.arrived and len(entry.arrived) >= _FILTERS_PER_CONNECTION:
             return
-        entry.arrived.add(topic)
+        entry.arrived.add(key)
         if entry.complete is not None and entry.wanted <= entry.arrived:
             entry.complete.set()
 
@@ -73,7 +76,7 @@ class SubscribedCalls:
         """The filters of ``topics`` whose call has not arrived yet."""
         entry = self._connections.get(connection)
         arrived = entry.arrived if entry is not None else set()
-        return [t for t in topics if t not in arrived]
+        return [t for t in topics if filter_key(t) not in arrived]
 
     async def wait(self, connection: str, topics: Sequence[str], timeout_s: float) -> list[str]:
         """Until the calls of all ``topics`` have arrived, the connection is forgotten,
@@ -82,7 +85,7 @@ class SubscribedCalls:
             return []
         entry = self._entry(connection)
         complete = entry.complete = asyncio.Event()
-        entry.wanted = frozenset(topics)
+        entry.wanted = frozenset(map(filter_key, topics))
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
@@ -95,15 +98,15 @@ class SubscribedCalls:
     def cover(self, connection: str, topic: str) -> None:
         entry = self._connections.get(connection)
         if entry is not None:
-            entry.covered.add(topic)
+            entry.covered.add(filter_key(topic))
 
     def take_covered(self, connection: str, topic: str) -> bool:
         """Whether a restore already replayed ``topic`` for this connection after its
         call arrived (forgotten now: a later subscribe of the filter replays as usual)."""
-        entry = self._connections.get(connection)
-        if entry is None or topic not in entry.covered:
+        entry, key = self._connections.get(connection), filter_key(topic)
+        if entry is None or key not in entry.covered:
             return False
-        entry.covered.discard(topic)
+        entry.covered.discard(key)
         return True
 
     def _entry(self, connection: str) -> _Connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -42,6 +43,12 @@ def real_filter(flt: str) -> str:
     if flt.startswith(QUEUE_PREFIX):
         return flt[len(QUEUE_PREFIX) :]
     return flt
+
+
+def filter_key(flt: str) -> bytes:
+    """16 bytes that stand for ``flt`` in per-connection bookkeeping: a filter may be
+    64 KiB long, and such sets are kept for every recent connection."""
+    return hashlib.blake2b(flt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def is_wildcard(flt: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -935,3 +936,20 @@ async def test_a_replay_waiting_for_the_writer_to_catch_up_leaves_its_slot_to_ot
             await published["t/other"].wait()
         store.refuse = False
         await rig.settle()
+
+
+async def test_unsubscribes_noted_for_a_restore_cost_a_few_bytes_per_filter(rig: Rig) -> None:
+    # noted for every connection, for two minutes: a client unsubscribing from long
+    # filters on connection after connection must not hold their text
+    long_filter = "x" * 60_000 + "/{:04d}"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            rig.logic.session_unsubscribed(client("u", peerport=1), long_filter.format(i))
+        await rig.settle()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 2_000_000  # kept as text, 1,000 filters of 60 KB are 60 MB
+    assert rig.logic._was_dropped(client("u", peerport=1), long_filter.format(7))

@@ -4,6 +4,7 @@ covered, per connection key, bounded."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 from exhook.subscribed_calls import SubscribedCalls
 
@@ -44,3 +45,18 @@ async def test_forgetting_a_connection_wakes_a_restore_waiting_for_its_calls() -
     asyncio.get_running_loop().call_later(0.01, calls.forget, "c1")
     await asyncio.wait_for(calls.wait("c1", ["a"], timeout_s=30), 5)
     assert calls.missing("c1", ["a"]) == ["a"]
+
+
+def test_a_connections_calls_cost_a_few_bytes_per_filter_however_long_it_is() -> None:
+    calls = SubscribedCalls(ttl_s=60, max_connections=10)
+    long_filter = "x" * 60_000 + "/{:04d}"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            calls.arrived("conn", long_filter.format(i))
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000  # kept as text, 1,000 filters of 60 KB are 60 MB
+    assert calls.missing("conn", [long_filter.format(7), "other"]) == ["other"]
