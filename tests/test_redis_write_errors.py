@@ -341,3 +341,18 @@ async def test_an_index_member_whose_key_became_a_topic_is_dropped_not_failing_t
     await store.write(save(smsg(guid(now_us() + 2, 3), b62)))  # a topic spelled like its id takes the key
     assert [m.msgid for m in await read_all(store, {"w6/t": EVERYTHING})] == [kept.msgid]
     assert await admin.zscore(mkey(prefix, "w6/t"), b62) is None  # dropped like any dangling member
+
+
+async def test_wait_replicas_beyond_the_connected_replicas_is_said_at_open(
+        prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    # the machine's Redis has no replica: every write would count as failed and wait in
+    # the spool, so the operator hears of it at start-up, naming the field
+    store = RedisStore(store_cfg(prefix, wait_replicas=1, wait_timeout_ms=50))
+    await store.open()
+    try:
+        [line] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "redis_replicas_short"]
+        assert line.startswith("redis.wait_replicas: 1 replicas must confirm each write, but 0 answered")
+        with pytest.raises(StoreError, match="only 0 of 1 replicas confirmed a write within 50 ms"):
+            await store.write(save(smsg(guid(now_us()), "w7/t")))
+    finally:
+        await store.close()

@@ -50,6 +50,19 @@ class RedisStore(Store):
         cfg = self.cfg
         log.info("redis store open: %s, %s, message_ttl %d s, key prefixes %r / %r", self._link.where,
                  self._link.who, cfg.message_ttl, cfg.message_key_prefix, cfg.subscription_key_prefix)
+        if cfg.wait_replicas > 0 and not self._link.cluster:
+            await self._check_replicas()
+
+    async def _check_replicas(self) -> None:
+        """Say at start-up when fewer replicas answer than ``wait_replicas`` asks: every
+        write then counts as failed (it waits in the spool) until enough of them do."""
+        cfg = self.cfg
+        replicas = int(await self._link.one(("WAIT", cfg.wait_replicas, cfg.wait_timeout_ms), "open (replicas)"))
+        if replicas < cfg.wait_replicas:
+            log.warning("redis.wait_replicas: %d replicas must confirm each write, but %d answered within "
+                        "wait_timeout (%d ms): writes wait in the spool until enough replicas are connected",
+                        cfg.wait_replicas, replicas, cfg.wait_timeout_ms,
+                        extra={"event": "redis_replicas_short", "replicas": replicas})
 
     async def close(self) -> None:
         await self._link.close()
