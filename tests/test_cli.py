@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
 from exhook.pb.v3 import exhook_pb2 as pb
 from exhook.pb.v3 import exhook_pb2_grpc as pb_grpc
@@ -81,28 +82,19 @@ def worker_pids(parent: int) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def test_a_worker_that_dies_stops_the_others(tmp_path: Path) -> None:
+# SIGKILL: the worker dies; SIGTERM to one worker alone: it shuts down cleanly, exit
+# status 0, and the other would go on serving only the connections the kernel hands it
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGKILL, -9), (signal.SIGTERM, 0)])
+def test_a_worker_that_ends_unasked_stops_the_others(tmp_path: Path, sig: int, status: int) -> None:
     with service_process(write_config(tmp_path, free_port(), 2)) as proc:
         stderr = StderrLines(proc)
         stderr.wait_for("listening on", 2)
         workers = worker_pids(proc.pid)
         assert len(workers) == 2
-        os.kill(workers[0], signal.SIGKILL)
-        assert proc.wait(timeout=30) != 0
-        assert "stopping the other workers" in stderr.rest()
-        assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-                   for pid in workers)
-
-
-def test_a_worker_that_exits_with_status_0_unasked_stops_the_others_too(tmp_path: Path) -> None:
-    # a SIGTERM to one worker alone: it shuts down cleanly, exit status 0, and the
-    # other would go on serving only the connections the kernel hands it
-    with service_process(write_config(tmp_path, free_port(), 2)) as proc:
-        stderr = StderrLines(proc)
-        stderr.wait_for("listening on", 2)
-        workers = worker_pids(proc.pid)
-        assert len(workers) == 2
-        os.kill(workers[0], signal.SIGTERM)
+        os.kill(workers[0], sig)
         assert proc.wait(timeout=30) != 0  # a restart policy "on failure" replaces the service
         reported = [line for line in stderr.rest().splitlines() if "exited with" in line]
-        assert len(reported) == 1 and "offline-exhook-0 exited with 0; stopping the other workers" in reported[0]
+        assert len(reported) == 1
+        assert f"offline-exhook-0 exited with {status}; stopping the other workers" in reported[0]
+        assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+                   for pid in workers)
