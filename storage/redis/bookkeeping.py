@@ -63,10 +63,14 @@ return 1
 """
 
 # take: KEYS[1] = registry list, KEYS[2] = the call's record; ARGV[1] = record ttl.
-# The first run pops and records what it popped ('' = nothing); a re-send answers that.
+# The first run pops and records what it popped; a re-send answers that. A take that
+# found nothing (an application's own REST publish, the common case) writes no record:
+# a re-send of it could at worst take an entry registered meanwhile, whose replay is
+# then stored once more (a duplicate, never a loss).
 TAKE_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('HGET', KEYS[2], 'v') end
-local v = redis.call('LPOP', KEYS[1]) or ''
+local v = redis.call('LPOP', KEYS[1])
+if not v then return '' end
 redis.call('HSET', KEYS[2], 'v', v)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return v
