@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
-from exhook.ratelog import RateLimitedLog
 from storage.errors import one_line
+from storage.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

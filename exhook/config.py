@@ -194,6 +194,12 @@ def _parse_redis(tree: ConfigTree, base: Path) -> RedisConfig:
     sub_prefix = read_str(tree, "subscription_key_prefix", "mqtt:sub", where)
     if not msg_prefix or not sub_prefix or msg_prefix == sub_prefix:
         raise ConfigError("redis.message_key_prefix: must be non-empty and differ from subscription_key_prefix")
+    brace = msg_prefix.find("{")
+    if redis_type == "cluster" and brace >= 0 and msg_prefix[brace + 1:brace + 2] == "}":
+        # an empty hash tag: Redis Cluster hashes each whole key, so the v2 replay
+        # registry's key and its call record (one script) cannot share a slot
+        raise ConfigError("redis.message_key_prefix: an empty hash tag {} makes every key its own slot in "
+                          "cluster mode; remove it or put a name in it ({mqtt}:msg)")
     return RedisConfig(
         **_common(tree, where, ttl_default=7200),
         servers=servers,

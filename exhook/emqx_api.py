@@ -121,7 +121,10 @@ class EmqxApi:
             raise ValueError("publish_bulk needs at least one item (EMQX mishandles an empty array)")
         status, body = await self._request("POST", "publish/bulk", "/api/v5/publish/bulk",
                                            [item.to_json() for item in items])
-        if status not in (200, 202, 503):
+        # 503 with one answer per item: EMQX failed to dispatch some (the others went
+        # out); any other 503 (a proxy, an overloaded node) is the whole call failing
+        per_item = isinstance(body, list) and len(body) == len(items)
+        if status not in (200, 202, 503) or (status == 503 and not per_item):
             raise EmqxApiError(f"publish/bulk answered {status}: {_short(body)}", status, status >= 500)
         return bulk_result(status, body, len(items))
 

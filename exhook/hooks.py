@@ -21,7 +21,6 @@ from exhook.client_queue import ClientQueues, outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.held_rekeys import HeldRekeys
 from exhook.metrics import Metrics
-from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import retrying
 from exhook.subscribed_calls import SubscribedCalls
@@ -29,6 +28,7 @@ from exhook.topics import TopicError, TopicSet, filter_key, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
 from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
+from storage.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from exhook.emqx_api import EmqxApi, EmqxApiError
 from exhook.hooks import ClientRef
 from exhook.metrics import HOOK_OF_RPC, Metrics
-from exhook.ratelog import RateLimitedLog
 from exhook.replay import BrokerFlags
+from storage.ratelog import RateLimitedLog
 from storage.retry import Backoff
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from exhook.validate import filter_problem, topic_problem
 from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, Store
 from storage.errors import one_line
 from storage.model import DropPendingReplay, PendingReplay, StoredMessage
+from storage.ratelog import RateLimitedLog
 from storage.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,7 @@ class Replayer:
         # marks only rise, so the next replay of this connection in this process takes
         # these back into its ranges (Replayer._claim).
         self._given_back: ExpiringMap[str, dict[str, float | None]] = ExpiringMap(REPLAY_MARK_TTL_S, 100_000)
-        # stored messages already logged as not replayable (one line each, not one per replay)
-        self._reported: ExpiringMap[str, bool] = ExpiringMap(3600.0, 10_000)
+        self._logs = RateLimitedLog()  # the replay skips and failures that can recur
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
                       reset_marks: bool = True,
@@ -322,8 +322,10 @@ class Replayer:
                 await self._deliver(connection, ranges, settle, current, progress)
         except Exception as exc:
             self._metrics.replay_failures.inc()
-            if isinstance(exc, EmqxApiError) and not exc.retryable:
-                raise  # the job fails with its one line (docs/operate.md: "client job failed")
+            if isinstance(exc, EmqxApiError) and exc.status in (401, 403):
+                # the API key is refused: the same for every filter, so the whole job fails
+                # with its one line (docs/operate.md: "client job failed")
+                raise
             log.error("replay failed: %s", one_line(exc), extra={
                 "event": "replay_failed", "clientid": clientid, "filter": flt, "messages": progress.delivered})
             return Replayed.gave_up(progress.published, progress.delivered)
@@ -377,8 +379,10 @@ class Replayer:
             progress.nobody = False
             progress.done.clear()  # the same range again: nothing of it was delivered
             await self._publish_ranges(ranges, current, progress)
-            if progress.nobody and current():
-                # Nothing was delivered, so the same range can go again. Its re-keys (the
+            if progress.nobody and progress.delivered == 0 and current():
+                # Nothing was delivered, so the same range can go again (a replay that
+                # delivered some and then reached nobody stops there: the client left
+                # meanwhile, and its next connect replays the rest). Its re-keys (the
                 # broker's message.publish of what reached nobody) are queued: let them
                 # land, so that the next read sees the ids the broker gave (if one is not
                 # in the store in time, that message is replayed once more later).
@@ -417,16 +421,18 @@ class Replayer:
         if problem is None:
             return True
         self._metrics.replay_messages_skipped.labels(problem).inc()
-        if self._reported.get(m.msgid) is None:
-            self._reported.put(m.msgid, True)
+        if since := self._logs.note(problem):
             log.error("stored message not replayable (%s): skipped", problem, extra={
-                "event": "replay_skipped", "msgid": m.msgid, "topic": m.topic[:200], "qos": m.qos})
+                "event": "replay_skipped", "msgid": m.msgid, "topic": m.topic[:200], "qos": m.qos,
+                "skipped_since_last_line": since})
         return False
 
     def _not_dispatched(self, batch: list[StoredMessage], result: BulkResult) -> None:
         self._metrics.replay_messages_skipped.labels("not_dispatched").inc(result.failed)
-        log.warning("EMQX did not dispatch %d of %d replayed messages: they stay stored", result.failed, len(batch),
-                    extra={"event": "replay_not_dispatched", "topic": batch[0].topic[:200], "status": result.status})
+        if since := self._logs.note("not_dispatched"):  # EMQX restarting: batch after batch
+            log.warning("EMQX did not dispatch %d of %d replayed messages: they stay stored", result.failed,
+                        len(batch), extra={"event": "replay_not_dispatched", "topic": batch[0].topic[:200],
+                                           "status": result.status, "batches_since_last_line": since})
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
         if is_wildcard(real):

@@ -35,7 +35,6 @@ from exhook.metrics import HOOK_OF_RPC, Metrics
 from exhook.missed_connects import CLIENT_CONNECTED, SESSION_CREATED, ConnectRisk
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
 from exhook.pb.v3 import exhook_pb2 as v3_pb2
-from exhook.ratelog import RateLimitedLog
 from exhook.validate import (
     acked_problem,
     client_hook_problem,
@@ -44,6 +43,7 @@ from exhook.validate import (
     subscribed_problem,
     unsubscribed_problem,
 )
+from storage.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]

@@ -38,11 +38,11 @@ from exhook.deadlines import Deadlines
 from exhook.drainer import SpoolDrainer
 from exhook.group_commit import ACTIVE_S, GAP_S, ActiveSources, others_may_come
 from exhook.metrics import Metrics
-from exhook.ratelog import RateLimitedLog
 from exhook.spool import Spool, SpoolError, op_size
 from storage.base import Store, StoreError
 from storage.errors import one_line
 from storage.model import SaveMessage, WriteOp
+from storage.ratelog import RateLimitedLog
 from storage.retry import Backoff
 
 __all__ = ["Entry", "OrderedWriter", "Outcome", "WriterClosed", "WriterSettings"]

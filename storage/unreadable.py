@@ -5,8 +5,9 @@ messages are still replayed, and says so through one ``SkippedRows`` of its own.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
+
+from storage.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -22,25 +23,18 @@ class Unreadable(ValueError):
 
 class SkippedRows:
     """Rows a backend's reads skipped as unreadable: ``count`` since start, and one
-    warning line, at once and then at most one per ``every_s`` (every replay of the
-    topic meets the row again), saying how many rows it stands for."""
+    warning line, at once and then at most one a minute (every replay of the topic
+    meets the row again), saying how many rows it stands for."""
 
-    def __init__(self, backend: str, every_s: float = 60.0) -> None:
+    def __init__(self, backend: str) -> None:
         self.backend = backend
         self.count = 0
-        self._every_s = every_s
-        self._unlogged = 0
-        self._quiet_until = float("-inf")
+        self._logs = RateLimitedLog()
 
     def skip(self, row: object, topic: object, exc: Exception) -> None:
         self.count += 1
         for listener in listeners:
             listener(self.backend)
-        self._unlogged += 1
-        now = time.monotonic()
-        if now < self._quiet_until:
-            return
-        log.warning("%s: skipping unreadable stored message %r of %r: %s (%d skipped since the last line)",
-                    self.backend, row, topic, exc, self._unlogged)
-        self._unlogged = 0
-        self._quiet_until = now + self._every_s
+        if since := self._logs.note():
+            log.warning("%s: skipping unreadable stored message %r of %r: %s (%d skipped since the last line)",
+                        self.backend, row, topic, exc, since)

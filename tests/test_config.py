@@ -475,3 +475,15 @@ def test_a_spool_beside_the_sqlite_store_is_taken(tmp_path: Path) -> None:
         assert cfg.service.spool.path == str(tmp_path / spool)
     # only the SQLite store has a file to clash with
     assert load_config_string(f'redis {{ enable = true }}\nexhook {{ spool.path = "{tmp_path}/x" }}')
+
+
+@pytest.mark.parametrize(("prefix", "refused"), [("{}m", True), ("a{}:msg", True), ("{mqtt}:msg", False),
+                                                 ("mq{tt", False), ("m}{", False)])
+def test_an_empty_hash_tag_in_the_message_prefix_is_refused_in_cluster_mode(prefix: str, refused: bool) -> None:
+    text = (f'redis {{ enable = true, redis_type = cluster, servers = "127.0.0.1:7000", '
+            f'message_key_prefix = "{prefix}" }}')
+    if refused:
+        with pytest.raises(ConfigError, match=r"^redis\.message_key_prefix: an empty hash tag"):
+            load_config_string(text)
+    else:
+        assert load_config_string(text).backend.message_key_prefix == prefix  # type: ignore[union-attr]

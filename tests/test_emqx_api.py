@@ -151,6 +151,21 @@ async def test_only_items_answered_with_their_id_count_as_delivered(plain: tuple
         await api.close()
 
 
+async def test_a_503_without_one_answer_per_item_is_a_failed_call(plain: tuple[FakeEmqx, int]) -> None:
+    # a proxy's error page, or an overloaded node: nothing says what became of each item,
+    # so the call failed (retried, then the replay gives its range back)
+    fake, port = plain
+    fake.bulk_status = 503
+    fake.bulk_answers = [{"id": "A" * 32}]  # one answer for two items
+    api = await client(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(EmqxApiError) as failed:
+            await api.publish_bulk([ReplayItem("t/1", b"x", 1, f"{i}" * 32) for i in range(2)])
+        assert (failed.value.status, failed.value.retryable) == (503, True)
+    finally:
+        await api.close()
+
+
 async def test_subscribe_one_filter(plain: tuple[FakeEmqx, int]) -> None:
     fake, port = plain
     api = await client(f"http://127.0.0.1:{port}")

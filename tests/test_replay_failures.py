@@ -226,6 +226,47 @@ async def test_items_emqx_did_not_dispatch_are_not_counted_as_delivered() -> Non
     assert guid(2) in s.store.messages  # stays stored: replayed at the next connection
 
 
+async def test_a_replay_that_delivered_some_and_then_reached_nobody_is_not_sent_again() -> None:
+    # the client left mid-replay: what went out is not published again (to nobody) try
+    # after try; its next connect replays the rest
+    s = Setup(batch_size=2, page_size=2)
+    await s.stored(*payloads(6))
+    s.api.unmatched = {b"m3", b"m4", b"m5", b"m6"}
+    settled: list[object] = []
+
+    async def settle(topics: object) -> None:
+        settled.append(topics)
+
+    replayed = await s.replayer.replay("sub", CONN, "t/a", settle=settle)
+    assert [[item.payload for item in call] for call in s.api.calls] == [[b"m1", b"m2"], [b"m3", b"m4"]]
+    assert settled == []
+    assert (replayed.published, replayed.delivered, replayed.reached_nobody) == (4, 2, True)
+
+
+async def test_an_error_of_one_filter_other_than_a_refused_key_does_not_end_the_restore(
+        tmp_path: Path) -> None:
+    # a 413 (a batch beyond a proxy's body limit) fails that filter's replay only
+    s = Setup()
+    await s.stored(b"big", topic="t/a")
+    await s.stored(b"m2", topic="t/b")
+    for topic in ("t/a", "t/b"):
+        s.store.subs.setdefault("sub", {})[topic] = 1
+    bulk = s.api.publish_bulk
+
+    async def too_large_for_t_a(items: list[ReplayItem]) -> BulkResult:
+        if items[0].topic == "t/a":
+            raise EmqxApiError("publish/bulk answered 413: too large", 413, retryable=False)
+        return await bulk(items)
+
+    s.api.publish_bulk = too_large_for_t_a  # type: ignore[method-assign]
+    await s.replayer.restore("sub", CONN)
+    failed = await s.replayer.replay("sub", CONN, "t/a")
+    delivered = await s.replayer.replay("sub", CONN, "t/b")
+    assert failed.failed and not delivered.failed
+    assert s.api.payloads == [b"m2"]
+    assert s.metrics.sample("replay_failures_total") == 1
+
+
 def test_publish_bulk_answers_are_sorted_by_what_emqx_said() -> None:
     answers = [{"id": "A" * 32}, {"reason_code": 16, "message": "no_matching_subscribers"},
                {"reason_code": 131, "message": "failed_to_dispatch"}, "garbage"]

@@ -28,8 +28,11 @@ from storage.unreadable import SkippedRows, Unreadable
 T = TypeVar("T")
 _TOPICS_PER_QUERY = 100
 # Message ids one replay remembers to give out a message stored twice only once: the
-# copies a retried batch stores follow the first ones within about one batch (at most
-# 10,000 saves), so the most recent ids are enough (about 1.2 MiB, not the whole replay).
+# copies an immediately retried batch stores follow the first ones within about one
+# batch (at most 10,000 saves), so the most recent ids are enough (about 1.2 MiB, not
+# the whole replay). A copy that landed much later (a batch whose commit was in doubt,
+# drained from the spool after other writes) may be replayed twice: a duplicate, never
+# a loss.
 _DEDUP_WINDOW = 10_000
 # The exact topic, byte for byte: the default utf8mb4 collation is case-insensitive
 # and pads spaces (`topic = 'a/b'` also matches 'A/B' and 'a/b '). The template's own
