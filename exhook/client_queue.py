@@ -138,6 +138,15 @@ class ClientQueues:
             self._dispatch()
         return True
 
+    def merge_into_last(self, clientid: str, merge: Callable[[Job], bool]) -> bool:
+        """Offer new work to the client's last queued job, if that job has not started:
+        ``merge`` takes it into the job (True) or declines (False). Order is kept: what
+        merges runs after everything queued before that job and before anything after."""
+        jobs = self._jobs.get(clientid)
+        if not jobs or self._closing or (len(jobs) == 1 and clientid in self._running):
+            return False
+        return merge(jobs[-1][1])
+
     def _dispatch(self) -> None:
         """Start the next clients' jobs while the limit allows."""
         slots = self._slots

@@ -23,6 +23,7 @@ from exhook.held_rekeys import HeldRekeys
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import retrying
+from exhook.subscribe_jobs import SubscribeBatch
 from exhook.subscribed_calls import SubscribedCalls
 from exhook.topics import TopicError, TopicSet, filter_key, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
@@ -407,13 +408,27 @@ class HookLogic:
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         if (dropped := self._dropped.get(client.connection)) is not None:
             dropped.discard(filter_key(topic))  # subscribed again: a restore may give it back
-        current = self._same_connect(client.clientid)
-        submitted = self._queues.submit(client.clientid, f"subscribe {topic}",
-                                        lambda: self._subscribed(client, topic, qos, current))
+        submitted = self._queue_subscribe(client, topic, qos)
         if submitted and self._restore_started.get(client.connection) is not None:
             # the route exists now (noted only with its job queued: that job is what
             # consumes a covered filter)
             self._subscribed_calls.arrived(client.connection, topic)
+
+    def _queue_subscribe(self, client: ClientRef, topic: str, qos: int) -> bool:
+        """Into the client's last queued batch of subscribes if it can take it, else a new
+        batch (subscribe_jobs.py). False if the client's queue refused it."""
+        connect = self._connects.get(client.clientid)
+
+        def join(job: object) -> bool:
+            return isinstance(job, SubscribeBatch) and job.take(client.connection, connect, topic, qos)
+
+        if self._queues.merge_into_last(client.clientid, join):
+            return True
+        current = self._same_connect(client.clientid)
+        batch = SubscribeBatch(client.clientid, client.connection, connect,
+                               lambda t, q: self._subscribed(client, t, q, current))
+        batch.take(client.connection, connect, topic, qos)
+        return self._queues.submit(client.clientid, f"subscribe {topic}", batch)
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int, current: Callable[[], bool]) -> None:
         if self._take_restored(client, topic) != qos:  # else it is stored as it is

@@ -953,3 +953,43 @@ async def test_unsubscribes_noted_for_a_restore_cost_a_few_bytes_per_filter(rig:
         tracemalloc.stop()
     assert kept < 2_000_000  # kept as text, 1,000 filters of 60 KB are 60 MB
     assert rig.logic._was_dropped(client("u", peerport=1), long_filter.format(7))
+
+
+async def busy_restore(rig: Rig) -> asyncio.Event:
+    """A restore of client "sub" whose subscribe/bulk call hangs until the event is set:
+    the client's later jobs queue behind it."""
+    await rig.store.save_subscription("sub", "t/old", 1)
+    release = asyncio.Event()
+    bulk = rig.api.subscribe_bulk
+
+    async def hanging(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        await release.wait()
+        return await bulk(clientid, subscriptions)
+
+    rig.api.subscribe_bulk = hanging  # type: ignore[method-assign]
+    rig.logic.client_connected(client())
+    return release
+
+
+async def test_a_subscribe_of_thousands_of_filters_behind_a_busy_job_stores_every_one(rig: Rig) -> None:
+    # one job per filter overflowed the client's queue (1,000 jobs): the rest were never stored
+    release = await busy_restore(rig)
+    for i in range(5000):
+        rig.logic.session_subscribed(client(), f"t/f{i}", 1)
+    release.set()
+    await rig.settle()
+    assert set(rig.store.subs["sub"]) == {"t/old", *(f"t/f{i}" for i in range(5000))}
+    assert rig.metrics.sample("client_jobs_dropped_total") == 0
+
+
+async def test_subscribes_and_unsubscribes_queued_together_keep_their_order(rig: Rig) -> None:
+    release = await busy_restore(rig)
+    rig.logic.session_subscribed(client(), "t/x", 1)
+    rig.logic.session_unsubscribed(client(), "t/x")
+    rig.logic.session_subscribed(client(), "t/y", 1)  # not into the batch before the unsubscribe
+    rig.logic.session_subscribed(client(), "t/z", 1)
+    rig.logic.session_unsubscribed(client(), "t/z")
+    rig.logic.session_subscribed(client(), "t/z", 2)
+    release.set()
+    await rig.settle()
+    assert rig.store.subs["sub"] == {"t/old": 1, "t/y": 1, "t/z": 2}
