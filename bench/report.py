@@ -444,4 +444,5 @@ def write_benchmarks(path: Path, generated: str) -> None:
         text = text[:start] + block + (f"\n{rest}\n" if rest else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run of minutes must not end in a traceback here
     path.write_text(text)
