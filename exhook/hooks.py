@@ -166,16 +166,17 @@ class HookLogic:
         payload: bytes,
         timestamp: int,
         replay_of: str | None,
-        from_rest: bool | None = None,
+        *,
+        from_rest: bool,
     ) -> None:
-        """``from_rest``: published through EMQX's REST API (default: ``sender`` says
-        so); only such a message can be a replay of ours."""
+        """``from_rest``: published through EMQX's REST API (the servicer tells from the
+        headers); only such a message can be a replay of ours."""
         skipped = self._skip_reason(topic, qos)
         if skipped is not None:
             self._metrics.skipped[skipped].inc()
             return
         started = time.monotonic()
-        if sender == HTTP_API if from_rest is None else from_rest:
+        if from_rest:
             if replay_of is None and self.flags.v2_seen:
                 replay_of = await self._pending_replay(topic, payload)
             if replay_of is not None:
@@ -239,18 +240,18 @@ class HookLogic:
                                      "topic": message.topic[:200], "answers_since_last_line": count})
 
     # -- message.acked -----------------------------------------------------------
-    def message_acked(self, msgid: str, sender: str, topic: str, subscriber: str = "",
-                      from_rest: bool | None = None) -> None:
+    def message_acked(self, msgid: str, topic: str, subscriber: str = "", *, from_rest: bool) -> None:
+        """``from_rest``: the acked message was published through EMQX's REST API (a
+        replay of ours, or an application's own REST publish)."""
         if not self.tracked.match(topic):
             return
         self._metrics.acks.inc()
-        replay = sender == HTTP_API if from_rest is None else from_rest
-        if replay and (stored_as := self.held_rekeys.acked(msgid)) is not None:
+        if from_rest and (stored_as := self.held_rekeys.acked(msgid)) is not None:
             # the replay's re-key never left this process: delete the copy where it is
             self._metrics.rekeys_merged.inc()
             self._submit_background(DeleteMessage(stored_as, topic), subscriber)
             return
-        self._submit_background(DeleteMessage(msgid, topic, replay_ack=replay), subscriber)
+        self._submit_background(DeleteMessage(msgid, topic, replay_ack=from_rest), subscriber)
 
     def _submit_background(self, op: WriteOp, source: str = HTTP_API) -> None:
         """Queue a write nobody waits for (the writer never blocks: it spools);

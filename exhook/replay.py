@@ -46,19 +46,15 @@ UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryab
 
 class Replayed(NamedTuple):
     """What a replay sent: ``published`` messages, of which the broker routed
-    ``delivered`` to a subscriber. ``nobody``: it stopped at a batch that matched no
-    subscriber (the client left, or its subscription is not applied yet). ``failed``:
-    it gave up on an error; the part it did not deliver is given back to this
-    connection (``Replayer._release``)."""
+    ``delivered`` to a subscriber. ``reached_nobody``: it stopped at a batch that
+    matched no subscriber (the client left, or its subscription is not applied yet).
+    ``failed``: it gave up on an error; the part it did not deliver is given back to
+    this connection (``Replayer._release``)."""
 
     published: int
     delivered: int
-    nobody: bool = False
+    reached_nobody: bool = False
     failed: bool = False
-
-    @property
-    def reached_nobody(self) -> bool:
-        return self.nobody
 
     @classmethod
     def gave_up(cls, published: int, delivered: int) -> Replayed:
@@ -416,7 +412,7 @@ class Replayer:
         """Whether a stored message can be published: one EMQX would refuse (a qos
         outside 0-2, a topic no message can have: another writer of the store, a
         corrupted row) would make it refuse its whole batch. It is skipped, stays
-        stored, and is logged once."""
+        stored, is counted, and logged (one line a minute per reason)."""
         problem = "bad_qos" if m.qos not in (0, 1, 2) else topic_problem(m.topic)
         if problem is None:
             return True

@@ -30,7 +30,7 @@ from urllib.parse import unquote
 import grpc
 
 from exhook.emqx_api import REPLAY_PROPERTY
-from exhook.hooks import ClientRef, HookLogic
+from exhook.hooks import HTTP_API, ClientRef, HookLogic
 from exhook.metrics import HOOK_OF_RPC, Metrics
 from exhook.missed_connects import CLIENT_CONNECTED, SESSION_CREATED, ConnectRisk
 from exhook.pb.v2 import exhook_pb2 as v2_pb2
@@ -72,7 +72,7 @@ def from_rest(sender: str, headers: Mapping[str, str]) -> bool:
     """Was the message published through EMQX's REST API? Its ``from`` is "http_api",
     but an MQTT client may take that clientid too: an MQTT client's message carries
     its ``protocol`` (and ``peerhost``) in the headers, a REST publish none."""
-    return sender == "http_api" and "protocol" not in headers and "peerhost" not in headers
+    return sender == HTTP_API and "protocol" not in headers and "peerhost" not in headers
 
 
 class PeerFilter:
@@ -244,9 +244,8 @@ class HookProvider:
 
     async def _message_acked(self, request: Any, context: Ctx) -> Any:
         msg = request.message
-        sender = getattr(msg, "from")
-        self._logic.message_acked(msg.id, sender, msg.topic, request.clientinfo.clientid,
-                                  from_rest=from_rest(sender, msg.headers))
+        self._logic.message_acked(msg.id, msg.topic, request.clientinfo.clientid,
+                                  from_rest=from_rest(getattr(msg, "from"), msg.headers))
         return self._empty
 
     async def _session_subscribed(self, request: Any, context: Ctx) -> Any:

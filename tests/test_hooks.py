@@ -141,7 +141,7 @@ class Rig:
     async def publish(self, i: int, topic: str = "t/a", qos: int = 1, sender: str = "pub",
                       payload: bytes | None = None, replay_of: str | None = None) -> None:
         await self.logic.message_publish(guid(i), sender, topic, qos, payload or f"m{i}".encode(), 1000 + i,
-                                         replay_of)
+                                         replay_of, from_rest=sender == HTTP_API)
 
     async def settle(self) -> None:
         await self.queues.idle()
@@ -245,7 +245,7 @@ async def test_a_replay_is_rekeyed_to_its_new_id_so_the_subscribers_ack_deletes_
     await rig.settle()
     assert [m.msgid for m in rig.store.stored()] == [guid(900)]
     assert rig.metrics.sample("messages_skipped_total", reason="replay") == 1
-    rig.logic.message_acked(guid(900), HTTP_API, "t/a")
+    rig.logic.message_acked(guid(900), "t/a", from_rest=True)
     await rig.settle()
     assert rig.store.stored() == []
 
@@ -257,7 +257,7 @@ async def test_an_ack_while_the_rekey_is_held_deletes_the_stored_id_in_one_write
     await rig.writer.drained()
     writes = rig.store.calls.count("write")
     assert [m.msgid for m in rig.store.stored()] == [guid(1)]  # the re-key is held back
-    rig.logic.message_acked(guid(900), HTTP_API, "t/a", subscriber="sub")
+    rig.logic.message_acked(guid(900), "t/a", subscriber="sub", from_rest=True)
     await rig.settle()
     assert rig.store.stored() == [] and rig.store.tombstones == set()
     assert rig.store.calls.count("write") == writes + 1  # the delete alone
@@ -269,10 +269,10 @@ async def test_an_ack_of_an_earlier_replay_of_a_message_consumes_it_too(rig: Rig
     await rig.publish(1)
     await rig.publish(900, sender=HTTP_API, replay_of=guid(1))  # to a connection that went away
     await rig.publish(901, sender=HTTP_API, replay_of=guid(1))  # replayed again, to the new one
-    rig.logic.message_acked(guid(900), HTTP_API, "t/a")
+    rig.logic.message_acked(guid(900), "t/a", from_rest=True)
     await rig.settle()
     assert rig.store.stored() == []
-    rig.logic.message_acked(guid(901), HTTP_API, "t/a")  # its re-key was taken back: a plain replay ack
+    rig.logic.message_acked(guid(901), "t/a", from_rest=True)  # its re-key was taken back: a plain replay ack
     await rig.settle()
     assert rig.store.stored() == [] and rig.store.tombstones == {guid(901)}
 
@@ -285,7 +285,7 @@ async def test_an_ack_at_another_instance_still_deletes_a_held_replay(rig: Rig, 
     try:
         await rig.publish(1)
         await rig.publish(900, sender=HTTP_API, replay_of=guid(1))  # held here
-        other.logic.message_acked(guid(900), HTTP_API, "t/a")  # the subscriber's channel goes there
+        other.logic.message_acked(guid(900), "t/a", from_rest=True)  # the subscriber's channel goes there
         await other.settle()
         assert guid(900) in rig.store.tombstones
         await rig.settle()  # the hold ends: the late re-key meets the tombstone
@@ -299,7 +299,7 @@ async def test_an_ack_at_another_instance_still_deletes_a_held_replay(rig: Rig, 
 
 async def test_the_ack_of_a_replay_leaves_a_tombstone_that_a_late_rekey_honours(rig: Rig) -> None:
     await rig.publish(1)
-    rig.logic.message_acked(guid(900), HTTP_API, "t/a")  # the ack arrives before the re-key is written
+    rig.logic.message_acked(guid(900), "t/a", from_rest=True)  # the ack arrives before the re-key is written
     await rig.settle()
     assert guid(900) in rig.store.tombstones
     await rig.publish(900, sender=HTTP_API, replay_of=guid(1))
@@ -309,7 +309,7 @@ async def test_the_ack_of_a_replay_leaves_a_tombstone_that_a_late_rekey_honours(
 
 async def test_a_plain_ack_writes_no_tombstone(rig: Rig) -> None:
     await rig.publish(1)
-    rig.logic.message_acked(guid(1), "pub", "t/a")
+    rig.logic.message_acked(guid(1), "t/a", from_rest=False)
     await rig.settle()
     assert rig.store.stored() == [] and rig.store.tombstones == set()
 
