@@ -5,11 +5,15 @@ messages are still replayed, and says so through one ``SkippedRows`` of its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from storage.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+Row = TypeVar("Row")
+Message = TypeVar("Message")
 
 
 # Called with the backend's name for every row skipped (the service counts them in a
@@ -38,3 +42,16 @@ class SkippedRows:
         if since := self._logs.note():
             log.warning("%s: skipping unreadable stored message %r of %r: %s (%d skipped since the last line)",
                         self.backend, row, topic, exc, since)
+
+    def readable(self, rows: Iterable[Row], convert: Callable[[Row], Message],
+                 where: Callable[[Row], tuple[object, object]]) -> list[Message]:
+        """``convert`` of each row; a row it refuses (``Unreadable``, or a value a
+        conversion refuses: TypeError, ValueError, ArithmeticError) is skipped, as
+        ``where`` names it (row id, topic), never failing the page."""
+        out: list[Message] = []
+        for row in rows:
+            try:
+                out.append(convert(row))
+            except (TypeError, ValueError, ArithmeticError) as exc:
+                self.skip(*where(row), exc)
+        return out

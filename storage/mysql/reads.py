@@ -210,15 +210,8 @@ class Reads:
 
 
 def _messages(rows: list[dict[str, Any]]) -> list[StoredMessage]:
-    """The rows' messages; an unreadable row is skipped (counted, logged), never
-    failing the page: the topic's other messages are still replayed."""
-    out: list[StoredMessage] = []
-    for row in rows:
-        try:
-            out.append(_to_message(row))
-        except (TypeError, ValueError, ArithmeticError) as exc:  # Unreadable, or a value int() refuses
-            SKIPPED.skip(row.get("id"), text(row.get("topic")), exc)
-    return out
+    """The rows' messages; an unreadable row is skipped (counted, logged)."""
+    return SKIPPED.readable(rows, _to_message, lambda row: (row.get("id"), text(row.get("topic"))))
 
 
 def _qos(value: Any) -> int:

@@ -152,15 +152,8 @@ def _to_message(row: tuple[Any, ...]) -> StoredMessage:
 
 
 def _messages(rows: Sequence[tuple[Any, ...]]) -> list[StoredMessage]:
-    """The rows' messages; an unreadable row is skipped (counted, logged), never
-    failing the page: the topic's other messages are still replayed."""
-    out: list[StoredMessage] = []
-    for row in rows:
-        try:
-            out.append(_to_message(row))
-        except Unreadable as exc:
-            SKIPPED.skip(row[0], row[3], exc)
-    return out
+    """The rows' messages; an unreadable row is skipped (counted, logged)."""
+    return SKIPPED.readable(rows, _to_message, lambda row: (row[0], row[3]))
 
 
 class _TopicIds(Source[int]):
