@@ -19,6 +19,7 @@ everything). A spool row that cannot be read is moved aside by the spool itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from exhook.batches import BatchWriter, Entry, SuspectError
@@ -26,6 +27,8 @@ from exhook.metrics import Metrics
 from exhook.spool import Spool
 from storage.base import WriteRejected
 from storage.retry import Backoff
+
+log = logging.getLogger(__name__)
 
 # consecutive failures after which the drain goes one op at a time
 ONE_BY_ONE_AFTER = 3
@@ -84,6 +87,7 @@ class SpoolDrainer:
         head = await self._spool.head(1 if one_by_one else self._batch_size, max_bytes=DRAIN_STEP_BYTES)
         self._count_damaged()
         if not head:
+            await self._recount()
             return True  # emptied, but the writer is still moving ops in
         entries = [Entry(item.op, seq=item.seq) for item in head]
         try:
@@ -99,6 +103,20 @@ class SpoolDrainer:
             raise
         await self._written(entries)
         return True
+
+    async def _recount(self) -> None:
+        """The spool had no row to read although its count said otherwise when this
+        step began: the rows the writer was moving in, or a count that drifted (rows
+        deleted by hand). Counted again under the lock, so the next step ends the drain
+        if it is really empty, instead of reading an empty spool forever."""
+        async with self._lock:
+            if not self._spool.count:
+                return
+            off = await self._spool.recount()
+        if off:
+            log.warning("spool %s: %d ops counted that are not in the file (removed by hand?): count corrected",
+                        self._spool.path, off, extra={"event": "spool_recounted", "off_by": off})
+            self._on_change()
 
     async def _write(self, entries: list[Entry]) -> None:
         async with asyncio.timeout(self._stall_after_s):

@@ -301,6 +301,20 @@ class Spool:
         self.count -= removed
         self.bytes -= freed
 
+    async def recount(self) -> int:
+        """Count the ops again from the file; returns by how many ``count`` was off.
+        ``count`` is kept up to date by this object, so only rows removed or added
+        behind its back (an operator deleting a row by hand) make it drift. The caller
+        holds what keeps appends and removals out meanwhile (the writer's lock)."""
+        def read() -> tuple[int, int]:
+            assert self._conn is not None
+            n, size = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM ops").fetchone()
+            return int(n), int(size)
+
+        n, size = await self._run(read)
+        off, self.count, self.bytes = self.count - n, n, size
+        return off
+
     async def set_aside(self, backend: str, reason: str, detail: str, op: WriteOp) -> None:
         """Keep an op the store refused for good, for an operator to inspect."""
         row = (int(self._clock() * 1000), backend, reason, detail, *encode(op))
@@ -333,6 +347,8 @@ class Spool:
         moved = 0
         while other.count:
             batch = await other.head(1000)
+            if not batch:  # its count was off (rows removed by hand): nothing is left
+                break
             await self.append([item.op for item in batch])
             await other.remove([item.seq for item in batch])
             moved += len(batch)

@@ -251,3 +251,23 @@ async def test_a_drain_step_reads_a_bounded_number_of_bytes_and_not_under_the_sp
     assert all(sum(sizes[:-1]) < limit for _, sizes in reads)  # ends with the row that reaches the limit
     await w.close()
     await spool.close()
+
+
+async def test_rows_removed_from_the_spool_by_hand_do_not_keep_the_drain_running(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # An operator deletes a poison row with the sqlite3 shell while the service runs:
+    # the spool's count says one op more than the file holds. The drain must still end
+    # (the writer direct again) instead of reading an empty spool forever.
+    spool = await spool_with(tmp_path, [save(0), save(1), save(2)])
+    with sqlite3.connect(spool.path) as shell:
+        shell.execute("DELETE FROM ops WHERE seq = (SELECT max(seq) FROM ops)")
+    assert spool.count == 3
+    store = RecordingStore()
+    w = Running(store, spool)
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(0), save(1)]
+    assert spool.count == 0 and spool.bytes == 0 and not w.writer.spooling
+    assert [r.event for r in caplog.records if hasattr(r, "event")].count("spool_recounted") == 1
+    assert await outcomes([w.writer.submit(save(3))]) == [Outcome.STORED]  # direct again
+    await w.close()
+    await spool.close()

@@ -4,6 +4,7 @@ orphan_paths / adopt_orphans, run by exhook/server.py at start-up): a changed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -137,3 +138,20 @@ async def test_worker_0_leaves_another_programs_database_at_the_spool_path(
         await service.stop()
     assert foreign.read_bytes() == before
     assert sum("not a spool file" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_an_orphan_whose_rows_were_removed_by_hand_is_adopted_without_looping(tmp_path: Path) -> None:
+    orphan_path = tmp_path / "spool.0"
+    await spool_with(orphan_path, [save(1), save(2)])
+    orphan = Spool(orphan_path)
+    await orphan.open()
+    with sqlite3.connect(orphan_path) as shell:  # behind the open spool's back
+        shell.execute("DELETE FROM ops WHERE seq = (SELECT max(seq) FROM ops)")
+    target = Spool(tmp_path / "spool")
+    await target.open()
+    try:
+        assert await asyncio.wait_for(target.adopt(orphan), 10) == 1
+        assert [item.op for item in await target.head(10)] == [save(1)]
+    finally:
+        await orphan.close()
+        await target.close()
