@@ -17,17 +17,18 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
-from exhook.client_queue import ClientQueues, outside_slot
+from exhook.client_queue import ClientQueues, outside_slot, sleep_outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.held_rekeys import HeldRekeys
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
-from exhook.retry import retrying
+from exhook.retry import UNTIL_STORED, transient
 from exhook.subscribe_jobs import SubscribeBatch
 from exhook.subscribed_calls import SubscribedCalls
 from exhook.topics import TopicError, TopicSet, filter_key, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
+from storage.errors import one_line
 from storage.model import DeleteMessage, RekeyMessage, SaveMessage, StoredMessage, WriteOp
 from storage.ratelog import RateLimitedLog
 
@@ -82,6 +83,7 @@ class PendingRestore:
     connection: str
     registered: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
+    started: bool = False  # past its wait: the client's subscriptions are being given back
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,6 +146,7 @@ class HookLogic:
         # connection -> the filters (filter_key) it unsubscribed from while a restore may run
         self._dropped: ExpiringMap[str, set[bytes]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
+        self._store_wait_logs = RateLimitedLog()
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
         self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
 
@@ -281,7 +284,15 @@ class HookLogic:
         # the replay still publishes reaches it, and nothing else would replay the rest
         self._queues.note_connect()
         self._forget_connection(client)
-        self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
+        earlier = self._cancel_restore(client.clientid)  # left by a connect whose client.connected was lost
+        if earlier is not None and not earlier.started:
+            # A resume needs a kept session, and that connect's session.created made it
+            # (its clean start dropped any older one): the session resumed here never got
+            # its subscriptions back. Its restore is this connection's to do now.
+            pending = PendingRestore(client.connection)
+            if self._submit_restore(client, pending):
+                self._restoring.put(client.clientid, pending)
+            return
         self._resumed.put(client.clientid, client.connection)
 
     def client_connected(self, client: ClientRef) -> None:
@@ -320,11 +331,14 @@ class HookLogic:
         connect = self._connects.get(clientid)
         return lambda: self._connects.get(clientid) in (connect, None)
 
-    def _cancel_restore(self, clientid: str) -> None:
+    def _cancel_restore(self, clientid: str) -> PendingRestore | None:
+        """Cancel the restore an earlier connect's session.created queued, if it is
+        still waiting for its client.connected; returns it."""
         pending = self._restoring.pop(clientid)
         if pending is not None:
             pending.cancelled = True
             pending.registered.set()
+        return pending
 
     def restore_missed(self, client: ClientRef) -> bool:
         """Re-subscribe a client whose connect hooks never reached a handler (the sweep
@@ -369,7 +383,8 @@ class HookLogic:
                         async with asyncio.timeout(_REGISTER_WAIT_S):
                             await pending.registered.wait()
             if pending.cancelled:
-                return  # the client came back with a resumed session meanwhile
+                return  # the client connected again meanwhile: that connect restores it
+            pending.started = True
         restored = await self._replayer.restore(client.clientid, client.connection,
                                                 wait_for_client=pending is not None,
                                                 keep=lambda topic: not self._was_dropped(client, topic))
@@ -448,7 +463,8 @@ class HookLogic:
 
     async def _save_subscription(self, client: ClientRef, topic: str, qos: int) -> None:
         try:
-            await retrying("save subscription", lambda: self._store.save_subscription(client.clientid, topic, qos))
+            await self._write_subscription("save subscription",
+                                           lambda: self._store.save_subscription(client.clientid, topic, qos))
         except WriteRejected as exc:
             # the store cannot hold this subscription (e.g. a clientid longer than its
             # column): it will not be restored on a later connect, but the client
@@ -482,5 +498,21 @@ class HookLogic:
         # here, not in the hook: a restore queued before this job notes what it gave back
         # when it has run, and a subscribe after this one must be stored again
         self._take_restored(client, topic)
-        await retrying("delete subscription", lambda: self._store.delete_subscription(client.clientid, topic))
+        await self._write_subscription("delete subscription",
+                                       lambda: self._store.delete_subscription(client.clientid, topic))
 
+    async def _write_subscription(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """``write``, tried again while the store fails (``UNTIL_STORED``; one line a
+        minute says so). The client's later jobs wait behind it, in order; other
+        clients' jobs run meanwhile (the pauses are taken outside the slot)."""
+        async def attempt() -> None:
+            try:
+                await write()
+            except Exception as exc:
+                if transient(exc) and (since := self._store_wait_logs.note(what)):
+                    log.warning("%s waits for the store, tried again until it works: %s", what, one_line(exc),
+                                extra={"event": "subscription_write_waits", "operation": what,
+                                       "waits_since_last_line": since})
+                raise
+
+        await UNTIL_STORED.call(what, attempt, sleep=sleep_outside_slot)

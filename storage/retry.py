@@ -50,7 +50,7 @@ class RetryPolicy:
     can help; the last failure (or one that is not retryable) is raised."""
 
     backoff: Backoff
-    attempts: int
+    attempts: int | None  # None: until it works or is not retryable
     retryable: Callable[[BaseException], bool]
 
     async def call(self, what: str, fn: Callable[[], Awaitable[T]],

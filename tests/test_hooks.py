@@ -442,13 +442,29 @@ async def test_a_resume_whose_connected_call_was_lost_does_not_skip_the_next_con
     assert rig.api.subscribed == [("sub", [("t/a", 1)])]
 
 
-async def test_a_resumed_session_cancels_the_restore_of_an_earlier_connect(rig: Rig) -> None:
+async def test_a_resume_of_the_session_whose_restore_had_not_begun_restores_it_once(rig: Rig) -> None:
+    # Connect A makes a fresh session and its client.connected is lost; before A's
+    # restore begins (paced, or waiting for that call), the client connects again and
+    # resumes that same session, which never got its subscriptions back.
     await rig.store.save_subscription("sub", "t/a", 1)
-    rig.logic.session_created(client())  # its client.connected is lost...
-    rig.logic.session_resumed(client())  # ...and the client comes back to a kept session
-    rig.logic.client_connected(client())
+    await rig.publish(1)
+    rig.logic.session_created(client(peerport=1001))
+    rig.logic.session_resumed(client(peerport=1002))
+    rig.logic.client_connected(client(peerport=1002))
     await rig.settle()
-    assert rig.api.subscribed == []
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+
+
+async def test_a_resume_after_the_restore_began_restores_nothing_again(rig: Rig) -> None:
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.session_created(client(peerport=1001))  # its client.connected is lost
+    await rig.settle()  # the restore went ahead after its wait
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+    rig.logic.session_resumed(client(peerport=1002))  # the broker kept what it gave back
+    rig.logic.client_connected(client(peerport=1002))
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
 
 
 async def test_a_restore_replays_even_when_its_session_subscribed_call_is_lost(rig: Rig) -> None:

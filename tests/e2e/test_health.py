@@ -119,12 +119,10 @@ async def test_failed_store_operations_are_counted_by_operation(redis_process: R
         await sub.subscribe("t/down", qos=1)
         metrics = h.service.metrics
 
-        async def gave_up() -> bool:  # the job's retries: 3 delays, so 4 attempts, then it gives up
-            return metrics.sample("store_failures_total", operation="save_subscription") == 4
-        await eventually(gave_up)
-        await h.settle()
-        assert metrics.sample("store_failures_total", operation="save_subscription") == 4
-        # the restore at connect read the subscriptions after resetting the replay marks: that failed first
+        async def still_trying() -> bool:  # a subscription write is tried until the store takes it
+            return metrics.sample("store_failures_total", operation="save_subscription") >= 5
+        await eventually(still_trying)
+        # the restore at connect reset the replay marks first: 4 attempts, then it gave up
         assert metrics.sample("store_failures_total", operation="reset_replay_marks") == 4
         assert metrics.sample("store_failures_total", operation="write") == 0
         assert metrics.sample("store_failures_total", operation="ping") == 0

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from tests.e2e.backends import MysqlBackend, RedisBackend
 from tests.e2e.harness import Harness, free_port
 from tests.mysql_tls import MariaDbServer
+from tests.service_proc import eventually
 
 DEADLINE_S = 0.3
 # generous slack for a loaded CI machine; a hang would be the emulator's 5 s timeout
@@ -197,5 +198,61 @@ async def test_mariadb_stopped_mid_run_then_back(mariadb: MariaDbServer) -> None
         await sub.wait_for_deliveries(6, timeout=15)
         assert [d.payload for d in sub.deliveries] == [
             b"before", b"during0", b"during1", b"during2", b"during3", b"recovered"]
+    finally:
+        await h.stop()
+
+
+async def test_subscription_writes_wait_for_the_store_however_long_it_is_down(
+        redis_process: RedisProcess, caplog: pytest.LogCaptureFixture) -> None:
+    # A subscribe and an unsubscribe answered while the store is down are written when
+    # it is back, however long that takes (they used to be given up after four tries):
+    # the client's next connect restores what it had subscribed, not what it dropped.
+    redis_process.start()
+    h = Harness(PrivateRedisBackend(redis_process.port), "v3", publish_deadline=f"{int(DEADLINE_S * 1000)}ms")
+    await h.start()
+    try:
+        sub = h.client("waiting-sub")
+        await sub.connect()
+        await sub.subscribe("t/keep", qos=1)
+        await h.settle()
+        assert await h.backend.count_subscriptions() == 1
+        backend = h.backend
+        assert isinstance(backend, PrivateRedisBackend)
+        await backend.client.save()
+        redis_process.kill()  # it comes back from its dump: t/keep still stored
+
+        await sub.unsubscribe("t/keep")
+        await sub.subscribe("t/new", qos=1)
+
+        def failures(operation: str) -> float:
+            return h.service.metrics.sample("store_failures_total", operation=operation) or 0.0
+
+        def past_the_old_retries() -> bool:  # four tries was where it gave up (the subscribe waits behind it)
+            return failures("delete_subscription") >= 5
+
+        await eventually(past_the_old_retries, 30, "subscription writes failing while Redis is down")
+        waits = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "subscription_write_waits"]
+        assert waits and waits[0].startswith("delete subscription waits for the store, tried again until it works: ")
+        assert len(waits) <= 2  # one line a minute per operation, not one per try
+
+        redis_process.start()
+
+        async def stored_filters() -> list[bytes]:
+            return sorted(await backend.client.hkeys(f"{backend.sub_prefix}:waiting-sub"))
+
+        async def written() -> bool:
+            return await stored_filters() == [b"t/new"]
+
+        await eventually(written, 30, "the subscription writes once Redis is back")
+        await sub.disconnect()
+        pub = h.client("waiting-pub")
+        await pub.connect()
+        await pub.publish("t/keep", b"dropped filter", qos=1)
+        await pub.publish("t/new", b"kept filter", qos=1)
+        await h.settle()
+        await sub.connect()
+        await sub.wait_for_deliveries(1, timeout=10)
+        await h.settle()
+        assert [(d.topic, d.payload) for d in sub.deliveries] == [("t/new", b"kept filter")]
     finally:
         await h.stop()
