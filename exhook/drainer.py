@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from exhook.batches import BatchWriter, Entry, SuspectError
+from exhook.batches import BatchWriter, Entry, Outcome, SuspectError
 from exhook.metrics import Metrics
 from exhook.spool import Spool
 from storage.base import WriteRejected
@@ -39,6 +39,8 @@ SUSPECT_RUN_MAX = 100
 # spool's one thread is busy meanwhile, and a spill (a publish at its deadline) waits
 # for it; the drainer holds the ops it read in memory until the store has them.
 DRAIN_STEP_BYTES = 4 << 20
+# the pause before looking again at a spool found empty while the writer still holds ops
+EMPTY_PAUSE_S = 0.05
 
 
 class SpoolDrainer:
@@ -88,7 +90,10 @@ class SpoolDrainer:
         self._count_damaged()
         if not head:
             await self._recount()
-            return True  # emptied, but the writer is still moving ops in
+            # emptied, but the writer is still moving ops in (or its loop is down, waiting
+            # for its restart): look again in a moment, not in a hot loop
+            await asyncio.sleep(EMPTY_PAUSE_S)
+            return True
         entries = [Entry(item.op, seq=item.seq) for item in head]
         try:
             await self._write(entries)
@@ -151,8 +156,12 @@ class SpoolDrainer:
                 return None
             probe = Entry(following[0].op, seq=following[0].seq)
             if await self._goes_through(probe):
-                await self._written([probe])
-                return following[0].seq
+                if probe.outcome is Outcome.STORED:
+                    await self._written([probe])
+                    return following[0].seq
+                # refused for good (set aside, out of the spool): the store looked at it
+                # without writing, which says nothing of whether it works
+                await self._forget_settled([probe])
             seq = following[0].seq
         return None
 

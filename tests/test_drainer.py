@@ -17,9 +17,10 @@ import pytest
 
 from exhook import drainer
 from exhook.spool import Spool, SpooledOp, op_size
-from exhook.writer import Outcome
-from storage.base import StoreError
+from exhook.writer import OrderedWriter, Outcome
+from storage.base import StoreError, WriteRejected
 from storage.model import SaveMessage, StoredMessage, WriteOp
+from tests.service_proc import eventually
 from tests.test_writer import RecordingStore, Running, delete, msgid, open_spool, outcomes, save
 
 DRAIN_BOUND_S = 30  # far beyond any drain here; a drain that never ends fails instead of hanging
@@ -269,5 +270,89 @@ async def test_rows_removed_from_the_spool_by_hand_do_not_keep_the_drain_running
     assert spool.count == 0 and spool.bytes == 0 and not w.writer.spooling
     assert [r.event for r in caplog.records if hasattr(r, "event")].count("spool_recounted") == 1
     assert await outcomes([w.writer.submit(save(3))]) == [Outcome.STORED]  # direct again
+    await w.close()
+    await spool.close()
+
+
+class BrokenButChecksFirst(RecordingStore):
+    """Fails every write with a driver TypeError (no reason given) while ``broken``, but
+    checks each op before the round trip, as the SQL and Redis backends do: one that
+    can never fit is refused (WriteRejected) without the store writing anything."""
+
+    broken = True
+
+    async def write(self, ops: Sequence[WriteOp]) -> None:
+        for i, op in enumerate(ops):
+            if isinstance(op, SaveMessage) and op.message.msgid in self.refuse:
+                self.calls += 1
+                self.called.set()
+                raise WriteRejected("too_long", "does not fit", i)
+        if self.broken:
+            self.calls += 1
+            self.called.set()
+            raise TypeError("a driver bug: every write fails")
+        await super().write(ops)
+
+
+async def test_a_probe_the_store_refuses_is_no_sign_that_it_works(tmp_path: Path) -> None:
+    # The search past a suspect head took a refused probe for "the store took it", and
+    # then set aside every op before it that still broke the store: valid messages,
+    # gone, while the store had taken nothing. Refused probes are set aside alone.
+    ops: list[WriteOp] = [save(i) for i in range(15)]
+    spool = await spool_with(tmp_path, [*ops, save(99)])
+    store = BrokenButChecksFirst()
+    store.refuse = {msgid(99)}
+    w = Running(store, spool, batch_size=10)
+    async def one_set_aside() -> bool:
+        return len(await spool.set_aside_rows(100)) == 1
+
+    await eventually(one_set_aside, DRAIN_BOUND_S, "the refused op set aside")
+    assert spool.count == 15 and store.written == []
+    store.broken = False
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == ops
+    assert await set_aside_oldest_first(spool) == [save(99)]
+    await w.close()
+    await spool.close()
+
+
+async def test_the_drainer_does_not_spin_while_the_writer_loop_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spool drained while the writer still holds an ack, and the writer's loop is
+    # down (it failed; its supervisor restarts it after a pause): the drainer waits
+    # between its looks at the empty spool instead of reading it in a hot loop.
+    spool = await spool_with(tmp_path, [save(0)])  # spool mode from the start
+    store = RecordingStore()
+    store.gate = asyncio.Event()
+    real = OrderedWriter._spool_pending_now
+    crashed = asyncio.Event()
+
+    async def crash_once(self: OrderedWriter, start: bool) -> None:
+        if not crashed.is_set() and not start:  # the writer loop moving its queue
+            crashed.set()
+            raise RuntimeError("any unexpected failure of the writer loop")
+        await real(self, start)
+
+    monkeypatch.setattr(OrderedWriter, "_spool_pending_now", crash_once)
+    w = Running(store, spool)
+    await store.called.wait()  # the drainer is writing save(0)
+    w.writer.submit(delete(1))  # an ack: nobody waits for it, no deadline spills it
+    await crashed.wait()
+    looks = 0
+    head = spool.head
+
+    async def counted(*args: Any, **kwargs: Any) -> list[SpooledOp]:
+        nonlocal looks
+        looks += 1
+        return await head(*args, **kwargs)
+
+    monkeypatch.setattr(spool, "head", counted)
+    store.gate.set()
+    await asyncio.sleep(10 * drainer.EMPTY_PAUSE_S)
+    assert 1 <= looks <= 20  # about one per pause; a hot loop made thousands
+    monkeypatch.setattr(OrderedWriter, "_spool_pending_now", real)
+    w.task = asyncio.create_task(w.writer.run())  # its restart
+    await asyncio.wait_for(w.writer.drained(), DRAIN_BOUND_S)
+    assert store.written == [save(0), delete(1)]
     await w.close()
     await spool.close()
