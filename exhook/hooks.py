@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from exhook.client_queue import ClientQueues, outside_slot, sleep_outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.held_rekeys import HeldRekeys
+from exhook.later_retries import LaterRetries
 from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import UNTIL_STORED, transient
@@ -86,6 +87,14 @@ class PendingRestore:
     started: bool = False  # past its wait: the client's subscriptions are being given back
 
 
+@dataclass(slots=True)
+class RestoreState:
+    """How far a connect's restore got, kept across its later tries."""
+
+    marks_reset: bool = False
+    failures: int = 0
+
+
 @dataclass(slots=True, frozen=True)
 class ClientRef:
     clientid: str
@@ -149,6 +158,8 @@ class HookLogic:
         self._store_wait_logs = RateLimitedLog()
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
         self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
+        # restores and replays an outage made fail, tried again later (a supervised loop runs it)
+        self.later = LaterRetries(on_dropped=metrics.jobs_dropped.inc, on_change=metrics.jobs_retry_waiting.set)
 
     def hook_specs(self) -> list[tuple[str, tuple[str, ...]]]:
         """Hooks to register. No tracked topics means nothing to do: registering
@@ -369,7 +380,11 @@ class HookLogic:
         return submitted
 
     async def _restore(self, client: ClientRef, pending: PendingRestore | None,
-                       current: Callable[[], bool]) -> None:
+                       current: Callable[[], bool], state: RestoreState | None = None) -> None:
+        if state is None:
+            state = RestoreState()
+        elif not current():
+            return  # tried again later, and the client has connected again: that connect restores it
         if pending is not None:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
@@ -385,9 +400,19 @@ class HookLogic:
             if pending.cancelled:
                 return  # the client connected again meanwhile: that connect restores it
             pending.started = True
-        restored = await self._replayer.restore(client.clientid, client.connection,
-                                                wait_for_client=pending is not None,
-                                                keep=lambda topic: not self._was_dropped(client, topic))
+        try:
+            if not state.marks_reset:  # once: a later try must not replay again what one replayed since
+                await self._replayer.reset_marks(client.connection)
+                state.marks_reset = True
+            restored = await self._replayer.restore(client.clientid, client.connection, reset_marks=False,
+                                                    wait_for_client=pending is not None,
+                                                    keep=lambda topic: not self._was_dropped(client, topic))
+        except Exception as exc:
+            if transient(exc):
+                state.failures += 1
+                self.later.schedule(("restore", client.connection), state.failures, "restore",
+                                    lambda: self._restore_again(client, current, state))
+            raise  # the client's queue logs it
         self._restored_subs.put(client.connection, dict(restored))
         # The broker fires session.subscribed for each restored filter once the route
         # exists, but in a storm the call can time out and the broker carries on without
@@ -414,6 +439,10 @@ class HookLogic:
                 settle = None  # the client left: its other filters do not wait for it again
             elif topic in arrived and all_stored and replayed.delivered == replayed.published:
                 self._subscribed_calls.cover(client.connection, topic)
+
+    def _restore_again(self, client: ClientRef, current: Callable[[], bool], state: RestoreState) -> None:
+        self._queues.submit(client.clientid, "restore subscriptions (again)",
+                            lambda: self._restore(client, None, current, state))
 
     async def _writer_caught_up(self, topics: Collection[str]) -> None:
         self.held_rekeys.flush(topics)  # these topics are read again: their re-keys must be in the store
@@ -475,7 +504,11 @@ class HookLogic:
                 "reason": exc.reason})
 
     async def _replay_filter(self, client: ClientRef, topic: str, current: Callable[[], bool],
-                             settle: Callable[[Collection[str]], Awaitable[None]] | None = None) -> Replayed:
+                             settle: Callable[[Collection[str]], Awaitable[None]] | None = None,
+                             failures: int = 0) -> Replayed:
+        """Replay ``topic`` to this connection; one an outage made fail is tried again
+        later while the client has not connected again (what it did not deliver was
+        given back to the connection, so a later try sends only that)."""
         try:
             real = real_filter(topic)
         except TopicError as exc:
@@ -483,7 +516,18 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
-        return await self._replayer.replay(client.clientid, client.connection, topic, settle, current)
+        replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current)
+        if replayed.failed and replayed.retryable and current():
+            self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
+                                lambda: self._replay_again(client, topic, current, failures + 1))
+        return replayed
+
+    def _replay_again(self, client: ClientRef, topic: str, current: Callable[[], bool], failures: int) -> None:
+        async def job() -> None:
+            if current():  # else the client's new connect replays it
+                await self._replay_filter(client, topic, current, failures=failures)
+
+        self._queues.submit(client.clientid, f"replay {topic} (again)", job)
 
     def session_unsubscribed(self, client: ClientRef, topic: str) -> None:
         # noted at once: a restore of this connection may be waiting to run (its read

@@ -149,6 +149,9 @@ class Metrics:
         self.jobs_dropped = Counter(
             f"{p}client_jobs_dropped", "Background jobs dropped (a client's queue full, or the service shutting "
             "down)", registry=reg)
+        self.jobs_retry_waiting = Gauge(
+            f"{p}client_jobs_retry_waiting", "Restores and replays waiting to be tried again after a store or EMQX "
+            "API failure outlasted their retries", registry=reg, multiprocess_mode="livesum")
 
     def _store(self) -> None:
         reg, p = self.registry, PREFIX

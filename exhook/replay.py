@@ -49,19 +49,21 @@ class Replayed(NamedTuple):
     ``delivered`` to a subscriber. ``reached_nobody``: it stopped at a batch that
     matched no subscriber (the client left, or its subscription is not applied yet).
     ``failed``: it gave up on an error; the part it did not deliver is given back to
-    this connection (``Replayer._release``)."""
+    this connection (``Replayer._release``). ``retryable``: that error may pass (a
+    store or EMQX API outage), so the replay is worth trying again later."""
 
     published: int
     delivered: int
     reached_nobody: bool = False
     failed: bool = False
+    retryable: bool = False
 
     @classmethod
-    def gave_up(cls, published: int, delivered: int) -> Replayed:
+    def gave_up(cls, published: int, delivered: int, retryable: bool) -> Replayed:
         # at least one message counted as published and not delivered: a failed replay
         # never reads as one that delivered all it published (a restore would take its
         # filter as covered, and the broker's session.subscribed call would not replay it)
-        return cls(max(published, delivered + 1), delivered, failed=True)
+        return cls(max(published, delivered + 1), delivered, failed=True, retryable=retryable)
 
 
 @dataclasses.dataclass(slots=True)
@@ -219,8 +221,7 @@ class Replayer:
         is given back (not one the client has just unsubscribed). Returns the (filter,
         qos) pairs the client now has (none when it left first)."""
         if reset_marks:
-            await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
-            self._given_back.pop(connection)  # everything is replayed again anyway
+            await self.reset_marks(connection)
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
         pairs = [(s.topic, s.qos) for s in subs if keep(s.topic) and self._restorable(clientid, s.topic, s.qos)]
         if not pairs:
@@ -232,6 +233,12 @@ class Replayer:
                  extra={"event": "restore", "clientid": clientid, "subscriptions": len(restored or ()),
                         "client_found": found})
         return restored or []
+
+    async def reset_marks(self, connection: str) -> None:
+        """Forget what an earlier connection with the same key was given: a connect
+        with a fresh session gets everything stored again."""
+        await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
+        self._given_back.pop(connection)  # everything is replayed again anyway
 
     def _restorable(self, clientid: str, topic: str, qos: int) -> bool:
         """Whether EMQX can take this stored subscription: one it cannot makes it refuse
@@ -324,7 +331,7 @@ class Replayer:
                 raise
             log.error("replay failed: %s", one_line(exc), extra={
                 "event": "replay_failed", "clientid": clientid, "filter": flt, "messages": progress.delivered})
-            return Replayed.gave_up(progress.published, progress.delivered)
+            return Replayed.gave_up(progress.published, progress.delivered, transient(exc))
         if not ranges:
             return Replayed(0, 0)
         self._log_outcome(clientid, flt, len(ranges), progress, current())

@@ -157,6 +157,7 @@ class Service:
         connect_risk = ConnectRisk.for_hook_timeout(cfg.service.emqx.hook_timeout_ms, self.metrics)
         self._held_rekeys = logic.held_rekeys
         loops.start("held-rekeys", logic.held_rekeys.run)
+        loops.start("later-retries", logic.later.run)
         server = await self._start_grpc(logic, connect_risk)
         # runs after the server's stop (no acks come any more) and before the writer's close
         stack.callback(logic.held_rekeys.flush)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from exhook import later_retries
+from storage.retry import Backoff
 from tests.e2e.backends import MysqlBackend, RedisBackend
 from tests.e2e.harness import Harness, free_port
 from tests.mysql_tls import MariaDbServer
@@ -254,5 +256,46 @@ async def test_subscription_writes_wait_for_the_store_however_long_it_is_down(
         await sub.wait_for_deliveries(1, timeout=10)
         await h.settle()
         assert [(d.topic, d.payload) for d in sub.deliveries] == [("t/new", b"kept filter")]
+    finally:
+        await h.stop()
+
+
+async def test_a_restore_an_outage_made_fail_is_tried_again_once_the_store_is_back(
+        redis_process: RedisProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The store is down when a client connects: its restore gives up after its quick
+    # retries. The client stays connected; once the store is back, the restore is tried
+    # again (not only at the client's next connect) and replays what it missed, once.
+    monkeypatch.setattr(later_retries, "LATER", Backoff(base=1.0, cap=1.0))
+    redis_process.start()
+    h = Harness(PrivateRedisBackend(redis_process.port), "v3", publish_deadline=f"{int(DEADLINE_S * 1000)}ms")
+    await h.start()
+    try:
+        sub = h.client("later-sub")
+        await sub.connect()
+        await sub.subscribe("t/later", qos=1)
+        await sub.disconnect()
+        pub = h.client("later-pub")
+        await pub.connect()
+        await pub.publish("t/later", b"missed", qos=1)
+        await h.settle()
+        backend = h.backend
+        assert isinstance(backend, PrivateRedisBackend)
+        await backend.client.save()
+        redis_process.kill()  # it comes back from its dump, with the subscription and the message
+
+        await sub.connect()  # clean session: restored from the store, which is down
+        metrics = h.service.metrics
+
+        def restore_given_up() -> bool:
+            return metrics.sample("store_failures_total", operation="reset_replay_marks") >= 4
+
+        await eventually(restore_given_up, 30, "the restore failing while Redis is down")
+        assert sub.deliveries == []
+        redis_process.start()
+        await sub.wait_for_deliveries(1, timeout=30)
+        await h.settle()
+        assert [(d.topic, d.payload) for d in sub.deliveries] == [("t/later", b"missed")]
+        assert metrics.sample("client_jobs_retry_waiting") == 0
+        assert any(r.getMessage().startswith("restore failed: tried again in ") for r in caplog.records)
     finally:
         await h.stop()

@@ -1,0 +1,128 @@
+"""Restores and replays an outage made fail are tried again later (exhook/later_retries.py
+and its use in exhook/hooks.py): while the failure may pass, for as long as the client
+has not connected again, without sending anything twice. The REST API here is the
+recording stand-in of tests/test_hooks.py, made to fail; the store is the in-memory one.
+No test waits for a clock: each waits (bounded) for what it expects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from exhook.emqx_api import BulkResult, EmqxApiError, ReplayItem
+from exhook.later_retries import LaterRetries
+from storage.retry import Backoff
+from tests.memory_store import MemoryStore
+from tests.service_proc import eventually
+from tests.test_hooks import Rig, client, guid, running_rig
+
+QUICK = Backoff(base=0.01, cap=0.02)
+BOUND_S = 20  # far beyond any wait here: a retry that never comes fails instead of hanging
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_rig(tmp_path, MemoryStore()) as rig:
+        rig.logic.later = LaterRetries(QUICK, on_change=rig.metrics.jobs_retry_waiting.set)
+        task = asyncio.create_task(rig.logic.later.run())
+        try:
+            yield rig
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def failing_publishes(rig: Rig, calls: int, error: EmqxApiError) -> list[int]:
+    """The first ``calls`` publish/bulk calls fail with ``error``, publishing nothing."""
+    publish = rig.api.publish_bulk
+    failed = [0]
+
+    async def flaky(items: list[ReplayItem]) -> BulkResult:
+        if failed[0] < calls:
+            failed[0] += 1
+            raise error
+        return await publish(items)
+
+    rig.api.publish_bulk = flaky  # type: ignore[method-assign]
+    return failed
+
+
+async def until(check: object) -> None:
+    await eventually(check, BOUND_S, "the retry", every=0.01)
+
+
+async def test_a_replay_an_api_outage_made_fail_is_sent_later_once(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.publish(2)
+    failed = failing_publishes(rig, 9, EmqxApiError("EMQX API unreachable"))  # beyond two rounds of 4 tries
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+    await until(lambda: [item.origin for item in rig.api.replayed] == [guid(1), guid(2)])
+    await rig.settle()
+    assert failed[0] == 9
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]  # once each
+    assert rig.metrics.sample("replay_failures_total") == 2  # two rounds of 4 tries given up, then sent
+    assert rig.logic.later.waiting == 0 and rig.metrics.sample("client_jobs_retry_waiting") == 0
+
+
+async def test_a_replay_refused_for_good_is_not_tried_again(rig: Rig) -> None:
+    await rig.publish(1)
+    failing_publishes(rig, 100, EmqxApiError("publish/bulk answered 413: too large", 413, retryable=False))
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+    await rig.settle()
+    assert rig.metrics.sample("replay_failures_total") == 1
+    assert rig.logic.later.waiting == 0
+
+
+async def test_a_replay_tried_again_stops_once_the_client_connected_again(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))  # waits until the test runs it
+    failing_publishes(rig, 4, EmqxApiError("EMQX API unreachable"))  # the first round only
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+    await rig.settle()
+    assert rig.logic.later.waiting == 1 and rig.api.replayed == []
+    rig.logic.client_connected(client(peerport=1002))  # a new connect: its own restore replays
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+    waiting = rig.logic.later
+    for _, run in list(waiting._entries.values()):  # the retry comes due now
+        run()
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]  # not again
+
+
+async def test_a_restore_an_api_outage_made_fail_is_tried_again(rig: Rig) -> None:
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/a", 1)
+    subscribe = rig.api.subscribe_bulk
+    failed = [0]
+
+    async def flaky(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        if failed[0] < 6:
+            failed[0] += 1
+            raise EmqxApiError("EMQX API unreachable")
+        return await subscribe(clientid, subscriptions)
+
+    rig.api.subscribe_bulk = flaky  # type: ignore[method-assign]
+    rig.logic.client_connected(client(peerport=1001))
+    await until(lambda: [item.origin for item in rig.api.replayed] == [guid(1)])
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+    assert rig.logic.later.waiting == 0
+
+
+async def test_one_entry_per_key_and_the_oldest_dropped_beyond_the_bound() -> None:
+    ran: list[str] = []
+    dropped = [0]
+    later = LaterRetries(Backoff(base=3600.0, cap=3600.0), max_waiting=2,
+                         on_dropped=lambda: dropped.__setitem__(0, dropped[0] + 1))
+    later.schedule("a", 1, "replay", lambda: ran.append("a"))
+    later.schedule("a", 2, "replay", lambda: ran.append("a again"))  # already waiting: unchanged
+    later.schedule("b", 1, "replay", lambda: ran.append("b"))
+    later.schedule("c", 1, "replay", lambda: ran.append("c"))  # beyond 2: "a" goes
+    assert later.waiting == 2 and dropped == [1]
+    assert sorted(later._entries) == ["b", "c"]
