@@ -453,15 +453,16 @@ class HookLogic:
     def session_subscribed(self, client: ClientRef, topic: str, qos: int) -> None:
         if (dropped := self._dropped.get(client.connection)) is not None:
             dropped.discard(filter_key(topic))  # subscribed again: a restore may give it back
-        submitted = self._queue_subscribe(client, topic, qos)
+        submitted = self._queue_filter_job(client, topic, qos)
         if submitted and self._restore_started.get(client.connection) is not None:
             # the route exists now (noted only with its job queued: that job is what
             # consumes a covered filter)
             self._subscribed_calls.arrived(client.connection, topic)
 
-    def _queue_subscribe(self, client: ClientRef, topic: str, qos: int) -> bool:
-        """Into the client's last queued batch of subscribes if it can take it, else a new
-        batch (subscribe_jobs.py). False if the client's queue refused it."""
+    def _queue_filter_job(self, client: ClientRef, topic: str, qos: int | None) -> bool:
+        """A subscribe (``qos`` None: an unsubscribe) into the client's last queued batch if
+        it can take it, else a new batch (subscribe_jobs.py). False if the client's queue
+        refused it."""
         connect = self._connects.get(client.clientid)
 
         def join(job: object) -> bool:
@@ -470,10 +471,13 @@ class HookLogic:
         if self._queues.merge_into_last(client.clientid, join):
             return True
         current = self._same_connect(client.clientid)
-        batch = SubscribeBatch(client.clientid, client.connection, connect,
-                               lambda t, q: self._subscribed(client, t, q, current))
+        def run(t: str, q: int | None) -> Awaitable[None]:
+            return self._subscribed(client, t, q, current) if q is not None else self._unsubscribed(client, t)
+
+        batch = SubscribeBatch(client.clientid, client.connection, connect, run)
         batch.take(client.connection, connect, topic, qos)
-        return self._queues.submit(client.clientid, f"subscribe {topic}", batch)
+        return self._queues.submit(client.clientid, f"{'subscribe' if qos is not None else 'unsubscribe'} {topic}",
+                                   batch)
 
     async def _subscribed(self, client: ClientRef, topic: str, qos: int, current: Callable[[], bool]) -> None:
         if self._take_restored(client, topic) != qos:  # else it is stored as it is
@@ -536,7 +540,7 @@ class HookLogic:
         if len(dropped) < _DROPPED_PER_CONNECTION:
             dropped.add(filter_key(topic))
         self._dropped.put(client.connection, dropped)
-        self._queues.submit(client.clientid, f"unsubscribe {topic}", lambda: self._unsubscribed(client, topic))
+        self._queue_filter_job(client, topic, None)
 
     async def _unsubscribed(self, client: ClientRef, topic: str) -> None:
         # here, not in the hook: a restore queued before this job notes what it gave back

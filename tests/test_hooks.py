@@ -998,6 +998,20 @@ async def test_a_subscribe_of_thousands_of_filters_behind_a_busy_job_stores_ever
     assert rig.metrics.sample("client_jobs_dropped_total") == 0
 
 
+async def test_an_unsubscribe_of_thousands_of_filters_behind_a_busy_job_deletes_every_one(rig: Rig) -> None:
+    # one job per filter overflowed the client's queue: the rest stayed stored, and the
+    # next connect's restore gave the client filters it had unsubscribed from
+    for i in range(3000):
+        await rig.store.save_subscription("sub", f"t/f{i}", 1)
+    release = await busy_restore(rig)
+    for i in range(3000):
+        rig.logic.session_unsubscribed(client(), f"t/f{i}")
+    release.set()
+    await rig.settle()
+    assert rig.store.subs["sub"] == {"t/old": 1}
+    assert rig.metrics.sample("client_jobs_dropped_total") == 0
+
+
 async def test_subscribes_and_unsubscribes_queued_together_keep_their_order(rig: Rig) -> None:
     release = await busy_restore(rig)
     rig.logic.session_subscribed(client(), "t/x", 1)
