@@ -17,7 +17,7 @@ import pytest
 import exhook.retry
 from exhook.emqx_api import NO_MATCHING_SUBSCRIBERS, BulkResult, EmqxApi, EmqxApiError, ReplayItem, bulk_result
 from exhook.metrics import Metrics
-from exhook.replay import BrokerFlags, Replayer
+from exhook.replay import BrokerFlags, Replayed, Replayer
 from exhook.topics import TopicSet
 from exhook.validate import topic_problem
 from storage.model import SaveMessage, StoredMessage
@@ -211,7 +211,7 @@ async def test_a_publish_that_fails_its_retries_gives_the_range_back() -> None:
     assert s.api.payloads == [b"m3", b"m4", b"m5"]
     assert (again.published, again.delivered, again.failed) == (3, 3, False)
     s.api.published.clear()
-    assert await s.replayer.replay("sub", CONN, "t/a") == (0, 0, False, False)
+    assert await s.replayer.replay("sub", CONN, "t/a") == Replayed(0, 0)
     assert s.api.published == []
 
 
