@@ -204,6 +204,15 @@ async def test_mariadb_stopped_mid_run_then_back(mariadb: MariaDbServer) -> None
         await h.stop()
 
 
+async def kill_keeping_its_data(h: Harness, redis_process: RedisProcess) -> PrivateRedisBackend:
+    """Stop the test's redis-server after a dump: started again, it has what it had."""
+    backend = h.backend
+    assert isinstance(backend, PrivateRedisBackend)
+    await backend.client.save()
+    redis_process.kill()
+    return backend
+
+
 async def test_subscription_writes_wait_for_the_store_however_long_it_is_down(
         redis_process: RedisProcess, caplog: pytest.LogCaptureFixture) -> None:
     # A subscribe and an unsubscribe answered while the store is down are written when
@@ -218,10 +227,7 @@ async def test_subscription_writes_wait_for_the_store_however_long_it_is_down(
         await sub.subscribe("t/keep", qos=1)
         await h.settle()
         assert await h.backend.count_subscriptions() == 1
-        backend = h.backend
-        assert isinstance(backend, PrivateRedisBackend)
-        await backend.client.save()
-        redis_process.kill()  # it comes back from its dump: t/keep still stored
+        backend = await kill_keeping_its_data(h, redis_process)  # back with t/keep still stored
 
         await sub.unsubscribe("t/keep")
         await sub.subscribe("t/new", qos=1)
@@ -278,10 +284,7 @@ async def test_a_restore_an_outage_made_fail_is_tried_again_once_the_store_is_ba
         await pub.connect()
         await pub.publish("t/later", b"missed", qos=1)
         await h.settle()
-        backend = h.backend
-        assert isinstance(backend, PrivateRedisBackend)
-        await backend.client.save()
-        redis_process.kill()  # it comes back from its dump, with the subscription and the message
+        await kill_keeping_its_data(h, redis_process)  # back with the subscription and the message
 
         await sub.connect()  # clean session: restored from the store, which is down
         metrics = h.service.metrics
