@@ -471,6 +471,7 @@ class HookLogic:
         if self._queues.merge_into_last(client.clientid, join):
             return True
         current = self._same_connect(client.clientid)
+
         def run(t: str, q: int | None) -> Awaitable[None]:
             return self._subscribed(client, t, q, current) if q is not None else self._unsubscribed(client, t)
 
