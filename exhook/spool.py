@@ -347,8 +347,9 @@ class Spool:
         moved = 0
         while other.count:
             batch = await other.head(1000)
-            if not batch:  # its count was off (rows removed by hand): nothing is left
-                break
+            if not batch:  # every row read was damaged (moved aside), or the count was off
+                await other.recount()
+                continue
             await self.append([item.op for item in batch])
             await other.remove([item.seq for item in batch])
             moved += len(batch)

@@ -155,3 +155,19 @@ async def test_an_orphan_whose_rows_were_removed_by_hand_is_adopted_without_loop
     finally:
         await orphan.close()
         await target.close()
+
+
+async def test_valid_ops_behind_a_thousand_damaged_rows_are_adopted(tmp_path: Path) -> None:
+    # a read of the orphan's head that found only damaged rows (moved aside) is empty:
+    # the ops behind them must still be moved before the file goes
+    orphan_path = tmp_path / "spool.1"
+    await spool_with(orphan_path, [save(i) for i in range(1005)])
+    with sqlite3.connect(orphan_path) as shell:
+        shell.execute("UPDATE ops SET payload = 'text' WHERE seq <= 1000")  # not a payload any more
+    target = Spool(tmp_path / "spool")
+    await target.open()
+    try:
+        assert await adopt_orphans(target, [orphan_path]) == 5
+        assert [item.op for item in await target.head(10)] == [save(i) for i in range(1000, 1005)]
+    finally:
+        await target.close()
