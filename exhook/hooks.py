@@ -156,6 +156,9 @@ class HookLogic:
         self._dropped: ExpiringMap[str, set[bytes]] = ExpiringMap(_RESTORED_TTL_S, _CONNECT_ENTRIES)
         self._deadline_logs = RateLimitedLog()
         self._store_wait_logs = RateLimitedLog()
+        # clientid -> its latest connection (a resume too): a job tried again later for an
+        # earlier one does not run (its marks and the broker's calls would not match)
+        self._latest: ExpiringMap[str, ClientRef] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
         self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
         # restores and replays an outage made fail, tried again later (a supervised loop runs it)
@@ -282,6 +285,7 @@ class HookLogic:
     # lost call no longer leaves the client without its subscriptions.
     def session_created(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._latest.put(client.clientid, client)
         self._count_connect(client.clientid)
         self._forget_connection(client)  # an earlier connection's, with the same key (EMQX 5.3)
         self._cancel_restore(client.clientid)  # left by an earlier connect whose client.connected was lost
@@ -294,6 +298,7 @@ class HookLogic:
         # not a new connect for a running replay: the broker kept the session, so what
         # the replay still publishes reaches it, and nothing else would replay the rest
         self._queues.note_connect()
+        self._latest.put(client.clientid, client)
         self._forget_connection(client)
         earlier = self._cancel_restore(client.clientid)  # left by a connect whose client.connected was lost
         if earlier is not None and not earlier.started:
@@ -308,6 +313,7 @@ class HookLogic:
 
     def client_connected(self, client: ClientRef) -> None:
         self._queues.note_connect()
+        self._latest.put(client.clientid, client)
         if self._resumed.pop(client.clientid) == client.connection:
             # The broker kept this session's subscriptions and queued its messages;
             # re-subscribing would replay duplicates of what it delivers itself. (A
@@ -383,8 +389,8 @@ class HookLogic:
                        current: Callable[[], bool], state: RestoreState | None = None) -> None:
         if state is None:
             state = RestoreState()
-        elif not current():
-            return  # tried again later, and the client has connected again: that connect restores it
+        elif not self._still_connected(client, current):
+            return  # tried again later, and the client has connected again: it restores at that connect
         if pending is not None:
             # Started by session.created: EMQX registers the client only after it, and
             # in a storm that can take seconds; client.connected says it is done (if
@@ -440,7 +446,20 @@ class HookLogic:
             elif topic in arrived and all_stored and replayed.delivered == replayed.published:
                 self._subscribed_calls.cover(client.connection, topic)
 
+    def _still_connected(self, client: ClientRef, current: Callable[[], bool]) -> bool:
+        """No later connect of the client since ``current`` was taken, with a new
+        session or a resumed one."""
+        latest = self._latest.get(client.clientid)
+        return current() and (latest is None or latest.connection == client.connection)
+
     def _restore_again(self, client: ClientRef, current: Callable[[], bool], state: RestoreState) -> None:
+        latest = self._latest.get(client.clientid)
+        if current() and latest is not None and latest.connection != client.connection:
+            # The client resumed the session this restore was for, on another connection:
+            # restore that one (the broker's calls come with its key). Its marks are its
+            # own jobs': not reset, so what they replayed is not sent twice.
+            client, state = latest, RestoreState(marks_reset=True, failures=state.failures)
+            self._restore_started.put(client.connection, True)
         self._queues.submit(client.clientid, "restore subscriptions (again)",
                             lambda: self._restore(client, None, current, state))
 
@@ -521,7 +540,8 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
-        replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current)
+        replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
+                                               given_back_only=failures > 0)
         if replayed.failed and replayed.retryable and current():
             self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
                                 lambda: self._replay_again(client, topic, current, failures + 1))
@@ -529,7 +549,9 @@ class HookLogic:
 
     def _replay_again(self, client: ClientRef, topic: str, current: Callable[[], bool], failures: int) -> None:
         async def job() -> None:
-            if current():  # else the client's new connect replays it
+            # not when the client connected again (its new connect replays it) nor when it
+            # dropped the filter (the part given back waits for its next subscribe of it)
+            if self._still_connected(client, current) and not self._was_dropped(client, topic):
                 await self._replay_filter(client, topic, current, failures=failures)
 
         self._queues.submit(client.clientid, f"replay {topic} (again)", job)

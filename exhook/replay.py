@@ -206,7 +206,9 @@ class Replayer:
         # (topic -> position to replay again after; None: from the oldest). The store's
         # marks only rise, so the next replay of this connection in this process takes
         # these back into its ranges (Replayer._claim).
-        self._given_back: ExpiringMap[str, dict[str, float | None]] = ExpiringMap(REPLAY_MARK_TTL_S, 100_000)
+        # (topic -> the range (after, up to) to replay again; after None: from the oldest)
+        self._given_back: ExpiringMap[str, dict[str, tuple[float | None, float]]] = ExpiringMap(
+            REPLAY_MARK_TTL_S, 100_000)
         self._logs = RateLimitedLog()  # the replay skips and failures that can recur
 
     async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
@@ -307,9 +309,10 @@ class Replayer:
 
     async def replay(self, clientid: str, connection: str, flt: str,
                      settle: Callable[[Collection[str]], Awaitable[None]] | None = None,
-                     current: Callable[[], bool] = lambda: True) -> Replayed:
+                     current: Callable[[], bool] = lambda: True, given_back_only: bool = False) -> Replayed:
         """Publish every stored message matching ``flt`` that this connection has
-        not been given yet.
+        not been given yet. ``given_back_only``: only what a failed replay of it gave
+        back, if it did (a retry: what came since went to the client live).
         ``settle`` (given by a restore, whose subscription the broker may not have
         applied yet): a replay that reached nobody awaits it, then tries again
         (UNTIL_SUBSCRIBED). ``current``: False once the client has connected again;
@@ -320,7 +323,10 @@ class Replayer:
         (the same for every filter) is raised."""
         progress = _Progress()
         try:
-            ranges = await self._claim(connection, real_filter(flt))
+            real = real_filter(flt)
+            # (a failure before the claim gave nothing back: then the claim is still to make)
+            ranges = (self._take_given_back(connection, real) if given_back_only else {}) \
+                or await self._claim(connection, real)
             if ranges:
                 await self._deliver(connection, ranges, settle, current, progress)
         except Exception as exc:
@@ -369,7 +375,10 @@ class Replayer:
             start = done.get(topic, low)
             if start is not None and start >= high:
                 continue  # delivered in full
-            given_back[topic] = _lower(given_back[topic], start) if topic in given_back else start
+            if topic in given_back:
+                earlier_start, earlier_high = given_back[topic]
+                start, high = _lower(earlier_start, start), max(earlier_high, high)
+            given_back[topic] = (start, high)
         if given_back:
             self._given_back.put(connection, given_back)
 
@@ -437,6 +446,15 @@ class Replayer:
                         len(batch), extra={"event": "replay_not_dispatched", "topic": batch[0].topic[:200],
                                            "status": result.status, "batches_since_last_line": since})
 
+    def _take_given_back(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
+        """The ranges of ``real``'s topics a failed replay gave back to this connection
+        (the store's marks are past them already: nothing to claim)."""
+        given_back = self._given_back.pop(connection) or {}
+        ranges = {topic: rng for topic, rng in given_back.items() if matches(real, topic)}
+        if rest := {topic: rng for topic, rng in given_back.items() if topic not in ranges}:
+            self._given_back.put(connection, rest)
+        return ranges
+
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
         if is_wildcard(real):
             found = await retrying("list stored topics",
@@ -456,7 +474,7 @@ class Replayer:
         for topic, high in highs.items():
             low = previous.get(topic)
             if topic in given_back:  # a failed replay's claim on it: take that part back
-                low = _lower(low, given_back.pop(topic))
+                low = _lower(low, given_back.pop(topic)[0])
             if low is None or low < high:
                 ranges[topic] = (low, high)
         if given_back:  # other filters' topics

@@ -126,3 +126,78 @@ async def test_one_entry_per_key_and_the_oldest_dropped_beyond_the_bound() -> No
     later.schedule("c", 1, "replay", lambda: ran.append("c"))  # beyond 2: "a" goes
     assert later.waiting == 2 and dropped == [1]
     assert sorted(later._entries) == ["b", "c"]
+
+
+@pytest.fixture
+async def by_hand(tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig whose retries come due only when the test runs them (``run_due``)."""
+    async with running_rig(tmp_path, MemoryStore()) as rig:
+        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))
+        yield rig
+
+
+def run_due(rig: Rig) -> None:
+    due = list(rig.logic.later._entries.values())
+    rig.logic.later._entries.clear()
+    for _, run in due:
+        run()
+
+
+async def test_a_replay_tried_again_sends_only_what_failed(by_hand: Rig) -> None:
+    rig = by_hand
+    await rig.publish(1)
+    failing_publishes(rig, 4, EmqxApiError("EMQX API unreachable"))
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+    await rig.settle()
+    assert rig.logic.later.waiting == 1
+    await rig.publish(2)  # the client is subscribed now: the broker routed this one to it live
+    run_due(rig)
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1)]
+
+
+async def test_a_replay_is_not_tried_again_for_a_filter_dropped_since(by_hand: Rig) -> None:
+    rig = by_hand
+    await rig.publish(1)
+    await rig.publish(2)
+    failing_publishes(rig, 4, EmqxApiError("EMQX API unreachable"))
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+    await rig.settle()
+    rig.logic.session_unsubscribed(client(peerport=1001), "t/a")
+    await rig.settle()
+    run_due(rig)
+    await rig.settle()
+    assert rig.api.replayed == []
+    rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)  # again: it gets what it missed
+    await rig.settle()
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
+
+
+async def test_a_restore_tried_again_after_a_resume_restores_the_resumed_connection_once(by_hand: Rig) -> None:
+    rig = by_hand
+    await rig.publish(1)
+    await rig.publish(2)
+    await rig.store.save_subscription("sub", "t/a", 1)
+    subscribe = rig.api.subscribe_bulk
+    failed = [0]
+
+    async def flaky(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        if failed[0] < 4:  # the restore's own tries
+            failed[0] += 1
+            raise EmqxApiError("EMQX API unreachable")
+        return await subscribe(clientid, subscriptions)
+
+    rig.api.subscribe_bulk = flaky  # type: ignore[method-assign]
+    rig.logic.client_connected(client(peerport=1001))  # its session.created was lost
+    await rig.settle()
+    assert rig.logic.later.waiting == 1
+    rig.logic.session_resumed(client(peerport=1002))  # back with clean_start=false: that same session
+    rig.logic.client_connected(client(peerport=1002))
+    await rig.settle()
+    rig.broker_calls_session_subscribed(0.0, peerport=1002)  # the broker's calls carry the new key
+    run_due(rig)
+    await rig.settle()
+    await asyncio.sleep(0.1)  # the broker's session.subscribed calls (call_later)
+    await rig.settle()
+    assert rig.api.subscribed == [("sub", [("t/a", 1)])]
+    assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
