@@ -6,8 +6,9 @@ a database failing over) would otherwise leave a client that stays connected wit
 its subscriptions or its stored messages until it happens to connect again, which may
 be days. So the failed part is tried again, as a new job of that client, after a pause
 that grows with each failure (``LATER``: 10-20 s, then up to a minute) for as long as it
-fails with an error another try may not see. The job itself decides whether it still
-applies (the client may have connected again, or left: its next connect restores it).
+fails with an error another try may not see, at most ``MAX_FAILURES`` times (about an
+hour). The job itself decides whether it still applies (the client may have connected
+again, or left: its next connect restores it).
 
 One entry per key (a connection's restore, or one filter's replay on a connection): a
 failure of what is already waiting changes nothing. At most ``max_waiting`` entries;
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 LATER = Backoff(base=20.0, cap=60.0)
 MAX_WAITING = 100_000
+# about an hour of tries: a client that left meanwhile looks the same as one still
+# connected until the broker answers, so the tries must end (its next connect restores it)
+MAX_FAILURES = 60
 
 
 class LaterRetries:
@@ -54,6 +58,11 @@ class LaterRetries:
         """Call ``run`` after the pause for ``failures`` consecutive failures, unless
         ``key`` is already waiting."""
         if key in self._entries:
+            return
+        if failures > MAX_FAILURES:
+            self._on_dropped()
+            log.warning("%s failed %d times: not tried again (the client's next connect replays it)", what,
+                        failures, extra={"event": "retry_given_up", "what": what, "failures": failures})
             return
         if len(self._entries) >= self._max:
             oldest = next(iter(self._entries))

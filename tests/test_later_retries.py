@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from exhook import later_retries
 from exhook.emqx_api import BulkResult, EmqxApiError, ReplayItem
 from exhook.later_retries import LaterRetries
 from storage.retry import Backoff
@@ -201,3 +202,11 @@ async def test_a_restore_tried_again_after_a_resume_restores_the_resumed_connect
     await rig.settle()
     assert rig.api.subscribed == [("sub", [("t/a", 1)])]
     assert [item.origin for item in rig.api.replayed] == [guid(1), guid(2)]
+
+
+async def test_tries_end_after_about_an_hour_of_failures() -> None:
+    dropped = [0]
+    later = LaterRetries(Backoff(base=3600.0, cap=3600.0), on_dropped=lambda: dropped.__setitem__(0, dropped[0] + 1))
+    later.schedule("a", later_retries.MAX_FAILURES, "replay", lambda: None)
+    later.schedule("b", later_retries.MAX_FAILURES + 1, "replay", lambda: None)
+    assert sorted(later._entries) == ["a"] and dropped == [1]
