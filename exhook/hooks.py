@@ -375,7 +375,7 @@ class HookLogic:
     async def _resubscribe(self, client: ClientRef) -> None:
         # not noted in _restored_subs: the broker's session.subscribed for these may go to
         # another worker, and an entry nobody consumes must not outlive what it describes
-        await self._replayer.restore(client.clientid, client.connection, reset_marks=False)
+        await self._replayer.restore(client.clientid)  # the marks are kept
 
     def _submit_restore(self, client: ClientRef, pending: PendingRestore | None) -> bool:
         current = self._same_connect(client.clientid)
@@ -410,8 +410,7 @@ class HookLogic:
             if not state.marks_reset:  # once: a later try must not replay again what one replayed since
                 await self._replayer.reset_marks(client.connection)
                 state.marks_reset = True
-            restored = await self._replayer.restore(client.clientid, client.connection, reset_marks=False,
-                                                    wait_for_client=pending is not None,
+            restored = await self._replayer.restore(client.clientid, wait_for_client=pending is not None,
                                                     keep=lambda topic: not self._was_dropped(client, topic))
         except Exception as exc:
             if transient(exc):
@@ -542,7 +541,7 @@ class HookLogic:
             return Replayed(0, 0)
         replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
                                                given_back_only=failures > 0)
-        if replayed.failed and replayed.retryable and current():
+        if replayed.failed and replayed.retryable and self._still_connected(client, current):
             self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
                                 lambda: self._replay_again(client, topic, current, failures + 1))
         return replayed

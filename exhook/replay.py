@@ -203,27 +203,24 @@ class Replayer:
         self._page_size = max(page_size, batch_size)
         self._until_subscribed = until_subscribed
         # Per connection, the part of its claimed ranges a failed replay did not deliver
-        # (topic -> position to replay again after; None: from the oldest). The store's
-        # marks only rise, so the next replay of this connection in this process takes
-        # these back into its ranges (Replayer._claim).
-        # (topic -> the range (after, up to) to replay again; after None: from the oldest)
+        # (topic -> the range (after, up to) to replay again; after None: from the
+        # oldest). The store's marks only rise, so the next replay of this connection in
+        # this process takes these back into its ranges (Replayer._claim), and a retry
+        # replays only them (Replayer._take_given_back).
         self._given_back: ExpiringMap[str, dict[str, tuple[float | None, float]]] = ExpiringMap(
             REPLAY_MARK_TTL_S, 100_000)
         self._logs = RateLimitedLog()  # the replay skips and failures that can recur
 
-    async def restore(self, clientid: str, connection: str, wait_for_client: bool = False,
-                      reset_marks: bool = True,
+    async def restore(self, clientid: str, wait_for_client: bool = False,
                       keep: Callable[[str], bool] = lambda topic: True) -> list[tuple[str, int]]:
         """Re-subscribe a client that connected without a session to its stored
-        subscriptions; the broker then fires ``session.subscribed`` for each.
+        subscriptions; the broker then fires ``session.subscribed`` for each. (A
+        connect's own restore first forgets what an earlier connection with the same
+        key was given: ``reset_marks``; the sweep after lost connect calls does not.)
         ``wait_for_client``: the client may not be registered at the broker yet
-        (restore started from ``session.created``). ``reset_marks``: forget what an
-        earlier connection with the same key was given (a connect's own restore does;
-        the sweep after lost connect calls does not). ``keep``: whether a stored filter
+        (restore started from ``session.created``). ``keep``: whether a stored filter
         is given back (not one the client has just unsubscribed). Returns the (filter,
         qos) pairs the client now has (none when it left first)."""
-        if reset_marks:
-            await self.reset_marks(connection)
         subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
         pairs = [(s.topic, s.qos) for s in subs if keep(s.topic) and self._restorable(clientid, s.topic, s.qos)]
         if not pairs:
@@ -325,8 +322,9 @@ class Replayer:
         try:
             real = real_filter(flt)
             # (a failure before the claim gave nothing back: then the claim is still to make)
-            ranges = (self._take_given_back(connection, real) if given_back_only else {}) \
-                or await self._claim(connection, real)
+            # (the store's marks are past what was given back: nothing to claim for it)
+            ranges = (self._take_given_back(connection, lambda topic: matches(real, topic))
+                      if given_back_only else {}) or await self._claim(connection, real)
             if ranges:
                 await self._deliver(connection, ranges, settle, current, progress)
         except Exception as exc:
@@ -446,14 +444,14 @@ class Replayer:
                         len(batch), extra={"event": "replay_not_dispatched", "topic": batch[0].topic[:200],
                                            "status": result.status, "batches_since_last_line": since})
 
-    def _take_given_back(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
-        """The ranges of ``real``'s topics a failed replay gave back to this connection
-        (the store's marks are past them already: nothing to claim)."""
+    def _take_given_back(self, connection: str, wanted: Callable[[str], bool]) -> dict[str, tuple[float | None, float]]:
+        """The ranges a failed replay gave back to this connection for the ``wanted``
+        topics, taken (the others stay given back)."""
         given_back = self._given_back.pop(connection) or {}
-        ranges = {topic: rng for topic, rng in given_back.items() if matches(real, topic)}
-        if rest := {topic: rng for topic, rng in given_back.items() if topic not in ranges}:
+        taken = {topic: rng for topic, rng in given_back.items() if wanted(topic)}
+        if rest := {topic: rng for topic, rng in given_back.items() if topic not in taken}:
             self._given_back.put(connection, rest)
-        return ranges
+        return taken
 
     async def _claim(self, connection: str, real: str) -> dict[str, tuple[float | None, float]]:
         if is_wildcard(real):
@@ -469,16 +467,15 @@ class Replayer:
         if not highs:
             return {}
         previous = await retrying("claim replay", lambda: self._store.claim_replay(connection, highs))
-        given_back = self._given_back.pop(connection) or {}
+        # a failed replay's claim on these topics: take that part back
+        given_back = self._take_given_back(connection, lambda topic: topic in highs)
         ranges: dict[str, tuple[float | None, float]] = {}
         for topic, high in highs.items():
             low = previous.get(topic)
-            if topic in given_back:  # a failed replay's claim on it: take that part back
-                low = _lower(low, given_back.pop(topic)[0])
+            if topic in given_back:
+                low = _lower(low, given_back[topic][0])
             if low is None or low < high:
                 ranges[topic] = (low, high)
-        if given_back:  # other filters' topics
-            self._given_back.put(connection, given_back)
         return ranges
 
     async def _publish(self, batch: list[StoredMessage]) -> BulkResult:

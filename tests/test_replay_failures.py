@@ -259,7 +259,7 @@ async def test_an_error_of_one_filter_other_than_a_refused_key_does_not_end_the_
         return await bulk(items)
 
     s.api.publish_bulk = too_large_for_t_a  # type: ignore[method-assign]
-    await s.replayer.restore("sub", CONN)
+    await s.replayer.restore("sub")
     failed = await s.replayer.replay("sub", CONN, "t/a")
     delivered = await s.replayer.replay("sub", CONN, "t/b")
     assert failed.failed and not delivered.failed
@@ -280,7 +280,7 @@ async def test_stored_subscriptions_emqx_cannot_take_are_left_out(caplog: pytest
     s = Setup()
     for topic, qos in (("t/a", 1), ("t/b", 3), ("t/#/x", 1), ("t/c", 2)):
         s.store.subs.setdefault("sub", {})[topic] = qos
-    restored = await s.replayer.restore("sub", CONN)
+    restored = await s.replayer.restore("sub")
     assert s.api.subscribe_bulk_calls == [[("t/a", 1), ("t/c", 2)]]
     assert restored == [("t/a", 1), ("t/c", 2)]
     assert s.skipped("bad_qos", "restore_subscriptions") == 1
@@ -294,7 +294,7 @@ async def test_a_subscribe_bulk_refused_with_400_falls_back_to_one_by_one() -> N
     for topic in ("t/a", "t/b", "t/c"):
         s.store.subs.setdefault("sub", {})[topic] = 1
     s.api.refused_filters = {"t/b"}  # refused for a reason the checks here do not foresee
-    restored = await s.replayer.restore("sub", CONN)
+    restored = await s.replayer.restore("sub")
     assert restored == [("t/a", 1), ("t/c", 1)]
     assert s.api.subscribe_calls == [("t/a", 1), ("t/b", 1), ("t/c", 1)]
     assert s.skipped("rejected", "restore_subscriptions") == 1
