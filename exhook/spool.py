@@ -158,6 +158,12 @@ def op_size(op: WriteOp) -> int:
         + _ROW_OVERHEAD
 
 
+def _totals(conn: sqlite3.Connection) -> tuple[int, int]:
+    """How many ops the spool file holds, and their size."""
+    n, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM ops").fetchone()
+    return int(n), int(size)
+
+
 class Spool:
     """One spool file. ``open`` creates it if needed and reads what an earlier run
     left; ``append`` returns once the ops are on disk."""
@@ -188,7 +194,7 @@ class Spool:
             conn.execute("PRAGMA synchronous = FULL")
             for statement in _SCHEMA:
                 conn.execute(statement)
-            self.count, self.bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM ops").fetchone()
+            self.count, self.bytes = _totals(conn)
         except (sqlite3.Error, OSError) as exc:
             raise SpoolError(f"exhook.spool.path: cannot use {self.path}: {exc}") from None
         self._conn = conn
@@ -308,8 +314,7 @@ class Spool:
         holds what keeps appends and removals out meanwhile (the writer's lock)."""
         def read() -> tuple[int, int]:
             assert self._conn is not None
-            n, size = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM ops").fetchone()
-            return int(n), int(size)
+            return _totals(self._conn)
 
         n, size = await self._run(read)
         off, self.count, self.bytes = self.count - n, n, size
