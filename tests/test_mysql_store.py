@@ -29,6 +29,7 @@ from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessag
 from storage.mysql import STATE_TABLES_DDL
 from storage.mysql import reads as mysql_reads
 from storage.unreadable import SkippedRows
+from tests.lost_reply_proxy import LostReplyProxy
 from tests.mysql_fixtures import MakeStore, ids, msg, q, read_topic, rejected, spy_statements
 from tests.mysql_tls import Certs, MariaDbServer, make_certs, tools_available
 from tests.store_reads import read_all
@@ -341,7 +342,21 @@ async def test_read_merges_topics_in_position_order_with_ranges(make_store: Make
         ranges[m.topic])]
     for page in (1, 3, 100, 1000):
         assert [m.msgid for m in await read_all(store, ranges, page)] == [m.msgid for m in expected]
+        for topic, rng in ranges.items():  # one topic alone: read without a merge
+            assert [m.msgid for m in await read_all(store, {topic: rng}, page)] == [
+                m.msgid for m in expected if m.topic == topic]
     assert await read_all(store, {}, 10) == []
+
+
+async def test_one_topic_is_read_a_page_per_statement(make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    msgs = [msg("page/t", b"%d" % i) for i in range(25)]
+    await store.write([SaveMessage(m) for m in msgs])
+    high = (await store.latest_positions(["page/t"]))["page/t"]
+    statements = spy_statements(monkeypatch)
+    got = await read_all(store, {"page/t": (None, high)}, page_size=10)
+    assert [m.msgid for m in got] == [m.msgid for m in msgs]
+    assert len(statements) == 3  # 10 + 10 + 5 rows
 
 
 async def test_wildcard_discovery_by_prefix_and_exact_topics(make_store: MakeStore) -> None:
@@ -500,6 +515,9 @@ async def test_duplicates_are_found_in_a_bounded_window(
         got = await read_all(store, {t: (None, 1e15) for t in topics}, page)
         assert [m.msgid for m in got] == [m.msgid for m in ms]
         assert len(sizes) == 310 and max(sizes) == 16  # 310 rows met, never more than 16 ids held
+    # one topic alone (no merge): its copies are skipped too
+    got = await read_all(store, {"win/0": (None, 1e15)}, 7)
+    assert [m.msgid for m in got] == [m.msgid for m in ms if m.topic == "win/0"]
 
 
 async def test_unreadable_rows_are_skipped(make_store: MakeStore, raw: Any, monkeypatch: pytest.MonkeyPatch,
@@ -566,6 +584,40 @@ async def test_concurrent_claims_one_winner(make_store: MakeStore) -> None:
         firsts = [r for r in results if all(v is None for v in r.values())]
         assert len(firsts) == 1
         assert all(r == highs for r in results if r is not firsts[0])
+
+
+async def test_claim_of_one_topic_is_one_statement(make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    statements = spy_statements(monkeypatch)
+    assert await store.claim_replay("one", {"o/a": 5.0}) == {"o/a": None}
+    assert await store.claim_replay("one", {"o/a": 8.0}) == {"o/a": 5.0}
+    assert await store.claim_replay("one", {"o/a": 6.0}) == {"o/a": 8.0}  # never lowered
+    assert await store.claim_replay("one", {"o/a": 9.0}) == {"o/a": 8.0}
+    assert len(statements) == 4 and all("LAST_INSERT_ID" in sql for sql in statements)
+    # a position that is not a message id (not an integer) takes the transaction
+    assert await store.claim_replay("one", {"o/a": 9.5}) == {"o/a": 9.0}
+    # and a fractional mark is read as the message id it covers (reads floor it too)
+    assert await store.claim_replay("one", {"o/a": 10.0}) == {"o/a": 9.0}
+
+
+async def test_concurrent_claims_of_one_topic_one_winner(make_store: MakeStore) -> None:
+    a, b = await make_store(pool_size=4), await make_store(pool_size=4)
+    for round_ in range(3):
+        conn = f"one-conn-{round_}"
+        results = await asyncio.gather(*[(a if i % 2 else b).claim_replay(conn, {"oc/t": 42.0}) for i in range(10)])
+        assert sorted(results, key=lambda r: r["oc/t"] is not None) == [{"oc/t": None}] + [{"oc/t": 42.0}] * 9
+
+
+async def test_claim_whose_answer_is_lost_replays_from_the_oldest(make_store: MakeStore, raw: Any) -> None:
+    """The claim ran but its answer was lost with the connection: claiming again would
+    take its own mark for the previous one and replay nothing (a gap)."""
+    direct = await make_store()
+    assert await direct.claim_replay("lost-answer", {"la/t": 5.0}) == {"la/t": None}
+    async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: b"LAST_INSERT_ID" in chunk) as proxy:
+        through = await make_store(server=HostPort("127.0.0.1", proxy.port))
+        assert await through.claim_replay("lost-answer", {"la/t": 9.0}) == {"la/t": None}
+        assert proxy.lost == 1
+    assert await direct.claim_replay("lost-answer", {"la/t": 12.0}) == {"la/t": 9.0}
 
 
 async def test_pending_replay_registry(make_store: MakeStore, raw: Any) -> None:

@@ -12,13 +12,28 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, TOMBSTONE_TTL_S
+from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, TOMBSTONE_TTL_S, StoreError
 from storage.model import DropPendingReplay, PendingReplay
 from storage.mysql.columns import text
 from storage.mysql.connection import Connections
 from storage.mysql.ddl import MARK_TABLE, PENDING_TABLE, TOMBSTONE_TABLE
+from storage.mysql.errors import connection_lost
 
 _REGISTER_CHUNK = 500
+
+# The claim of one topic in one statement (a restore's replay of an exact filter: most
+# claims). It raises the mark and hands the previous one back as the statement's insert
+# id (LAST_INSERT_ID(expr), sent in the OK packet: 0 when the row is new, or its mark
+# expired or unset). Positions here are message ids, integers, as the insert id is
+# (FLOOR: a fractional mark another writer left reads as the id it covers, as reads do).
+# The five round trips of a transaction were a third of a reconnect storm's statements.
+_CLAIM_ONE = (
+    f"INSERT INTO {MARK_TABLE} (conn_hash, topic_hash, position, expires) "
+    "VALUES (%s, %s, %s, UNIX_TIMESTAMP() + %s) "
+    "ON DUPLICATE KEY UPDATE position = GREATEST(LAST_INSERT_ID("
+    "IF(expires < UNIX_TIMESTAMP() OR position IS NULL, 0, FLOOR(position))), VALUES(position)), "
+    "expires = VALUES(expires)"
+)
 
 
 def sha(value: str) -> bytes:
@@ -88,6 +103,10 @@ class Bookkeeping:
         if not highs:
             return {}
         conn_key = sha(connection)
+        if len(highs) == 1:
+            [(topic, high)] = highs.items()
+            if float(high).is_integer():
+                return {topic: await self._claim_one(conn_key, sha(topic), float(high))}
         # Sorted keys: every claim locks rows in the same order (no lock cycles).
         items = sorted((sha(topic), topic, float(high)) for topic, high in highs.items())
         committing = False
@@ -105,6 +124,28 @@ class Bookkeeping:
         # a lost connection only if the commit was not sent yet.
         previous = await self._db.retrying(attempt, lambda: not committing)
         return {topic: previous.get(key) for key, topic, _ in items}
+
+    async def _claim_one(self, conn_key: bytes, topic_key: bytes, high: float) -> float | None:
+        sent = False
+
+        async def attempt() -> float | None:
+            nonlocal sent
+            async with self._db.connection() as conn, conn.cursor() as cur:
+                sent = True
+                await cur.execute(_CLAIM_ONE, (conn_key, topic_key, high, REPLAY_MARK_TTL_S))
+                return float(cur.lastrowid) if cur.lastrowid else None
+
+        try:
+            return await self._db.retrying(attempt, lambda: not sent)
+        except StoreError as exc:
+            if not sent or not connection_lost(exc):
+                raise
+        # Lost with the statement sent: it may have raised the mark, and a second claim
+        # would take that for the previous one (a gap). Claim again and replay from the
+        # oldest: a duplicate at worst, never a gap.
+        sent = False
+        await self._db.retrying(attempt, lambda: not sent)
+        return None
 
     async def reset_replay_marks(self, connection: str) -> None:
         await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (sha(connection),))
