@@ -407,11 +407,13 @@ class HookLogic:
                 return  # the client connected again meanwhile: that connect restores it
             pending.started = True
         try:
-            if not state.marks_reset:  # once: a later try must not replay again what one replayed since
-                await self._replayer.reset_marks(client.connection)
-                state.marks_reset = True
+            # the marks are reset once: a later try must not replay again what one replayed since
+            stored = await self._replayer.stored_subscriptions(
+                client.clientid, reset_marks_of=None if state.marks_reset else client.connection)
+            state.marks_reset = True
             restored = await self._replayer.restore(client.clientid, wait_for_client=pending is not None,
-                                                    keep=lambda topic: not self._was_dropped(client, topic))
+                                                    keep=lambda topic: not self._was_dropped(client, topic),
+                                                    stored=stored)
         except Exception as exc:
             if transient(exc):
                 state.failures += 1

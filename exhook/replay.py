@@ -27,7 +27,7 @@ from exhook.topics import TopicSet, is_wildcard, literal_prefix, matches, real_f
 from exhook.validate import filter_problem, topic_problem
 from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, Store
 from storage.errors import one_line
-from storage.model import DropPendingReplay, PendingReplay, StoredMessage
+from storage.model import DropPendingReplay, PendingReplay, StoredMessage, Subscription
 from storage.ratelog import RateLimitedLog
 from storage.retry import Backoff, RetryPolicy
 
@@ -211,17 +211,29 @@ class Replayer:
             REPLAY_MARK_TTL_S, 100_000)
         self._logs = RateLimitedLog()  # the replay skips and failures that can recur
 
+    async def stored_subscriptions(self, clientid: str, reset_marks_of: str | None = None) -> list[Subscription]:
+        """The client's stored subscriptions. ``reset_marks_of``: a connection that
+        starts a fresh session; first forget what an earlier connection with the same
+        key was given (in the same store round trip), so that it gets everything
+        stored again."""
+        if reset_marks_of is None:
+            return await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
+        subs = await retrying("reset replay marks and read subscriptions",
+                              lambda: self._store.fresh_session_subscriptions(clientid, reset_marks_of))
+        self._given_back.pop(reset_marks_of)  # everything is replayed again anyway
+        return subs
+
     async def restore(self, clientid: str, wait_for_client: bool = False,
-                      keep: Callable[[str], bool] = lambda topic: True) -> list[tuple[str, int]]:
-        """Re-subscribe a client that connected without a session to its stored
-        subscriptions; the broker then fires ``session.subscribed`` for each. (A
-        connect's own restore first forgets what an earlier connection with the same
-        key was given: ``reset_marks``; the sweep after lost connect calls does not.)
-        ``wait_for_client``: the client may not be registered at the broker yet
-        (restore started from ``session.created``). ``keep``: whether a stored filter
-        is given back (not one the client has just unsubscribed). Returns the (filter,
-        qos) pairs the client now has (none when it left first)."""
-        subs = await retrying("read subscriptions", lambda: self._store.subscriptions(clientid))
+                      keep: Callable[[str], bool] = lambda topic: True,
+                      stored: list[Subscription] | None = None) -> list[tuple[str, int]]:
+        """Re-subscribe a client that connected without a session to its ``stored``
+        subscriptions (read here when not given: ``stored_subscriptions``); the broker
+        then fires ``session.subscribed`` for each. ``wait_for_client``: the client
+        may not be registered at the broker yet (restore started from
+        ``session.created``). ``keep``: whether a stored filter is given back (not one
+        the client has just unsubscribed). Returns the (filter, qos) pairs the client
+        now has (none when it left first)."""
+        subs = stored if stored is not None else await self.stored_subscriptions(clientid)
         pairs = [(s.topic, s.qos) for s in subs if keep(s.topic) and self._restorable(clientid, s.topic, s.qos)]
         if not pairs:
             return []
@@ -232,12 +244,6 @@ class Replayer:
                  extra={"event": "restore", "clientid": clientid, "subscriptions": len(restored or ()),
                         "client_found": found})
         return restored or []
-
-    async def reset_marks(self, connection: str) -> None:
-        """Forget what an earlier connection with the same key was given: a connect
-        with a fresh session gets everything stored again."""
-        await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
-        self._given_back.pop(connection)  # everything is replayed again anyway
 
     def _restorable(self, clientid: str, topic: str, qos: int) -> bool:
         """Whether EMQX can take this stored subscription: one it cannot makes it refuse

@@ -97,6 +97,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def subscriptions(self, clientid: str) -> list[Subscription]: ...
 
+    async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
+        """A client connected with a fresh session on ``connection``: forget that
+        connection key's replay marks (``reset_replay_marks``: it gets everything stored
+        again) and return the client's subscriptions. A backend that can do both in one
+        round trip does (a reconnect storm runs this once per client)."""
+        await self.reset_replay_marks(connection)
+        return await self.subscriptions(clientid)
+
     # -- replay reads ----------------------------------------------------------
     @abc.abstractmethod
     async def stored_topics(self, pattern_prefix: str) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 
 from exhook.config import HostPort, SslOptions
 from storage.base import StoreConfigError, StoreError, WriteRejected
-from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage
+from storage.model import DeleteMessage, PendingReplay, RekeyMessage, SaveMessage, Subscription
 from storage.mysql import STATE_TABLES_DDL
 from storage.mysql import reads as mysql_reads
 from storage.unreadable import SkippedRows
@@ -565,6 +565,9 @@ async def test_claim_replay_marks(make_store: MakeStore, raw: Any) -> None:
     assert await store.claim_replay("c2", {"t/a": 1}) == {"t/a": None}
     await store.reset_replay_marks("c1")
     assert await store.claim_replay("c1", {"t/a": 2}) == {"t/a": None}
+    await store.save_subscription("fresh", "t/#", 1)
+    assert await store.fresh_session_subscriptions("fresh", "c1") == [Subscription("t/#", 1)]
+    assert await store.claim_replay("c1", {"t/a": 2}) == {"t/a": None}  # forgotten
     assert await store.claim_replay("c2", {"t/a": 1}) == {"t/a": 1}
     q(raw, "UPDATE mqtt_replay_mark SET expires = 0")
     assert await store.claim_replay("c2", {"t/a": 1}) == {"t/a": None}  # expired mark = never replayed

@@ -128,6 +128,9 @@ async def exercise(store: RedisStore, topics: tuple[str, ...] = ("core/a", "core
     await store.save_subscription("client/1", "x", 2)
     await store.delete_subscription("client/1", "x")
     assert await store.subscriptions("client/1") == [Subscription("core/#", 1)]
+    await store.claim_replay("client/1|n|h|1", highs)  # marks and subscriptions: keys of two slots
+    assert await store.fresh_session_subscriptions("client/1", "client/1|n|h|1") == [Subscription("core/#", 1)]
+    assert all(v is None for v in (await store.claim_replay("client/1|n|h|1", highs)).values())
 
     # everything acked: the topics leave the wildcard index at the next discovery
     await store.write([DeleteMessage(new0, msgs[0].topic)] + [DeleteMessage(m.msgid, m.topic) for m in msgs[3:]])

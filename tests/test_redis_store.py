@@ -443,6 +443,11 @@ async def test_claim_replay(store: RedisStore, admin: aioredis.Redis, prefix: st
     assert await store.claim_replay("other", {"a": 1.0}) == {"a": None}
     await store.reset_replay_marks(conn)
     assert await store.claim_replay(conn, {"a": 1.0}) == {"a": None}
+    await store.save_subscription("fresh", "a/#", 2)
+    assert await store.fresh_session_subscriptions("fresh", conn) == [Subscription("a/#", 2)]
+    assert not await admin.exists(key)  # the marks are forgotten, in the same round trip
+    assert await store.claim_replay(conn, {"a": 1.0}) == {"a": None}
+    assert await store.fresh_session_subscriptions("nobody", conn) == []
 
 
 async def test_concurrent_claims_replay_once(make_store: StoreFactory) -> None:

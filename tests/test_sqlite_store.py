@@ -366,6 +366,11 @@ async def test_claim_replay(store: SqliteStore) -> None:
     assert await store.claim_replay("c1", {"t/1": 10.0}) == {"t/1": None}
     assert await store.claim_replay("c2", {"t/1": 10.0}) == {"t/1": 10.0}
     assert await store.claim_replay("c1", {}) == {}
+    await store.save_subscription("fresh", "t/#", 1)
+    assert await store.claim_replay("fresh|n|h|1", {"t/1": 10.0}) == {"t/1": None}
+    assert await store.fresh_session_subscriptions("fresh", "fresh|n|h|1") == [Subscription("t/#", 1)]
+    assert await store.claim_replay("fresh|n|h|1", {"t/1": 10.0}) == {"t/1": None}  # forgotten
+    assert await store.fresh_session_subscriptions("nobody", "nobody|n|h|1") == []
 
 
 async def test_concurrent_claims_one_winner(store: SqliteStore, db_path: Path) -> None:

@@ -90,13 +90,13 @@ class RedisStore(Store):
 
     async def subscriptions(self, clientid: str) -> list[Subscription]:
         raw = await self._link.one(("HGETALL", self._keys.subscription(_lookup(clientid))), "subscriptions")
-        out = []
-        for topic, qos in (raw or {}).items():
-            try:
-                out.append(Subscription(topic.decode(), int(qos)))
-            except (UnicodeDecodeError, ValueError):
-                log.warning("redis: ignoring a bad subscription entry of %r", clientid)
-        return out
+        return _subscriptions(clientid, raw)
+
+    async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
+        # one round trip (in cluster mode, one per node the two keys live on)
+        cmds = [("DEL", self._keys.mark(connection)), ("HGETALL", self._keys.subscription(_lookup(clientid)))]
+        _, raw = await self._link.run(cmds, "fresh_session_subscriptions")
+        return _subscriptions(clientid, raw)
 
     # -- replay reads ------------------------------------------------------------------
     async def stored_topics(self, pattern_prefix: str) -> list[str]:
@@ -134,3 +134,14 @@ class RedisStore(Store):
         """Add every topic zset under ``{mp}:`` to the topic index (after migrating a
         store the Erlang plugin wrote; see purge.py)."""
         return await self._janitor.rebuild_topic_index()
+
+
+def _subscriptions(clientid: str, raw: dict[bytes, bytes] | None) -> list[Subscription]:
+    """The entries of a client's subscription hash (a bad one is left out, logged)."""
+    out = []
+    for topic, qos in (raw or {}).items():
+        try:
+            out.append(Subscription(topic.decode(), int(qos)))
+        except (UnicodeDecodeError, ValueError):
+            log.warning("redis: ignoring a bad subscription entry of %r", clientid)
+    return out

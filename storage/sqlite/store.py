@@ -20,6 +20,7 @@ _UPSERT_SUB = (
     "INSERT INTO mqtt_sub(clientid, topic, qos) VALUES (?, ?, ?) "
     "ON CONFLICT(clientid, topic) DO UPDATE SET qos = excluded.qos"
 )
+_SELECT_SUBS = "SELECT topic, qos FROM mqtt_sub WHERE clientid = ? ORDER BY topic"
 
 
 class SqliteStore(Store):
@@ -100,11 +101,16 @@ class SqliteStore(Store):
         )
 
     async def subscriptions(self, clientid: str) -> list[Subscription]:
-        rows = await self._db.read(
-            lambda conn: conn.execute(
-                "SELECT topic, qos FROM mqtt_sub WHERE clientid = ? ORDER BY topic", (clientid,)
-            ).fetchall()
-        )
+        rows = await self._db.read(lambda conn: conn.execute(_SELECT_SUBS, (clientid,)).fetchall())
+        return [Subscription(topic, qos) for topic, qos in rows]
+
+    async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            bookkeeping.reset_marks(conn, connection)
+            return conn.execute(_SELECT_SUBS, (clientid,)).fetchall()
+
+        # one transaction: one hop to the writer thread instead of two
+        rows = await self._db.write_tx(run)
         return [Subscription(topic, qos) for topic, qos in rows]
 
     # -- replay reads ----------------------------------------------------------

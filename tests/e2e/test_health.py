@@ -123,7 +123,7 @@ async def test_failed_store_operations_are_counted_by_operation(redis_process: R
             return metrics.sample("store_failures_total", operation="save_subscription") >= 5
         await eventually(still_trying)
         # the restore at connect reset the replay marks first: 4 attempts, then it gave up
-        assert metrics.sample("store_failures_total", operation="reset_replay_marks") == 4
+        assert metrics.sample("store_failures_total", operation="fresh_session_subscriptions") == 4
         assert metrics.sample("store_failures_total", operation="write") == 0
         assert metrics.sample("store_failures_total", operation="ping") == 0
     finally:

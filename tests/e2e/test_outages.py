@@ -290,7 +290,7 @@ async def test_a_restore_an_outage_made_fail_is_tried_again_once_the_store_is_ba
         metrics = h.service.metrics
 
         def restore_given_up() -> bool:
-            return metrics.sample("store_failures_total", operation="reset_replay_marks") >= 4
+            return metrics.sample("store_failures_total", operation="fresh_session_subscriptions") >= 4
 
         await eventually(restore_given_up, 30, "the restore failing while Redis is down")
         assert sub.deliveries == []
