@@ -552,7 +552,10 @@ class Bench:
                 res.stored_before = await wait_stored(backend, n, 60)
             say(f"storm {target}: prepared in {res.prepare_s:.1f} s (stored "
                 f"{'-' if res.stored_before is None else res.stored_before}); all {n:,} reconnect now")
-            await asyncio.sleep(1.0)  # the server's background work of the preparation settles
+            # the preparation's own background work (its subscribe jobs, held back while the
+            # clients connected, replay to clients that left) must not run into the storm
+            if quiet := await wait_server_quiet(proc, 30.0):
+                say(f"storm {target}: {quiet}")
             window = CpuWindow(proc)
             emu_pid = emu.proc.pid or 0
             emu_cpu0 = cpu_seconds(emu_pid)
@@ -635,6 +638,20 @@ def git_revision() -> str:
 def _own_cpu() -> float:
     t = os.times()
     return t.user + t.system  # this process only (its threads: stand-in, samplers)
+
+
+async def wait_server_quiet(proc: ServiceProc, limit: float) -> str:
+    """Wait until the server uses under 0.05 cores over 0.5 s, at least 1 s; '' or a warning."""
+    deadline = time.monotonic() + limit
+    await asyncio.sleep(0.5)
+    while True:
+        cpu0 = proc.cpu()
+        await asyncio.sleep(0.5)
+        used = (proc.cpu() - cpu0) / 0.5
+        if used < 0.05:
+            return ""
+        if time.monotonic() >= deadline:
+            return f"the server still uses {used:.2f} cores after the preparation ({limit:.0f} s)"
 
 
 async def wait_idle(limit: float) -> str:

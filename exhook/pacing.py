@@ -31,7 +31,14 @@ more may start, and calls ``on_room`` when more might.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
+
+# Connect hooks are counted over this last stretch of time. A window, not a moving
+# average: a flood's rate (thousands a second) must read as over within the window of
+# its end. An average took ~200 ms to decay below busy_connects_per_s, and in a
+# reconnect storm every restore waited that long with the process idle.
+RATE_WINDOW_S = 0.05
 
 
 class LoopLag:
@@ -55,19 +62,22 @@ class AdaptiveLimit:
 
     def __init__(self, initial: int = 4, maximum: int = 32, target_lag_s: float = 0.01,
                  busy_connects_per_s: float = 100.0, max_pause_s: float = 10.0,
-                 sampler: LoopLag | None = None) -> None:
+                 sampler: LoopLag | None = None, clock: Callable[[], float] | None = None) -> None:
         self.initial = min(initial, maximum)
         self.maximum = maximum
         self._target = target_lag_s
         self._busy_rate = busy_connects_per_s
         self._max_pause = max_pause_s
         self._sampler = sampler or LoopLag()
+        self._clock = clock
         self.on_room: Callable[[], None] = lambda: None
         self._limit = float(self.initial)
         self._running = 0
         self._lag = 0.0
         self._connects = 0  # since the last sample
-        self._rate = 0.0  # connect hooks per second, smoothed over ~50 ms
+        # the samples of the last RATE_WINDOW_S: (start, end, connect hooks in between)
+        self._recent: deque[tuple[float, float, int]] = deque()
+        self._rate = 0.0  # connect hooks per second over the window
         self._sampled_at = 0.0
         self._sampling: asyncio.Task[None] | None = None
 
@@ -112,12 +122,14 @@ class AdaptiveLimit:
 
     def on_sample(self, lag_s: float) -> None:
         """A new lag sample (the sampler calls this)."""
-        now = asyncio.get_running_loop().time()
-        elapsed, self._sampled_at = now - self._sampled_at, now
-        if elapsed > 0:
-            weight = min(1.0, elapsed / 0.05)
-            self._rate += (self._connects / elapsed - self._rate) * weight
+        now = self._now()
+        self._recent.append((self._sampled_at, now, self._connects))
+        self._sampled_at = now
         self._connects = 0
+        while len(self._recent) > 1 and self._recent[0][1] <= now - RATE_WINDOW_S:
+            self._recent.popleft()
+        span = max(RATE_WINDOW_S, now - self._recent[0][0])
+        self._rate = sum(count for _, _, count in self._recent) / span
         self._lag = lag_s
         if self._busy(1.0):
             self._limit = 0.0  # hook answers are waiting: start nothing new
@@ -128,13 +140,17 @@ class AdaptiveLimit:
     def _busy(self, factor: float) -> bool:
         return self._lag > self._target * factor or self._rate > self._busy_rate * factor
 
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
     def _start_sampling(self) -> None:
         if self._sampling is None:
             loop = asyncio.get_running_loop()
             self._limit = float(self.initial)  # after a quiet spell, start afresh
             self._lag = self._rate = 0.0
             self._connects = 0
-            self._sampled_at = loop.time()
+            self._recent.clear()
+            self._sampled_at = self._now()
             self._sampling = loop.create_task(self._sampler.run(self.on_sample), name="loop-lag")
 
     async def close(self) -> None:

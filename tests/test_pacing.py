@@ -57,18 +57,54 @@ async def test_a_late_timer_stops_new_jobs_until_the_loop_keeps_up_again() -> No
     await limit.close()
 
 
+class HandClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample_every_5_ms(limit: AdaptiveLimit, clock: HandClock, samples: int, connects_each: int) -> None:
+    for _ in range(samples):
+        clock.now += 0.005
+        for _ in range(connects_each):
+            limit.note_connect()
+        limit.on_sample(0.0)
+
+
 async def test_a_flood_of_connect_hooks_stops_new_jobs_until_it_ebbs() -> None:
-    limit = limit_of(initial=2)
-    loop = asyncio.get_running_loop()
+    clock = HandClock()
+    limit = limit_of(initial=2, clock=clock)
     assert start(limit)
-    limit._sampled_at = loop.time() - 0.1  # 100 ms since the last sample: 50 connects = 500/s
+    clock.now += 0.1  # one sample after 100 ms: 50 connects = 500/s
     for _ in range(50):
         limit.note_connect()
     limit.on_sample(0.0)
     assert limit.limit == 0 and not start(limit)
-    limit._sampled_at = loop.time() - 0.1  # no connects for 100 ms
+    clock.now += 0.1  # no connects for 100 ms
     limit.on_sample(0.0)
     assert limit.limit == 2 and start(limit)
+    await limit.close()
+
+
+async def test_the_end_of_a_flood_is_seen_within_the_rate_window() -> None:
+    clock = HandClock()
+    limit = limit_of(initial=2, clock=clock)
+    assert start(limit)
+    sample_every_5_ms(limit, clock, 200, 10)  # a second of 2,000 connect hooks a second
+    assert limit.limit == 0
+    sample_every_5_ms(limit, clock, 9, 0)  # 45 ms without: the window still holds some
+    assert limit.limit == 0
+    sample_every_5_ms(limit, clock, 2, 0)  # past the window
+    assert limit.limit == 2 and start(limit)
+    sample_every_5_ms(limit, clock, 20, 0)
+    # a trickle below half of busy_connects_per_s (one connect each 25 ms = 40/s) lets jobs go
+    for _ in range(20):
+        clock.now += 0.025
+        limit.note_connect()
+        limit.on_sample(0.0)
+    assert limit.limit == 2
     await limit.close()
 
 
