@@ -12,7 +12,8 @@ in connects at a fifth of the rate.
 
 So background jobs wait while the service is busy answering hooks, which it sees in
 two ways: connect hooks (the ones holding a CONNACK) arriving faster than
-``busy_connects_per_s``, or the event loop running a timer later than
+``busy_connects_per_s`` at any of the service's workers (``ConnectCount``), or the
+event loop running a timer later than
 ``target_lag_s`` (any flood of calls, or background work itself hogging the loop).
 When that passes, jobs start again with ``initial`` slots (so that one slow job, a
 REST call waiting for its timeout, does not hold up all others), and one more slot
@@ -33,12 +34,36 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 # Connect hooks are counted over this last stretch of time. A window, not a moving
 # average: a flood's rate (thousands a second) must read as over within the window of
 # its end. An average took ~200 ms to decay below busy_connects_per_s, and in a
 # reconnect storm every restore waited that long with the process idle.
 RATE_WINDOW_S = 0.05
+
+
+class _Slots(Protocol):
+    def __getitem__(self, index: int) -> int: ...
+    def __setitem__(self, index: int, value: int) -> None: ...
+    def __len__(self) -> int: ...
+
+
+class ConnectCount:
+    """The connect hooks the service took, counted by all its workers: each adds to its
+    own slot of ``slots`` (an array the supervisor shares with them; one writer per slot,
+    so no lock) and reads the sum. So a worker does not start background work while
+    another one answers a flood: workers can share a CPU, and all share the store."""
+
+    def __init__(self, slots: _Slots | None = None, index: int = 0) -> None:
+        self._slots: _Slots = slots if slots is not None else [0]
+        self._index = index
+
+    def add(self) -> None:
+        self._slots[self._index] += 1
+
+    def total(self) -> int:
+        return sum(self._slots[i] for i in range(len(self._slots)))
 
 
 class LoopLag:
@@ -62,7 +87,8 @@ class AdaptiveLimit:
 
     def __init__(self, initial: int = 4, maximum: int = 32, target_lag_s: float = 0.01,
                  busy_connects_per_s: float = 100.0, max_pause_s: float = 10.0,
-                 sampler: LoopLag | None = None, clock: Callable[[], float] | None = None) -> None:
+                 sampler: LoopLag | None = None, clock: Callable[[], float] | None = None,
+                 connects: ConnectCount | None = None) -> None:
         self.initial = min(initial, maximum)
         self.maximum = maximum
         self._target = target_lag_s
@@ -74,7 +100,8 @@ class AdaptiveLimit:
         self._limit = float(self.initial)
         self._running = 0
         self._lag = 0.0
-        self._connects = 0  # since the last sample
+        self._connects = connects or ConnectCount()
+        self._counted = 0  # the total at the last sample
         # the samples of the last RATE_WINDOW_S: (start, end, connect hooks in between)
         self._recent: deque[tuple[float, float, int]] = deque()
         self._rate = 0.0  # connect hooks per second over the window
@@ -118,14 +145,14 @@ class AdaptiveLimit:
 
     def note_connect(self) -> None:
         """A hook that holds a client's CONNACK arrived."""
-        self._connects += 1
+        self._connects.add()
 
     def on_sample(self, lag_s: float) -> None:
         """A new lag sample (the sampler calls this)."""
         now = self._now()
-        self._recent.append((self._sampled_at, now, self._connects))
-        self._sampled_at = now
-        self._connects = 0
+        total = self._connects.total()
+        self._recent.append((self._sampled_at, now, total - self._counted))
+        self._sampled_at, self._counted = now, total
         while len(self._recent) > 1 and self._recent[0][1] <= now - RATE_WINDOW_S:
             self._recent.popleft()
         span = max(RATE_WINDOW_S, now - self._recent[0][0])
@@ -148,7 +175,7 @@ class AdaptiveLimit:
             loop = asyncio.get_running_loop()
             self._limit = float(self.initial)  # after a quiet spell, start afresh
             self._lag = self._rate = 0.0
-            self._connects = 0
+            self._counted = self._connects.total()
             self._recent.clear()
             self._sampled_at = self._now()
             self._sampling = loop.create_task(self._sampler.run(self.on_sample), name="loop-lag")

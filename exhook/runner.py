@@ -9,11 +9,13 @@ import logging
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
 
 from exhook.config import Config
 from exhook.config_checks import config_secrets, config_warnings
 from exhook.health import Conditions, ReadinessListener
 from exhook.logs import setup_logging, stop_logging
+from exhook.pacing import ConnectCount
 from exhook.spool import SpoolError
 from exhook.supervisor import run_workers
 
@@ -32,12 +34,14 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config, on_readiness: ReadinessListener | None = None, worker: int | None = None) -> int:
+async def serve(cfg: Config, on_readiness: ReadinessListener | None = None, worker: int | None = None,
+                connects: ConnectCount | None = None) -> int:
     """Run until SIGTERM/SIGINT. Exit status: 0 when every answered write is in the
     store or the spool, 1 when some were lost, 2 when start-up failed."""
     from exhook.server import Service
 
-    service = Service(cfg, on_readiness=on_readiness, worker=worker, reuse_port=worker is not None)
+    service = Service(cfg, on_readiness=on_readiness, worker=worker, reuse_port=worker is not None,
+                      connects=connects)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,11 +82,11 @@ def _report_to(parent: Connection) -> ReadinessListener:
     return report
 
 
-def _worker(cfg: Config, index: int, to_parent: Connection) -> None:
+def _worker(cfg: Config, index: int, to_parent: Connection, connects: Any) -> None:
     setup_service_logging(cfg, index)
     try:
         install_uvloop()
-        code = asyncio.run(serve(cfg, _report_to(to_parent), worker=index))
+        code = asyncio.run(serve(cfg, _report_to(to_parent), worker=index, connects=ConnectCount(connects, index)))
     finally:
         stop_logging()
     sys.exit(code)

@@ -40,6 +40,7 @@ from exhook.loops import Loops
 from exhook.metrics import Metrics
 from exhook.missed_connects import ConnectRisk, MissedConnectSweep
 from exhook.ops_http import OpsHttpServer
+from exhook.pacing import AdaptiveLimit, ConnectCount
 from exhook.replay import BrokerFlags, Replayer
 from exhook.servicer import add_servicers
 from exhook.spool import Spool, adopt_orphans, orphan_paths
@@ -73,6 +74,7 @@ class Service:
     on_readiness: ReadinessListener | None = None  # a worker reports its readiness conditions to its parent
     worker: int | None = None  # index under the supervisor (its own spool), None when alone
     reuse_port: bool = False  # SO_REUSEPORT: only among the service's own workers
+    connects: ConnectCount | None = None  # the connect hooks of all workers (pacing)
     port: int = 0
     readiness: Readiness = field(init=False)
     http: OpsHttpServer | None = field(init=False, default=None)
@@ -152,7 +154,7 @@ class Service:
         stack.push_async_callback(api.close)
         # not ready until EMQX's API has accepted the key once (probe_now below)
         self.readiness.add_probe(EMQX_API, api.check, self.metrics.emqx_api_up, checked=False)
-        self._queues = ClientQueues(self.metrics)
+        self._queues = ClientQueues(self.metrics, slots=AdaptiveLimit(connects=self.connects))
         logic = self._logic(gate.store, writer, api)
         connect_risk = ConnectRisk.for_hook_timeout(cfg.service.emqx.hook_timeout_ms, self.metrics)
         self._held_rekeys = logic.held_rekeys

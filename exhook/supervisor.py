@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -87,7 +88,7 @@ def port_is_free(listen: HostPort) -> str:
     return port_problem(listen, reuse_port=False)
 
 
-def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], None]) -> int:
+def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection, Any], None]) -> int:
     taken = port_is_free(cfg.service.listen)
     if taken:
         log.critical("%s", taken, extra={"event": "start_failed"})
@@ -98,7 +99,10 @@ def run_workers(cfg: Config, worker_main: Callable[[Config, int, Connection], No
         worker_cfg = replace(cfg, service=replace(cfg.service, http=replace(cfg.service.http, enable=False)))
         ctx = multiprocessing.get_context("spawn")
         pipes = [ctx.Pipe(duplex=False) for _ in range(cfg.service.workers)]
-        procs = [ctx.Process(target=worker_main, args=(worker_cfg, i, to_parent), name=f"offline-exhook-{i}")
+        # each worker's count of connect hooks, read by all of them (pacing.ConnectCount)
+        connects = ctx.RawArray("Q", cfg.service.workers)
+        procs = [ctx.Process(target=worker_main, args=(worker_cfg, i, to_parent, connects),
+                             name=f"offline-exhook-{i}")
                  for i, (_, to_parent) in enumerate(pipes)]
         view = WorkersReadiness(procs, [reports for reports, _ in pipes])
         return asyncio.run(_supervise(cfg, procs, view, [to_parent for _, to_parent in pipes], metrics_dir))

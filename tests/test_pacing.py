@@ -4,9 +4,11 @@ The samples are fed by hand (a sampler that never samples), so nothing depends o
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import Callable
+from typing import Any
 
-from exhook.pacing import AdaptiveLimit, LoopLag
+from exhook.pacing import AdaptiveLimit, ConnectCount, LoopLag
 
 
 class HandFed(LoopLag):
@@ -128,3 +130,30 @@ async def test_every_sample_tells_the_owner_there_may_be_room() -> None:
     limit.on_sample(0.0)
     assert calls == [0, 4]
     await limit.close()
+
+
+def _connect_flood(slots: Any, index: int, connects: int) -> None:
+    count = ConnectCount(slots, index)
+    for _ in range(connects):
+        count.add()
+
+
+async def test_a_flood_at_another_worker_stops_new_jobs_here() -> None:
+    """Workers share the count (the supervisor's array): one of them answering a flood
+    of connects holds back every worker's background work (they may share a CPU)."""
+    ctx = multiprocessing.get_context("spawn")
+    slots = ctx.RawArray("Q", 2)
+    clock = HandClock()
+    here = limit_of(initial=2, clock=clock, connects=ConnectCount(slots, 0))
+    assert start(here)
+    other = ctx.Process(target=_connect_flood, args=(slots, 1, 50))
+    other.start()
+    await asyncio.to_thread(other.join, 30)
+    assert other.exitcode == 0
+    clock.now += 0.1  # 50 connects at the other worker in 100 ms: 500/s
+    here.on_sample(0.0)
+    assert here.limit == 0 and not start(here)
+    clock.now += 0.1
+    here.on_sample(0.0)
+    assert here.limit == 2 and start(here)
+    await here.close()
