@@ -159,6 +159,10 @@ class HookLogic:
         # clientid -> its latest connection (a resume too): a job tried again later for an
         # earlier one does not run (its marks and the broker's calls would not match)
         self._latest: ExpiringMap[str, ClientRef] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
+        # connection -> the state of its restore that failed before it reset the replay
+        # marks: the connection's next replay resets them first (else the restore, tried
+        # again later, would reset them after that replay and send it all again)
+        self._unreset: ExpiringMap[str, RestoreState] = ExpiringMap(_CONNECTS_TTL_S, _CONNECT_ENTRIES)
         # re-keys of this process's replays, held until their acks (held_rekeys.py)
         self.held_rekeys = HeldRekeys(self._submit_background, rekey_hold_s)
         # restores and replays an outage made fail, tried again later (a supervised loop runs it)
@@ -415,6 +419,8 @@ class HookLogic:
                                                     keep=lambda topic: not self._was_dropped(client, topic),
                                                     stored=stored)
         except Exception as exc:
+            if not state.marks_reset:
+                self._unreset.put(client.connection, state)
             if transient(exc):
                 state.failures += 1
                 self.later.schedule(("restore", client.connection), state.failures, "restore",
@@ -541,12 +547,25 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
+        await self._reset_marks_owed(client)
         replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
                                                given_back_only=failures > 0)
         if replayed.failed and replayed.retryable and self._still_connected(client, current):
             self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
                                 lambda: self._replay_again(client, topic, current, failures + 1))
         return replayed
+
+    async def _reset_marks_owed(self, client: ClientRef) -> None:
+        """Reset this connection's replay marks if its restore failed before it could."""
+        state = self._unreset.pop(client.connection)
+        if state is None or state.marks_reset:
+            return
+        try:
+            await self._replayer.reset_marks(client.connection)
+        except BaseException:
+            self._unreset.put(client.connection, state)
+            raise
+        state.marks_reset = True
 
     def _replay_again(self, client: ClientRef, topic: str, current: Callable[[], bool], failures: int) -> None:
         async def job() -> None:

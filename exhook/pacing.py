@@ -62,6 +62,10 @@ class ConnectCount:
     def add(self) -> None:
         self._slots[self._index] += 1
 
+    @property
+    def workers(self) -> int:
+        return len(self._slots)
+
     def total(self) -> int:
         return sum(self._slots[i] for i in range(len(self._slots)))
 
@@ -92,7 +96,10 @@ class AdaptiveLimit:
         self.initial = min(initial, maximum)
         self.maximum = maximum
         self._target = target_lag_s
-        self._busy_rate = busy_connects_per_s
+        self._connects = connects or ConnectCount()
+        # a rate per worker: the count is all the workers' (a fleet that connects steadily
+        # must not read as a flood because the service runs more workers)
+        self._busy_rate = busy_connects_per_s * self._connects.workers
         self._max_pause = max_pause_s
         self._sampler = sampler or LoopLag()
         self._clock = clock
@@ -100,7 +107,6 @@ class AdaptiveLimit:
         self._limit = float(self.initial)
         self._running = 0
         self._lag = 0.0
-        self._connects = connects or ConnectCount()
         self._counted = 0  # the total at the last sample
         # the samples of the last RATE_WINDOW_S: (start, end, connect hooks in between)
         self._recent: deque[tuple[float, float, int]] = deque()

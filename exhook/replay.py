@@ -223,6 +223,12 @@ class Replayer:
         self._given_back.pop(reset_marks_of)  # everything is replayed again anyway
         return subs
 
+    async def reset_marks(self, connection: str) -> None:
+        """Forget what an earlier connection with the same key was given (when
+        ``stored_subscriptions`` could not)."""
+        await retrying("reset replay marks", lambda: self._store.reset_replay_marks(connection))
+        self._given_back.pop(connection)
+
     async def restore(self, clientid: str, wait_for_client: bool = False,
                       keep: Callable[[str], bool] = lambda topic: True,
                       stored: list[Subscription] | None = None) -> list[tuple[str, int]]:

@@ -98,12 +98,15 @@ class Store(abc.ABC):
     async def subscriptions(self, clientid: str) -> list[Subscription]: ...
 
     async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
-        """A client connected with a fresh session on ``connection``: forget that
-        connection key's replay marks (``reset_replay_marks``: it gets everything stored
-        again) and return the client's subscriptions. A backend that can do both in one
-        round trip does (a reconnect storm runs this once per client)."""
+        """A client connected with a fresh session on ``connection``: return the client's
+        subscriptions and forget that connection key's replay marks
+        (``reset_replay_marks``: it gets everything stored again). A backend that can do
+        both in one round trip does (a reconnect storm runs this once per client). The
+        read goes first: a failure of it leaves the marks as they were, so that a caller
+        trying again knows it has not reset them yet."""
+        subscriptions = await self.subscriptions(clientid)
         await self.reset_replay_marks(connection)
-        return await self.subscriptions(clientid)
+        return subscriptions
 
     # -- replay reads ----------------------------------------------------------
     @abc.abstractmethod

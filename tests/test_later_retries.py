@@ -15,6 +15,8 @@ import pytest
 from exhook import later_retries
 from exhook.emqx_api import BulkResult, EmqxApiError, ReplayItem
 from exhook.later_retries import LaterRetries
+from storage.base import StoreError
+from storage.model import Subscription
 from storage.retry import Backoff
 from tests.memory_store import MemoryStore
 from tests.service_proc import eventually
@@ -210,3 +212,38 @@ async def test_tries_end_after_about_an_hour_of_failures() -> None:
     later.schedule("a", later_retries.MAX_FAILURES, "replay", lambda: None)
     later.schedule("b", later_retries.MAX_FAILURES + 1, "replay", lambda: None)
     assert sorted(later._entries) == ["a"] and dropped == [1]
+
+
+class FailingReads(MemoryStore):
+    """A store whose reads of subscriptions fail the first ``fails`` times."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__()
+        self.fails = fails
+
+    async def subscriptions(self, clientid: str) -> list[Subscription]:
+        if self.fails > 0:
+            self.fails -= 1
+            raise StoreError("memory: store unreachable")
+        return await super().subscriptions(clientid)
+
+
+async def test_a_restore_whose_read_failed_resets_the_marks_once(tmp_path: Path) -> None:
+    """The restore's first store call reads the subscriptions and resets the marks: when
+    the read fails, the marks are not reset yet, so the restore tried again resets them
+    (once) without undoing what the client's own subscribe replayed meanwhile."""
+    store = FailingReads(4)  # the restore's own tries
+    async with running_rig(tmp_path, store) as rig:
+        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))  # run by hand
+        await rig.publish(1)
+        await rig.store.save_subscription("sub", "t/a", 1)
+        rig.logic.client_connected(client(peerport=1001))
+        await rig.settle()
+        assert rig.logic.later.waiting == 1
+        rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)  # the client's own subscribe
+        await rig.settle()
+        assert [item.origin for item in rig.api.replayed] == [guid(1)]
+        run_due(rig)
+        await rig.settle()
+        assert [item.origin for item in rig.api.replayed] == [guid(1)]
+        assert store.calls.count("reset_replay_marks") == 1

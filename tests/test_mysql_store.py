@@ -599,8 +599,10 @@ async def test_claim_of_one_topic_is_one_statement(make_store: MakeStore, monkey
     assert len(statements) == 4 and all("LAST_INSERT_ID" in sql for sql in statements)
     # a position that is not a message id (not an integer) takes the transaction
     assert await store.claim_replay("one", {"o/a": 9.5}) == {"o/a": 9.0}
-    # and a fractional mark is read as the message id it covers (reads floor it too)
+    # and a fractional mark is read as the message id it covers (reads floor it too), never lowered
+    assert await store.claim_replay("one", {"o/a": 9.0}) == {"o/a": 9.0}
     assert await store.claim_replay("one", {"o/a": 10.0}) == {"o/a": 9.0}
+    assert await store.claim_replay("one", {"o/a": 10.0}) == {"o/a": 10.0}
 
 
 async def test_concurrent_claims_of_one_topic_one_winner(make_store: MakeStore) -> None:
@@ -611,16 +613,56 @@ async def test_concurrent_claims_of_one_topic_one_winner(make_store: MakeStore) 
         assert sorted(results, key=lambda r: r["oc/t"] is not None) == [{"oc/t": None}] + [{"oc/t": 42.0}] * 9
 
 
-async def test_claim_whose_answer_is_lost_replays_from_the_oldest(make_store: MakeStore, raw: Any) -> None:
-    """The claim ran but its answer was lost with the connection: claiming again would
-    take its own mark for the previous one and replay nothing (a gap)."""
+@pytest.mark.parametrize("lost", [1, 2])
+async def test_claim_whose_answer_is_lost_replays_from_the_oldest(make_store: MakeStore, lost: int) -> None:
+    """The claim ran but its answer was lost with the connection (once, or twice in a
+    row): claiming again would take its own mark for the previous one and replay
+    nothing (a gap). The next claim of that connection and topic answers None."""
     direct = await make_store()
     assert await direct.claim_replay("lost-answer", {"la/t": 5.0}) == {"la/t": None}
-    async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: b"LAST_INSERT_ID" in chunk) as proxy:
+    armed = False  # after the store's own check of the statement at open
+    async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: armed and b"LAST_INSERT_ID" in chunk,
+                              times=lost) as proxy:
         through = await make_store(server=HostPort("127.0.0.1", proxy.port))
-        assert await through.claim_replay("lost-answer", {"la/t": 9.0}) == {"la/t": None}
+        armed = True
+        for _ in range(lost):
+            with pytest.raises(StoreError, match="2013"):
+                await through.claim_replay("lost-answer", {"la/t": 9.0})
+        assert await through.claim_replay("lost-answer", {"la/t": 10.0}) == {"la/t": None}
+        assert proxy.lost == lost
+        assert await through.claim_replay("lost-answer", {"la/t": 11.0}) == {"la/t": 10.0}  # doubt cleared
+    assert await direct.claim_replay("lost-answer", {"la/t": 12.0}) == {"la/t": 11.0}
+
+
+async def test_claim_of_topics_whose_commit_answer_is_lost_replays_from_the_oldest(make_store: MakeStore) -> None:
+    direct = await make_store()
+    highs = {"lc/a": 5.0, "lc/b": 6.0}
+    assert await direct.claim_replay("lost-commit", highs) == {"lc/a": None, "lc/b": None}
+    armed = False
+    async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: armed and b"COMMIT" in chunk.upper()) as proxy:
+        through = await make_store(server=HostPort("127.0.0.1", proxy.port))
+        armed = True
+        with pytest.raises(StoreError, match="2013"):
+            await through.claim_replay("lost-commit", {"lc/a": 9.0, "lc/b": 9.0})
+        assert await through.claim_replay("lost-commit", {"lc/a": 10.0, "lc/b": 10.0}) == {
+            "lc/a": None, "lc/b": None}
         assert proxy.lost == 1
-    assert await direct.claim_replay("lost-answer", {"la/t": 12.0}) == {"la/t": 9.0}
+    assert await direct.claim_replay("lost-commit", {"lc/a": 10.0}) == {"lc/a": 10.0}
+
+
+async def test_claim_check_at_open_falls_back_to_transactions(make_store: MakeStore, raw: Any,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    store = await make_store()
+    assert store._bookkeeping.single_statement_claims
+    assert q(raw, "SELECT COUNT(*) FROM mqtt_replay_mark")[0][0] == 0  # the check leaves nothing behind
+    # a server whose insert id does not carry LAST_INSERT_ID(expr) (simulated: the id is dropped)
+    monkeypatch.setattr(aiomysql.Cursor, "lastrowid", property(lambda self: 0))
+    other = await make_store()
+    assert not other._bookkeeping.single_statement_claims
+    assert any("replay claims use a transaction" in r.getMessage() for r in caplog.records)
+    assert await other.claim_replay("fallback", {"fb/t": 5.0}) == {"fb/t": None}
+    assert await other.claim_replay("fallback", {"fb/t": 7.0}) == {"fb/t": 5.0}
 
 
 async def test_pending_replay_registry(make_store: MakeStore, raw: Any) -> None:

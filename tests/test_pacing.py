@@ -156,4 +156,11 @@ async def test_a_flood_at_another_worker_stops_new_jobs_here() -> None:
     clock.now += 0.1
     here.on_sample(0.0)
     assert here.limit == 2 and start(here)
+    # busy_connects_per_s (100) is per worker: 15 connects at each of the 2 in 100 ms (300/s
+    # in all) is busy; 4 at each (80/s in all, 40/s each) is quiet (below half the rate)
+    for each, busy in ((15, True), (4, False)):
+        slots[0], slots[1] = slots[0] + each, slots[1] + each
+        clock.now += 0.1
+        here.on_sample(0.0)
+        assert (here.limit == 0) is busy, each
     await here.close()

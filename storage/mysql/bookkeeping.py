@@ -9,7 +9,10 @@ clocks agree.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from storage.base import PENDING_REPLAY_TTL_S, REPLAY_MARK_TTL_S, TOMBSTONE_TTL_S, StoreError
@@ -19,21 +22,27 @@ from storage.mysql.connection import Connections
 from storage.mysql.ddl import MARK_TABLE, PENDING_TABLE, TOMBSTONE_TABLE
 from storage.mysql.errors import connection_lost
 
+log = logging.getLogger(__name__)
+
 _REGISTER_CHUNK = 500
 
 # The claim of one topic in one statement (a restore's replay of an exact filter: most
 # claims). It raises the mark and hands the previous one back as the statement's insert
-# id (LAST_INSERT_ID(expr), sent in the OK packet: 0 when the row is new, or its mark
-# expired or unset). Positions here are message ids, integers, as the insert id is
-# (FLOOR: a fractional mark another writer left reads as the id it covers, as reads do).
-# The five round trips of a transaction were a third of a reconnect storm's statements.
+# id (LAST_INSERT_ID(expr), sent in the OK packet; 0: the row is new, or its mark expired
+# or unset). Each branch of the IF sets the insert id as it computes the new position,
+# which is never lower than the old one. Positions here are message ids, integers as the
+# insert id is (FLOOR: a fractional mark reads as the id it covers, as reads do). The
+# five round trips of a transaction were a third of a reconnect storm's statements.
 _CLAIM_ONE = (
     f"INSERT INTO {MARK_TABLE} (conn_hash, topic_hash, position, expires) "
     "VALUES (%s, %s, %s, UNIX_TIMESTAMP() + %s) "
-    "ON DUPLICATE KEY UPDATE position = GREATEST(LAST_INSERT_ID("
-    "IF(expires < UNIX_TIMESTAMP() OR position IS NULL, 0, FLOOR(position))), VALUES(position)), "
+    "ON DUPLICATE KEY UPDATE position = IF(expires < UNIX_TIMESTAMP() OR position IS NULL, "
+    "VALUES(position) + 0 * LAST_INSERT_ID(0), "
+    "GREATEST(position, VALUES(position)) + 0 * LAST_INSERT_ID(FLOOR(position))), "
     "expires = VALUES(expires)"
 )
+# the claims in doubt remembered at most (the oldest are forgotten beyond)
+_IN_DOUBT_MAX = 100_000
 
 
 def sha(value: str) -> bytes:
@@ -98,6 +107,10 @@ async def drop_pending(cur: Any, op: DropPendingReplay) -> None:
 class Bookkeeping:
     def __init__(self, connections: Connections) -> None:
         self._db = connections
+        self._in_doubt: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # (connection, topic) keys
+        # one statement per claim of one topic (off if the server's insert id does not
+        # carry LAST_INSERT_ID(expr): check_single_statement_claim)
+        self.single_statement_claims = True
 
     async def claim_replay(self, connection: str, highs: dict[str, float]) -> dict[str, float | None]:
         if not highs:
@@ -105,7 +118,7 @@ class Bookkeeping:
         conn_key = sha(connection)
         if len(highs) == 1:
             [(topic, high)] = highs.items()
-            if float(high).is_integer():
+            if float(high).is_integer() and self.single_statement_claims:
                 return {topic: await self._claim_one(conn_key, sha(topic), float(high))}
         # Sorted keys: every claim locks rows in the same order (no lock cycles).
         items = sorted((sha(topic), topic, float(high)) for topic, high in highs.items())
@@ -122,30 +135,67 @@ class Bookkeeping:
 
         # A claim is not idempotent (a repeat would see its own marks): repeat after
         # a lost connection only if the commit was not sent yet.
-        previous = await self._db.retrying(attempt, lambda: not committing)
+        keys = [(conn_key, key) for key, _, _ in items]
+        previous = await self._in_doubt_if_failed(
+            keys, lambda: committing, self._db.retrying(attempt, lambda: not committing))
         return {topic: previous.get(key) for key, topic, _ in items}
 
     async def _claim_one(self, conn_key: bytes, topic_key: bytes, high: float) -> float | None:
         sent = False
 
-        async def attempt() -> float | None:
+        async def attempt() -> dict[bytes, float | None]:
             nonlocal sent
             async with self._db.connection() as conn, conn.cursor() as cur:
                 sent = True
                 await cur.execute(_CLAIM_ONE, (conn_key, topic_key, high, REPLAY_MARK_TTL_S))
-                return float(cur.lastrowid) if cur.lastrowid else None
+                return {topic_key: float(cur.lastrowid) if cur.lastrowid else None}
 
+        previous = await self._in_doubt_if_failed(
+            [(conn_key, topic_key)], lambda: sent, self._db.retrying(attempt, lambda: not sent))
+        return previous[topic_key]
+
+    async def _in_doubt_if_failed(self, keys: list[tuple[bytes, bytes]], applied_maybe: Callable[[], bool],
+                                  claim: Awaitable[dict[bytes, float | None]]) -> dict[bytes, float | None]:
+        """Run ``claim`` (previous marks by topic key). A claim that failed once it may
+        have been applied (its statement or COMMIT sent: the connection failed, the
+        deadline passed) may have raised the marks without anyone learning the previous
+        ones; claiming again would take its own marks for them and replay nothing (a
+        gap). So the next claim of those keys in this process answers None: replay from
+        the oldest, a duplicate at worst."""
         try:
-            return await self._db.retrying(attempt, lambda: not sent)
-        except StoreError as exc:
-            if not sent or not connection_lost(exc):
-                raise
-        # Lost with the statement sent: it may have raised the mark, and a second claim
-        # would take that for the previous one (a gap). Claim again and replay from the
-        # oldest: a duplicate at worst, never a gap.
-        sent = False
-        await self._db.retrying(attempt, lambda: not sent)
-        return None
+            previous = await claim
+        except BaseException as exc:
+            if applied_maybe():
+                for key in keys:
+                    self._in_doubt[key] = None
+                    self._in_doubt.move_to_end(key)
+                while len(self._in_doubt) > _IN_DOUBT_MAX:
+                    self._in_doubt.popitem(last=False)
+                if isinstance(exc, StoreError) and connection_lost(exc):
+                    self._db.drop_idle_connections()  # they most likely died with this one
+            raise
+        for key in keys:
+            if key in self._in_doubt:
+                del self._in_doubt[key]
+                previous[key[1]] = None
+        return previous
+
+    async def check_single_statement_claim(self) -> None:
+        """Whether this server hands ``LAST_INSERT_ID(expr)`` back as the insert id of an
+        ``INSERT ... ON DUPLICATE KEY UPDATE`` (MariaDB and MySQL do; a look-alike server
+        may not). Tried once at open on a key of its own; if not, every claim keeps the
+        transaction."""
+        conn_key, topic_key = sha(f"offline-exhook check {secrets.token_hex(8)}"), sha("check")
+        try:
+            first = await self._claim_one(conn_key, topic_key, 5.0)
+            second = await self._claim_one(conn_key, topic_key, 7.0)
+        finally:
+            await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (conn_key,))
+        if (first, second) != (None, 5.0):
+            self.single_statement_claims = False
+            log.warning("mysql: the server does not return LAST_INSERT_ID(expr) as the insert id "
+                        "(got %r and %r for 0 and 5): replay claims use a transaction each", first, second,
+                        extra={"event": "mysql_claim_check"})
 
     async def reset_replay_marks(self, connection: str) -> None:
         await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (sha(connection),))

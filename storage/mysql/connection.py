@@ -146,10 +146,10 @@ class Connections:
             log.info("%s; retrying once on a new connection", exc)
         # The idle connections most likely died with this one (server restart, network
         # cut): drop them rather than find out one failure at a time.
-        self._drop_idle_connections()
+        self.drop_idle_connections()
         return await _DEADLOCKS.call("mysql transaction", fn)
 
-    def _drop_idle_connections(self) -> None:
+    def drop_idle_connections(self) -> None:
         # aiomysql's Pool.clear() says goodbye on each connection and stops at the
         # first dead one; closing the transports is what we need.
         free = getattr(self._pool, "_free", None)

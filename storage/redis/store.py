@@ -94,8 +94,8 @@ class RedisStore(Store):
 
     async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
         # one round trip (in cluster mode, one per node the two keys live on)
-        cmds = [("DEL", self._keys.mark(connection)), ("HGETALL", self._keys.subscription(_lookup(clientid)))]
-        _, raw = await self._link.run(cmds, "fresh_session_subscriptions")
+        cmds = [("HGETALL", self._keys.subscription(_lookup(clientid))), ("DEL", self._keys.mark(connection))]
+        raw, _ = await self._link.run(cmds, "fresh_session_subscriptions")
         return _subscriptions(clientid, raw)
 
     # -- replay reads ------------------------------------------------------------------

@@ -106,8 +106,9 @@ class SqliteStore(Store):
 
     async def fresh_session_subscriptions(self, clientid: str, connection: str) -> list[Subscription]:
         def run(conn: sqlite3.Connection) -> list[Any]:
+            rows = conn.execute(_SELECT_SUBS, (clientid,)).fetchall()
             bookkeeping.reset_marks(conn, connection)
-            return conn.execute(_SELECT_SUBS, (clientid,)).fetchall()
+            return rows
 
         # one transaction: one hop to the writer thread instead of two
         rows = await self._db.write_tx(run)
