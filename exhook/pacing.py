@@ -12,8 +12,8 @@ in connects at a fifth of the rate.
 
 So background jobs wait while the service is busy answering hooks, which it sees in
 two ways: connect hooks (the ones holding a CONNACK) arriving faster than
-``busy_connects_per_s`` at any of the service's workers (``ConnectCount``), or the
-event loop running a timer later than
+``busy_connects_per_s`` per worker, counted over all the service's workers together
+(``ConnectCount``), or the event loop running a timer later than
 ``target_lag_s`` (any flood of calls, or background work itself hogging the loop).
 When that passes, jobs start again with ``initial`` slots (so that one slow job, a
 REST call waiting for its timeout, does not hold up all others), and one more slot

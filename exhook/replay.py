@@ -213,7 +213,7 @@ class Replayer:
 
     async def stored_subscriptions(self, clientid: str, reset_marks_of: str | None = None) -> list[Subscription]:
         """The client's stored subscriptions. ``reset_marks_of``: a connection that
-        starts a fresh session; first forget what an earlier connection with the same
+        starts a fresh session; also forget what an earlier connection with the same
         key was given (in the same store round trip), so that it gets everything
         stored again."""
         if reset_marks_of is None:
