@@ -591,6 +591,7 @@ async def test_concurrent_claims_one_winner(make_store: MakeStore) -> None:
 
 async def test_claim_of_one_topic_is_one_statement(make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await make_store()
+    await store.claim_replay("warm-up", {"o/a": 1.0})  # the store checks the statement once
     statements = spy_statements(monkeypatch)
     assert await store.claim_replay("one", {"o/a": 5.0}) == {"o/a": None}
     assert await store.claim_replay("one", {"o/a": 8.0}) == {"o/a": 5.0}
@@ -620,10 +621,11 @@ async def test_claim_whose_answer_is_lost_replays_from_the_oldest(make_store: Ma
     nothing (a gap). The next claim of that connection and topic answers None."""
     direct = await make_store()
     assert await direct.claim_replay("lost-answer", {"la/t": 5.0}) == {"la/t": None}
-    armed = False  # after the store's own check of the statement at open
+    armed = False
     async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: armed and b"LAST_INSERT_ID" in chunk,
                               times=lost) as proxy:
         through = await make_store(server=HostPort("127.0.0.1", proxy.port))
+        await through.claim_replay("warm-up", {"wu/t": 1.0})  # the store's check of the statement
         armed = True
         for _ in range(lost):
             with pytest.raises(StoreError, match="2013"):
@@ -641,6 +643,7 @@ async def test_claim_of_topics_whose_commit_answer_is_lost_replays_from_the_olde
     armed = False
     async with LostReplyProxy(("127.0.0.1", 3306), lambda chunk: armed and b"COMMIT" in chunk.upper()) as proxy:
         through = await make_store(server=HostPort("127.0.0.1", proxy.port))
+        await through.claim_replay("warm-up", {"wu/t": 1.0})  # the store's check of the statement
         armed = True
         with pytest.raises(StoreError, match="2013"):
             await through.claim_replay("lost-commit", {"lc/a": 9.0, "lc/b": 9.0})
@@ -650,18 +653,20 @@ async def test_claim_of_topics_whose_commit_answer_is_lost_replays_from_the_olde
     assert await direct.claim_replay("lost-commit", {"lc/a": 10.0}) == {"lc/a": 10.0}
 
 
-async def test_claim_check_at_open_falls_back_to_transactions(make_store: MakeStore, raw: Any,
+async def test_claim_check_falls_back_to_transactions(make_store: MakeStore, raw: Any,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     store = await make_store()
-    assert store._bookkeeping.single_statement_claims
-    assert q(raw, "SELECT COUNT(*) FROM mqtt_replay_mark")[0][0] == 0  # the check leaves nothing behind
+    assert store._bookkeeping.single_statement_claims is None  # checked at the first claim
+    await asyncio.gather(*[store.claim_replay(f"check-{i}", {"ck/t": 5.0}) for i in range(5)])
+    assert store._bookkeeping.single_statement_claims is True
+    assert q(raw, "SELECT COUNT(*) FROM mqtt_replay_mark")[0][0] == 5  # the check leaves nothing behind
     # a server whose insert id does not carry LAST_INSERT_ID(expr) (simulated: the id is dropped)
     monkeypatch.setattr(aiomysql.Cursor, "lastrowid", property(lambda self: 0))
     other = await make_store()
-    assert not other._bookkeeping.single_statement_claims
-    assert any("replay claims use a transaction" in r.getMessage() for r in caplog.records)
     assert await other.claim_replay("fallback", {"fb/t": 5.0}) == {"fb/t": None}
+    assert other._bookkeeping.single_statement_claims is False
+    assert any("replay claims use a transaction" in r.getMessage() for r in caplog.records)
     assert await other.claim_replay("fallback", {"fb/t": 7.0}) == {"fb/t": 5.0}
 
 

@@ -8,6 +8,7 @@ clocks agree.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -108,9 +109,10 @@ class Bookkeeping:
     def __init__(self, connections: Connections) -> None:
         self._db = connections
         self._in_doubt: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()  # (connection, topic) keys
-        # one statement per claim of one topic (off if the server's insert id does not
-        # carry LAST_INSERT_ID(expr): check_single_statement_claim)
-        self.single_statement_claims = True
+        # one statement per claim of one topic; None: not checked yet, False: the server's
+        # insert id does not carry LAST_INSERT_ID(expr) (check_single_statement_claim)
+        self.single_statement_claims: bool | None = None
+        self._checking = asyncio.Lock()
 
     async def claim_replay(self, connection: str, highs: dict[str, float]) -> dict[str, float | None]:
         if not highs:
@@ -118,7 +120,7 @@ class Bookkeeping:
         conn_key = sha(connection)
         if len(highs) == 1:
             [(topic, high)] = highs.items()
-            if float(high).is_integer() and self.single_statement_claims:
+            if float(high).is_integer() and await self._single_statement_claims():
                 return {topic: await self._claim_one(conn_key, sha(topic), float(high))}
         # Sorted keys: every claim locks rows in the same order (no lock cycles).
         items = sorted((sha(topic), topic, float(high)) for topic, high in highs.items())
@@ -180,19 +182,27 @@ class Bookkeeping:
                 previous[key[1]] = None
         return previous
 
+    async def _single_statement_claims(self) -> bool:
+        if self.single_statement_claims is None:
+            async with self._checking:  # a storm's first claims wait for one check
+                if self.single_statement_claims is None:
+                    await self.check_single_statement_claim()
+        return bool(self.single_statement_claims)
+
     async def check_single_statement_claim(self) -> None:
         """Whether this server hands ``LAST_INSERT_ID(expr)`` back as the insert id of an
         ``INSERT ... ON DUPLICATE KEY UPDATE`` (MariaDB and MySQL do; a look-alike server
-        may not). Tried once at open on a key of its own; if not, every claim keeps the
-        transaction."""
+        may not). Tried once, at the first claim (not at open: a server that is read-only
+        for a while must not keep the store from opening), on a key of its own; if not,
+        every claim keeps the transaction. A failure leaves it to the next claim."""
         conn_key, topic_key = sha(f"offline-exhook check {secrets.token_hex(8)}"), sha("check")
         try:
             first = await self._claim_one(conn_key, topic_key, 5.0)
             second = await self._claim_one(conn_key, topic_key, 7.0)
         finally:
             await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (conn_key,))
-        if (first, second) != (None, 5.0):
-            self.single_statement_claims = False
+        self.single_statement_claims = (first, second) == (None, 5.0)
+        if not self.single_statement_claims:
             log.warning("mysql: the server does not return LAST_INSERT_ID(expr) as the insert id "
                         "(got %r and %r for 0 and 5): replay claims use a transaction each", first, second,
                         extra={"event": "mysql_claim_check"})

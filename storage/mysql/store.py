@@ -53,7 +53,6 @@ class MysqlStore(Store):
         await self._db.open()
         try:
             self._opened = await self._prepare()
-            await self._bookkeeping.check_single_statement_claim()
         except BaseException:
             await self.close()
             raise
