@@ -338,6 +338,7 @@ class HookLogic:
         peer port, so a reconnect from one host has the same key)."""
         self._restored_subs.pop(client.connection)
         self._subscribed_calls.forget(client.connection)
+        self._unreset.pop(client.connection)  # this connect's own restore resets (a resume keeps them)
 
     def _count_connect(self, clientid: str) -> None:
         # one sequence for all clients: a client whose entry expired or was evicted
@@ -547,9 +548,16 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
-        await self._reset_marks_owed(client)
-        replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
-                                               given_back_only=failures > 0)
+        try:
+            await self._reset_marks_owed(client)
+        except Exception as exc:  # nothing claimed yet: the retry replays it all
+            self._metrics.replay_failures.inc()
+            log.error("replay failed: %s", one_line(exc), extra={
+                "event": "replay_failed", "clientid": client.clientid, "filter": topic, "messages": 0})
+            replayed = Replayed.gave_up(0, 0, transient(exc))
+        else:
+            replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
+                                                   given_back_only=failures > 0)
         if replayed.failed and replayed.retryable and self._still_connected(client, current):
             self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
                                 lambda: self._replay_again(client, topic, current, failures + 1))

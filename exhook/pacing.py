@@ -12,8 +12,8 @@ in connects at a fifth of the rate.
 
 So background jobs wait while the service is busy answering hooks, which it sees in
 two ways: connect hooks (the ones holding a CONNACK) arriving faster than
-``busy_connects_per_s`` per worker, counted over all the service's workers together
-(``ConnectCount``), or the event loop running a timer later than
+``busy_connects_per_s`` at any of the service's workers (they share their counts:
+``ConnectCount``), or the event loop running a timer later than
 ``target_lag_s`` (any flood of calls, or background work itself hogging the loop).
 When that passes, jobs start again with ``initial`` slots (so that one slow job, a
 REST call waiting for its timeout, does not hold up all others), and one more slot
@@ -62,12 +62,9 @@ class ConnectCount:
     def add(self) -> None:
         self._slots[self._index] += 1
 
-    @property
-    def workers(self) -> int:
-        return len(self._slots)
-
-    def total(self) -> int:
-        return sum(self._slots[i] for i in range(len(self._slots)))
+    def counts(self) -> list[int]:
+        """Each worker's count so far."""
+        return [self._slots[i] for i in range(len(self._slots))]
 
 
 class LoopLag:
@@ -97,9 +94,9 @@ class AdaptiveLimit:
         self.maximum = maximum
         self._target = target_lag_s
         self._connects = connects or ConnectCount()
-        # a rate per worker: the count is all the workers' (a fleet that connects steadily
-        # must not read as a flood because the service runs more workers)
-        self._busy_rate = busy_connects_per_s * self._connects.workers
+        # per worker: any worker taking connects faster holds every worker back (a fleet
+        # that connects steadily, spread over many workers, is not a flood)
+        self._busy_rate = busy_connects_per_s
         self._max_pause = max_pause_s
         self._sampler = sampler or LoopLag()
         self._clock = clock
@@ -107,10 +104,10 @@ class AdaptiveLimit:
         self._limit = float(self.initial)
         self._running = 0
         self._lag = 0.0
-        self._counted = 0  # the total at the last sample
-        # the samples of the last RATE_WINDOW_S: (start, end, connect hooks in between)
-        self._recent: deque[tuple[float, float, int]] = deque()
-        self._rate = 0.0  # connect hooks per second over the window
+        self._counted: list[int] = self._connects.counts()  # each worker's count at the last sample
+        # the samples of the last RATE_WINDOW_S: (start, end, each worker's connect hooks in between)
+        self._recent: deque[tuple[float, float, list[int]]] = deque()
+        self._rate = 0.0  # connect hooks per second over the window, of the busiest worker
         self._sampled_at = 0.0
         self._sampling: asyncio.Task[None] | None = None
 
@@ -156,13 +153,13 @@ class AdaptiveLimit:
     def on_sample(self, lag_s: float) -> None:
         """A new lag sample (the sampler calls this)."""
         now = self._now()
-        total = self._connects.total()
-        self._recent.append((self._sampled_at, now, total - self._counted))
-        self._sampled_at, self._counted = now, total
+        counts = self._connects.counts()
+        self._recent.append((self._sampled_at, now, [c - c0 for c, c0 in zip(counts, self._counted, strict=True)]))
+        self._sampled_at, self._counted = now, counts
         while len(self._recent) > 1 and self._recent[0][1] <= now - RATE_WINDOW_S:
             self._recent.popleft()
         span = max(RATE_WINDOW_S, now - self._recent[0][0])
-        self._rate = sum(count for _, _, count in self._recent) / span
+        self._rate = max(map(sum, zip(*(deltas for _, _, deltas in self._recent), strict=True))) / span
         self._lag = lag_s
         if self._busy(1.0):
             self._limit = 0.0  # hook answers are waiting: start nothing new
@@ -181,7 +178,7 @@ class AdaptiveLimit:
             loop = asyncio.get_running_loop()
             self._limit = float(self.initial)  # after a quiet spell, start afresh
             self._lag = self._rate = 0.0
-            self._counted = self._connects.total()
+            self._counted = self._connects.counts()
             self._recent.clear()
             self._sampled_at = self._now()
             self._sampling = loop.create_task(self._sampler.run(self.on_sample), name="loop-lag")

@@ -102,8 +102,8 @@ class Store(abc.ABC):
         subscriptions and forget that connection key's replay marks
         (``reset_replay_marks``: it gets everything stored again). A backend that can do
         both in one round trip does (a reconnect storm runs this once per client). The
-        read goes first: a failure of it leaves the marks as they were, so that a caller
-        trying again knows it has not reset them yet."""
+        read goes first: a read that fails leaves the marks as they were (a caller that
+        saw a failure cannot tell whether the reset ran after a read that did not fail)."""
         subscriptions = await self.subscriptions(clientid)
         await self.reset_replay_marks(connection)
         return subscriptions

@@ -247,3 +247,58 @@ async def test_a_restore_whose_read_failed_resets_the_marks_once(tmp_path: Path)
         await rig.settle()
         assert [item.origin for item in rig.api.replayed] == [guid(1)]
         assert store.calls.count("reset_replay_marks") == 1
+
+
+class FailingResets(FailingReads):
+    """Also the first ``reset_fails`` resets of replay marks fail."""
+
+    def __init__(self, fails: int, reset_fails: int) -> None:
+        super().__init__(fails)
+        self.reset_fails = reset_fails
+
+    async def reset_replay_marks(self, connection: str) -> None:
+        if self.reset_fails > 0:
+            self.reset_fails -= 1
+            raise StoreError("memory: store unreachable")
+        await super().reset_replay_marks(connection)
+
+
+async def test_a_replay_whose_owed_reset_failed_is_tried_again(tmp_path: Path) -> None:
+    """The restore failed before its reset; the client's own subscribe then owes the
+    reset, and that fails too: the replay is tried again later, like any failed replay,
+    and the message arrives once."""
+    store = FailingResets(4, 4)
+    async with running_rig(tmp_path, store) as rig:
+        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))  # run by hand
+        await rig.publish(1)
+        await rig.store.save_subscription("sub", "t/a", 1)
+        rig.logic.client_connected(client(peerport=1001))
+        await rig.settle()
+        rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
+        await rig.settle()
+        assert rig.api.replayed == []
+        assert {key[0] for key in rig.logic.later._entries} == {"restore", "replay"}
+        assert rig.metrics.sample("replay_failures_total") == 1
+        run_due(rig)
+        await rig.settle()
+        assert [item.origin for item in rig.api.replayed] == [guid(1)]
+
+
+async def test_a_new_connect_forgets_what_an_earlier_one_with_the_same_key_owed(tmp_path: Path) -> None:
+    """EMQX 5.3 (no peer port): a connect whose restore failed before its reset leaves
+    the reset owed under the key; the next connect with that key resets in its own
+    restore, and its replays must not reset again (undoing the restore's claims)."""
+    store = FailingReads(4)
+    async with running_rig(tmp_path, store) as rig:
+        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))
+        await rig.publish(1)
+        await rig.store.save_subscription("sub", "t/a", 1)
+        rig.logic.client_connected(client())
+        await rig.settle()
+        assert rig.logic._unreset.get(client().connection) is not None
+        rig.logic.session_created(client())  # connect 2, a fresh session, the same key
+        rig.logic.client_connected(client())
+        await rig.settle()
+        assert rig.logic._unreset.get(client().connection) is None
+        assert [item.origin for item in rig.api.replayed] == [guid(1)]
+        assert store.calls.count("reset_replay_marks") == 1

@@ -7,6 +7,7 @@ taken away under a running store is a ``StoreConfigError``. On a private mariadb
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -218,3 +219,44 @@ async def test_server_errors_never_carry_the_password(server: MariaDbServer) -> 
     with pytest.raises(StoreConfigError) as err:
         await wrong.open()
     assert "[1045]" in str(err.value) and SECRET not in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_a_claim_the_server_refused_is_not_in_doubt(store: MysqlStore, root: Any) -> None:
+    """A refusal (here: read-only) was rolled back: the next claim gets the real previous
+    mark, not "from the oldest" (which would replay everything again)."""
+    assert await store.claim_replay("ro-claim", {"ro/t": 5.0}) == {"ro/t": None}
+    q(root, "SET GLOBAL read_only = 1")
+    try:
+        with pytest.raises(StoreError, match=r"\[1290\]"):
+            await store.claim_replay("ro-claim", {"ro/t": 9.0})
+    finally:
+        q(root, "SET GLOBAL read_only = 0")
+    assert await store.claim_replay("ro-claim", {"ro/t": 9.0}) == {"ro/t": 5.0}
+
+
+async def test_claims_during_a_frozen_server_run_one_check_of_the_statement(
+        server: MariaDbServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = MysqlConfig(server=HostPort("127.0.0.1", server.port), username="writer", password=SECRET,
+                         database="mqtt", pool_size=4)
+    fresh = MysqlStore(config, op_timeout_s=1.0)
+    await fresh.open()
+    checks = []
+    check = fresh._bookkeeping.check_single_statement_claim
+
+    async def counted() -> None:
+        checks.append(1)
+        await check()
+
+    monkeypatch.setattr(fresh._bookkeeping, "check_single_statement_claim", counted)
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        results = await asyncio.gather(*[fresh.claim_replay(f"frozen-{i}", {"fz/t": 5.0}) for i in range(4)],
+                                       return_exceptions=True)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert len(checks) == 1  # the others took the transaction instead of trying the check again
+    assert fresh._bookkeeping.single_statement_claims is None  # tried again once the pause is over
+    assert not fresh._bookkeeping._in_doubt  # neither the check nor a claim that never began is in doubt
+    await fresh.close()

@@ -9,9 +9,11 @@ clocks agree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -21,7 +23,7 @@ from storage.model import DropPendingReplay, PendingReplay
 from storage.mysql.columns import text
 from storage.mysql.connection import Connections
 from storage.mysql.ddl import MARK_TABLE, PENDING_TABLE, TOMBSTONE_TABLE
-from storage.mysql.errors import connection_lost
+from storage.mysql.errors import connection_lost, error_code
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ _CLAIM_ONE = (
 )
 # the claims in doubt remembered at most (the oldest are forgotten beyond)
 _IN_DOUBT_MAX = 100_000
+# MySQL error codes from 2000 on are the client's (a lost connection): below, the server
+# answered, refusing the statement, which it then rolled back
+_CLIENT_ERRORS = 2000
+# after a failed check of the single-statement claim (the store down), claims use the
+# transaction for this long before the next check
+_CHECK_AGAIN_S = 30.0
 
 
 def sha(value: str) -> bytes:
@@ -113,6 +121,7 @@ class Bookkeeping:
         # insert id does not carry LAST_INSERT_ID(expr) (check_single_statement_claim)
         self.single_statement_claims: bool | None = None
         self._checking = asyncio.Lock()
+        self._check_after = 0.0  # monotonic time before which no check is tried
 
     async def claim_replay(self, connection: str, highs: dict[str, float]) -> dict[str, float | None]:
         if not highs:
@@ -142,7 +151,7 @@ class Bookkeeping:
             keys, lambda: committing, self._db.retrying(attempt, lambda: not committing))
         return {topic: previous.get(key) for key, topic, _ in items}
 
-    async def _claim_one(self, conn_key: bytes, topic_key: bytes, high: float) -> float | None:
+    async def _claim_one(self, conn_key: bytes, topic_key: bytes, high: float, doubt: bool = True) -> float | None:
         sent = False
 
         async def attempt() -> dict[bytes, float | None]:
@@ -153,7 +162,7 @@ class Bookkeeping:
                 return {topic_key: float(cur.lastrowid) if cur.lastrowid else None}
 
         previous = await self._in_doubt_if_failed(
-            [(conn_key, topic_key)], lambda: sent, self._db.retrying(attempt, lambda: not sent))
+            [(conn_key, topic_key)], lambda: sent and doubt, self._db.retrying(attempt, lambda: not sent))
         return previous[topic_key]
 
     async def _in_doubt_if_failed(self, keys: list[tuple[bytes, bytes]], applied_maybe: Callable[[], bool],
@@ -167,7 +176,9 @@ class Bookkeeping:
         try:
             previous = await claim
         except BaseException as exc:
-            if applied_maybe():
+            refused = isinstance(exc, StoreError) and exc.__cause__ is not None and (
+                (code := error_code(exc.__cause__)) is not None and code < _CLIENT_ERRORS)
+            if applied_maybe() and not refused:
                 for key in keys:
                     self._in_doubt[key] = None
                     self._in_doubt.move_to_end(key)
@@ -183,10 +194,15 @@ class Bookkeeping:
         return previous
 
     async def _single_statement_claims(self) -> bool:
-        if self.single_statement_claims is None:
+        if self.single_statement_claims is None and time.monotonic() >= self._check_after:
             async with self._checking:  # a storm's first claims wait for one check
-                if self.single_statement_claims is None:
-                    await self.check_single_statement_claim()
+                if self.single_statement_claims is None and time.monotonic() >= self._check_after:
+                    try:
+                        await self.check_single_statement_claim()
+                    except StoreError:
+                        # the store is failing: the claims waiting here use the transaction
+                        # (and fail or not on their own) rather than each try the check again
+                        self._check_after = time.monotonic() + _CHECK_AGAIN_S
         return bool(self.single_statement_claims)
 
     async def check_single_statement_claim(self) -> None:
@@ -197,10 +213,11 @@ class Bookkeeping:
         every claim keeps the transaction. A failure leaves it to the next claim."""
         conn_key, topic_key = sha(f"offline-exhook check {secrets.token_hex(8)}"), sha("check")
         try:
-            first = await self._claim_one(conn_key, topic_key, 5.0)
-            second = await self._claim_one(conn_key, topic_key, 7.0)
+            first = await self._claim_one(conn_key, topic_key, 5.0, doubt=False)
+            second = await self._claim_one(conn_key, topic_key, 7.0, doubt=False)
         finally:
-            await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (conn_key,))
+            with contextlib.suppress(StoreError):  # else its row expires with REPLAY_MARK_TTL_S
+                await self._db.query(f"DELETE FROM {MARK_TABLE} WHERE conn_hash = %s", (conn_key,))
         self.single_statement_claims = (first, second) == (None, 5.0)
         if not self.single_statement_claims:
             log.warning("mysql: the server does not return LAST_INSERT_ID(expr) as the insert id "
