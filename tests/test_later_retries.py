@@ -228,17 +228,23 @@ class FailingReads(MemoryStore):
         return await super().subscriptions(clientid)
 
 
+async def connect_while_the_store_fails(rig: Rig, peerport: int = 1001) -> None:
+    """A stored message on t/a, a client with that stored subscription connects, and its
+    restore fails (the store's first calls fail); retries run only by hand (run_due)."""
+    rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))
+    await rig.publish(1)
+    await rig.store.save_subscription("sub", "t/a", 1)
+    rig.logic.client_connected(client(peerport=peerport))
+    await rig.settle()
+
+
 async def test_a_restore_whose_read_failed_resets_the_marks_once(tmp_path: Path) -> None:
     """The restore's first store call reads the subscriptions and resets the marks: when
     the read fails, the marks are not reset yet, so the restore tried again resets them
     (once) without undoing what the client's own subscribe replayed meanwhile."""
     store = FailingReads(4)  # the restore's own tries
     async with running_rig(tmp_path, store) as rig:
-        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))  # run by hand
-        await rig.publish(1)
-        await rig.store.save_subscription("sub", "t/a", 1)
-        rig.logic.client_connected(client(peerport=1001))
-        await rig.settle()
+        await connect_while_the_store_fails(rig)
         assert rig.logic.later.waiting == 1
         rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)  # the client's own subscribe
         await rig.settle()
@@ -269,11 +275,7 @@ async def test_a_replay_whose_owed_reset_failed_is_tried_again(tmp_path: Path) -
     and the message arrives once."""
     store = FailingResets(4, 4)
     async with running_rig(tmp_path, store) as rig:
-        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))  # run by hand
-        await rig.publish(1)
-        await rig.store.save_subscription("sub", "t/a", 1)
-        rig.logic.client_connected(client(peerport=1001))
-        await rig.settle()
+        await connect_while_the_store_fails(rig)
         rig.logic.session_subscribed(client(peerport=1001), "t/a", 1)
         await rig.settle()
         assert rig.api.replayed == []
@@ -290,11 +292,7 @@ async def test_a_new_connect_forgets_what_an_earlier_one_with_the_same_key_owed(
     restore, and its replays must not reset again (undoing the restore's claims)."""
     store = FailingReads(4)
     async with running_rig(tmp_path, store) as rig:
-        rig.logic.later = LaterRetries(Backoff(base=3600.0, cap=3600.0))
-        await rig.publish(1)
-        await rig.store.save_subscription("sub", "t/a", 1)
-        rig.logic.client_connected(client())
-        await rig.settle()
+        await connect_while_the_store_fails(rig, peerport=0)
         assert rig.logic._unreset.get(client().connection) is not None
         rig.logic.session_created(client())  # connect 2, a fresh session, the same key
         rig.logic.client_connected(client())
