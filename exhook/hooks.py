@@ -548,16 +548,9 @@ class HookLogic:
             return Replayed(0, 0)
         if not self.tracked.overlaps(real):
             return Replayed(0, 0)
-        try:
-            await self._reset_marks_owed(client)
-        except Exception as exc:  # nothing claimed yet: the retry replays it all
-            self._metrics.replay_failures.inc()
-            log.error("replay failed: %s", one_line(exc), extra={
-                "event": "replay_failed", "clientid": client.clientid, "filter": topic, "messages": 0})
-            replayed = Replayed.gave_up(0, 0, transient(exc))
-        else:
-            replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
-                                                   given_back_only=failures > 0)
+        replayed = await self._replayer.replay(client.clientid, client.connection, topic, settle, current,
+                                               given_back_only=failures > 0,
+                                               first=lambda: self._reset_marks_owed(client))
         if replayed.failed and replayed.retryable and self._still_connected(client, current):
             self.later.schedule(("replay", client.connection, topic), failures + 1, "replay",
                                 lambda: self._replay_again(client, topic, current, failures + 1))

@@ -52,7 +52,7 @@ class _Slots(Protocol):
 class ConnectCount:
     """The connect hooks the service took, counted by all its workers: each adds to its
     own slot of ``slots`` (an array the supervisor shares with them; one writer per slot,
-    so no lock) and reads the sum. So a worker does not start background work while
+    so no lock) and reads them all. So a worker does not start background work while
     another one answers a flood: workers can share a CPU, and all share the store."""
 
     def __init__(self, slots: _Slots | None = None, index: int = 0) -> None:

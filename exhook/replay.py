@@ -318,10 +318,12 @@ class Replayer:
 
     async def replay(self, clientid: str, connection: str, flt: str,
                      settle: Callable[[Collection[str]], Awaitable[None]] | None = None,
-                     current: Callable[[], bool] = lambda: True, given_back_only: bool = False) -> Replayed:
+                     current: Callable[[], bool] = lambda: True, given_back_only: bool = False,
+                     first: Callable[[], Awaitable[None]] | None = None) -> Replayed:
         """Publish every stored message matching ``flt`` that this connection has
         not been given yet. ``given_back_only``: only what a failed replay of it gave
-        back, if it did (a retry: what came since went to the client live).
+        back, if it did (a retry: what came since went to the client live). ``first``:
+        store work owed before the claim (a mark reset), failing as the replay does.
         ``settle`` (given by a restore, whose subscription the broker may not have
         applied yet): a replay that reached nobody awaits it, then tries again
         (UNTIL_SUBSCRIBED). ``current``: False once the client has connected again;
@@ -332,6 +334,8 @@ class Replayer:
         (the same for every filter) is raised."""
         progress = _Progress()
         try:
+            if first is not None:
+                await first()
             real = real_filter(flt)
             # (a failure before the claim gave nothing back: then the claim is still to make)
             # (the store's marks are past what was given back: nothing to claim for it)
