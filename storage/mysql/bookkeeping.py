@@ -23,7 +23,7 @@ from storage.model import DropPendingReplay, PendingReplay
 from storage.mysql.columns import text
 from storage.mysql.connection import Connections
 from storage.mysql.ddl import MARK_TABLE, PENDING_TABLE, TOMBSTONE_TABLE
-from storage.mysql.errors import connection_lost, error_code
+from storage.mysql.errors import connection_lost, refused_by_server
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ _CLAIM_ONE = (
 )
 # the claims in doubt remembered at most (the oldest are forgotten beyond)
 _IN_DOUBT_MAX = 100_000
-# MySQL error codes from 2000 on are the client's (a lost connection): below, the server
-# answered, refusing the statement, which it then rolled back
-_CLIENT_ERRORS = 2000
 # after a failed check of the single-statement claim (the store down), claims use the
 # transaction for this long before the next check
 _CHECK_AGAIN_S = 30.0
@@ -176,8 +173,7 @@ class Bookkeeping:
         try:
             previous = await claim
         except BaseException as exc:
-            refused = isinstance(exc, StoreError) and exc.__cause__ is not None and (
-                (code := error_code(exc.__cause__)) is not None and code < _CLIENT_ERRORS)
+            refused = isinstance(exc, StoreError) and exc.__cause__ is not None and refused_by_server(exc.__cause__)
             if applied_maybe() and not refused:
                 for key in keys:
                     self._in_doubt[key] = None

@@ -17,7 +17,7 @@ import pymysql
 from storage.base import StoreConfigError, StoreError, WriteRejected
 from storage.config import MysqlConfig
 from storage.mysql import tls_guard
-from storage.mysql.errors import Deadlock, classify, connection_lost, describe_error, error_code
+from storage.mysql.errors import Deadlock, classify, connection_lost, describe_error, error_code, refused_by_server
 from storage.retry import Backoff, RetryPolicy
 from storage.tls import TlsSetupError, client_context
 
@@ -31,8 +31,6 @@ _DEADLOCKS = RetryPolicy(Backoff(base=0.005, cap=0.1), attempts=5, retryable=lam
 # Sessions add STRICT_ALL_TABLES to the server's sql_mode: without it a value a column
 # cannot hold is cut or zeroed with a warning, and a replay would deliver a different
 # topic or payload than was published. (aiomysql sends "SET sql_mode=<this>" as is.)
-# Codes from 2000 on are the client library's (connection lost, refused, ...).
-_CLIENT_ERRORS = 2000
 _STRICT_SQL_MODE = "CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')"
 
 
@@ -177,8 +175,7 @@ async def _discard_or_roll_back(conn: Any, exc: BaseException) -> None:
     anything else (lost, timed out, cancelled) it may be broken or mid-transaction:
     close it; the server rolls back when it notices."""
     refused = exc.__cause__ if isinstance(exc, WriteRejected) else exc
-    code = error_code(refused) if refused is not None else None
-    if code is not None and code < _CLIENT_ERRORS:
+    if refused is not None and refused_by_server(refused):
         try:
             await conn.rollback()
             return

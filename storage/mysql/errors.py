@@ -77,6 +77,14 @@ def error_code(exc: BaseException) -> int | None:
     return None
 
 
+def refused_by_server(exc: BaseException) -> bool:
+    """Whether the server answered ``exc``, refusing the statement (it rolled it back;
+    the connection is healthy). Codes from 2000 on are the client's own: a connection
+    lost or never made, where the statement may or may not have run."""
+    code = error_code(exc)
+    return code is not None and code < 2000
+
+
 def describe_error(exc: BaseException) -> str:
     """One line: the server's code and message, plus the TLS / socket cause that
     aiomysql hides behind "Can't connect"."""
