@@ -175,30 +175,27 @@ class Reads:
     async def _read_topic(self, schema: Schema, source: _Topic, page_size: int, seen: RecentIds
                           ) -> AsyncIterator[list[StoredMessage]]:
         """The rows of one topic's range, a page per statement, in id order."""
-        low = source.low
         while True:
-            after = "" if low is None else " AND m.id > %s"
-            sql, args = self._part(
-                source.topic, f"m.*, {schema.ts_expr} AS ox_ts",
-                f" AND m.id <= %s{after}{schema.read_ttl} ORDER BY m.id LIMIT {int(page_size)}",
-                [source.high, *([] if low is None else [low]), *self._ttl_args(schema)],
-            )
+            sql, args = self._range_part(schema, source, f"m.*, {schema.ts_expr} AS ox_ts", page_size)
             rows: list[dict[str, Any]] = await self._db.query(sql, tuple(args), dict_rows=True)
             if rows:
-                low = max(int(row["id"]) for row in rows)
-                if page := [m for m in _messages(rows) if seen.first_time(m.msgid)]:
-                    yield sorted(page, key=lambda m: m.position)
+                source.low = max(int(row["id"]) for row in rows)
+                if page := _first_copies(rows, seen):
+                    yield page
             if len(rows) < page_size:
                 return
 
+    def _range_part(self, schema: Schema, source: _Topic, columns: str, limit: int) -> tuple[str, list[object]]:
+        """``columns`` of the first ``limit`` rows of ``source``'s range, in id order."""
+        low = "" if source.low is None else " AND m.id > %s"
+        return self._part(
+            source.topic, columns, f" AND m.id <= %s{low}{schema.read_ttl} ORDER BY m.id LIMIT {int(limit)}",
+            [source.high, *([] if source.low is None else [source.low]), *self._ttl_args(schema)],
+        )
+
     async def _refill(self, schema: Schema, sources: list[_Topic], fetch: int) -> None:
         def part(i: int, s: _Topic) -> tuple[str, list[object]]:
-            low = "" if s.low is None else " AND m.id > %s"
-            return self._part(
-                s.topic, f"{i} AS ox_i, m.id AS ox_id",
-                f" AND m.id <= %s{low}{schema.read_ttl} ORDER BY m.id LIMIT {int(fetch)}",
-                [s.high, *([] if s.low is None else [s.low]), *self._ttl_args(schema)],
-            )
+            return self._range_part(schema, s, f"{i} AS ox_i, m.id AS ox_id", fetch)
 
         async for chunk, found in self._union_all(sources, part):
             got: dict[int, list[int]] = {}
@@ -224,13 +221,14 @@ class Reads:
         rows: list[dict[str, Any]] = []
         async for _, found in self._union_all(list(by_topic.items()), part, dict_rows=True):
             rows += found
-        out = []
-        for msg in sorted(_messages(rows), key=lambda m: m.position):
-            # A retried batch can (rarely) have stored a message twice: same msgid,
-            # two positions. The ack deletes both rows (by msgid); replay one.
-            if seen.first_time(msg.msgid):
-                out.append(msg)
-        return out
+        return _first_copies(rows, seen)
+
+
+def _first_copies(rows: list[dict[str, Any]], seen: RecentIds) -> list[StoredMessage]:
+    """The rows' messages in position order, each message once: a retried batch can
+    (rarely) have stored a message twice (same msgid, two positions); the ack deletes
+    both rows (by msgid), and one is replayed."""
+    return [m for m in sorted(_messages(rows), key=lambda m: m.position) if seen.first_time(m.msgid)]
 
 
 def _messages(rows: list[dict[str, Any]]) -> list[StoredMessage]:
