@@ -198,6 +198,9 @@ def _storm_rows(res: Results) -> list[list[str]]:
                 notes = [f"hooks holding CONNACK: {', '.join(s.hooks) or 'none'}",
                          f"client.connected p50 / p99 {_ms(s.connected.p50)} / {_ms(s.connected.p99)} ms",
                          f"preparation {s.prepare_s:.1f} s"]
+                if s.subscribed.n:
+                    notes.insert(2, f"session.subscribed p50 / p99 {_ms(s.subscribed.p50)} / "
+                                    f"{_ms(s.subscribed.p99)} ms")
                 if s.failed:
                     notes.append("failed: " + ", ".join(f"{k} ×{v}" for k, v in sorted(s.failed.items())))
                 if s.stored_before is not None:

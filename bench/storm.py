@@ -65,6 +65,8 @@ class StormResult:
     stored_before: int | None = None
     connack_hold: Latency = field(default_factory=Latency)   # per client, sum of the CONNACK hooks
     connected: Latency = field(default_factory=Latency)      # client.connected answers alone
+    # the restores' session.subscribed answers (each holds its client's process at the broker)
+    subscribed: Latency = field(default_factory=Latency)
     connack_seen: Latency = field(default_factory=Latency)   # CONNACK at the client, from the storm's start
     connacks: int = 0
     failed: dict[str, int] = field(default_factory=dict)     # "hook status: error" -> count
@@ -184,6 +186,7 @@ class _Driver:
         emu = self.emu
         hold: dict[str, float] = {}
         connected: list[float] = []
+        subscribed: list[float] = []
         failed: dict[str, int] = {}
         for call in emu.calls:
             if call.started < t0:
@@ -195,11 +198,15 @@ class _Driver:
                 hold[call.key] = hold.get(call.key, 0.0) + call.latency
                 if call.hook == "client.connected":
                     connected.append(call.latency)
+            elif call.hook == "session.subscribed" and call.latency is not None:
+                subscribed.append(call.latency)
         if refused:
             failed[f"connect failed: {refused[0][:60]}"] = len(refused)
         firsts = [c.deliveries[0].received_at - t0 for c in self.clients if c.deliveries]
         rest: dict[str, int] = {}
         for req in emu.rest_requests:
+            if req.started < t0:
+                continue  # the preparation's (its replays can still run when it returns)
             parts = req.path.strip("/").split("/")
             if parts[0] == "clients" and len(parts) > 1:
                 parts[1] = "{id}"
@@ -207,7 +214,8 @@ class _Driver:
             rest[key] = rest.get(key, 0) + 1
         return {
             "wall": wall, "cpu": cpu, "failed": failed,
-            "hold": list(hold.values()), "connected": connected, "connack_at": connack_at,
+            "hold": list(hold.values()), "connected": connected, "subscribed": subscribed,
+            "connack_at": connack_at,
             "restored": sum(1 for i in range(self.n) if topic(i) in emu.subscriptions(clientid(i))),
             "replayed": len(firsts),
             "duplicates": sum(max(0, len(c.deliveries) - 1) for c in self.clients),
@@ -324,6 +332,7 @@ def fill(res: StormResult, answer: dict[str, Any]) -> None:
     res.failed = answer["failed"]
     res.connack_hold = Latency.of(answer["hold"])
     res.connected = Latency.of(answer["connected"])
+    res.subscribed = Latency.of(answer["subscribed"])
     res.connack_seen = Latency.of(answer["connack_at"])
     res.connacks = len(answer["connack_at"])
     res.restored = answer["restored"]

@@ -55,17 +55,22 @@ _JOB: ContextVar[_RunningJob | None] = ContextVar("client_job", default=None)
 
 
 @contextlib.asynccontextmanager
-async def outside_slot() -> AsyncIterator[None]:
+async def outside_slot() -> AsyncIterator[bool]:
     """Wrap a wait of a running job that needs no slot: other clients' jobs may use it
     meanwhile, and the job waits for one again (paced as any job) before it goes on.
     Anywhere else (outside a client job, in a task the job started, nested) it only
-    runs the body."""
+    runs the body. Yields whether the body runs without holding a slot (False: in a
+    task the job started, or too many jobs are out already), so that a wait for
+    something another job holds can tell whether it could block that job's slot."""
     job = _JOB.get()
-    if job is None or job.task is not asyncio.current_task() or not job.queues._step_out(job):
-        yield
+    if job is None or job.out:
+        yield True
+        return
+    if job.task is not asyncio.current_task() or not job.queues._step_out(job):
+        yield False
         return
     try:
-        yield
+        yield True
     except BaseException:
         # cancelled (shutdown) or failed: the exception goes on at once, without waiting
         # for a slot, and the job counts as holding one again (its end gives it back)

@@ -416,9 +416,16 @@ class HookLogic:
             stored = await self._replayer.stored_subscriptions(
                 client.clientid, reset_marks_of=None if state.marks_reset else client.connection)
             state.marks_reset = True
-            restored = await self._replayer.restore(client.clientid, wait_for_client=pending is not None,
-                                                    keep=lambda topic: not self._was_dropped(client, topic),
-                                                    stored=stored)
+            # (a 404 is retried only while the broker may not have registered the client:
+            # its client.connected has not come; a restore holds its turn meanwhile)
+            unregistered = pending is not None and not pending.registered.is_set()
+            async with self._subscribed_calls.turn():
+                restored = await self._replayer.restore(client.clientid, wait_for_client=unregistered,
+                                                        keep=lambda topic: not self._was_dropped(client, topic),
+                                                        stored=stored)
+                self._restored_subs.put(client.connection, dict(restored))
+                filters = [topic for topic, _ in restored]
+                arrived = await self._calls_arrived(client, filters)
         except Exception as exc:
             if not state.marks_reset:
                 self._unreset.put(client.connection, state)
@@ -427,22 +434,29 @@ class HookLogic:
                 self.later.schedule(("restore", client.connection), state.failures, "restore",
                                     lambda: self._restore_again(client, current, state))
             raise  # the client's queue logs it
-        self._restored_subs.put(client.connection, dict(restored))
-        # The broker fires session.subscribed for each restored filter once the route
-        # exists, but in a storm the call can time out and the broker carries on without
-        # it: the restore replays each filter itself, after waiting a moment for that call
-        # (subscribed_calls.py). A filter replayed in full after its call arrived, with
-        # every answered message in the store, is covered: that call's job (the client's
-        # queue runs it after this) skips its replay. Otherwise that job replays too and
-        # the replay marks make it send nothing twice. A replay that reaches nobody (the
-        # call was lost and the broker has not applied the subscription yet) tries again
-        # once the writer has caught up (Replayer.replay).
-        filters = [topic for topic, _ in restored]
+        await self._replay_restored(client, filters, arrived, current)
+
+    async def _calls_arrived(self, client: ClientRef, filters: list[str]) -> set[str]:
+        """The restored ``filters`` whose session.subscribed call has reached this
+        process, after waiting a moment for the others.
+
+        The broker fires session.subscribed for each restored filter once the route
+        exists, but in a storm the call can time out and the broker carries on without
+        it: the restore replays each filter itself, after waiting a moment for that call
+        (subscribed_calls.py). A filter replayed in full after its call arrived, with
+        every answered message in the store, is covered: that call's job (the client's
+        queue runs it after this) skips its replay. Otherwise that job replays too and
+        the replay marks make it send nothing twice. A replay that reaches nobody (the
+        call was lost and the broker has not applied the subscription yet) tries again
+        once the writer has caught up (Replayer.replay)."""
         missing = self._subscribed_calls.missing(client.connection, filters)
         if missing:
             async with outside_slot():
                 missing = await self._subscribed_calls.wait(client.connection, filters, self._subscribed_wait)
-        arrived = set(filters).difference(missing)
+        return set(filters).difference(missing)
+
+    async def _replay_restored(self, client: ClientRef, filters: list[str], arrived: set[str],
+                               current: Callable[[], bool]) -> None:
         settle: Callable[[Collection[str]], Awaitable[None]] | None = self._writer_caught_up
         for topic in filters:
             # a message answered from the spool (a slow store) and not drained yet is

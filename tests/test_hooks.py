@@ -16,7 +16,7 @@ from typing import cast
 
 import pytest
 
-from exhook import hooks
+from exhook import hooks, replay
 from exhook.client_queue import ClientQueues
 from exhook.emqx_api import BulkResult, EmqxApi, EmqxApiError, ReplayItem
 from exhook.expiring import ExpiringMap
@@ -25,6 +25,7 @@ from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
 from exhook.replay import UNTIL_SUBSCRIBED, BrokerFlags, LocalReplays, Replayer, payload_digest
 from exhook.spool import Spool
+from exhook.subscribed_calls import SubscribedCalls
 from exhook.topics import TopicSet
 from exhook.writer import Entry, OrderedWriter, WriterSettings
 from storage.base import StoreError
@@ -625,6 +626,32 @@ async def test_a_restore_of_a_client_that_left_replays_nothing(rig: Rig) -> None
     assert rig.api.replayed == []
 
 
+async def test_a_404_is_asked_again_only_while_the_client_may_not_be_registered_yet(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # after client.connected the broker has registered the client: a 404 means it left,
+    # and asking again for seconds would hold the restore's turn for nothing
+    await rig.store.save_subscription("sub", "t/a", 1)
+    asked: list[str] = []
+
+    async def gone(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        asked.append(clientid)
+        return False  # 404
+
+    rig.api.subscribe_bulk = gone  # type: ignore[method-assign]
+    monkeypatch.setattr(replay, "UNTIL_REGISTERED", replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.001, 0.002)))
+    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.01)
+    rig.logic.session_created(client())
+    rig.logic.client_connected(client())
+    await rig.settle()
+    assert asked == ["sub"]
+    # the client.connected of this connect is lost: the restore asks anyway after a
+    # moment, and a 404 may then only mean "not registered yet"
+    asked.clear()
+    rig.logic.session_created(client("sub", peerport=2))
+    await rig.settle()
+    assert len(asked) == replay.UNTIL_REGISTERED.attempts
+
+
 class HangingStore(MemoryStore):
     """A store whose writes never return (a paused server)."""
 
@@ -723,6 +750,66 @@ async def test_the_unsubscribes_noted_for_a_restore_are_bounded_per_connection(r
         rig.logic.session_unsubscribed(churner, f"t/{i}")
     assert len(rig.logic._dropped.get(churner.connection) or ()) == 1000
     await rig.settle()
+
+
+async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up(rig: Rig) -> None:
+    # grpc takes the calls of one method in one at a time: restores subscribing far
+    # faster than the broker's session.subscribed calls are taken in left those calls
+    # waiting seconds at the broker (a reconnect storm). At most max_turns restores are
+    # between their subscribe and the end of their wait for the calls.
+    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=2)
+    rig.logic._subscribed_wait = 5.0
+    clients = [f"c{i}" for i in range(6)]
+    for i, name in enumerate(clients):
+        await rig.store.save_subscription(name, f"t/{i}", 1)
+    waiting: set[str] = set()
+    most = 0
+
+    def fire(clientid: str, topic: str, qos: int) -> None:
+        waiting.discard(clientid)
+        rig.logic.session_subscribed(client(clientid), topic, qos)
+
+    def applied(clientid: str, subscriptions: list[tuple[str, int]]) -> None:
+        nonlocal most
+        waiting.add(clientid)
+        most = max(most, len(waiting))
+        for topic, qos in subscriptions:
+            asyncio.get_running_loop().call_later(0.05, fire, clientid, topic, qos)
+
+    rig.api.on_subscribed = applied
+    started = time.monotonic()
+    for name in clients:
+        rig.logic.client_connected(client(name))
+    await rig.settle()
+    assert sorted(c for c, _ in rig.api.subscribed) == clients  # every client restored
+    assert most == 2
+    assert time.monotonic() - started < 4  # each turn ended with its call, not at the 5 s wait
+
+
+async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn(rig: Rig) -> None:
+    # waiting for a turn in its slot could keep a restore holding a turn from the slot
+    # it needs to finish (a deadlock once a thousand jobs are out of their slots)
+    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
+    rig.logic._subscribed_wait = 1.0  # the calls never come: a turn would be held that long
+    rig.queues._max_out = 0
+    clients = [f"c{i}" for i in range(3)]
+    for i, name in enumerate(clients):
+        await rig.store.save_subscription(name, f"t/{i}", 1)
+    unanswered: set[str] = set()
+    most = 0
+
+    def applied(clientid: str, subscriptions: list[tuple[str, int]]) -> None:
+        nonlocal most
+        unanswered.add(clientid)
+        most = max(most, len(unanswered))
+        asyncio.get_running_loop().call_later(0.2, unanswered.discard, clientid)
+
+    rig.api.on_subscribed = applied
+    for name in clients:
+        rig.logic.client_connected(client(name))
+    await rig.settle()
+    assert sorted(c for c, _ in rig.api.subscribed) == clients
+    assert most == 3
 
 
 async def test_a_restore_replays_each_filter_once_its_session_subscribed_call_has_arrived(rig: Rig) -> None:

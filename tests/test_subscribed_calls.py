@@ -60,3 +60,26 @@ def test_a_connections_calls_cost_a_few_bytes_per_filter_however_long_it_is() ->
         tracemalloc.stop()
     assert kept < 1_000_000  # kept as text, 1,000 filters of 60 KB are 60 MB
     assert calls.missing("conn", [long_filter.format(7), "other"]) == ["other"]
+
+
+async def test_at_most_max_turns_restores_hold_a_turn_and_the_next_gets_one_freed() -> None:
+    calls = SubscribedCalls(ttl_s=30, max_connections=10, max_turns=2)
+    inside: list[str] = []
+    leave = {name: asyncio.Event() for name in "abc"}
+
+    async def restore(name: str) -> None:
+        async with calls.turn():
+            inside.append(name)
+            await leave[name].wait()
+            inside.remove(name)
+
+    tasks = [asyncio.create_task(restore(name)) for name in "abc"]
+    await asyncio.sleep(0.01)
+    assert inside == ["a", "b"]
+    leave["a"].set()
+    await asyncio.sleep(0.01)
+    assert inside == ["b", "c"]
+    leave["b"].set()
+    leave["c"].set()
+    await asyncio.gather(*tasks)
+    assert inside == []
