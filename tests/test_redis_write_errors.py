@@ -8,6 +8,7 @@ reconfigures by PID.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -25,6 +26,7 @@ from storage.model import (
     RekeyMessage,
     SaveMessage,
     StoredMessage,
+    Subscription,
     WriteOp,
 )
 from storage.redis import REDIS_COMMANDS, RedisStore
@@ -290,6 +292,32 @@ async def test_a_hanging_server_is_a_transient_error(redis_factory: RedisTopolog
         await store.write(save(m))  # the same store carries on once the server answers again
         # (the write that timed out may have been applied too: the caller writes it again)
         assert m.msgid in [x.msgid for x in await read_all(store, {"tr/t": EVERYTHING})]
+    finally:
+        await store.close()
+
+
+async def test_a_restore_s_first_read_on_a_hanging_server_fails_as_transient_and_then_works(
+        redis_factory: RedisTopologies, monkeypatch: pytest.MonkeyPatch) -> None:
+    # fresh_session_subscriptions is one pipeline (read the subscriptions, drop the
+    # connection's marks): it must end with the link's deadline like every other call,
+    # as an error the restore retries, and the same store must serve it afterwards
+    monkeypatch.setattr("storage.redis.link.OP_TIMEOUT_S", 0.5)
+    server = redis_factory.single()
+    store = await opened_on(server)
+    conn = "hung|node|127.0.0.1|1"
+    try:
+        await store.save_subscription("hung", "h/#", 1)
+        assert await store.claim_replay(conn, {"h/a": 5.0}) == {"h/a": None}
+        server._require().kill(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreError) as err:
+                await asyncio.wait_for(store.fresh_session_subscriptions("hung", conn), 30)
+            assert type(err.value) is StoreError and err.value.retryable, err.value
+            assert "\n" not in str(err.value)
+        finally:
+            server._require().kill(signal.SIGCONT)
+        assert await store.fresh_session_subscriptions("hung", conn) == [Subscription("h/#", 1)]
+        assert await store.claim_replay(conn, {"h/a": 5.0}) == {"h/a": None}  # the marks were reset
     finally:
         await store.close()
 
