@@ -26,7 +26,7 @@ loaded 2-core host): the broker's ``session.subscribed`` calls waited 0.9-1.5 s 
 and 2.0-3.1 s (p99) for an answer, holding each client's process at the broker that
 long, closer and closer to its 5 s ``request_timeout`` as the storm grows; a restore
 that gave up waiting after 2 s replayed anyway, and the call's own job then claimed the
-filter again. With 256 turns those answers took 0.6-0.7 s (p50) and 0.9-1.1 s (p99) at
+filter again. With 256 turns those answers took 0.6-1.0 s (p50) and 0.9-1.4 s (p99) at
 the same restore rate; 64 turns cut them to 0.2-0.3 s but held the rate to what the
 calls are taken in at (2,000 clients: ~15% fewer restored a second).
 
