@@ -416,11 +416,8 @@ class HookLogic:
             stored = await self._replayer.stored_subscriptions(
                 client.clientid, reset_marks_of=None if state.marks_reset else client.connection)
             state.marks_reset = True
-            # (a 404 is retried only while the broker may not have registered the client:
-            # its client.connected has not come; a restore holds its turn meanwhile)
-            unregistered = pending is not None and not pending.registered.is_set()
             async with self._subscribed_calls.turn():
-                restored = await self._replayer.restore(client.clientid, wait_for_client=unregistered,
+                restored = await self._replayer.restore(client.clientid, wait_for_client=pending is not None,
                                                         keep=lambda topic: not self._was_dropped(client, topic),
                                                         stored=stored)
                 self._restored_subs.put(client.connection, dict(restored))

@@ -77,18 +77,21 @@ class SubscribedCalls:
     async def turn(self) -> AsyncIterator[None]:
         """A restore's turn to subscribe its client and wait for the broker's calls:
         at most ``max_turns`` at once. A restore waits for its turn outside its slot of
-        the client queues; one that cannot step out (a thousand jobs are out already)
-        goes on without a turn: waiting in its slot, it could keep a restore that holds
-        a turn from the slot it needs to finish."""
-        async with outside_slot() as free:
-            if not free and self._turns.locked():
-                yield
-                return
-            await self._turns.acquire()
+        the client queues; one that cannot step out (a thousand jobs are out already, or
+        it runs in a task its job started) takes a free turn or goes on without one:
+        waiting in its slot, it could keep a restore that holds a turn from the slot it
+        needs to finish."""
+        acquired = False
         try:
+            async with outside_slot() as free:
+                if free or not self._turns.locked():
+                    await self._turns.acquire()
+                    acquired = True
+            # (released also when the job is cancelled while it waits for its slot again)
             yield
         finally:
-            self._turns.release()
+            if acquired:
+                self._turns.release()
 
     def arrived(self, connection: str, topic: str) -> None:
         """The broker's ``session.subscribed`` for ``topic`` reached this process."""

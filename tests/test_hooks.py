@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -626,30 +626,45 @@ async def test_a_restore_of_a_client_that_left_replays_nothing(rig: Rig) -> None
     assert rig.api.replayed == []
 
 
-async def test_a_404_is_asked_again_only_while_the_client_may_not_be_registered_yet(
+async def test_a_restore_whose_client_resumed_on_a_connection_not_registered_yet_asks_again(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    # after client.connected the broker has registered the client: a 404 means it left,
-    # and asking again for seconds would hold the restore's turn for nothing
+    # session.created of A (its client.connected lost) started a restore; the client then
+    # resumes that session on B, which cancels A's wait for client.connected but not the
+    # restore, and B is registered at the broker only a moment later: a 404 then does not
+    # mean the client left (B's client.connected restores nothing: a resume)
+    monkeypatch.setattr(replay, "UNTIL_REGISTERED",
+                        replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.02, 0.05), attempts=30))
+    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.05)
     await rig.store.save_subscription("sub", "t/a", 1)
-    asked: list[str] = []
+    registered = False
 
-    async def gone(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
-        asked.append(clientid)
-        return False  # 404
+    async def bulk(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        rig.api.subscribed.append((clientid, subscriptions))
+        return registered
 
-    rig.api.subscribe_bulk = gone  # type: ignore[method-assign]
-    monkeypatch.setattr(replay, "UNTIL_REGISTERED", replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.001, 0.002)))
-    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.01)
-    rig.logic.session_created(client())
-    rig.logic.client_connected(client())
+    rig.api.subscribe_bulk = bulk  # type: ignore[method-assign]
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    read = rig.replayer.stored_subscriptions
+
+    async def slow_read(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        await go_on.wait()
+        return await read(*args, **kwargs)
+
+    rig.replayer.stored_subscriptions = slow_read  # type: ignore[method-assign]
+    rig.logic.session_created(client("sub", peerport=1))
+    await reading.wait()
+    rig.logic.session_resumed(client("sub", peerport=2))
+    go_on.set()
+
+    def broker_registers_b() -> None:
+        nonlocal registered
+        registered = True
+
+    asyncio.get_running_loop().call_later(0.3, broker_registers_b)
+    rig.logic.client_connected(client("sub", peerport=2))
     await rig.settle()
-    assert asked == ["sub"]
-    # the client.connected of this connect is lost: the restore asks anyway after a
-    # moment, and a 404 may then only mean "not registered yet"
-    asked.clear()
-    rig.logic.session_created(client("sub", peerport=2))
-    await rig.settle()
-    assert len(asked) == replay.UNTIL_REGISTERED.attempts
+    assert registered and len(rig.api.subscribed) > 1  # asked again until B was there
 
 
 class HangingStore(MemoryStore):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
+from exhook.client_queue import ClientQueues
+from exhook.metrics import Metrics
+from exhook.pacing import AdaptiveLimit
 from exhook.subscribed_calls import SubscribedCalls
 
 
@@ -83,3 +86,26 @@ async def test_at_most_max_turns_restores_hold_a_turn_and_the_next_gets_one_free
     leave["c"].set()
     await asyncio.gather(*tasks)
     assert inside == []
+
+
+async def test_a_turn_is_given_back_when_its_job_is_cancelled_waiting_for_its_slot_again() -> None:
+    # the restore took its turn outside its slot; while it waits for a slot again the
+    # queues shut down (the job is cancelled): the turn must not stay taken
+    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(initial=1, maximum=1))
+    calls = SubscribedCalls(ttl_s=30, max_connections=10, max_turns=1)
+    never = asyncio.Event()
+
+    async def restore() -> None:
+        async with calls.turn():
+            pass
+
+    async def busy() -> None:
+        await never.wait()
+
+    queues.submit("a", "restore", restore)  # steps out, takes the turn, waits for a slot
+    queues.submit("b", "busy", busy)  # takes the slot the restore gave up
+    await asyncio.sleep(0.05)
+    await queues.close(0.1)
+    async with asyncio.timeout(5):
+        async with calls.turn():  # free again
+            pass
