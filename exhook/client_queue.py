@@ -9,13 +9,17 @@ it keeps up. A job waiting for its turn costs an entry in two deques, no task, s
 storm of ten thousand restores waits cheaply.
 
 A running job that only waits (for the broker to register its client, between the
-tries of a 404) steps out of its slot for the wait (``outside_slot``): a few clients
+tries of a 404, for a restore's turn: ``subscribed_calls.py``) steps out of its slot for
+the wait (``outside_slot``): a few clients
 that left during their connect, each waiting seconds for a broker that will never
 know them, would otherwise hold every slot and stall all other clients' work. The job
 keeps its place in its client's order (its client's next job still waits for it) and
 takes a slot again to go on: ahead of the jobs that have not started (behind other jobs
 going on), so that in a storm a restore that waited a moment for the broker finishes
-before yet another client's restore begins, instead of after all of them.
+before yet another client's restore begins, instead of after all of them. At most a
+thousand jobs are out at once (each keeps its task); a kind of wait that can have that
+many waiters in a storm (restores waiting for a turn) counts in a room of its own
+(``StepOuts``), so that it cannot keep the others in their slots.
 """
 
 from __future__ import annotations
@@ -42,11 +46,20 @@ _MAX_STEPPED_OUT = 1000
 
 
 @dataclass(slots=True, eq=False)
+class StepOuts:
+    """How many jobs may wait outside their slot at once, for one kind of wait: a kind
+    that can have many waiters at once (restores waiting for a turn) has its own, so
+    that it cannot use up the room of the others (a retry's pause)."""
+    limit: int
+    count: int = 0
+
+
+@dataclass(slots=True, eq=False)
 class _RunningJob:
     queues: ClientQueues
     clientid: str
     task: asyncio.Task[None] | None
-    out: bool = False  # waiting outside its slot
+    out: StepOuts | None = None  # waiting outside its slot, counted there
 
 
 # the job this task runs, so that a wait deep inside it (a retry's pause) can step out
@@ -55,18 +68,19 @@ _JOB: ContextVar[_RunningJob | None] = ContextVar("client_job", default=None)
 
 
 @contextlib.asynccontextmanager
-async def outside_slot() -> AsyncIterator[bool]:
+async def outside_slot(room: StepOuts | None = None) -> AsyncIterator[bool]:
     """Wrap a wait of a running job that needs no slot: other clients' jobs may use it
     meanwhile, and the job waits for one again (paced as any job) before it goes on.
     Anywhere else (outside a client job, in a task the job started, nested) it only
     runs the body. Yields whether the body runs without holding a slot (False: in a
     task the job started, or too many jobs are out already), so that a wait for
-    something another job holds can tell whether it could block that job's slot."""
+    something another job holds can tell whether it could block that job's slot.
+    ``room``: the count this kind of wait has (else the queues' own)."""
     job = _JOB.get()
-    if job is None or job.out:
+    if job is None or job.out is not None:
         yield True
         return
-    if job.task is not asyncio.current_task() or not job.queues._step_out(job):
+    if job.task is not asyncio.current_task() or not job.queues._step_out(job, room):
         yield False
         return
     try:
@@ -90,8 +104,7 @@ class ClientQueues:
                  max_stepped_out: int = _MAX_STEPPED_OUT) -> None:
         self._metrics = metrics
         self._max_per_client = max_per_client
-        self._max_out = max_stepped_out
-        self._out = 0  # jobs waiting outside their slot
+        self._step_outs = StepOuts(max_stepped_out)  # jobs waiting outside their slot
         self._slots = slots or AdaptiveLimit()
         self._slots.on_room = self._dispatch
         self._jobs: dict[str, deque[tuple[str, Job]]] = {}
@@ -194,12 +207,13 @@ class ClientQueues:
                 self._slots.idle()
                 self._idle.set()
 
-    def _step_out(self, job: _RunningJob) -> bool:
+    def _step_out(self, job: _RunningJob, room: StepOuts | None) -> bool:
         """Give the job's slot to others (see ``outside_slot``); False if it keeps it."""
-        if job.out or self._out >= self._max_out:
+        room = room or self._step_outs
+        if job.out is not None or room.count >= room.limit:
             return False
-        job.out = True
-        self._out += 1
+        job.out = room
+        room.count += 1
         self._slots.released()
         self._dispatch()
         return True
@@ -227,8 +241,9 @@ class ClientQueues:
         self._mark_in(job)
 
     def _mark_in(self, job: _RunningJob) -> None:
-        job.out = False
-        self._out -= 1
+        if job.out is not None:
+            job.out.count -= 1
+            job.out = None
 
     @property
     def waiting(self) -> bool:

@@ -25,7 +25,7 @@ from exhook.metrics import Metrics
 from exhook.replay import BrokerFlags, Replayed, Replayer, payload_digest
 from exhook.retry import UNTIL_STORED, transient
 from exhook.subscribe_jobs import SubscribeBatch
-from exhook.subscribed_calls import SubscribedCalls
+from exhook.subscribed_calls import SubscribedCalls, Turn
 from exhook.topics import TopicError, TopicSet, filter_key, real_filter
 from exhook.writer import OrderedWriter, Outcome, WriterClosed
 from storage.base import Store, WriteRejected
@@ -416,13 +416,13 @@ class HookLogic:
             stored = await self._replayer.stored_subscriptions(
                 client.clientid, reset_marks_of=None if state.marks_reset else client.connection)
             state.marks_reset = True
-            async with self._subscribed_calls.turn():
+            async with self._subscribed_calls.turn() as turn:
                 restored = await self._replayer.restore(client.clientid, wait_for_client=pending is not None,
                                                         keep=lambda topic: not self._was_dropped(client, topic),
-                                                        stored=stored)
+                                                        stored=stored, pause=turn.sleep)
                 self._restored_subs.put(client.connection, dict(restored))
                 filters = [topic for topic, _ in restored]
-                arrived = await self._calls_arrived(client, filters)
+                arrived = await self._calls_arrived(client, filters, turn)
         except Exception as exc:
             if not state.marks_reset:
                 self._unreset.put(client.connection, state)
@@ -433,7 +433,7 @@ class HookLogic:
             raise  # the client's queue logs it
         await self._replay_restored(client, filters, arrived, current)
 
-    async def _calls_arrived(self, client: ClientRef, filters: list[str]) -> set[str]:
+    async def _calls_arrived(self, client: ClientRef, filters: list[str], turn: Turn) -> set[str]:
         """The restored ``filters`` whose session.subscribed call has reached this
         process, after waiting a moment for the others.
 
@@ -450,6 +450,7 @@ class HookLogic:
         if missing:
             async with outside_slot():
                 missing = await self._subscribed_calls.wait(client.connection, filters, self._subscribed_wait)
+                turn.release()  # the restore's turn ends with this wait, before it waits for a slot
         return set(filters).difference(missing)
 
     async def _replay_restored(self, client: ClientRef, filters: list[str], arrived: set[str],

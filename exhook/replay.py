@@ -231,19 +231,21 @@ class Replayer:
 
     async def restore(self, clientid: str, wait_for_client: bool = False,
                       keep: Callable[[str], bool] = lambda topic: True,
-                      stored: list[Subscription] | None = None) -> list[tuple[str, int]]:
+                      stored: list[Subscription] | None = None,
+                      pause: Callable[[float], Awaitable[None]] = sleep_outside_slot) -> list[tuple[str, int]]:
         """Re-subscribe a client that connected without a session to its ``stored``
         subscriptions (read here when not given: ``stored_subscriptions``); the broker
         then fires ``session.subscribed`` for each. ``wait_for_client``: the client
         may not be registered at the broker yet (restore started from
         ``session.created``). ``keep``: whether a stored filter is given back (not one
-        the client has just unsubscribed). Returns the (filter, qos) pairs the client
-        now has (none when it left first)."""
+        the client has just unsubscribed). ``pause``: the pauses between the tries of a
+        client not registered yet. Returns the (filter, qos) pairs the client now has
+        (none when it left first)."""
         subs = stored if stored is not None else await self.stored_subscriptions(clientid)
         pairs = [(s.topic, s.qos) for s in subs if keep(s.topic) and self._restorable(clientid, s.topic, s.qos)]
         if not pairs:
             return []
-        restored = await self._subscribe_all(clientid, pairs, wait_for_client)
+        restored = await self._subscribe_all(clientid, pairs, wait_for_client, pause)
         self._metrics.restores.inc()
         found = restored is not None
         log.info("subscriptions restored" if found else "client left before its subscriptions were restored",
@@ -263,12 +265,13 @@ class Replayer:
         return False
 
     async def _subscribe_all(self, clientid: str, pairs: list[tuple[str, int]],
-                             wait_for_client: bool) -> list[tuple[str, int]] | None:
+                             wait_for_client: bool,
+                             pause: Callable[[float], Awaitable[None]]) -> list[tuple[str, int]] | None:
         """The pairs the client now has; None if it is not connected. A 400 refuses the
         whole array for one item the checks here did not foresee: then one call each,
         so that one item cannot keep the client's other subscriptions from it."""
         try:
-            return pairs if await self._subscribe(clientid, pairs, wait_for_client) else None
+            return pairs if await self._subscribe(clientid, pairs, wait_for_client, pause) else None
         except EmqxApiError as exc:
             if exc.status != 400:
                 raise
@@ -298,7 +301,8 @@ class Replayer:
             return False
         return True
 
-    async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool) -> bool:
+    async def _subscribe(self, clientid: str, pairs: list[tuple[str, int]], wait_for_client: bool,
+                         pause: Callable[[float], Awaitable[None]]) -> bool:
         """subscribe/bulk; False if the client is not connected (after waiting for it
         to appear, when asked to)."""
         if not wait_for_client:
@@ -310,7 +314,7 @@ class Replayer:
             raise EmqxApiError(f"client {clientid} is not registered at the broker yet", 404)
 
         try:
-            return await UNTIL_REGISTERED.call("subscribe/bulk", registered, sleep=sleep_outside_slot)
+            return await UNTIL_REGISTERED.call("subscribe/bulk", registered, sleep=pause)
         except EmqxApiError as exc:
             if exc.status == 404:
                 return False

@@ -19,6 +19,9 @@ routed to the subscription by the broker itself. Hence:
 
 At most ``max_turns`` restores (256) are between their subscribe and the end of that
 wait at once; the others wait for a turn (no slot of the client queues while they do).
+A restore gives its turn back as soon as that wait ends, before it waits for its slot
+again, and for each pause between the tries of a subscribe the broker answered with
+404 (nothing of the broker's is pending then; a client that left is asked for seconds).
 grpc.aio takes in the calls of one method one at a time, each a hand-over to the event
 loop, so a burst of them queues in front of the process. In a reconnect storm the
 restores sent subscribes faster than their calls were taken in (~250 a second on a
@@ -44,7 +47,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-from exhook.client_queue import outside_slot
+from exhook.client_queue import StepOuts, outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.topics import filter_key
 
@@ -53,6 +56,9 @@ from exhook.topics import filter_key
 _FILTERS_PER_CONNECTION = 1000
 # restores at once between their subscribe and the broker's calls (see above)
 MAX_TURNS = 256
+# restores waiting for a turn outside their slot at once: a storm's backlog, counted
+# apart from the client queues' other waits so that it cannot take their room
+_MAX_WAITING_FOR_A_TURN = 1000
 
 
 class _Connection:
@@ -68,30 +74,67 @@ class _Connection:
         self.complete: asyncio.Event | None = None
 
 
+class Turn:
+    """A restore's turn (``SubscribedCalls.turn``)."""
+
+    __slots__ = ("_turns", "_waiting", "held")
+
+    def __init__(self, turns: asyncio.Semaphore, waiting: StepOuts) -> None:
+        self._turns, self._waiting = turns, waiting
+        self.held = False
+
+    async def take(self) -> None:
+        """Wait for a turn outside the job's slot; one that cannot step out takes a free
+        turn or goes on without one (see ``SubscribedCalls.turn``)."""
+        async with outside_slot(self._waiting) as free:
+            await self._acquire(free)
+
+    async def sleep(self, seconds: float) -> None:
+        """A pause between the tries of a subscribe whose client is not registered yet
+        (a 404): nothing of the broker's is pending then, so the turn goes to another
+        restore meanwhile (a client that left would hold it for seconds), and is taken
+        again, outside the slot, for the next try."""
+        self.release()
+        async with outside_slot(self._waiting) as free:
+            await asyncio.sleep(seconds)
+            await self._acquire(free)
+
+    def release(self) -> None:
+        """Give the turn back now (again: nothing): a restore whose wait for the calls
+        is over gives it back before it waits for its slot again, so that waiting for a
+        slot never keeps a turn from the next restore."""
+        if self.held:
+            self.held = False
+            self._turns.release()
+
+    async def _acquire(self, free: bool) -> None:
+        if free or not self._turns.locked():
+            await self._turns.acquire()
+            self.held = True
+
+
 class SubscribedCalls:
-    def __init__(self, ttl_s: float, max_connections: int, max_turns: int = MAX_TURNS) -> None:
+    def __init__(self, ttl_s: float, max_connections: int, max_turns: int = MAX_TURNS,
+                 max_waiting: int = _MAX_WAITING_FOR_A_TURN) -> None:
         self._connections: ExpiringMap[str, _Connection] = ExpiringMap(ttl_s, max_connections)
         self._turns = asyncio.Semaphore(max_turns)
+        self._waiting = StepOuts(max_waiting)
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def turn(self) -> AsyncIterator[Turn]:
         """A restore's turn to subscribe its client and wait for the broker's calls:
         at most ``max_turns`` at once. A restore waits for its turn outside its slot of
-        the client queues; one that cannot step out (a thousand jobs are out already, or
-        it runs in a task its job started) takes a free turn or goes on without one:
+        the client queues; one that cannot step out (``max_waiting`` restores wait for a
+        turn already, or it runs in a task its job started) takes a free turn or goes on without one:
         waiting in its slot, it could keep a restore that holds a turn from the slot it
-        needs to finish."""
-        acquired = False
+        needs to finish. The turn ends with the block, or earlier by ``Turn.release``."""
+        turn = Turn(self._turns, self._waiting)
         try:
-            async with outside_slot() as free:
-                if free or not self._turns.locked():
-                    await self._turns.acquire()
-                    acquired = True
+            await turn.take()
             # (released also when the job is cancelled while it waits for its slot again)
-            yield
+            yield turn
         finally:
-            if acquired:
-                self._turns.release()
+            turn.release()
 
     def arrived(self, connection: str, topic: str) -> None:
         """The broker's ``session.subscribed`` for ``topic`` reached this process."""

@@ -818,9 +818,8 @@ async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up
 async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn(rig: Rig) -> None:
     # waiting for a turn in its slot could keep a restore holding a turn from the slot
     # it needs to finish (a deadlock once a thousand jobs are out of their slots)
-    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
+    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1, max_waiting=0)
     rig.logic._subscribed_wait = 1.0  # the calls never come: a turn would be held that long
-    rig.queues._max_out = 0
     broker = SubscribesUnanswered(rig, after_s=0.2, fire=False)
     clients = await restore_clients(rig, 3)
     assert sorted(c for c, _ in rig.api.subscribed) == clients
@@ -984,6 +983,63 @@ async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(
                 break
             await asyncio.sleep(0.01)
         assert [item.origin for item in rig.api.replayed] == [guid(1)]  # the other client's replay ran
+
+
+async def test_a_restore_gives_its_turn_back_before_it_waits_for_its_slot_again(tmp_path: Path) -> None:
+    # its wait for the calls is over; another client's job holds the only slot: waiting
+    # for it with the turn still taken would hold every other restore back too
+    async with running_rig(tmp_path, MemoryStore()) as rig:
+        rig.queues = rig.logic._queues = ClientQueues(rig.metrics, slots=AdaptiveLimit(initial=1, maximum=1,
+                                                                                        sampler=HandFed()))
+        calls = rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
+        rig.logic._subscribed_wait = 0.1  # the call never comes
+        await rig.store.save_subscription("sub", "t/a", 1)
+        rig.logic.client_connected(client())
+        for _ in range(50):
+            if rig.api.subscribed:
+                break
+            await asyncio.sleep(0.01)
+        leave = asyncio.Event()
+        rig.queues.submit("busy", "busy", leave.wait)  # takes the slot the restore stepped out of
+        await asyncio.sleep(0.2)  # the restore's wait is over: it waits for the slot
+        async with asyncio.timeout(2):
+            async with calls.turn():  # the next restore's turn
+                pass
+        leave.set()
+        await rig.settle()
+        assert [c for c, _ in rig.api.subscribed] == ["sub"]
+
+
+async def test_a_restore_retrying_a_404_leaves_its_turn_to_others_between_tries(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a client that left during its connect is asked for seconds (it may only not be
+    # registered yet): holding a turn all that time would stall the other restores
+    monkeypatch.setattr(replay, "UNTIL_REGISTERED",
+                        replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.05, 0.1), attempts=20))
+    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.01)
+    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
+    rig.logic._subscribed_wait = 0.05
+    await rig.store.save_subscription("gone", "t/a", 1)
+    await rig.store.save_subscription("b", "t/b", 1)
+    asked: list[str] = []
+    retrying, b_asked = asyncio.Event(), asyncio.Event()
+
+    async def bulk(clientid: str, subscriptions: list[tuple[str, int]]) -> bool:
+        asked.append(clientid)
+        if asked.count("gone") == 2:
+            retrying.set()
+        if clientid == "b":
+            b_asked.set()
+        return clientid != "gone"  # 404 for the client that left
+
+    rig.api.subscribe_bulk = bulk  # type: ignore[method-assign]
+    rig.logic.session_created(client("gone"))  # its client.connected never comes
+    await retrying.wait()
+    rig.logic.client_connected(client("b"))
+    async with asyncio.timeout(1):  # not after gone's ~2 s of tries
+        await b_asked.wait()
+    assert asked.count("gone") < 20  # still trying
+    await rig.settle()
 
 
 async def test_with_one_call_lost_only_the_filter_whose_call_arrived_is_covered(rig: Rig) -> None:
