@@ -17,9 +17,10 @@ keeps its place in its client's order (its client's next job still waits for it)
 takes a slot again to go on: ahead of the jobs that have not started (behind other jobs
 going on), so that in a storm a restore that waited a moment for the broker finishes
 before yet another client's restore begins, instead of after all of them. At most a
-thousand jobs are out at once (each keeps its task); a kind of wait that can have that
-many waiters in a storm (restores waiting for a turn) counts in a room of its own
-(``StepOuts``), so that it cannot keep the others in their slots.
+thousand jobs are out at once (each keeps its task), and as many again of a kind of
+wait that can have that many waiters in a storm (restores waiting for a turn): it
+counts in a room of its own (``StepOuts``), so that it cannot keep the others in their
+slots.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ async def outside_slot(room: StepOuts | None = None) -> AsyncIterator[bool]:
     meanwhile, and the job waits for one again (paced as any job) before it goes on.
     Anywhere else (outside a client job, in a task the job started, nested) it only
     runs the body. Yields whether the body runs without holding a slot (False: in a
-    task the job started, or too many jobs are out already), so that a wait for
+    task the job started, or its room is full), so that a wait for
     something another job holds can tell whether it could block that job's slot.
     ``room``: the count this kind of wait has (else the queues' own)."""
     job = _JOB.get()

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 # before the client is visible there (404). Wait for it, through the one retry policy
 # (pauses 0.05, 0.1, 0.2, 0.4, 0.8, then 1 s, jittered: ~7 s in all: a broker busy
 # with a reconnect storm registers clients seconds late), before concluding the
-# client left. The pauses need no slot of the client queues (sleep_outside_slot): a
-# client that left keeps retrying, and must not hold up everyone else's work meanwhile.
+# client left. The pauses need no slot of the client queues (sleep_outside_slot; a
+# restore's ``pause`` also gives up its turn): a client that left keeps retrying, and
+# must not hold up everyone else's work meanwhile.
 UNTIL_REGISTERED = RetryPolicy(Backoff(base=0.05, cap=1.0), attempts=14, retryable=transient)
 
 

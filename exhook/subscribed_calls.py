@@ -20,8 +20,8 @@ routed to the subscription by the broker itself. Hence:
 At most ``max_turns`` restores (256) are between their subscribe and the end of that
 wait at once; the others wait for a turn (no slot of the client queues while they do).
 A restore gives its turn back as soon as that wait ends, before it waits for its slot
-again, and for each pause between the tries of a subscribe the broker answered with
-404 (nothing of the broker's is pending then; a client that left is asked for seconds).
+again, and for each pause between the tries of a subscribe that failed (mostly a 404:
+the client is not registered yet, or left, and is asked for seconds).
 grpc.aio takes in the calls of one method one at a time, each a hand-over to the event
 loop, so a burst of them queues in front of the process. In a reconnect storm the
 restores sent subscribes faster than their calls were taken in (~250 a second on a
@@ -91,18 +91,20 @@ class Turn:
 
     async def sleep(self, seconds: float) -> None:
         """A pause between the tries of a subscribe whose client is not registered yet
-        (a 404): nothing of the broker's is pending then, so the turn goes to another
-        restore meanwhile (a client that left would hold it for seconds), and is taken
-        again, outside the slot, for the next try."""
+        (a 404, or a try that failed): the turn goes to another restore meanwhile (a
+        client that left would hold it for seconds), and is taken again, outside the
+        slot, for the next try. The pause counts among the client queues' own waits, not
+        those of restores waiting for a turn: a storm's backlog of those must not keep
+        it in its slot."""
         self.release()
-        async with outside_slot(self._waiting) as free:
+        async with outside_slot() as free:
             await asyncio.sleep(seconds)
             await self._acquire(free)
 
     def release(self) -> None:
         """Give the turn back now (again: nothing): a restore whose wait for the calls
-        is over gives it back before it waits for its slot again, so that waiting for a
-        slot never keeps a turn from the next restore."""
+        is over gives it back before it waits for its slot again, so that this wait for a
+        slot does not keep a turn from the next restore."""
         if self.held:
             self.held = False
             self._turns.release()

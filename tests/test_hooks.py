@@ -817,7 +817,7 @@ async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up
 
 async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn(rig: Rig) -> None:
     # waiting for a turn in its slot could keep a restore holding a turn from the slot
-    # it needs to finish (a deadlock once a thousand jobs are out of their slots)
+    # it needs to finish (a deadlock once max_waiting restores wait for a turn)
     rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1, max_waiting=0)
     rig.logic._subscribed_wait = 1.0  # the calls never come: a turn would be held that long
     broker = SubscribesUnanswered(rig, after_s=0.2, fire=False)
@@ -1002,6 +1002,7 @@ async def test_a_restore_gives_its_turn_back_before_it_waits_for_its_slot_again(
         leave = asyncio.Event()
         rig.queues.submit("busy", "busy", leave.wait)  # takes the slot the restore stepped out of
         await asyncio.sleep(0.2)  # the restore's wait is over: it waits for the slot
+        assert rig.queues._resuming
         async with asyncio.timeout(2):
             async with calls.turn():  # the next restore's turn
                 pass

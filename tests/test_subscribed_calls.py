@@ -134,3 +134,27 @@ async def test_restores_waiting_for_a_turn_leave_the_room_of_the_queues_other_wa
         assert stepped_out == [True]
     async with asyncio.timeout(5):
         await queues.idle()
+    assert calls._waiting.count == queues._step_outs.count == 0
+
+
+async def test_a_restore_s_404_pause_steps_out_even_with_the_room_for_turn_waits_full() -> None:
+    # the pause is one of the queues' own waits: restores waiting for a turn in a storm
+    # must not keep a client that left in its slot for its seconds of tries
+    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(initial=1, maximum=1))
+    calls = SubscribedCalls(ttl_s=30, max_connections=10, max_turns=1, max_waiting=0)
+    others_ran = asyncio.Event()
+
+    async def retrying_restore() -> None:
+        async with calls.turn() as turn:
+            await turn.sleep(1.0)
+
+    async def other() -> None:
+        others_ran.set()
+
+    queues.submit("gone", "restore", retrying_restore)
+    await asyncio.sleep(0.01)
+    queues.submit("b", "other", other)
+    async with asyncio.timeout(0.5):  # during the pause, not after it
+        await others_ran.wait()
+    async with asyncio.timeout(5):
+        await queues.idle()
