@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-from exhook.client_queue import StepOuts, outside_slot
+from exhook.client_queue import outside_slot
 from exhook.expiring import ExpiringMap
 from exhook.topics import filter_key
 
@@ -56,9 +56,6 @@ from exhook.topics import filter_key
 _FILTERS_PER_CONNECTION = 1000
 # restores at once between their subscribe and the broker's calls (see above)
 MAX_TURNS = 256
-# restores waiting for a turn outside their slot at once: a storm's backlog, counted
-# apart from the client queues' other waits so that it cannot take their room
-_MAX_WAITING_FOR_A_TURN = 1000
 
 
 class _Connection:
@@ -77,25 +74,23 @@ class _Connection:
 class Turn:
     """A restore's turn (``SubscribedCalls.turn``)."""
 
-    __slots__ = ("_turns", "_waiting", "held")
+    __slots__ = ("_turns", "held")
 
-    def __init__(self, turns: asyncio.Semaphore, waiting: StepOuts) -> None:
-        self._turns, self._waiting = turns, waiting
+    def __init__(self, turns: asyncio.Semaphore) -> None:
+        self._turns = turns
         self.held = False
 
     async def take(self) -> None:
         """Wait for a turn outside the job's slot; one that cannot step out takes a free
         turn or goes on without one (see ``SubscribedCalls.turn``)."""
-        async with outside_slot(self._waiting) as free:
+        async with outside_slot() as free:
             await self._acquire(free)
 
     async def sleep(self, seconds: float) -> None:
         """A pause between the tries of a subscribe whose client is not registered yet
         (a 404, or a try that failed): the turn goes to another restore meanwhile (a
         client that left would hold it for seconds), and is taken again, outside the
-        slot, for the next try. The pause counts among the client queues' own waits, not
-        those of restores waiting for a turn: a storm's backlog of those must not keep
-        it in its slot."""
+        slot, for the next try."""
         self.release()
         async with outside_slot() as free:
             await asyncio.sleep(seconds)
@@ -116,21 +111,19 @@ class Turn:
 
 
 class SubscribedCalls:
-    def __init__(self, ttl_s: float, max_connections: int, max_turns: int = MAX_TURNS,
-                 max_waiting: int = _MAX_WAITING_FOR_A_TURN) -> None:
+    def __init__(self, ttl_s: float, max_connections: int, max_turns: int = MAX_TURNS) -> None:
         self._connections: ExpiringMap[str, _Connection] = ExpiringMap(ttl_s, max_connections)
         self._turns = asyncio.Semaphore(max_turns)
-        self._waiting = StepOuts(max_waiting)
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[Turn]:
         """A restore's turn to subscribe its client and wait for the broker's calls:
         at most ``max_turns`` at once. A restore waits for its turn outside its slot of
-        the client queues; one that cannot step out (``max_waiting`` restores wait for a
-        turn already, or it runs in a task its job started) takes a free turn or goes on without one:
+        the client queues; one that cannot step out (a thousand jobs are out already, or
+        it runs in a task its job started) takes a free turn or goes on without one:
         waiting in its slot, it could keep a restore that holds a turn from the slot it
         needs to finish. The turn ends with the block, or earlier by ``Turn.release``."""
-        turn = Turn(self._turns, self._waiting)
+        turn = Turn(self._turns)
         try:
             await turn.take()
             # (released also when the job is cancelled while it waits for its slot again)

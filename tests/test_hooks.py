@@ -817,9 +817,10 @@ async def test_restores_take_turns_so_the_broker_s_calls_for_them_do_not_pile_up
 
 async def test_a_restore_that_cannot_step_out_of_its_slot_goes_on_without_a_turn(rig: Rig) -> None:
     # waiting for a turn in its slot could keep a restore holding a turn from the slot
-    # it needs to finish (a deadlock once max_waiting restores wait for a turn)
-    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1, max_waiting=0)
+    # it needs to finish (a deadlock once a thousand jobs are out of their slots)
+    rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
     rig.logic._subscribed_wait = 1.0  # the calls never come: a turn would be held that long
+    rig.queues._max_out = 0
     broker = SubscribesUnanswered(rig, after_s=0.2, fire=False)
     clients = await restore_clients(rig, 3)
     assert sorted(c for c, _ in rig.api.subscribed) == clients

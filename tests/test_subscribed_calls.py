@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from exhook.client_queue import ClientQueues, outside_slot
+from exhook.client_queue import ClientQueues
 from exhook.metrics import Metrics
 from exhook.pacing import AdaptiveLimit
 from exhook.subscribed_calls import SubscribedCalls
@@ -109,52 +109,3 @@ async def test_a_turn_is_given_back_when_its_job_is_cancelled_waiting_for_its_sl
     async with asyncio.timeout(5):
         async with calls.turn():  # free again
             pass
-
-
-async def test_restores_waiting_for_a_turn_leave_the_room_of_the_queues_other_waits() -> None:
-    # a storm's restores waiting for a turn must not use up what a retry's pause
-    # needs to step out of its slot
-    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(initial=1, maximum=1), max_stepped_out=1)
-    calls = SubscribedCalls(ttl_s=30, max_connections=10, max_turns=1, max_waiting=5)
-    stepped_out: list[bool] = []
-
-    async def restore() -> None:
-        async with calls.turn():
-            pass
-
-    async def pause() -> None:
-        async with outside_slot() as free:
-            stepped_out.append(free)
-
-    async with calls.turn():  # every turn taken: the restore waits outside its slot
-        queues.submit("a", "restore", restore)
-        await asyncio.sleep(0.01)
-        queues.submit("b", "retry's pause", pause)
-        await asyncio.sleep(0.01)
-        assert stepped_out == [True]
-    async with asyncio.timeout(5):
-        await queues.idle()
-    assert calls._waiting.count == queues._step_outs.count == 0
-
-
-async def test_a_restore_s_404_pause_steps_out_even_with_the_room_for_turn_waits_full() -> None:
-    # the pause is one of the queues' own waits: restores waiting for a turn in a storm
-    # must not keep a client that left in its slot for its seconds of tries
-    queues = ClientQueues(Metrics(), slots=AdaptiveLimit(initial=1, maximum=1))
-    calls = SubscribedCalls(ttl_s=30, max_connections=10, max_turns=1, max_waiting=0)
-    others_ran = asyncio.Event()
-
-    async def retrying_restore() -> None:
-        async with calls.turn() as turn:
-            await turn.sleep(1.0)
-
-    async def other() -> None:
-        others_ran.set()
-
-    queues.submit("gone", "restore", retrying_restore)
-    await asyncio.sleep(0.01)
-    queues.submit("b", "other", other)
-    async with asyncio.timeout(0.5):  # during the pause, not after it
-        await others_ran.wait()
-    async with asyncio.timeout(5):
-        await queues.idle()
