@@ -9,10 +9,10 @@ it keeps up. A job waiting for its turn costs an entry in two deques, no task, s
 storm of ten thousand restores waits cheaply.
 
 A running job that only waits (for the broker to register its client, between the
-tries of a 404, for a restore's turn: ``subscribed_calls.py``) steps out of its slot for
-the wait (``outside_slot``): a few clients
-that left during their connect, each waiting seconds for a broker that will never
-know them, would otherwise hold every slot and stall all other clients' work. The job
+tries of a 404, for a restore's turn: ``subscribed_calls.py``) steps out of its slot
+for the wait (``outside_slot``): a few clients that left during their connect, each
+waiting seconds for a broker that will never know them, would otherwise hold every
+slot and stall all other clients' work. The job
 keeps its place in its client's order (its client's next job still waits for it) and
 takes a slot again to go on: ahead of the jobs that have not started (behind other jobs
 going on), so that in a storm a restore that waited a moment for the broker finishes
