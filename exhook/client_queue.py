@@ -12,16 +12,16 @@ A running job that only waits (for the broker to register its client, between th
 tries of a 404, for a restore's turn: ``subscribed_calls.py``) steps out of its slot
 for the wait (``outside_slot``): a few clients that left during their connect, each
 waiting seconds for a broker that will never know them, would otherwise hold every
-slot and stall all other clients' work. The job
-keeps its place in its client's order (its client's next job still waits for it) and
-takes a slot again to go on: ahead of the jobs that have not started (behind other jobs
-going on), so that in a storm a restore that waited a moment for the broker finishes
-before yet another client's restore begins, instead of after all of them. At most a
-thousand jobs are out at once (each keeps its task); any more wait in their slot. In a
-reconnect storm restores waiting for a turn fill that room, and the others' waits for
-the broker's calls then hold their slots, which slows the start of further restores:
-measured, that keeps the broker's calls answered sooner at the same restore rate than a
-room of their own for the turn waits did (subscribed_calls.py).
+slot and stall all other clients' work. The job keeps its place in its client's order
+(its client's next job still waits for it) and takes a slot again to go on: ahead of
+the jobs that have not started (behind other jobs going on), so that in a storm a
+restore that waited a moment for the broker finishes before yet another client's
+restore begins, instead of after all of them. At most a thousand jobs are out at
+once (each keeps its task); any more wait in their slot. In a reconnect storm
+restores waiting for a turn fill that room, and the others' waits for the broker's
+calls then hold their slots, which slows the start of further restores: measured,
+that keeps the broker's calls answered sooner at the same restore rate than a room of
+their own for the turn waits did (subscribed_calls.py).
 """
 
 from __future__ import annotations

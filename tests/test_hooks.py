@@ -144,6 +144,13 @@ class Rig:
         await self.logic.message_publish(guid(i), sender, topic, qos, payload or f"m{i}".encode(), 1000 + i,
                                          replay_of, from_rest=sender == HTTP_API)
 
+    async def restore_subscribed(self) -> None:
+        """Wait (at most half a second) until a restore has called subscribe/bulk."""
+        for _ in range(50):
+            if self.api.subscribed:
+                return
+            await asyncio.sleep(0.01)
+
     async def settle(self) -> None:
         await self.queues.idle()
         self.logic.held_rekeys.flush()
@@ -626,15 +633,22 @@ async def test_a_restore_of_a_client_that_left_replays_nothing(rig: Rig) -> None
     assert rig.api.replayed == []
 
 
+def quick_register_retries(monkeypatch: pytest.MonkeyPatch, backoff: Backoff, attempts: int,
+                           register_wait_s: float) -> None:
+    """Shorter waits for a client the broker has not registered (hooks._REGISTER_WAIT_S)
+    and shorter pauses between the tries of its 404s (replay.UNTIL_REGISTERED)."""
+    monkeypatch.setattr(replay, "UNTIL_REGISTERED", replace(replay.UNTIL_REGISTERED, backoff=backoff,
+                                                            attempts=attempts))
+    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", register_wait_s)
+
+
 async def test_a_restore_whose_client_resumed_on_a_connection_not_registered_yet_asks_again(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     # session.created of A (its client.connected lost) started a restore; the client then
     # resumes that session on B, which cancels A's wait for client.connected but not the
     # restore, and B is registered at the broker only a moment later: a 404 then does not
     # mean the client left (B's client.connected restores nothing: a resume)
-    monkeypatch.setattr(replay, "UNTIL_REGISTERED",
-                        replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.02, 0.05), attempts=30))
-    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.05)
+    quick_register_retries(monkeypatch, Backoff(0.02, 0.05), attempts=30, register_wait_s=0.05)
     await rig.store.save_subscription("sub", "t/a", 1)
     registered = False
 
@@ -919,10 +933,7 @@ async def test_a_reconnect_wakes_the_earlier_connection_s_restore_from_its_wait(
     await rig.store.save_subscription("sub", "t/a", 1)
     started = time.monotonic()
     rig.logic.client_connected(client())
-    for _ in range(50):  # the restore has subscribed and waits for the broker's call
-        if rig.api.subscribed:
-            break
-        await asyncio.sleep(0.01)
+    await rig.restore_subscribed()  # it waits for the broker's call now
     rig.broker_calls_session_subscribed(after_s=0)
     rig.logic.session_created(client())  # a new connect with the same key (EMQX 5.3)
     rig.logic.client_connected(client())
@@ -974,10 +985,7 @@ async def test_a_restore_waiting_for_its_calls_leaves_its_slot_to_other_clients(
         await rig.publish(1, topic="t/other")
         await rig.store.save_subscription("sub", "t/a", 1)
         rig.logic.client_connected(client())  # its session.subscribed call never comes
-        for _ in range(50):
-            if rig.api.subscribed:
-                break
-            await asyncio.sleep(0.01)
+        await rig.restore_subscribed()
         rig.logic.session_subscribed(client("other"), "t/other", 1)
         for _ in range(100):
             if rig.api.replayed:
@@ -996,10 +1004,7 @@ async def test_a_restore_gives_its_turn_back_before_it_waits_for_its_slot_again(
         rig.logic._subscribed_wait = 0.1  # the call never comes
         await rig.store.save_subscription("sub", "t/a", 1)
         rig.logic.client_connected(client())
-        for _ in range(50):
-            if rig.api.subscribed:
-                break
-            await asyncio.sleep(0.01)
+        await rig.restore_subscribed()
         leave = asyncio.Event()
         rig.queues.submit("busy", "busy", leave.wait)  # takes the slot the restore stepped out of
         await asyncio.sleep(0.2)  # the restore's wait is over: it waits for the slot
@@ -1016,9 +1021,7 @@ async def test_a_restore_retrying_a_404_leaves_its_turn_to_others_between_tries(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     # a client that left during its connect is asked for seconds (it may only not be
     # registered yet): holding a turn all that time would stall the other restores
-    monkeypatch.setattr(replay, "UNTIL_REGISTERED",
-                        replace(replay.UNTIL_REGISTERED, backoff=Backoff(0.05, 0.1), attempts=20))
-    monkeypatch.setattr(hooks, "_REGISTER_WAIT_S", 0.01)
+    quick_register_retries(monkeypatch, Backoff(0.05, 0.1), attempts=20, register_wait_s=0.01)
     rig.logic._subscribed_calls = SubscribedCalls(30, 100, max_turns=1)
     rig.logic._subscribed_wait = 0.05
     await rig.store.save_subscription("gone", "t/a", 1)
